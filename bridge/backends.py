@@ -1,0 +1,55 @@
+"""A named-backend registry, shared by ``torch_impl.ssu_dispatch`` and
+``jax_impl.ssu_dispatch`` (the pattern of vLLM's ``ssu_dispatch``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """The backend choice and its options (vLLM's ``MambaConfig`` fields)."""
+
+    backend: str
+    enable_stochastic_rounding: bool = False
+    # 0 selects the default number of philox rounds (10).
+    stochastic_rounding_philox_rounds: int = 0
+
+
+class BackendRegistry:
+    """Maps backend names to factories ``factory(mamba_config) -> backend``
+    and holds the one initialized backend of a framework."""
+
+    def __init__(self, what: str):
+        self._what = what
+        self._factories: dict[str, Callable[[MambaConfig], Any]] = {}
+        self._active: Any = None
+
+    def register(self, name: str):
+        def decorate(factory):
+            self._factories[name] = factory
+            return factory
+
+        return decorate
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._factories)
+
+    def initialize(self, mamba_config: MambaConfig) -> Any:
+        name = mamba_config.backend
+        if name not in self._factories:
+            raise ValueError(
+                f"Unknown {self._what} backend: {name!r}. Valid options: {self.names}"
+            )
+        self._active = self._factories[name](mamba_config)
+        return self._active
+
+    def get(self) -> Any:
+        if self._active is None:
+            raise RuntimeError(
+                f"{self._what} backend has not been initialized. "
+                "Call initialize_mamba_ssu_backend() first."
+            )
+        return self._active

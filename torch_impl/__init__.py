@@ -1,0 +1,10 @@
+"""Mamba-2 kernels for PyTorch, written in Triton. Mirror: ``jax_impl``."""
+
+from torch_impl import platform  # noqa: F401  (first: picks interpreter mode)
+from torch_impl.selective_state_update import (
+    get_ssm_config_file_name, get_ssm_configs, override_ssm_config, selective_state_update,
+    try_get_optimal_ssm_config)
+from bridge.ssu_contract import NULL_BLOCK_ID
+
+__all__ = ["NULL_BLOCK_ID", "get_ssm_config_file_name", "get_ssm_configs",
+           "override_ssm_config", "selective_state_update", "try_get_optimal_ssm_config"]

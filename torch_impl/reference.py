@@ -1,0 +1,123 @@
+"""References written from the math, in plain torch ops (no kernels).
+
+``selective_state_update_ref`` computes in float64 and is what the kernels
+are tested against. ``selective_state_update_torch_ops`` is the same math in
+a chosen compute dtype, writing in place like the kernel: it backs the
+``reference`` dispatch backend. Mirror: ``jax_impl/reference.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bridge.ssu_contract import NULL_BLOCK_ID, check_ssu_args
+
+
+def _as_4d(tensor, layout, full_shape, head_axis):
+    """Spec shapes -> (token|slot, head, dim[, dstate]) with per-head values
+    broadcast over dim (and dstate)."""
+    if tensor is None:
+        return None
+    if layout.state_ndim == 3:
+        return tensor.unsqueeze(head_axis)
+    if full_shape is None:
+        return tensor
+    while tensor.dim() < len(full_shape):
+        tensor = tensor.unsqueeze(-1)
+    return tensor.expand(full_shape)
+
+
+def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
+                                     dt_softplus=False, state_batch_indices=None,
+                                     dst_state_batch_indices=None, null_block_id=NULL_BLOCK_ID,
+                                     out=None, num_accepted_tokens=None, cu_seqlens=None,
+                                     compute_dtype=torch.float32):
+    """The decode step in torch ops: updates ``state`` and ``out`` in place
+    (same rules as the kernel: padding entries untouched) and returns ``out``."""
+    layout = check_ssu_args(
+        {k: (tuple(v.shape) if v is not None else None) for k, v in dict(
+            state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
+            state_batch_indices=state_batch_indices,
+            dst_state_batch_indices=dst_state_batch_indices,
+            num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens).items()},
+        {})
+    T, H, P, N = layout.num_tokens, layout.nheads, layout.dim, layout.dstate
+    if out is None:
+        out = torch.zeros_like(x)
+    state4 = state.unsqueeze(1) if layout.state_ndim == 3 else state
+    out4 = out.unsqueeze(1) if layout.state_ndim == 3 else out
+    c = lambda t: t.to(compute_dtype)  # noqa: E731
+    x4 = c(_as_4d(x, layout, (T, H, P), 1))
+    dt4 = c(_as_4d(dt, layout, (T, H, P), 1))
+    A4 = c(_as_4d(A, layout, (H, P, N), 0))
+    if dt_bias is not None:
+        dt4 = dt4 + c(_as_4d(dt_bias, layout, (H, P), 0))
+    if dt_softplus:
+        dt4 = F.softplus(dt4)
+    # Groups -> heads: head h reads group h // (H / G).
+    B4 = c(_as_4d(B, layout, None, 1)).repeat_interleave(layout.heads_per_group, dim=1)
+    C4 = c(_as_4d(C, layout, None, 1)).repeat_interleave(layout.heads_per_group, dim=1)
+    D4 = c(_as_4d(D, layout, (H, P), 0)) if D is not None else None
+    z4 = c(_as_4d(z, layout, (T, H, P), 1)) if z is not None else None
+
+    device = x.device
+    if cu_seqlens is None:
+        starts = torch.arange(T, device=device)
+        lengths = torch.ones(T, dtype=torch.long, device=device)
+    else:
+        starts = cu_seqlens[:-1].long()
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    Q = layout.num_seqs
+    seqs = torch.arange(Q, device=device)
+    spec = num_accepted_tokens is not None
+    if state_batch_indices is None:
+        src_slot = final_dst = seqs
+        dst = None
+        active = torch.ones(Q, dtype=torch.bool, device=device)
+    else:
+        src = state_batch_indices.reshape(state_batch_indices.shape[0], -1)[:Q].long()
+        dst = dst_state_batch_indices if dst_state_batch_indices is not None else state_batch_indices
+        dst = dst.reshape(dst.shape[0], -1)[:Q].long()
+        first_col = (num_accepted_tokens.long() - 1).clamp(min=0) if spec else torch.zeros_like(seqs)
+        src_slot = src[seqs, first_col]
+        final_dst = dst[:, 0]
+        active = src_slot != null_block_id
+
+    h = c(state4[torch.where(active, src_slot, 0)])  # (Q, H, P, N): all reads before any write
+    max_len = int(lengths.max()) if Q else 0
+    for t in range(max_len):
+        live = active & (t < lengths)
+        token = (starts + t).clamp(max=T - 1)
+        decay = torch.exp(A4[None] * dt4[token][..., None])
+        h = torch.where(live[:, None, None, None],
+                        h * decay + (dt4[token] * x4[token])[..., None] * B4[token][:, :, None, :], h)
+        y = (h * C4[token][:, :, None, :]).sum(-1)
+        if D4 is not None:
+            y = y + D4 * x4[token]
+        if z4 is not None:
+            y = y * z4[token] * torch.sigmoid(z4[token])
+        out4[token[live]] = y[live].to(out.dtype)
+        if spec:
+            keep = live & (dst[:, t] != null_block_id)
+            state4[dst[keep, t]] = h[keep].to(state.dtype)
+    if not spec:
+        keep = active & (final_dst != null_block_id) & (lengths > 0)
+        state4[final_dst[keep]] = h[keep].to(state.dtype)
+    return out
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
+                               dt_softplus=False, state_batch_indices=None,
+                               dst_state_batch_indices=None, null_block_id=NULL_BLOCK_ID,
+                               out=None, num_accepted_tokens=None, cu_seqlens=None):
+    """Float64 reference: returns ``(out, new_state)`` as new float64 tensors;
+    the inputs are left unchanged."""
+    state64 = state.to(torch.float64, copy=True)
+    out64 = (out.to(torch.float64, copy=True) if out is not None
+             else torch.zeros(x.shape, dtype=torch.float64, device=x.device))
+    selective_state_update_torch_ops(
+        state64, x, dt, A, B, C, D, dt_bias, z, dt_softplus, state_batch_indices,
+        dst_state_batch_indices, null_block_id, out64, num_accepted_tokens, cu_seqlens,
+        compute_dtype=torch.float64)
+    return out64, state64
