@@ -3,12 +3,17 @@ interpreter on the CPU. Imported before any kernel is defined, because Triton
 reads TRITON_INTERPRET when a ``@triton.jit`` function is created."""
 
 import os
+import sys
 
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") is None:
+    if "triton" in sys.modules:
+        # triton.language's own jit helpers were already built for compilation.
+        raise ImportError("No CUDA device: import torch_impl before triton, or set "
+                          "TRITON_INTERPRET=1, so that Triton runs in its interpreter")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
