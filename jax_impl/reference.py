@@ -115,7 +115,9 @@ def selective_state_update_jnp(state, x, dt, A, B, C, D=None, dt_bias=None, z=No
     h, out4, state4 = jax.lax.fori_loop(0, _max_seqlen(layout, cu_seqlens, spec), token_step,
                                         (h, out4, state4))
     if not spec:
-        keep = active & (final_dst != null_block_id) & (lengths > 0)
+        keep = active & (lengths > 0)
+        if state_batch_indices is not None:
+            keep = keep & (final_dst != null_block_id)
         state4 = state4.at[jnp.where(keep, final_dst, S)].set(h.astype(state4.dtype), mode="drop")
     return out4.reshape(out.shape), state4.reshape(state.shape)
 

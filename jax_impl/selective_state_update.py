@@ -72,7 +72,7 @@ def _philox_first_word(seed, c0, c1, rounds: int):
     """Philox-4x32 with Triton's constants and key layout (key = (seed, 0)),
     so a seed gives the same random bits as ``tl.philox`` in the torch kernel."""
     zero = c0 * np.uint32(0)
-    c2, c3, k0, k1 = zero, zero, seed, np.uint32(0)
+    c2, c3, k0, k1 = zero, zero, seed, jnp.zeros((), jnp.uint32)
     for _ in range(rounds):
         high_b, low_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
         high_a, low_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
@@ -122,7 +122,8 @@ def _selective_state_update_kernel(
         seqlen = ref["cu_seqlens"][seq + 1] - bos
     else:
         bos, seqlen = seq, 1
-    if "state_batch_indices" in ref:
+    has_indices = "state_batch_indices" in ref
+    if has_indices:
         first_col = 0
         if is_spec_decoding:
             # The state after the last accepted token is the one to continue from.
@@ -137,7 +138,9 @@ def _selective_state_update_kernel(
     # raises before this when it can see the indices).
     in_cache = lambda slot: (slot >= 0) & (slot < num_slots)  # noqa: E731
     src_ok = in_cache(src_slot)
-    final_dst_ok = (final_dst_slot == null_block_id) | in_cache(final_dst_slot)
+    final_dst_ok = in_cache(final_dst_slot)
+    if has_indices:
+        final_dst_ok = final_dst_ok | (final_dst_slot == null_block_id)
 
     offs_m = pid_m * block_size_m + jnp.arange(block_size_m)
     offs_n = jnp.arange(block_size_dstate)
@@ -208,7 +211,9 @@ def _selective_state_update_kernel(
 
         state = jax.lax.fori_loop(0, seqlen, token_step, state)
         if not is_spec_decoding:
-            keep = (seqlen > 0) & src_ok & (final_dst_slot != null_block_id) & final_dst_ok
+            keep = (seqlen > 0) & src_ok & final_dst_ok
+            if has_indices:
+                keep = keep & (final_dst_slot != null_block_id)
             store_state(final_dst_slot, state, keep, bos + seqlen - 1)
 
 

@@ -32,3 +32,23 @@ def test_references_agree_across_frameworks(rng):
     j_out, j_state = jax_side.run_reference(jax_side.native(arrays, dtypes), **options)
     np.testing.assert_allclose(t_out, j_out, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(t_state, j_state, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_matches_closed_form_single_step(side, rng):
+    """An oracle independent of both references: one token per sequence, no
+    indices, so every slot q < batch is updated from itself in one step."""
+    case = CASES[0].__class__(indices="none", ngroups=2)
+    arrays, dtypes, options = make_inputs(case, rng)
+    dtypes = {k: "float32" for k in dtypes}
+    a = {k: side.numpy(v) for k, v in side.native(arrays, dtypes).items()}
+    dt = np.logaddexp(0, a["dt"] + a["dt_bias"])[..., None]                 # (T, H, 1)
+    B = np.repeat(a["B"], 2, axis=1)[:, :, None, :]                       # (T, H, 1, N)
+    C = np.repeat(a["C"], 2, axis=1)[:, :, None, :]
+    T = a["x"].shape[0]
+    h = a["state"][:T] * np.exp(a["A"][:, None, None] * dt[..., None]) + (dt * a["x"])[..., None] * B
+    y = (h * C).sum(-1) + a["D"] * a["x"]
+    y = y * a["z"] / (1 + np.exp(-a["z"]))
+    out, state = side.run_reference(side.native(arrays, dtypes), **options)
+    np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(state[:T], h, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(state[T:], a["state"][T:])

@@ -102,7 +102,9 @@ def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None
             keep = live & (dst[:, t] != null_block_id)
             state4[dst[keep, t]] = h[keep].to(state.dtype)
     if not spec:
-        keep = active & (final_dst != null_block_id) & (lengths > 0)
+        keep = active & (lengths > 0)
+        if state_batch_indices is not None:
+            keep = keep & (final_dst != null_block_id)
         state4[final_dst[keep]] = h[keep].to(state.dtype)
     return out
 

@@ -133,7 +133,9 @@ def _selective_state_update_kernel(
     # Bad indices never touch memory; their outputs become NaN (the launcher
     # raises before this when it can see the indices).
     src_ok = (src_slot >= 0) & (src_slot < num_slots)
-    final_dst_ok = (final_dst_slot == null_block_id) | ((final_dst_slot >= 0) & (final_dst_slot < num_slots))
+    final_dst_ok = (final_dst_slot >= 0) & (final_dst_slot < num_slots)
+    if HAS_INDICES:
+        final_dst_ok = final_dst_ok | (final_dst_slot == null_block_id)
 
     offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     offs_n = tl.arange(0, BLOCK_SIZE_DSTATE)
@@ -208,7 +210,9 @@ def _selective_state_update_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=mask_m & active)
 
     if not IS_SPEC_DECODING:
-        keep = active & (seqlen > 0) & src_ok & (final_dst_slot != null_block_id) & final_dst_ok
+        keep = active & (seqlen > 0) & src_ok & final_dst_ok
+        if HAS_INDICES:
+            keep = keep & (final_dst_slot != null_block_id)
         _store_state(state_ptr + tl.where(keep, final_dst_slot, 0) * stride_state_slot + tile_offsets,
                      state, tile_mask & keep, seed_ptr, bos + seqlen - 1, head, nheads,
                      offs_m, offs_n, dstate, STOCHASTIC_ROUNDING, PHILOX_ROUNDS)
