@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from bridge.backends import BackendRegistry, MambaConfig
 from bridge.ssu_contract import NULL_BLOCK_ID
 from jax_impl import reference
-from jax_impl import selective_state_update as ssu
+from jax_impl.selective_state_update import selective_state_update as pallas_selective_state_update
 
 _REGISTRY = BackendRegistry("Mamba SSU")
 
@@ -33,7 +33,7 @@ class PallasSSUBackend(MambaSSUBackend):
                  null_block_id=NULL_BLOCK_ID, out=None, num_accepted_tokens=None,
                  cu_seqlens=None, is_blackwell=False, rounding_seed=None):
         config = self._mamba_config
-        return ssu.selective_state_update(
+        return pallas_selective_state_update(
             state, x, dt, A, B, C, D, dt_bias, z, dt_softplus, state_batch_indices,
             dst_state_batch_indices, null_block_id, out, num_accepted_tokens, cu_seqlens,
             is_blackwell, config.enable_stochastic_rounding,

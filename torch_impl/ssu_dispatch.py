@@ -10,7 +10,7 @@ import torch
 from bridge.backends import BackendRegistry, MambaConfig
 from bridge.ssu_contract import NULL_BLOCK_ID
 from torch_impl import reference
-from torch_impl import selective_state_update as ssu
+from torch_impl.selective_state_update import selective_state_update as triton_selective_state_update
 
 _REGISTRY = BackendRegistry("Mamba SSU")
 
@@ -34,7 +34,7 @@ class TritonSSUBackend(MambaSSUBackend):
                  null_block_id=NULL_BLOCK_ID, out=None, num_accepted_tokens=None,
                  cu_seqlens=None, is_blackwell=False):
         config = self._mamba_config
-        return ssu.selective_state_update(
+        return triton_selective_state_update(
             state, x, dt, A, B, C, D, dt_bias, z, dt_softplus, state_batch_indices,
             dst_state_batch_indices, null_block_id, out, num_accepted_tokens, cu_seqlens,
             is_blackwell, config.enable_stochastic_rounding,
