@@ -85,7 +85,7 @@ def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None
         active = src_slot != null_block_id
 
     h = c(state4[torch.where(active, src_slot, 0)])  # (Q, H, P, N): all reads before any write
-    max_len = int(lengths.max()) if Q else 0
+    max_len = 1 if cu_seqlens is None else (int(lengths.max()) if Q else 0)  # no sync in decode
     for t in range(max_len):
         live = active & (t < lengths)
         token = (starts + t).clamp(max=T - 1)
