@@ -99,7 +99,10 @@ def _round_to_f16_stochastic(value, random_bits):
                                         jnp.float16).astype(jnp.float32)
     low, high = as_f32(lower), as_f32(lower + np.uint32(1))
     fraction = (jnp.abs(value) - jnp.abs(low)) / (jnp.abs(high) - jnp.abs(low))
-    uniform = (random_bits >> np.uint32(8)).astype(jnp.float32) * np.float32(1.0 / 16777216.0)
+    # 24 random bits as a non-negative int32, whatever the shift and
+    # int-to-float conversions do with the sign bit.
+    uniform = ((random_bits >> np.uint32(8)) & np.uint32(0xFFFFFF)).astype(jnp.int32).astype(
+        jnp.float32) * np.float32(1.0 / 16777216.0)
     chosen = jnp.where(uniform < fraction, lower + np.uint32(1), lower)
     return _to_bits((sign | chosen).astype(jnp.uint16), jnp.float16)
 

@@ -63,7 +63,9 @@ def _round_to_f16_stochastic(value, random_bits):
     low = (sign | lower).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     high = (sign | (lower + 1)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     fraction = (tl.abs(value) - tl.abs(low)) / (tl.abs(high) - tl.abs(low))
-    uniform = (random_bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    # 24 random bits as a non-negative int32, whatever the shift and
+    # int-to-float conversions do with the sign bit.
+    uniform = ((random_bits >> 8) & 0xFFFFFF).to(tl.int32).to(tl.float32) * (1.0 / 16777216.0)
     chosen = tl.where(uniform < fraction, lower + 1, lower)
     return (sign | chosen).to(tl.uint16).to(tl.float16, bitcast=True)
 
