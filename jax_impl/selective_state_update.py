@@ -86,25 +86,21 @@ def _to_bits(value, dtype):
 
 
 def _round_to_f16_stochastic(value, random_bits):
-    """fp32 -> fp16, rounding away from zero with probability equal to the
-    distance to the lower neighbour: unbiased, E[result] = value. Values past
-    the fp16 range saturate at +-65504; NaN stays NaN."""
-    nearest = value.astype(jnp.float16)
-    bits = _to_bits(nearest, jnp.uint16).astype(jnp.uint32)
-    sign = bits & np.uint32(0x8000)
-    # Neighbour towards zero: step back if round-to-nearest went away from zero.
-    lower = (bits & np.uint32(0x7FFF)) - (
-        jnp.abs(nearest.astype(jnp.float32)) > jnp.abs(value)).astype(jnp.uint32)
-    as_f32 = lambda magnitude: _to_bits((sign | magnitude).astype(jnp.uint16),  # noqa: E731
-                                        jnp.float16).astype(jnp.float32)
-    low, high = as_f32(lower), as_f32(lower + np.uint32(1))
-    fraction = (jnp.abs(value) - jnp.abs(low)) / (jnp.abs(high) - jnp.abs(low))
-    # 24 random bits as a non-negative int32, whatever the shift and
-    # int-to-float conversions do with the sign bit.
-    uniform = ((random_bits >> np.uint32(8)) & np.uint32(0xFFFFFF)).astype(jnp.int32).astype(
-        jnp.float32) * np.float32(1.0 / 16777216.0)
-    chosen = jnp.where(uniform < fraction, lower + np.uint32(1), lower)
-    return _to_bits((sign | chosen).astype(jnp.uint16), jnp.float16)
+    """fp32 -> fp16 rounding up or down with probability proportional to the
+    distance: add random bits below fp16's last mantissa bit, then truncate.
+    Integer-only, so no compiler can fold a float round trip away (XLA would).
+    Unbiased for |value| >= 2**-24 (fp16 subnormals included); beyond the fp16
+    range the result is inf, as with round-to-nearest."""
+    bits = _to_bits(value, jnp.uint32)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    exponent = ((magnitude >> np.uint32(23)) & np.uint32(0xFF)).astype(jnp.int32) - 127
+    # fp32 mantissa bits below fp16's spacing: 13 for normals, more for subnormals.
+    dropped = 13 + jnp.minimum(jnp.maximum(-14 - exponent, 0), 10)
+    below = ((jnp.int32(1) << dropped) - 1).astype(jnp.uint32)
+    summed = magnitude + (random_bits & below)
+    rounded = summed - (summed & below)
+    rounded = jnp.where(magnitude >= np.uint32(0x7F800000), magnitude, rounded)  # inf, NaN
+    return _to_bits((bits & np.uint32(0x80000000)) | rounded, jnp.float32).astype(jnp.float16)
 
 
 def _selective_state_update_kernel(

@@ -52,22 +52,21 @@ override_ssm_config = SSU_CONFIGS.override
 
 @triton.jit
 def _round_to_f16_stochastic(value, random_bits):
-    """fp32 -> fp16, rounding away from zero with probability equal to the
-    distance to the lower neighbour: unbiased, E[result] = value. Values past
-    the fp16 range saturate at +-65504; NaN stays NaN."""
-    nearest = value.to(tl.float16)
-    bits = nearest.to(tl.uint16, bitcast=True).to(tl.uint32)
-    sign = bits & 0x8000
-    # Neighbour towards zero: step back if round-to-nearest went away from zero.
-    lower = (bits & 0x7FFF) - (tl.abs(nearest.to(tl.float32)) > tl.abs(value)).to(tl.uint32)
-    low = (sign | lower).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    high = (sign | (lower + 1)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    fraction = (tl.abs(value) - tl.abs(low)) / (tl.abs(high) - tl.abs(low))
-    # 24 random bits as a non-negative int32, whatever the shift and
-    # int-to-float conversions do with the sign bit.
-    uniform = ((random_bits >> 8) & 0xFFFFFF).to(tl.int32).to(tl.float32) * (1.0 / 16777216.0)
-    chosen = tl.where(uniform < fraction, lower + 1, lower)
-    return (sign | chosen).to(tl.uint16).to(tl.float16, bitcast=True)
+    """fp32 -> fp16 rounding up or down with probability proportional to the
+    distance: add random bits below fp16's last mantissa bit, then truncate.
+    Integer-only, so no compiler can fold a float round trip away. Unbiased
+    for |value| >= 2**-24 (fp16 subnormals included); beyond the fp16 range
+    the result is inf, as with round-to-nearest."""
+    bits = value.to(tl.uint32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    exponent = ((magnitude >> 23) & 0xFF).to(tl.int32) - 127
+    # fp32 mantissa bits below fp16's spacing: 13 for normals, more for subnormals.
+    dropped = 13 + tl.minimum(tl.maximum(-14 - exponent, 0), 10)
+    below = ((1 << dropped) - 1).to(tl.uint32)
+    summed = magnitude + (random_bits & below)
+    rounded = summed - (summed & below)
+    rounded = tl.where(magnitude >= 0x7F800000, magnitude, rounded)  # inf and NaN unchanged
+    return ((bits & 0x80000000) | rounded).to(tl.float32, bitcast=True).to(tl.float16)
 
 
 @triton.jit
