@@ -17,6 +17,16 @@ class MambaConfig:
     stochastic_rounding_philox_rounds: int = 0
 
 
+class MambaSSUBackend:
+    """Base of the state-update backends: called like the framework's
+    ``selective_state_update`` (torch: in place; JAX: returns ``(out, new_state)``)."""
+
+    name = "abstract"
+
+    def __init__(self, mamba_config: MambaConfig):
+        self._mamba_config = mamba_config
+
+
 class BackendRegistry:
     """Maps backend names to factories ``factory(mamba_config) -> backend``
     and holds the one initialized backend of a framework."""

@@ -7,21 +7,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bridge.backends import BackendRegistry, MambaConfig
+from bridge.backends import BackendRegistry, MambaConfig, MambaSSUBackend
 from bridge.ssu_contract import NULL_BLOCK_ID
 from jax_impl import reference
 from jax_impl.selective_state_update import selective_state_update as pallas_selective_state_update
 
 _REGISTRY = BackendRegistry("Mamba SSU")
-
-
-class MambaSSUBackend:
-    """A backend: called like ``selective_state_update``; returns ``(out, new_state)``."""
-
-    name = "abstract"
-
-    def __init__(self, mamba_config: MambaConfig):
-        self._mamba_config = mamba_config
 
 
 @_REGISTRY.register("pallas")

@@ -7,22 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from bridge.backends import BackendRegistry, MambaConfig
+from bridge.backends import BackendRegistry, MambaConfig, MambaSSUBackend
 from bridge.ssu_contract import NULL_BLOCK_ID
 from torch_impl import reference
 from torch_impl.selective_state_update import selective_state_update as triton_selective_state_update
 
 _REGISTRY = BackendRegistry("Mamba SSU")
-
-
-class MambaSSUBackend:
-    """A backend: called like ``selective_state_update``; updates ``state``
-    and ``out`` in place."""
-
-    name = "abstract"
-
-    def __init__(self, mamba_config: MambaConfig):
-        self._mamba_config = mamba_config
 
 
 @_REGISTRY.register("triton")
