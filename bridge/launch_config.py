@@ -130,3 +130,37 @@ def _read_first(paths: tuple[Path, ...]) -> dict[int, dict] | None:
     logger.warning("No tuned launch config at %s; using the heuristic.",
                    ", ".join(map(str, paths)))
     return None
+
+
+# Chunked scan (SSD): one launch config per kernel stage. The block sizes are
+# caps; each launcher clips them to the problem (and to >= 16, the smallest
+# tensor-core tile) so that small test shapes still launch.
+SSD_LAUNCH_CONFIGS = {
+    # heads per program; the whole chunk is one tile along the tokens
+    "chunk_cumsum": {"BLOCK_SIZE_H": 16, "num_warps": 4, "num_stages": 1},
+    # (headdim, dstate) tile of a chunk's state; K runs over the chunk's tokens
+    "chunk_state": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64,
+                    "num_warps": 4, "num_stages": 3},
+    # a (headdim, dstate) tile carried across the chunks of one head
+    "state_passing": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "num_warps": 4, "num_stages": 1},
+    # a (chunk, chunk) tile of C B^T; K runs over dstate
+    "bmm_chunk": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64,
+                  "num_warps": 4, "num_stages": 3},
+    # (tokens, headdim) tile of the output; K runs over the chunk's earlier tokens
+    "chunk_scan": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32,
+                   "num_warps": 4, "num_stages": 2},
+}
+
+
+def ssd_launch_config(stage: str) -> dict:
+    """The launch parameters of one chunked-scan stage (a copy: callers clip it)."""
+    return dict(SSD_LAUNCH_CONFIGS[stage])
+
+
+def clip_block(cap: int, size: int) -> int:
+    """A tile edge for a dimension of ``size``: the next power of two, at
+    least 16 (the smallest tensor-core tile) and at most ``cap``."""
+    edge = 16
+    while edge < size:
+        edge *= 2
+    return max(16, min(cap, edge))

@@ -8,6 +8,8 @@ a chosen compute dtype, writing in place like the kernel: it backs the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -123,3 +125,90 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, dt_bias=None, z=No
         dst_state_batch_indices, null_block_id, out64, num_accepted_tokens, cu_seqlens,
         compute_dtype=torch.float64)
     return out64, state64
+
+
+# --- Chunked scan (SSD prefill) -------------------------------------------------
+
+def _ssd_inputs64(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit):
+    """Float64 copies with dt processed and groups expanded to heads:
+    x, z (T, H, P), dt (T, H), A (H,), B, C (T, H, N), D (H, P), init (Q, H, P, N)."""
+    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
+    nheads, ngroups = x.shape[1], B.shape[1]
+    dt = f64(dt)
+    if dt_bias is not None:
+        dt = dt + f64(dt_bias)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    D = f64(D)
+    if D is not None and D.dim() == 1:
+        D = D[:, None].expand(nheads, x.shape[2])
+    expand = lambda t: f64(t).repeat_interleave(nheads // ngroups, dim=1)  # noqa: E731
+    return f64(x), dt, f64(A), expand(B), expand(C), D, f64(z), f64(initial_states)
+
+
+def _ssd_skip_and_gate(y, x, D, z):
+    if D is not None:
+        y = y + D * x
+    if z is not None:
+        y = y * z * torch.sigmoid(z)
+    return y
+
+
+def ssd_sequential_ref(x, dt, A, B, C, cu_seqlens, D=None, z=None, dt_bias=None,
+                       initial_states=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """The SSM recurrence token by token, in float64:
+
+        state = exp(A * dt_t) * state + dt_t * x_t^T B_t,   y_t = state @ C_t + D * x_t
+
+    Returns ``(out (T, H, P), final_states (Q, H, P, N))``, float64."""
+    x, dt, A, B, C, D, z, init = _ssd_inputs64(x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                               dt_softplus, dt_limit)
+    T, H, P = x.shape
+    y = torch.zeros_like(x)
+    finals = []
+    bounds = cu_seqlens.tolist()
+    for seq, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        state = init[seq].clone() if init is not None else x.new_zeros(H, P, B.shape[-1])
+        for t in range(begin, end):
+            state = (torch.exp(A * dt[t])[:, None, None] * state
+                     + (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :])
+            y[t] = (state * C[t][:, None, :]).sum(-1)
+        finals.append(state)
+    return _ssd_skip_and_gate(y, x, D, z), torch.stack(finals)
+
+
+def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_seqlens, cu_chunk_seqlens, seq_idx,
+                    last_chunk_indices, D=None, z=None, dt_bias=None, initial_states=None,
+                    dt_softplus=False, dt_limit=(0.0, float("inf")),
+                    return_intermediate_states=False):
+    """The chunked-quadratic (SSD) form in float64: inside a chunk, outputs
+    are a decay-masked (C B^T) x product plus the carried state's part; the
+    state jumps from chunk to chunk. Returns ``(out (T, H, P), states)`` as
+    ``mamba_chunk_scan_combined_varlen`` returns them, float64."""
+    x, dt, A, B, C, D, z, init = _ssd_inputs64(x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                               dt_softplus, dt_limit)
+    T, H, P = x.shape
+    y = torch.zeros_like(x)
+    bounds, seqs = cu_chunk_seqlens.tolist(), seq_idx.tolist()
+    end_states = []
+    for chunk, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        assert end - begin <= chunk_size
+        if chunk == 0 or seqs[chunk - 1] != seqs[chunk]:
+            state = init[seqs[chunk]] if init is not None else x.new_zeros(H, P, B.shape[-1])
+        decay_sum = torch.cumsum(dt[begin:end] * A, dim=0)                      # (l, H)
+        exponent = decay_sum[:, None, :] - decay_sum[None, :, :]                 # (i, j, H)
+        causal = torch.ones(end - begin, end - begin, dtype=torch.bool).tril()[:, :, None]
+        decay = torch.exp(torch.where(causal, exponent, -math.inf))
+        CB = torch.einsum("ihn,jhn->ijh", C[begin:end], B[begin:end])
+        y[begin:end] = (torch.einsum("ijh,jh,jhp->ihp", CB * decay, dt[begin:end], x[begin:end])
+                        + torch.exp(decay_sum)[:, :, None]
+                        * torch.einsum("ihn,hpn->ihp", C[begin:end], state))
+        to_end = torch.exp(decay_sum[-1] - decay_sum) * dt[begin:end]            # (l, H)
+        state = (torch.exp(decay_sum[-1])[:, None, None] * state
+                 + torch.einsum("jh,jhp,jhn->hpn", to_end, x[begin:end], B[begin:end]))
+        end_states.append(state)
+    end_states = torch.stack(end_states)
+    states = end_states if return_intermediate_states else end_states[last_chunk_indices.long()]
+    return _ssd_skip_and_gate(y, x, D, z), states

@@ -1,0 +1,77 @@
+"""Chunked scan, stage 4 (Triton): the chunk-local products C B^T, once per
+group (every head of the group reuses them).
+
+    CB[c, g, i, j] = C[s_c + i, g] . B[s_c + j, g]     for i, j < len_c
+
+Only tiles on or below the diagonal are computed: the scan reads j <= i.
+Mirror: ``jax_impl/ssd_bmm.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bridge.launch_config import clip_block, ssd_launch_config
+from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
+from torch_impl.ssd_chunk_state import dot_precision
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _bmm_chunk_kernel(
+    C_ptr, B_ptr, cu_chunk_ptr, CB_ptr,
+    dstate,
+    stride_C_tok, stride_C_group, stride_C_dstate,
+    stride_B_tok, stride_B_group, stride_B_dstate,
+    stride_CB_chunk, stride_CB_group, stride_CB_row, stride_CB_col,
+    CHUNK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+):
+    """Grid (num_chunks, ngroups, cdiv(L, M) * cdiv(L, N)): one (M, N) tile
+    of a chunk's C B^T, K running over dstate."""
+    chunk = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    num_n_blocks = tl.cdiv(CHUNK_SIZE, BLOCK_SIZE_N)
+    pid_m = tl.program_id(2) // num_n_blocks
+    pid_n = tl.program_id(2) % num_n_blocks
+    if pid_n * BLOCK_SIZE_N < (pid_m + 1) * BLOCK_SIZE_M:  # on or below the diagonal
+        start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
+        length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
+        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+        offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+        offs_k = tl.arange(0, BLOCK_SIZE_K)
+        C_base = C_ptr + start * stride_C_tok + group * stride_C_group
+        B_base = B_ptr + start * stride_B_tok + group * stride_B_group
+        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        for k in range(0, dstate, BLOCK_SIZE_K):
+            d = k + offs_k
+            C = tl.load(C_base + offs_m[:, None] * stride_C_tok + d[None, :] * stride_C_dstate,
+                        mask=(offs_m < length)[:, None] & (d < dstate)[None, :], other=0.0)
+            B_t = tl.load(B_base + d[:, None] * stride_B_dstate + offs_n[None, :] * stride_B_tok,
+                          mask=(d < dstate)[:, None] & (offs_n < length)[None, :], other=0.0)
+            acc += tl.dot(C, B_t, input_precision=DOT_PRECISION)
+        tl.store(CB_ptr + chunk * stride_CB_chunk + group * stride_CB_group
+                 + offs_m[:, None] * stride_CB_row + offs_n[None, :] * stride_CB_col, acc,
+                 mask=(offs_m < CHUNK_SIZE)[:, None] & (offs_n < CHUNK_SIZE)[None, :])
+
+
+def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size):
+    """C, B (T, G, N) -> CB (K, G, L, L) float32 (tiles above the diagonal unset)."""
+    ngroups, dstate = C.shape[1:]
+    num_chunks = cu_chunk_seqlens.shape[0] - 1
+    CB = torch.empty(num_chunks, ngroups, chunk_size, chunk_size, device=C.device, dtype=torch.float32)
+    config = ssd_launch_config("bmm_chunk")
+    block_m = clip_block(config["BLOCK_SIZE_M"], chunk_size)
+    block_n = clip_block(config["BLOCK_SIZE_N"], chunk_size)
+    block_k = clip_block(config["BLOCK_SIZE_K"], dstate)
+    grid = (num_chunks, ngroups, triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n))
+    with torch.device(C.device):
+        _bmm_chunk_kernel[grid](
+            C, B, cu_chunk_seqlens, CB, dstate,
+            *C.stride(), *B.stride(), *CB.stride(),
+            CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(C.dtype),
+            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
+            num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return CB

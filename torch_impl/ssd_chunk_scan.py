@@ -1,0 +1,149 @@
+"""Chunked scan, stage 5 (Triton): every token's output from its chunk's
+start state and the chunk's earlier tokens.
+
+    out[s_c + i, h] = exp(dA_cumsum[h, c, i]) * C[s_c + i, g] @ start(c)^T
+                    + sum_{j <= i} CB[c, g, i, j] * exp(dA_cumsum[h, c, i] - dA_cumsum[h, c, j])
+                                   * dt_out[h, c, j] * x[s_c + j, h]
+                    + D[h] * x[s_c + i, h]
+    then out *= z * sigmoid(z) when z is given
+
+``start(c)`` is the state the chunk starts from (``ssd_state_passing``).
+Mirror: ``jax_impl/ssd_chunk_scan.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bridge.launch_config import clip_block, ssd_launch_config
+from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
+from torch_impl.ssd_chunk_state import dot_precision
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    CB_ptr, x_ptr, dt_out_ptr, dA_cumsum_ptr, C_ptr, end_states_ptr, seq_idx_ptr, cu_chunk_ptr,
+    D_ptr, z_ptr, initial_states_ptr, out_ptr,
+    headdim, dstate, heads_per_group,
+    stride_CB_chunk, stride_CB_group, stride_CB_row, stride_CB_col,
+    stride_x_tok, stride_x_head, stride_x_dim,
+    stride_dA_head, stride_dA_chunk, stride_dA_pos,
+    stride_C_tok, stride_C_group, stride_C_dstate,
+    stride_states_chunk, stride_states_head, stride_states_dim, stride_states_dstate,
+    stride_init_seq, stride_init_head, stride_init_dim, stride_init_dstate,
+    stride_D_head, stride_D_dim,
+    stride_z_tok, stride_z_head, stride_z_dim,
+    stride_out_tok, stride_out_head, stride_out_dim,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INITIAL_STATES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    BLOCK_SIZE_DSTATE: tl.constexpr,
+):
+    """Grid (num_chunks, nheads, cdiv(L, M) * cdiv(headdim, N)): one (M, N)
+    tile of (tokens, headdim) of a chunk's output."""
+    chunk = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    num_n_blocks = tl.cdiv(headdim, BLOCK_SIZE_N)
+    pid_m = tl.program_id(2) // num_n_blocks
+    pid_n = tl.program_id(2) % num_n_blocks
+    group = head // heads_per_group
+    start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
+    length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
+    if pid_m * BLOCK_SIZE_M < length:  # tiles past a short chunk's end have no tokens
+        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+        offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+        offs_d = tl.arange(0, BLOCK_SIZE_DSTATE)
+        mask_m = offs_m < length
+        mask_n = offs_n < headdim
+        dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+        dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+        dA_m = tl.load(dA_ptr + offs_m * stride_dA_pos, mask=mask_m, other=0.0)
+
+        # The start state's part: C (M, dstate) @ start^T (dstate, N).
+        seq = tl.load(seq_idx_ptr + chunk)
+        previous_seq = tl.load(seq_idx_ptr + tl.maximum(chunk - 1, 0))
+        state_mask = (offs_d < dstate)[:, None] & mask_n[None, :]
+        if (chunk > 0) & (seq == previous_seq):
+            start_state = tl.load(end_states_ptr + (chunk - 1) * stride_states_chunk
+                                  + head * stride_states_head + offs_d[:, None] * stride_states_dstate
+                                  + offs_n[None, :] * stride_states_dim, mask=state_mask, other=0.0)
+        elif HAS_INITIAL_STATES:
+            start_state = tl.load(initial_states_ptr + seq.to(tl.int64) * stride_init_seq
+                                  + head * stride_init_head + offs_d[:, None] * stride_init_dstate
+                                  + offs_n[None, :] * stride_init_dim, mask=state_mask,
+                                  other=0.0).to(tl.float32)
+        else:
+            start_state = tl.zeros((BLOCK_SIZE_DSTATE, BLOCK_SIZE_N), dtype=tl.float32)
+        C = tl.load(C_ptr + (start + offs_m)[:, None] * stride_C_tok + group * stride_C_group
+                    + offs_d[None, :] * stride_C_dstate,
+                    mask=mask_m[:, None] & (offs_d < dstate)[None, :], other=0.0)
+        acc = tl.dot(C, start_state.to(C.dtype), input_precision=DOT_PRECISION)
+        acc *= tl.exp(dA_m)[:, None]
+
+        # The chunk's own tokens j <= i: (CB * decay * dt) (M, K) @ x (K, N),
+        # K running only up to this row tile's last token.
+        offs_k = tl.arange(0, BLOCK_SIZE_K)
+        CB_base = CB_ptr + chunk * stride_CB_chunk + group * stride_CB_group
+        x_base = x_ptr + start * stride_x_tok + head * stride_x_head
+        k_end = tl.minimum((pid_m + 1) * BLOCK_SIZE_M, length)
+        for k in range(0, k_end, BLOCK_SIZE_K):
+            tok = k + offs_k
+            in_chunk = tok < k_end
+            CB = tl.load(CB_base + offs_m[:, None] * stride_CB_row + tok[None, :] * stride_CB_col,
+                         mask=mask_m[:, None] & in_chunk[None, :], other=0.0)
+            dA_k = tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
+            dt_k = tl.load(dt_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
+            weight = CB * tl.exp(dA_m[:, None] - dA_k[None, :]) * dt_k[None, :]
+            weight = tl.where((offs_m[:, None] >= tok[None, :]) & in_chunk[None, :], weight, 0.0)
+            x_k = tl.load(x_base + tok[:, None] * stride_x_tok + offs_n[None, :] * stride_x_dim,
+                          mask=in_chunk[:, None] & mask_n[None, :], other=0.0)
+            acc += tl.dot(weight.to(x_k.dtype), x_k, input_precision=DOT_PRECISION)
+
+        tile = mask_m[:, None] & mask_n[None, :]
+        if HAS_D:
+            x_m = tl.load(x_base + offs_m[:, None] * stride_x_tok + offs_n[None, :] * stride_x_dim,
+                          mask=tile, other=0.0).to(tl.float32)
+            D = tl.load(D_ptr + head * stride_D_head + offs_n * stride_D_dim, mask=mask_n, other=0.0)
+            acc += x_m * D.to(tl.float32)[None, :]
+        if HAS_Z:
+            z = tl.load(z_ptr + (start + offs_m)[:, None] * stride_z_tok + head * stride_z_head
+                        + offs_n[None, :] * stride_z_dim, mask=tile, other=0.0).to(tl.float32)
+            acc *= z * tl.sigmoid(z)
+        tl.store(out_ptr + (start + offs_m)[:, None] * stride_out_tok + head * stride_out_head
+                 + offs_n[None, :] * stride_out_dim, acc.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D=None,
+               z=None, initial_states=None, out=None):
+    """CB (K, G, L, L), x (T, H, P), dt_out / dA_cumsum (H, K, L), C (T, G, N),
+    end_states (K, H, P, N), D (H,) or (H, P), z (T, H, P), initial_states
+    (Q, H, P, N) -> out (T, H, P), written in place when given."""
+    _, nheads, headdim = x.shape
+    ngroups, dstate = C.shape[1:]
+    num_chunks, chunk_size = dA_cumsum.shape[1:]
+    if out is None:
+        out = torch.empty_like(x)
+    if D is not None and D.dim() == 1:
+        D = D.unsqueeze(1).expand(nheads, headdim)  # stride 0 over headdim
+    config = ssd_launch_config("chunk_scan")
+    block_m = clip_block(config["BLOCK_SIZE_M"], chunk_size)
+    block_n = clip_block(config["BLOCK_SIZE_N"], headdim)
+    block_k = clip_block(config["BLOCK_SIZE_K"], chunk_size)
+    grid = (num_chunks, nheads, triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_n))
+    strides = lambda t, n: t.stride() if t is not None else (0,) * n  # noqa: E731
+    with torch.device(x.device):
+        _chunk_scan_kernel[grid](
+            CB, x, dt_out, dA_cumsum, C, end_states, seq_idx, cu_chunk_seqlens,
+            D, z, initial_states, out,
+            headdim, dstate, nheads // ngroups,
+            *CB.stride(), *x.stride(), *dA_cumsum.stride(), *C.stride(), *end_states.stride(),
+            *strides(initial_states, 4), *strides(D, 2), *strides(z, 3), *out.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_INITIAL_STATES=initial_states is not None,
+            DOT_PRECISION=dot_precision(x.dtype),
+            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
+            BLOCK_SIZE_DSTATE=clip_block(1 << 30, dstate),
+            num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return out

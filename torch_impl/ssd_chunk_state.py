@@ -1,0 +1,160 @@
+"""Chunked scan, stages 1 and 2 (Triton): the per-chunk cumulative decay and
+each chunk's own state contribution.
+
+For chunk c (tokens s_c .. s_c + len_c, at most L = chunk_size), head h and
+group g(h):
+
+    dt_out[h, c, i]    = clamp(softplus(dt[s_c + i, h] + dt_bias[h]), dt_limit), 0 for i >= len_c
+    dA_cumsum[h, c, i] = sum_{j <= i} dt_out[h, c, j] * A[h]
+    chunk_states[c, h] = sum_i x[s_c + i, h]^T B[s_c + i, g] * dt_out[h, c, i]
+                         * exp(dA_cumsum[h, c, L-1] - dA_cumsum[h, c, i])      (P, N)
+
+Mirror: ``jax_impl/ssd_chunk_state.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bridge.launch_config import clip_block, ssd_launch_config
+from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied exactly (no TF32): the tests hold fp32 to
+    fp32 tolerances. Half-precision inputs use the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _chunk_cumsum_kernel(
+    dt_ptr, A_ptr, dt_bias_ptr, cu_chunk_ptr, dA_cumsum_ptr, dt_out_ptr,
+    nheads, dt_min, dt_max,
+    stride_dt_tok, stride_dt_head, stride_A_head, stride_dt_bias_head,
+    stride_out_head, stride_out_chunk, stride_out_pos,
+    DT_SOFTPLUS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
+    BLOCK_SIZE_H: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+):
+    """Grid (num_chunks, cdiv(nheads, BLOCK_SIZE_H)): the whole chunk is one tile."""
+    chunk = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_SIZE_H + tl.arange(0, BLOCK_SIZE_H)
+    start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
+    length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
+    offs_l = tl.arange(0, CHUNK_SIZE)
+    mask_h = offs_h < nheads
+    valid = (offs_l < length)[:, None] & mask_h[None, :]
+    dt = tl.load(dt_ptr + (start + offs_l)[:, None] * stride_dt_tok + offs_h[None, :] * stride_dt_head,
+                 mask=valid, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + offs_h * stride_dt_bias_head, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if HAS_DT_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    dt = tl.where(valid, dt, 0.0)  # padding positions add no decay
+    A = tl.load(A_ptr + offs_h * stride_A_head, mask=mask_h, other=0.0).to(tl.float32)
+    dA_cumsum = tl.cumsum(dt * A[None, :], axis=0)
+    out_offsets = (offs_h[None, :] * stride_out_head + chunk * stride_out_chunk
+                   + offs_l[:, None] * stride_out_pos)
+    tl.store(dt_out_ptr + out_offsets, dt, mask=mask_h[None, :])
+    tl.store(dA_cumsum_ptr + out_offsets, dA_cumsum, mask=mask_h[None, :])
+
+
+def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=False,
+                 dt_limit=(0.0, math.inf)):
+    """dt (T, H), A (H,), dt_bias (H,) -> (dA_cumsum, dt_out), each (H, K, L) float32."""
+    nheads = dt.shape[1]
+    num_chunks = cu_chunk_seqlens.shape[0] - 1
+    dA_cumsum = torch.empty(nheads, num_chunks, chunk_size, device=dt.device, dtype=torch.float32)
+    dt_out = torch.empty_like(dA_cumsum)
+    config = ssd_launch_config("chunk_cumsum")
+    block_h = clip_block(config["BLOCK_SIZE_H"], nheads)
+    grid = (num_chunks, triton.cdiv(nheads, block_h))
+    with torch.device(dt.device):
+        _chunk_cumsum_kernel[grid](
+            dt, A, dt_bias, cu_chunk_seqlens, dA_cumsum, dt_out,
+            nheads, float(dt_limit[0]), float(dt_limit[1]),
+            dt.stride(0), dt.stride(1), A.stride(0), dt_bias.stride(0) if dt_bias is not None else 0,
+            *dA_cumsum.stride(),
+            DT_SOFTPLUS=bool(dt_softplus), HAS_DT_BIAS=dt_bias is not None,
+            HAS_DT_LIMIT=tuple(dt_limit) != (0.0, math.inf),
+            BLOCK_SIZE_H=block_h, CHUNK_SIZE=chunk_size,
+            num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return dA_cumsum, dt_out
+
+
+@triton.jit
+def _chunk_state_kernel(
+    x_ptr, B_ptr, dt_out_ptr, dA_cumsum_ptr, cu_chunk_ptr, states_ptr,
+    headdim, dstate, heads_per_group,
+    stride_x_tok, stride_x_head, stride_x_dim,
+    stride_B_tok, stride_B_group, stride_B_dstate,
+    stride_dA_head, stride_dA_chunk, stride_dA_pos,
+    stride_states_chunk, stride_states_head, stride_states_dim, stride_states_dstate,
+    CHUNK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+):
+    """Grid (num_chunks, nheads, cdiv(headdim, M) * cdiv(dstate, N)): one
+    (M, N) tile of a chunk's state, K running over the chunk's tokens."""
+    chunk = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    num_n_blocks = tl.cdiv(dstate, BLOCK_SIZE_N)
+    pid_m = tl.program_id(2) // num_n_blocks
+    pid_n = tl.program_id(2) % num_n_blocks
+    group = head // heads_per_group
+    start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
+    length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
+
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+    dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+    dA_last = tl.load(dA_ptr + (CHUNK_SIZE - 1) * stride_dA_pos)
+    x_base = x_ptr + start * stride_x_tok + head * stride_x_head
+    B_base = B_ptr + start * stride_B_tok + group * stride_B_group
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, length, BLOCK_SIZE_K):
+        tok = k + offs_k
+        in_chunk = tok < length
+        x_t = tl.load(x_base + offs_m[:, None] * stride_x_dim + tok[None, :] * stride_x_tok,
+                      mask=(offs_m < headdim)[:, None] & in_chunk[None, :], other=0.0)
+        B = tl.load(B_base + tok[:, None] * stride_B_tok + offs_n[None, :] * stride_B_dstate,
+                    mask=in_chunk[:, None] & (offs_n < dstate)[None, :], other=0.0).to(tl.float32)
+        dA = tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
+        dt = tl.load(dt_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
+        scale = tl.where(in_chunk, tl.exp(dA_last - dA) * dt, 0.0)
+        acc += tl.dot(x_t, (B * scale[:, None]).to(x_t.dtype), input_precision=DOT_PRECISION)
+
+    tl.store(states_ptr + chunk * stride_states_chunk + head * stride_states_head
+             + offs_m[:, None] * stride_states_dim + offs_n[None, :] * stride_states_dstate,
+             acc, mask=(offs_m < headdim)[:, None] & (offs_n < dstate)[None, :])
+
+
+def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
+    """B (T, G, N), x (T, H, P), dt_out / dA_cumsum (H, K, L) -> chunk_states
+    (K, H, P, N) float32: each chunk's state from a zero start."""
+    _, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1:]
+    _, num_chunks, chunk_size = dA_cumsum.shape
+    states = torch.empty(num_chunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
+    config = ssd_launch_config("chunk_state")
+    block_m = clip_block(config["BLOCK_SIZE_M"], headdim)
+    block_n = clip_block(config["BLOCK_SIZE_N"], dstate)
+    block_k = clip_block(config["BLOCK_SIZE_K"], chunk_size)
+    grid = (num_chunks, nheads, triton.cdiv(headdim, block_m) * triton.cdiv(dstate, block_n))
+    with torch.device(x.device):
+        _chunk_state_kernel[grid](
+            x, B, dt_out, dA_cumsum, cu_chunk_seqlens, states,
+            headdim, dstate, nheads // ngroups,
+            *x.stride(), *B.stride(), *dA_cumsum.stride(), *states.stride(),
+            CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype),
+            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
+            num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return states
