@@ -6,5 +6,34 @@ other framework):
 
 - ``bridge.ssu_contract``: argument checking for ``selective_state_update``;
 - ``bridge.launch_config``: tuned launch-config lookup (files, override, heuristic);
-- ``bridge.backends``: the backend registry behind the ``*_dispatch`` modules.
+- ``bridge.backends``: the backend registry behind the ``*_dispatch`` modules;
+- ``bridge.state_shapes``: per-block state shapes (vLLM's ``MambaStateShapeCalculator``)
+  and the conv-state layout (``$MAMBA_TWIN_CONV_STATE_LAYOUT``, SD or DS);
+- ``bridge.copy_spec``: prefix-caching copy specs and the batched block copy.
+
+The DLPack bridge (``bridge.dlpack``: ``to_jax``, ``to_torch``,
+``jax_step_into``; ``bridge.state_cache``: ``MambaStateCache``) imports torch
+and jax inside its functions. The names below are loaded on first use, so
+``import bridge`` imports neither framework.
 """
+
+import importlib
+
+_EXPORTS = {
+    "CONV_STATE_LAYOUT_ENV": "state_shapes", "MambaStateShapeCalculator": "state_shapes",
+    "get_conv_state_layout": "state_shapes", "is_conv_state_dim_first": "state_shapes",
+    "MambaCopySpec": "copy_spec", "MambaStateCopyFunc": "copy_spec",
+    "get_conv_copy_spec": "copy_spec", "get_temporal_copy_spec": "copy_spec",
+    "copy_blocks": "copy_spec",
+    "to_jax": "dlpack", "to_torch": "dlpack", "jax_step_into": "dlpack", "InplaceStep": "dlpack",
+    "AliasLostError": "dlpack", "BridgeCopyWarning": "dlpack", "SHARED_DTYPES": "dlpack",
+    "MambaStateCache": "state_cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bridge' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"bridge.{_EXPORTS[name]}"), name)

@@ -1,0 +1,172 @@
+"""Prefix-caching copy specs (vLLM's ``mamba_utils``, "align" mode) and a
+batched block copy that applies them, for torch tensors and jax arrays alike.
+
+A state is ``(num_blocks, *block_shape)``; a spec names a contiguous run of
+elements inside one block by address. Framework-neutral: the state's own
+methods are used (duck typing), neither torch nor jax is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence, TypeAlias
+
+import numpy as np
+
+from bridge.state_shapes import is_conv_state_dim_first
+
+
+@dataclasses.dataclass
+class MambaCopySpec:
+    """A copy source for prefix caching: ``num_elements`` elements starting at
+    byte address ``start_addr``."""
+
+    start_addr: int
+    num_elements: int
+
+
+# (state, block_ids, cur_block_idx, num_accepted_tokens) -> MambaCopySpec;
+# num_accepted_tokens ranges over 1 .. 1 + num_speculative_tokens.
+MambaStateCopyFunc: TypeAlias = Callable[[Any, list[int], int, int], MambaCopySpec]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buffer:
+    """Address, element strides and element size of a torch/jax/numpy array."""
+
+    address: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+    itemsize: int
+    contiguous: bool
+
+
+def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _buffer(state, arg: str) -> _Buffer:
+    shape = tuple(state.shape)
+    if hasattr(state, "data_ptr"):  # torch.Tensor
+        strides = tuple(state.stride())
+        return _Buffer(state.data_ptr(), shape, strides, state.element_size(), state.is_contiguous())
+    if hasattr(state, "unsafe_buffer_pointer"):  # jax.Array: always row-major
+        return _Buffer(state.unsafe_buffer_pointer(), shape, _row_major_strides(shape),
+                       state.dtype.itemsize, True)
+    if isinstance(state, np.ndarray):
+        strides = tuple(s // state.itemsize for s in state.strides)
+        return _Buffer(state.ctypes.data, shape, strides, state.itemsize,
+                       bool(state.flags.c_contiguous))
+    raise ValueError(f"`{arg}` must be a torch.Tensor, jax.Array or numpy array, got {type(state).__name__}")
+
+
+def _block_id(block_ids: Sequence[int], index: int, num_blocks: int) -> int:
+    if not 0 <= index < len(block_ids):
+        raise ValueError(f"`block_ids` has {len(block_ids)} entries; index {index} is out of range")
+    block = int(block_ids[index])
+    if not 0 <= block < num_blocks:
+        raise ValueError(f"`block_ids[{index}]` = {block} is outside the state's {num_blocks} blocks")
+    return block
+
+
+def get_conv_copy_spec(state, block_ids: list[int], cur_block_idx: int,
+                       num_accepted_tokens: int) -> MambaCopySpec:
+    """The conv state of block ``block_ids[cur_block_idx]`` without its first
+    ``num_accepted_tokens - 1`` positions.
+
+    ``state`` is ``(num_blocks, state_len, dim)`` (SD) or ``(num_blocks, dim,
+    state_len)`` (DS, per ``$MAMBA_TWIN_CONV_STATE_LAYOUT``). DS with
+    ``num_accepted_tokens > 1`` raises NotImplementedError: the positions to
+    skip are strided there, so the rest is not one contiguous run.
+    """
+    buf = _buffer(state, "state")
+    if len(buf.shape) != 3:
+        raise ValueError(f"`state` must be (num_blocks, state_len, dim) or (num_blocks, dim, state_len), "
+                         f"got shape {buf.shape}")
+    block = _block_id(block_ids, cur_block_idx, buf.shape[0])
+    offset = num_accepted_tokens - 1
+    if is_conv_state_dim_first():
+        if offset > 0:
+            raise NotImplementedError(
+                "DS conv state layout does not yet support speculative decoding with "
+                "mamba_cache_mode='align' (num_accepted_tokens > 1).")
+        start, count = block * buf.strides[0], buf.shape[1] * buf.shape[2]
+    else:
+        if not 0 <= offset <= buf.shape[1]:
+            raise ValueError(f"`num_accepted_tokens` = {num_accepted_tokens} must lie in "
+                             f"[1, state_len + 1 = {buf.shape[1] + 1}]")
+        start = block * buf.strides[0] + offset * buf.strides[1]
+        count = (buf.shape[1] - offset) * buf.shape[2]
+    return MambaCopySpec(start_addr=buf.address + start * buf.itemsize, num_elements=count)
+
+
+def get_temporal_copy_spec(state, block_ids: list[int], cur_block_idx: int,
+                           num_accepted_tokens: int) -> MambaCopySpec:
+    """The whole temporal (SSM) state of block
+    ``block_ids[cur_block_idx + num_accepted_tokens - 1]``: with speculative
+    decoding each token's state has its own block, and the last accepted one
+    is kept."""
+    buf = _buffer(state, "state")
+    block = _block_id(block_ids, cur_block_idx + num_accepted_tokens - 1, buf.shape[0])
+    count = int(np.prod(buf.shape[1:], dtype=np.int64))
+    return MambaCopySpec(start_addr=buf.address + block * buf.strides[0] * buf.itemsize,
+                         num_elements=count)
+
+
+def block_copy_indices(state, specs: Sequence[MambaCopySpec],
+                       dst_block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat element indices (source, destination), int64 and of equal length,
+    that copy each spec's elements to the start of block ``dst_block_ids[i]``
+    of the same ``state``."""
+    buf = _buffer(state, "state")
+    if not buf.contiguous:
+        raise ValueError(f"`state` must be contiguous for address-based block copies, strides {buf.strides}")
+    if len(specs) != len(dst_block_ids):
+        raise ValueError(f"`dst_block_ids` has {len(dst_block_ids)} entries for {len(specs)} specs")
+    total = int(np.prod(buf.shape, dtype=np.int64))
+    block_size = buf.strides[0] if buf.shape else total
+    sources, destinations = [], []
+    for i, (spec, dst_block) in enumerate(zip(specs, dst_block_ids)):
+        offset_bytes = spec.start_addr - buf.address
+        start = offset_bytes // buf.itemsize
+        if offset_bytes % buf.itemsize or start < 0 or start + spec.num_elements > total:
+            raise ValueError(f"`specs[{i}]` ({spec}) does not lie inside `state` "
+                             f"(address {buf.address:#x}, {total} elements)")
+        if not 0 <= dst_block < buf.shape[0]:
+            raise ValueError(f"`dst_block_ids[{i}]` = {dst_block} is outside the state's {buf.shape[0]} blocks")
+        if spec.num_elements > block_size:
+            raise ValueError(f"`specs[{i}]` copies {spec.num_elements} elements, more than a block ({block_size})")
+        sources.append(np.arange(start, start + spec.num_elements, dtype=np.int64))
+        destinations.append(np.arange(dst_block * block_size,
+                                      dst_block * block_size + spec.num_elements, dtype=np.int64))
+    empty = np.zeros(0, np.int64)
+    return (np.concatenate(sources) if sources else empty,
+            np.concatenate(destinations) if destinations else empty)
+
+
+def copy_blocks(state, specs: Sequence[MambaCopySpec], dst_block_ids: Sequence[int]):
+    """Apply ``specs`` as one batched gather/scatter: every source is read
+    before any destination is written.
+
+    torch tensor or numpy array: copied in place, the same object is
+    returned. jax array: the updated array is returned (functional; on a
+    cache shared with torch, ``MambaStateCache.copy_blocks`` lands the copy in
+    the shared memory).
+    """
+    sources, destinations = block_copy_indices(state, specs, dst_block_ids)
+    if hasattr(state, "data_ptr"):  # torch: in place on the flat view
+        import torch
+
+        flat = state.view(-1)
+        flat[torch.from_numpy(destinations).to(state.device)] = flat[torch.from_numpy(sources).to(state.device)]
+        return state
+    if isinstance(state, np.ndarray):
+        flat = state.reshape(-1)
+        flat[destinations] = flat[sources]
+        return state
+    flat = state.reshape(-1)
+    return flat.at[destinations].set(flat[sources]).reshape(state.shape)

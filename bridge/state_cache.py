@@ -1,0 +1,168 @@
+"""A state cache that torch and JAX share: each state of each layer is one
+buffer, allocated once by either framework, handed out as torch tensors and
+jax arrays of the same memory.
+
+torch and jax are imported inside the methods (``import bridge`` stays free
+of both).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from bridge import copy_spec
+from bridge.dlpack import InplaceStep, jax_step_into, to_jax, to_torch
+
+OWNERS = ("torch", "jax")
+
+
+def _jax_device(device: str):
+    """torch-style device string ('cpu', 'cuda', 'cuda:1') -> jax.Device."""
+    import jax
+
+    kind, _, index = device.partition(":")
+    platform = {"cpu": "cpu", "cuda": "gpu"}.get(kind)
+    if platform is None:
+        raise ValueError(f"MambaStateCache: `device` {device!r} must be 'cpu' or 'cuda[:i]'")
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:
+        raise ValueError(f"MambaStateCache: `device` {device!r} but JAX has no {platform} backend") from None
+    i = int(index or 0)
+    if i >= len(devices):
+        raise ValueError(f"MambaStateCache: `device` {device!r} but JAX sees {len(devices)} {platform} devices")
+    return devices[i]
+
+
+class MambaStateCache:
+    """The states of ``num_layers`` Mamba-type layers, ``num_blocks`` cache
+    blocks each.
+
+    Layer ``l``'s state ``name`` is a contiguous ``(num_blocks, *shape)``
+    buffer, ``shape`` from ``state_shapes`` (a tuple such as
+    ``MambaStateShapeCalculator.mamba2_state_shape(...)`` returns: conv
+    ``(state_len, dim)`` in SD or ``(dim, state_len)`` in DS, SSM ``(nheads,
+    head_dim, state_size)``), ``names`` naming them in order (default
+    ``("conv", "ssm")``). ``dtypes`` is one dtype name or one per state.
+
+    ``owner`` ("torch" or "jax") allocates the memory, on ``device`` ('cpu',
+    'cuda', 'cuda:i'); the other framework gets views through DLPack.
+    ``torch(name, layer)`` returns the stored tensor (O(1));
+    ``jax(name, layer)`` builds a fresh zero-copy array each call (a DLPack
+    import, microseconds) so that on CUDA every hand-over orders JAX after
+    torch's queued writes, and an array consumed by a donation is never
+    handed out again.
+
+    Lifetime: views keep the memory alive (DLPack capsules hold the owner's
+    storage), so a view kept by either framework stays valid, with its
+    values, even after the cache is deleted; the memory is freed when the
+    cache and its last view are gone. Views obtained before a JAX step that
+    donated them are deleted by it; ask the cache for new ones.
+    """
+
+    def __init__(self, state_shapes: Sequence[Sequence[int]], dtypes: str | Sequence[str],
+                 num_blocks: int, *, num_layers: int = 1, names: Sequence[str] = ("conv", "ssm"),
+                 owner: str = "torch", device: str = "cpu"):
+        import torch
+
+        self.state_shapes = tuple(tuple(int(n) for n in shape) for shape in state_shapes)
+        self.names = tuple(names)
+        if len(self.names) != len(self.state_shapes):
+            raise ValueError(f"MambaStateCache: `names` {self.names} does not name the "
+                             f"{len(self.state_shapes)} states of `state_shapes`")
+        self.dtypes = (dtypes,) * len(self.names) if isinstance(dtypes, str) else tuple(dtypes)
+        if len(self.dtypes) != len(self.names):
+            raise ValueError(f"MambaStateCache: `dtypes` has {len(self.dtypes)} entries for "
+                             f"{len(self.names)} states")
+        if num_blocks < 1 or num_layers < 1:
+            raise ValueError(f"MambaStateCache: `num_blocks` ({num_blocks}) and `num_layers` "
+                             f"({num_layers}) must be >= 1")
+        if owner not in OWNERS:
+            raise ValueError(f"MambaStateCache: `owner` must be one of {OWNERS}, got {owner!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"MambaStateCache: `device` {device!r} but torch has no CUDA here")
+        self.num_blocks, self.num_layers, self.owner = num_blocks, num_layers, owner
+        self.device = torch.device(device)
+        self.steps_aliased = 0  # JAX steps that wrote in place
+        self.steps_written_back = 0  # JAX steps whose result the bridge copied in
+        self._tensors: dict[tuple[int, str], torch.Tensor] = {}
+        self._allocations = []  # owner="jax": the arrays that own the memory
+        for layer in range(num_layers):
+            for name, shape, dtype in zip(self.names, self.state_shapes, self.dtypes):
+                self._tensors[layer, name] = self._allocate((num_blocks, *shape), dtype, device)
+
+    def _allocate(self, shape: tuple[int, ...], dtype: str, device: str):
+        import torch
+
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"MambaStateCache: `dtypes` holds {dtype!r}, not a dtype name")
+        if self.owner == "torch":
+            return torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+        import jax.numpy as jnp
+
+        array = jnp.zeros(shape, dtype=dtype, device=_jax_device(device))
+        self._allocations.append(array)
+        return to_torch(array, name="allocation")
+
+    def _key(self, name: str, layer: int) -> tuple[int, str]:
+        if name not in self.names:
+            raise ValueError(f"MambaStateCache: `name` {name!r} is not one of {self.names}")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"MambaStateCache: `layer` {layer} is outside [0, {self.num_layers})")
+        return layer, name
+
+    def torch(self, name: str = "ssm", layer: int = 0):
+        """The torch tensor ``(num_blocks, *shape)`` of state ``name``."""
+        return self._tensors[self._key(name, layer)]
+
+    def jax(self, name: str = "ssm", layer: int = 0):
+        """A jax.Array ``(num_blocks, *shape)`` on the same memory as ``torch(name, layer)``."""
+        return to_jax(self._tensors[self._key(name, layer)], name=f"{name} state of layer {layer}")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def write(self, name: str, values, block_ids: Sequence[int], layer: int = 0) -> None:
+        """Write ``values`` (torch tensor or jax array, ``(len(block_ids),
+        *shape)``) into blocks ``block_ids`` of state ``name``, e.g. the final
+        states of a prefill."""
+        target = self.torch(name, layer)
+        want = (len(block_ids), *target.shape[1:])
+        if tuple(values.shape) != want:
+            raise ValueError(f"MambaStateCache.write: `values` has shape {tuple(values.shape)}, "
+                             f"expected {want} for {len(block_ids)} blocks of state {name!r}")
+        if not hasattr(values, "data_ptr"):
+            values = to_torch(values, name="values")
+        import torch
+
+        index = torch.as_tensor(list(block_ids), dtype=torch.long, device=target.device)
+        target.index_copy_(0, index, values.to(target.device, target.dtype))
+
+    def copy_blocks(self, name: str, specs: Sequence[copy_spec.MambaCopySpec],
+                    dst_block_ids: Sequence[int], layer: int = 0) -> None:
+        """Apply prefix-caching copy specs to state ``name`` in place (one
+        batched gather/scatter); the specs may have been computed from either
+        framework's view, the addresses are the same."""
+        copy_spec.copy_blocks(self.torch(name, layer), specs, dst_block_ids)
+
+    def run_jax_inplace(self, step_fn: Callable, *args, layer: int = 0,
+                        states: Sequence[str] = ("ssm",), state_outputs: Sequence[int] = (1,),
+                        allow_writeback: bool | None = None, **kwargs) -> InplaceStep:
+        """``jax_step_into`` on this cache: ``step_fn(*jax_views_of(states),
+        *args, **kwargs)`` with the new states at ``state_outputs`` (default:
+        ``(out, new_ssm_state)`` of ``jax_impl.selective_state_update``).
+        Counts the steps in ``steps_aliased`` / ``steps_written_back``."""
+        tensors = [self.torch(name, layer) for name in states]
+        step = jax_step_into(tensors, step_fn, *args, state_outputs=state_outputs,
+                             allow_writeback=allow_writeback, **kwargs)
+        if any(step.written_back):
+            self.steps_written_back += 1
+        else:
+            self.steps_aliased += 1
+        return step
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{n}{s}:{d}" for n, s, d in zip(self.names, self.state_shapes, self.dtypes))
+        return (f"MambaStateCache({states}; {self.num_layers} layers x {self.num_blocks} blocks, "
+                f"owner={self.owner}, device={self.device})")
