@@ -3,7 +3,9 @@
 ``selective_state_update_ref`` computes in float64 and is what the kernels
 are tested against. ``selective_state_update_jnp`` is the same math in a
 chosen compute dtype: it backs the ``xla`` dispatch backend and can be
-jitted. Mirror: ``torch_impl/reference.py``.
+jitted. ``ssd_sequential_ref`` and ``ssd_chunked_ref`` are the chunked
+scan's two float64 references (token by token, and chunked-quadratic).
+Mirror: ``torch_impl/reference.py``.
 """
 
 from __future__ import annotations
@@ -135,3 +137,137 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, dt_bias=None, z=No
             f64(state), f64(x), f64(dt), f64(A), f64(B), f64(C), f64(D), f64(dt_bias), f64(z),
             dt_softplus, i64(state_batch_indices), i64(dst_state_batch_indices), null_block_id,
             out64, i64(num_accepted_tokens), i64(cu_seqlens), compute_dtype=jnp.float64)
+
+
+# ---------------------------------------------------------------------------
+# Chunked scan (SSD prefill): two float64 references written from the math.
+# Shapes: bridge.ssd_contract (x (T, H, P), dt (T, H), B and C (T, G, N), ...).
+
+
+def _ssd_dt(dt, dt_bias, dt_softplus, dt_limit):
+    """dt as the recurrence uses it: biased, softplus-ed (x past 20), clamped."""
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = jnp.where(dt > 20.0, dt, jnp.log1p(jnp.exp(dt)))
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = jnp.clip(dt, dt_limit[0], dt_limit[1])
+    return dt
+
+
+def _ssd_output(y, x, D, z):
+    """Adds the D skip and applies the z gate to y (..., H, P)."""
+    if D is not None:
+        y = y + (D[:, None] if D.ndim == 1 else D) * x
+    if z is not None:
+        y = y * z * jax.nn.sigmoid(z)
+    return y
+
+
+def _f64(*arrays):
+    return [None if a is None else jnp.asarray(np.asarray(a, np.float64)) for a in arrays]
+
+
+def ssd_sequential_ref(x, dt, A, B, C, cu_seqlens, D=None, z=None, dt_bias=None,
+                       initial_states=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """The SSD recurrence token by token, in float64. Per sequence q, head h
+    (group g(h)), token t, from ``initial_states[q]`` (or 0):
+
+        state = exp(A[h] dt[t,h]) state + dt[t,h] x[t,h]^T (outer) B[t,g]
+        out[t,h] = state @ C[t,g] + D[h] x[t,h], then * z sigmoid(z)
+
+    Returns numpy float64 ``(out (T, H, P), final_states (Q, H, P, N))``.
+    """
+    with jax.enable_x64(True):
+        x, dt, A, B, C, D, z, dt_bias, initial_states = _f64(
+            x, dt, A, B, C, D, z, dt_bias, initial_states)
+        T, H, P = x.shape
+        N = B.shape[2]
+        heads_per_group = H // B.shape[1]
+        cu = np.asarray(cu_seqlens, np.int64)
+        Q = len(cu) - 1
+        dt = _ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
+        B = jnp.repeat(B, heads_per_group, axis=1)  # (T, H, N)
+        C = jnp.repeat(C, heads_per_group, axis=1)
+        seq_of_token = jnp.asarray(np.repeat(np.arange(Q), np.diff(cu)))
+        starts_seq = jnp.zeros(T, bool).at[cu[:-1]].set(True)
+        ends_seq = jnp.zeros(T, bool).at[cu[1:] - 1].set(True)
+        initial = jnp.zeros((Q, H, P, N)) if initial_states is None else initial_states
+
+        def token_step(carry, token):
+            state, final_states = carry
+            x_t, dt_t, B_t, C_t, seq, is_start, is_end = token
+            state = jnp.where(is_start, initial[seq], state)
+            state = (jnp.exp(A * dt_t)[:, None, None] * state
+                     + (dt_t[:, None] * x_t)[:, :, None] * B_t[:, None, :])
+            final_states = final_states.at[seq].set(jnp.where(is_end, state, final_states[seq]))
+            return (state, final_states), jnp.einsum("hpn,hn->hp", state, C_t)
+
+        (_, final_states), y = jax.lax.scan(
+            token_step, (jnp.zeros((H, P, N)), jnp.zeros((Q, H, P, N))),
+            (x, dt, B, C, seq_of_token, starts_seq, ends_seq))
+        return np.asarray(_ssd_output(y, x, D, z)), np.asarray(final_states)
+
+
+def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
+                    D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                    dt_limit=(0.0, float("inf")), return_intermediate_states=False):
+    """The same recurrence in its chunked-quadratic form, in float64: within
+    chunk c (cumulative decay a_i = sum_{k<=i} A dt_k over the chunk's tokens)
+
+        out_i = sum_{j<=i} (C_i . B_j) exp(a_i - a_j) dt_j x_j + exp(a_i) C_i @ start_c^T
+        end_c = exp(a_last) start_c + sum_j exp(a_last - a_j) dt_j x_j^T (outer) B_j
+
+    where ``start_c`` is ``end_{c-1}`` within a sequence, else the sequence's
+    initial state (or 0); then the D skip and z gate. Returns numpy float64
+    ``(out (T, H, P), states)`` with ``states`` as the varlen call returns
+    them: (Q, H, P, N) final states, or (K, H, P, N) chunk-end states with
+    ``return_intermediate_states``.
+    """
+    with jax.enable_x64(True):
+        x, dt, A, B, C, D, z, dt_bias, initial_states = _f64(
+            x, dt, A, B, C, D, z, dt_bias, initial_states)
+        T, H, P = x.shape
+        N = B.shape[2]
+        heads_per_group = H // B.shape[1]
+        chunks = np.asarray(cu_chunk_seqlens, np.int64)
+        seqs = np.asarray(seq_idx, np.int64)
+        last_chunks = np.asarray(last_chunk_indices, np.int64)
+        Q = len(last_chunks)
+
+        # Gather every chunk into an (L,)-token slab; padding has dt = 0.
+        pos = np.arange(chunk_size)
+        valid = pos[None, :] < np.diff(chunks)[:, None]  # (K, L)
+        token = np.minimum(chunks[:-1, None] + pos[None, :], T - 1)
+        dt = jnp.where(valid[..., None], _ssd_dt(dt, dt_bias, dt_softplus, dt_limit)[token], 0.0)
+        x_c = x[token]  # (K, L, H, P)
+        B_c = jnp.repeat(B, heads_per_group, axis=1)[token]  # (K, L, H, N)
+        C_c = jnp.repeat(C, heads_per_group, axis=1)[token]
+        a = jnp.cumsum(dt * A, axis=1)  # (K, L, H)
+
+        causal = (pos[:, None] >= pos[None, :])[None, :, :, None]
+        decay = jnp.exp(jnp.where(causal, a[:, :, None, :] - a[:, None, :, :], -jnp.inf))
+        CB = jnp.einsum("kihn,kjhn->kijh", C_c, B_c)
+        y_within = jnp.einsum("kijh,kjh,kjhp->kihp", CB * decay, dt, x_c)
+        to_end = jnp.exp(a[:, -1:, :] - a) * dt  # (K, L, H)
+        chunk_own = jnp.einsum("kjh,kjhp,kjhn->khpn", to_end, x_c, B_c)
+
+        starts_seq = np.concatenate([[True], seqs[1:] != seqs[:-1]])
+        initial = jnp.zeros((Q, H, P, N)) if initial_states is None else initial_states
+
+        def chunk_step(prev_end, chunk):
+            starts, seq, total_decay, own = chunk
+            start = jnp.where(starts, initial[seq], prev_end)
+            end = jnp.exp(total_decay)[:, None, None] * start + own
+            return end, (start, end)
+
+        _, (start_states, end_states) = jax.lax.scan(
+            chunk_step, jnp.zeros((H, P, N)),
+            (jnp.asarray(starts_seq), jnp.asarray(seqs), a[:, -1], chunk_own))
+        y_carried = jnp.einsum("kihn,khpn->kihp", C_c, start_states) * jnp.exp(a)[..., None]
+
+        y = jnp.zeros((T, H, P)).at[np.where(valid, token, T)].set(y_within + y_carried,
+                                                                    mode="drop")
+        out = _ssd_output(y, x, D, z)
+        states = end_states if return_intermediate_states else end_states[last_chunks]
+        return np.asarray(out), np.asarray(states)

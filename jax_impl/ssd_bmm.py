@@ -1,0 +1,73 @@
+"""Chunked scan (SSD prefill), stage 3: the chunk-local products C B^T, as a
+Pallas kernel (Triton backend on GPU).
+
+Mirror: ``torch_impl/ssd_bmm.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bridge.launch_config import ssd_launch_config
+from jax_impl import platform
+from jax_impl.ssd_chunk_state import clip_block, compiler_params, tile_dot
+
+
+def _bmm_chunk_kernel(C_ref, B_ref, cu_chunk_ref, CB_ref, *, dstate, chunk_size, block_size_m,
+                      block_size_n, block_size_k):
+    """Grid (K, G, cdiv(L, BM) * cdiv(L, BN)): one (BM, BN) tile of one
+    chunk's C B^T, summed over dstate in ``block_size_k`` steps."""
+    chunk, group, pid = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_blocks_n = pl.cdiv(chunk_size, block_size_n)
+    m0, n0 = (pid // num_blocks_n) * block_size_m, (pid % num_blocks_n) * block_size_n
+
+    # The scan reads only j <= i: tiles wholly above the diagonal stay unwritten.
+    @pl.when(n0 < m0 + block_size_m)
+    def _():
+        start = cu_chunk_ref[chunk]
+        length = cu_chunk_ref[chunk + 1] - start
+        mask_m = m0 + jnp.arange(block_size_m) < length
+        mask_n = n0 + jnp.arange(block_size_n) < length
+
+        def dstate_block(k, acc):
+            k0 = k * block_size_k
+            mask_k = k0 + jnp.arange(block_size_k) < dstate
+            cols = pl.ds(k0, block_size_k)
+            C = plgpu.load(C_ref.at[pl.ds(start + m0, block_size_m), group, cols],
+                           mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
+            B = plgpu.load(B_ref.at[pl.ds(start + n0, block_size_n), group, cols],
+                           mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BN, BK)
+            return acc + tile_dot(C, B.T)
+
+        acc = jax.lax.fori_loop(0, pl.cdiv(dstate, block_size_k), dstate_block,
+                                jnp.zeros((block_size_m, block_size_n), jnp.float32))
+        # Tiles divide chunk_size, so the whole tile is in bounds.
+        CB_ref[chunk, group, pl.ds(m0, block_size_m), pl.ds(n0, block_size_n)] = acc
+
+
+def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size: int):
+    """C, B (T, G, N) -> CB (K, G, L, L) float32 with
+    ``CB[c, g, i, j] = C[s_c+i, g] . B[s_c+j, g]`` for i, j < len_c (0 past
+    len_c). Tiles wholly above the diagonal (all j > i) are left unwritten."""
+    T, G, N = C.shape
+    K = cu_chunk_seqlens.shape[0] - 1
+    config = ssd_launch_config("bmm_chunk")
+    block_size_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
+    block_size_n = clip_block(chunk_size, config["BLOCK_SIZE_N"])
+    block_size_k = clip_block(N, config["BLOCK_SIZE_K"])
+    kernel = functools.partial(
+        _bmm_chunk_kernel, dstate=N, chunk_size=chunk_size, block_size_m=block_size_m,
+        block_size_n=block_size_n, block_size_k=block_size_k)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((K, G, chunk_size, chunk_size), jnp.float32),
+        grid=(K, G, pl.cdiv(chunk_size, block_size_m) * pl.cdiv(chunk_size, block_size_n)),
+        compiler_params=compiler_params(config),
+        interpret=platform.INTERPRET,
+        name="ssd_bmm_chunk",
+    )(C, B, cu_chunk_seqlens)

@@ -1,0 +1,107 @@
+"""The chunked scan (SSD prefill) of a Mamba-2 layer: the public entry points,
+chaining the Pallas stages
+
+    chunk_cumsum -> chunk_state -> state_passing -> bmm_chunk -> chunk_scan
+
+Argument contract: ``bridge.ssd_contract``. Mirror: ``torch_impl/ssd_combined.py``.
+JAX is functional: ``out`` is returned; a given ``out`` donated under
+``jax.jit`` is written in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridge.ssd_contract import (
+    batched_sequences, check_chunk_metadata_values, check_ssd_args, chunk_metadata)
+from jax_impl.ssd_bmm import bmm_chunk
+from jax_impl.ssd_chunk_scan import chunk_scan
+from jax_impl.ssd_chunk_state import chunk_cumsum, chunk_state
+from jax_impl.ssd_state_passing import state_passing
+
+
+def _is_concrete(array) -> bool:
+    return not isinstance(array, jax.core.Tracer)
+
+
+def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens,
+                                     cu_chunk_seqlens, last_chunk_indices, seq_idx, out=None,
+                                     D=None, z=None, dt_bias=None, initial_states=None,
+                                     dt_softplus=False, dt_limit=(0.0, float("inf")),
+                                     return_intermediate_states=False, state_dtype=None):
+    """The chunked scan over packed sequences. Returns ``(out, states)``.
+
+    ``out (T, H, P)`` in ``out``'s dtype (x's when not given); ``states`` in
+    ``state_dtype`` (default: C's dtype): the final state of every sequence
+    ``(Q, H, P, N)``, or with ``return_intermediate_states`` the state at the
+    end of every chunk ``(K, H, P, N)``. Shapes: ``bridge.ssd_contract``.
+
+    Jittable with ``chunk_size``, ``dt_softplus``, ``dt_limit``,
+    ``return_intermediate_states`` and ``state_dtype`` static. The metadata
+    values are checked when they are concrete (not under jit).
+    """
+    args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, out=out,
+                initial_states=initial_states, cu_seqlens=cu_seqlens,
+                cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,
+                last_chunk_indices=last_chunk_indices)
+    layout = check_ssd_args(
+        {k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
+        {k: (str(v.dtype) if v is not None else None) for k, v in args.items()},
+        chunk_size=chunk_size, dt_limit=dt_limit,
+        state_dtype=None if state_dtype is None else str(jnp.dtype(state_dtype)))
+    metadata = dict(cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,
+                    last_chunk_indices=last_chunk_indices)
+    if all(_is_concrete(v) for v in metadata.values()):
+        check_chunk_metadata_values(layout, **{k: np.asarray(v) for k, v in metadata.items()})
+    state_dtype = C.dtype if state_dtype is None else jnp.dtype(state_dtype)
+
+    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
+                                     dt_softplus=dt_softplus, dt_limit=dt_limit)
+    chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
+    end_states, states = state_passing(
+        chunk_states, dA_cumsum, cu_chunk_seqlens, seq_idx, layout.num_seqs,
+        initial_states=initial_states, return_intermediate_states=return_intermediate_states,
+        state_dtype=state_dtype)
+    CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
+    out = chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D=D,
+                     z=z, initial_states=initial_states, out=out)
+    return out, states
+
+
+def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None,
+                              initial_states=None, seq_idx=None, dt_softplus=False,
+                              dt_limit=(0.0, float("inf")), return_final_states=False,
+                              state_dtype=None):
+    """The batched form of the original Mamba-2 API, as a varlen call.
+
+    x and z (b, l, H, P), dt (b, l, H), A (H,), B and C (b, l, G, N),
+    initial_states (b, H, P, N), seq_idx (b, l) (concrete; non-decreasing
+    along a row: a row holds several sequences where it changes). Each row's
+    initial state starts its first sequence, the row's other sequences start
+    from 0. Returns out (b, l, H, P), or ``(out, final_states (b, H, P, N))``
+    with ``return_final_states`` (the state after each row's last sequence).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"mamba_chunk_scan_combined: `x` must be 4-D (batch, seqlen, nheads, "
+                         f"headdim), got shape {tuple(x.shape)}")
+    if seq_idx is not None and not _is_concrete(seq_idx):
+        raise ValueError("mamba_chunk_scan_combined: `seq_idx` must be concrete (not traced): "
+                         "the chunk layout depends on its values")
+    batch, seqlen, H, P = x.shape
+    cu_seqlens, first_seq_of_row, last_seq_of_row = batched_sequences(
+        batch, seqlen, None if seq_idx is None else np.asarray(seq_idx))
+    metadata = chunk_metadata(cu_seqlens, chunk_size)
+    flat = lambda a: None if a is None else a.reshape((batch * seqlen,) + a.shape[2:])  # noqa: E731
+    if initial_states is not None:
+        initial_states = jnp.zeros((len(cu_seqlens) - 1,) + initial_states.shape[1:],
+                                   initial_states.dtype).at[first_seq_of_row].set(initial_states)
+    out, states = mamba_chunk_scan_combined_varlen(
+        flat(x), flat(dt), A, flat(B), flat(C), chunk_size, jnp.asarray(cu_seqlens),
+        jnp.asarray(metadata.cu_chunk_seqlens), jnp.asarray(metadata.last_chunk_indices),
+        jnp.asarray(metadata.seq_idx), D=D, z=flat(z), dt_bias=dt_bias,
+        initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        state_dtype=state_dtype)
+    out = out.reshape(x.shape)
+    return (out, states[last_seq_of_row]) if return_final_states else out
