@@ -1,0 +1,239 @@
+"""MambaStateCache: one allocation, torch and JAX views of it, in-place JAX
+steps, prefix-caching copies, and a decode that hands over between frameworks."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+torch_impl = pytest.importorskip("torch_impl")
+jax_impl = pytest.importorskip("jax_impl")
+
+import bridge  # noqa: E402
+from bridge import MambaStateCache, MambaStateShapeCalculator  # noqa: E402
+from bridge.state_shapes import CONV_STATE_LAYOUT_ENV  # noqa: E402
+from ssu_cases import SsuCase, assert_close, make_inputs  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and jax.default_backend() == "gpu"
+DEVICE = "cuda" if ON_GPU else "cpu"
+HEADS, HEAD_DIM, DSTATE, GROUPS, CONV = 4, 16, 16, 2, 4
+
+
+def mamba2_shapes(num_spec=0):
+    return MambaStateShapeCalculator.mamba2_state_shape(
+        tp_world_size=1, intermediate_size=HEADS * HEAD_DIM, n_groups=GROUPS, num_heads=HEADS,
+        head_dim=HEAD_DIM, state_size=DSTATE, conv_kernel=CONV, num_spec=num_spec)
+
+
+def fill(cache, rng):
+    for layer in range(cache.num_layers):
+        for name in cache.names:
+            tensor = cache.torch(name, layer)
+            tensor.copy_(torch.from_numpy(rng.standard_normal(tuple(tensor.shape))))
+
+
+@pytest.mark.parametrize("owner", ["torch", "jax"])
+def test_views_share_one_allocation(rng, owner):
+    cache = MambaStateCache(mamba2_shapes(), ["float32", "bfloat16"], num_blocks=5, num_layers=2,
+                            owner=owner, device=DEVICE)
+    fill(cache, rng)
+    assert cache.torch("conv").shape == (5, CONV - 1, HEADS * HEAD_DIM + 2 * GROUPS * DSTATE)
+    assert cache.torch("ssm", 1).shape == (5, HEADS, HEAD_DIM, DSTATE)
+    assert cache.torch("ssm", 1).dtype == torch.bfloat16
+    for layer in range(2):
+        for name in cache.names:
+            tensor, array = cache.torch(name, layer), cache.jax(name, layer)
+            assert array.unsafe_buffer_pointer() == tensor.data_ptr()
+            assert cache.torch(name, layer) is tensor  # the same object every call
+    pointers = {t.data_ptr() for t in cache._tensors.values()}
+    assert len(pointers) == 4  # one buffer per (layer, state)
+    # Mutations through torch are seen by a JAX view taken earlier, and the reverse.
+    array = cache.jax("ssm", 1)
+    cache.torch("ssm", 1)[2, 1, 3, 4] = 7.0
+    assert float(array[2, 1, 3, 4]) == 7.0
+    bridge.to_torch(array)[0] = 0.5
+    assert bool((cache.torch("ssm", 1)[0] == 0.5).all())
+
+
+def test_views_outlive_the_cache(rng):
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=3, owner="jax", device=DEVICE)
+    fill(cache, rng)
+    tensor, array = cache.torch("ssm"), cache.jax("conv")
+    want_ssm, want_conv = tensor.clone(), np.asarray(array).copy()
+    del cache
+    import gc
+    gc.collect()
+    _ = [torch.randn(100_000) for _ in range(8)]  # reuse freed memory, if any was freed
+    assert torch.equal(tensor, want_ssm)
+    np.testing.assert_array_equal(np.asarray(array), want_conv)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(names=("conv",)), "`names`"),
+    (dict(dtypes=["float32"]), "`dtypes` has 1 entries"),
+    (dict(dtypes="float33"), "not a dtype name"),
+    (dict(owner="numpy"), "`owner`"),
+    (dict(num_blocks=0), "`num_blocks`"),
+    pytest.param(dict(device="cuda"), "`device` 'cuda'",
+                 marks=pytest.mark.skipif(ON_GPU, reason="needs a machine without a GPU")),
+])
+def test_bad_cache_arguments(kwargs, match):
+    args = dict(state_shapes=mamba2_shapes(), dtypes="float32", num_blocks=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        MambaStateCache(**args)
+
+
+def test_write_checks_shapes_and_takes_either_framework(rng):
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=6, device=DEVICE)
+    values = rng.standard_normal((2, HEADS, HEAD_DIM, DSTATE)).astype(np.float32)
+    cache.write("ssm", jnp.asarray(values), block_ids=[4, 1])
+    np.testing.assert_array_equal(cache.torch("ssm")[[4, 1]].cpu().numpy(), values)
+    with pytest.raises(ValueError, match=r"`values` has shape \(2, 4, 16, 15\), expected \(2, 4, 16, 16\)"):
+        cache.write("ssm", torch.zeros(2, HEADS, HEAD_DIM, DSTATE - 1), block_ids=[1, 2])
+    with pytest.raises(ValueError, match="`name` 'ssn'"):
+        cache.torch("ssn")
+    with pytest.raises(ValueError, match="`layer` 1"):
+        cache.jax("ssm", layer=1)
+
+
+SSU_STEP = jax.jit(jax_impl.selective_state_update, donate_argnums=0,
+                   static_argnames=("dt_softplus", "null_block_id"))
+
+
+def decode_inputs(rng, slots, state_dtype):
+    """Fresh decode-step inputs (numpy) for sequences in cache blocks ``slots``."""
+    case = SsuCase(batch=len(slots), nheads=HEADS, dim=HEAD_DIM, dstate=DSTATE, ngroups=GROUPS,
+                   indices="plain", state_dtype=state_dtype)
+    arrays, dtypes, options = make_inputs(case, rng)
+    del arrays["state"], dtypes["state"]
+    arrays["state_batch_indices"] = slots
+    return arrays, dtypes, options
+
+
+def torch_inputs(arrays, dtypes):
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(DEVICE, getattr(torch, dtypes[k]))
+            for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("owner", ["torch", "jax"])
+def test_jax_inplace_step_on_the_shared_cache(rng, owner):
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=6, owner=owner, device=DEVICE)
+    fill(cache, rng)
+    slots = np.array([3, 1, 5])
+    arrays, dtypes, options = decode_inputs(rng, slots, "float32")
+    inputs = torch_inputs(arrays, dtypes)
+    want_state = cache.torch("ssm").clone()
+    want_out = torch_impl.selective_state_update(want_state, **{k: v.clone() for k, v in inputs.items()},
+                                                 **options)
+    pointer = cache.torch("ssm").data_ptr()
+    stale_view = cache.jax("ssm")
+    jax_inputs = {k: bridge.to_jax(v) for k, v in inputs.items()}
+    step = cache.run_jax_inplace(SSU_STEP, **jax_inputs, **options)
+    assert cache.torch("ssm").data_ptr() == pointer
+    assert_close(cache.torch("ssm").cpu().double().numpy(), want_state.cpu().double().numpy(),
+                 "float32", "cache after the JAX step")
+    assert_close(np.asarray(step.outputs[0], np.float64), want_out.cpu().double().numpy(),
+                 "float32", "out of the JAX step")
+    assert step.outputs[1].unsafe_buffer_pointer() == pointer
+    if ON_GPU:  # XLA wrote into the torch memory: no copy
+        assert step.aliased == (True,) and (cache.steps_aliased, cache.steps_written_back) == (1, 0)
+    else:  # CPU: the bridge copied the result in, and says so
+        assert step.written_back == (True,) and (cache.steps_aliased, cache.steps_written_back) == (0, 1)
+    # A view taken before the step still reads the cache (it was not donated).
+    np.testing.assert_array_equal(np.asarray(stale_view), cache.torch("ssm").cpu().numpy())
+
+
+def test_a_consumed_view_cannot_be_reused(rng):
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=2, device=DEVICE)
+    view = cache.jax("ssm")
+    jax.jit(lambda s: s * 2, donate_argnums=0)(view)
+    assert view.is_deleted()
+    with pytest.raises(RuntimeError, match="deleted"):
+        np.asarray(view)
+    assert cache.jax("ssm").unsafe_buffer_pointer() == cache.torch("ssm").data_ptr()  # a fresh view
+
+
+@pytest.mark.parametrize("owner,state_dtype", [("torch", "float32"), ("jax", "float32"),
+                                               ("torch", "bfloat16")])
+def test_decode_hands_over_between_frameworks(rng, owner, state_dtype):
+    """Decode steps alternate torch (Triton, on the torch view) and JAX
+    (Pallas, donated, on the jax view) over one cache; they equal a run of
+    torch steps alone."""
+    num_steps = 4
+    cache = MambaStateCache(mamba2_shapes(), state_dtype, num_blocks=7, owner=owner, device=DEVICE)
+    fill(cache, rng)
+    solo_state = cache.torch("ssm").clone()
+    pointer = cache.torch("ssm").data_ptr()
+    slots = rng.permutation(np.arange(1, 7))[:3]
+    for t in range(num_steps):
+        arrays, dtypes, options = decode_inputs(rng, slots, state_dtype)
+        inputs = torch_inputs(arrays, dtypes)
+        solo_out = torch_impl.selective_state_update(solo_state, **{k: v.clone() for k, v in inputs.items()},
+                                                     **options)
+        if t % 2 == 0:
+            shared_out = torch_impl.selective_state_update(cache.torch("ssm"), **inputs, **options)
+        else:
+            step = cache.run_jax_inplace(SSU_STEP, **{k: bridge.to_jax(v) for k, v in inputs.items()},
+                                         **options)
+            shared_out = bridge.to_torch(step.outputs[0])
+        assert cache.torch("ssm").data_ptr() == pointer
+        assert_close(shared_out.cpu().double().numpy(), solo_out.cpu().double().numpy(),
+                     state_dtype, f"out of step {t}")
+    assert_close(cache.torch("ssm").cpu().double().numpy(), solo_state.cpu().double().numpy(),
+                 state_dtype, "final state")
+    assert cache.steps_aliased + cache.steps_written_back == num_steps // 2
+
+
+@pytest.fixture(params=["SD", "DS"])
+def conv_layout(request, monkeypatch):
+    monkeypatch.setenv(CONV_STATE_LAYOUT_ENV, request.param)
+    return request.param
+
+
+def test_copy_specs_address_the_right_elements(rng, conv_layout):
+    num_spec = 2
+    cache = MambaStateCache(mamba2_shapes(num_spec), "float32", num_blocks=8, device=DEVICE)
+    fill(cache, rng)
+    conv, ssm = cache.torch("conv"), cache.torch("ssm")
+    block_ids = [5, 2, 7, 3]
+    for accepted in range(1, num_spec + 2):
+        spec = bridge.get_temporal_copy_spec(ssm, block_ids, 1, accepted)
+        source = ssm[block_ids[1 + accepted - 1]]
+        assert (spec.start_addr, spec.num_elements) == (source.data_ptr(), source.numel())
+        # The same addresses from the JAX view of the same memory.
+        assert bridge.get_temporal_copy_spec(cache.jax("ssm"), block_ids, 1, accepted) == spec
+        if conv_layout == "DS" and accepted > 1:
+            with pytest.raises(NotImplementedError, match="DS conv state layout"):
+                bridge.get_conv_copy_spec(conv, block_ids, 1, accepted)
+            continue
+        spec = bridge.get_conv_copy_spec(conv, block_ids, 1, accepted)
+        source = conv[2] if conv_layout == "DS" else conv[2, accepted - 1:]
+        assert (spec.start_addr, spec.num_elements) == (source.data_ptr(), source.numel())
+        assert bridge.get_conv_copy_spec(cache.jax("conv"), block_ids, 1, accepted) == spec
+
+
+def test_block_copy_applies_specs_in_either_framework(rng):
+    cache = MambaStateCache(mamba2_shapes(num_spec=1), "float32", num_blocks=6, device=DEVICE)
+    fill(cache, rng)
+    conv = cache.torch("conv")
+    before = conv.cpu().numpy().copy()
+    block_ids = [1, 4]
+    specs = [bridge.get_conv_copy_spec(conv, block_ids, 0, 2),  # block 1 from position 1
+             bridge.get_conv_copy_spec(conv, block_ids, 1, 1)]  # all of block 4
+    dst = [4, 2]  # block 4 is both a source and a destination: sources are read first
+    want = before.copy()
+    flat = want.reshape(len(want), -1)
+    tail = before[1, 1:].ravel()
+    flat[4, :tail.size] = tail
+    flat[2] = before[4].ravel()
+
+    jax_result = bridge.copy_blocks(cache.jax("conv"), specs, dst)  # functional
+    np.testing.assert_array_equal(np.asarray(jax_result), want)
+    np.testing.assert_array_equal(conv.cpu().numpy(), before)  # the JAX copy left the cache alone
+    cache.copy_blocks("conv", specs, dst)  # in place through the torch view
+    np.testing.assert_array_equal(conv.cpu().numpy(), want)
+    with pytest.raises(ValueError, match=r"`specs\[0\]`.*does not lie inside `state`"):
+        bridge.copy_blocks(cache.torch("ssm"), specs[:1], [0])
+    with pytest.raises(ValueError, match=r"`dst_block_ids\[0\]` = 6"):
+        cache.copy_blocks("conv", specs[:1], [6])
