@@ -39,6 +39,25 @@ class TorchSide:
         out, state = self.reference.selective_state_update_ref(**inputs, **options)
         return self.numpy(out), self.numpy(state)
 
+    def zeros_like(self, tensor):
+        return self.torch.zeros_like(tensor)
+
+    def decode_step(self, state, **args):
+        """One selective_state_update on a copy of ``state``: (out, new_state)."""
+        state = state.clone()
+        return self.impl.selective_state_update(state, **args), state
+
+    def run_ssd(self, inputs, **options):
+        """Chunked-scan kernel into a copy of ``out``: (out, states) as float64 numpy."""
+        inputs = dict(inputs, out=inputs["out"].clone())
+        options = dict(options, state_dtype=getattr(self.torch, options["state_dtype"]))
+        states = self.impl.mamba_chunk_scan_combined_varlen(**inputs, **options)
+        return self.numpy(inputs["out"]), self.numpy(states)
+
+    def ssd_references(self, inputs, **options):
+        """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
+        return _ssd_references(self.reference, self.numpy, inputs, options)
+
 
 class JaxSide:
     name = "jax"
@@ -68,6 +87,35 @@ class JaxSide:
     def run_reference(self, inputs, **options):
         out, state = self.reference.selective_state_update_ref(**inputs, **options)
         return self.numpy(out), self.numpy(state)
+
+    def zeros_like(self, array):
+        return self.jnp.zeros_like(array)
+
+    def decode_step(self, state, **args):
+        """One selective_state_update: (out, new_state)."""
+        return self.impl.selective_state_update(state, **args)
+
+    def run_ssd(self, inputs, **options):
+        """Chunked-scan kernel: (out, states) as float64 numpy."""
+        options = dict(options, state_dtype=getattr(self.jnp, options["state_dtype"]))
+        out, states = self.impl.mamba_chunk_scan_combined_varlen(**inputs, **options)
+        return self.numpy(out), self.numpy(states)
+
+    def ssd_references(self, inputs, **options):
+        """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
+        return _ssd_references(self.reference, self.numpy, inputs, options)
+
+
+def _ssd_references(reference, numpy, inputs, options):
+    common = {k: inputs.get(k) for k in ("x", "dt", "A", "B", "C", "cu_seqlens", "D", "z",
+                                          "dt_bias", "initial_states")}
+    common.update(dt_softplus=options["dt_softplus"], dt_limit=options["dt_limit"])
+    sequential = reference.ssd_sequential_ref(**common)
+    chunked = reference.ssd_chunked_ref(
+        **common, chunk_size=options["chunk_size"], cu_chunk_seqlens=inputs["cu_chunk_seqlens"],
+        seq_idx=inputs["seq_idx"], last_chunk_indices=inputs["last_chunk_indices"],
+        return_intermediate_states=options["return_intermediate_states"])
+    return {"sequential": tuple(map(numpy, sequential)), "chunked": tuple(map(numpy, chunked))}
 
 
 SIDES = {"torch": TorchSide, "jax": JaxSide}

@@ -13,7 +13,7 @@ import torch
 
 from bridge.launch_config import clip_block, ssd_launch_config
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision
+from torch_impl.ssd_chunk_state import dot_precision, mma
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -51,7 +51,7 @@ def _bmm_chunk_kernel(
                         mask=(offs_m < length)[:, None] & (d < dstate)[None, :], other=0.0)
             B_t = tl.load(B_base + d[:, None] * stride_B_dstate + offs_n[None, :] * stride_B_tok,
                           mask=(d < dstate)[:, None] & (offs_n < length)[None, :], other=0.0)
-            acc += tl.dot(C, B_t, input_precision=DOT_PRECISION)
+            acc += mma(C, B_t, DOT_PRECISION)
         tl.store(CB_ptr + chunk * stride_CB_chunk + group * stride_CB_group
                  + offs_m[:, None] * stride_CB_row + offs_n[None, :] * stride_CB_col, acc,
                  mask=(offs_m < CHUNK_SIZE)[:, None] & (offs_n < CHUNK_SIZE)[None, :])

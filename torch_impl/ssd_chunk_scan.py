@@ -17,7 +17,7 @@ import torch
 
 from bridge.launch_config import clip_block, ssd_launch_config
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision
+from torch_impl.ssd_chunk_state import dot_precision, mma
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -80,7 +80,7 @@ def _chunk_scan_kernel(
         C = tl.load(C_ptr + (start + offs_m)[:, None] * stride_C_tok + group * stride_C_group
                     + offs_d[None, :] * stride_C_dstate,
                     mask=mask_m[:, None] & (offs_d < dstate)[None, :], other=0.0)
-        acc = tl.dot(C, start_state.to(C.dtype), input_precision=DOT_PRECISION)
+        acc = mma(C, start_state.to(C.dtype), DOT_PRECISION)
         acc *= tl.exp(dA_m)[:, None]
 
         # The chunk's own tokens j <= i: (CB * decay * dt) (M, K) @ x (K, N),
@@ -100,7 +100,7 @@ def _chunk_scan_kernel(
             weight = tl.where((offs_m[:, None] >= tok[None, :]) & in_chunk[None, :], weight, 0.0)
             x_k = tl.load(x_base + tok[:, None] * stride_x_tok + offs_n[None, :] * stride_x_dim,
                           mask=in_chunk[:, None] & mask_n[None, :], other=0.0)
-            acc += tl.dot(weight.to(x_k.dtype), x_k, input_precision=DOT_PRECISION)
+            acc += mma(weight.to(x_k.dtype), x_k, DOT_PRECISION)
 
         tile = mask_m[:, None] & mask_n[None, :]
         if HAS_D:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from bridge.launch_config import clip_block, ssd_launch_config
-from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
+from torch_impl import platform  # before triton: interpreter mode on CPU
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -29,6 +29,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs are multiplied exactly (no TF32): the tests hold fp32 to
     fp32 tolerances. Half-precision inputs use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Triton 3.6's CPU interpreter multiplies bfloat16 operands wrongly; there
+# they are widened to float32 first (exact products of the same values).
+_WIDEN_BF16_DOTS = tl.constexpr(platform.INTERPRET)
+
+
+@triton.jit
+def mma(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b on the tensor cores, float32 accumulation."""
+    if _WIDEN_BF16_DOTS and a.dtype == tl.bfloat16:
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return product
 
 
 @triton.jit
@@ -130,7 +145,7 @@ def _chunk_state_kernel(
         dA = tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
         dt = tl.load(dt_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
         scale = tl.where(in_chunk, tl.exp(dA_last - dA) * dt, 0.0)
-        acc += tl.dot(x_t, (B * scale[:, None]).to(x_t.dtype), input_precision=DOT_PRECISION)
+        acc += mma(x_t, (B * scale[:, None]).to(x_t.dtype), DOT_PRECISION)
 
     tl.store(states_ptr + chunk * stride_states_chunk + head * stride_states_head
              + offs_m[:, None] * stride_states_dim + offs_n[None, :] * stride_states_dstate,

@@ -1,0 +1,215 @@
+"""The chunked scan (SSD prefill) in each framework: kernel vs the two
+float64 references (which must agree with each other), prefill vs decode,
+split prefill vs one-shot, the batched form, and bad input."""
+
+import numpy as np
+import pytest
+
+from bridge.ssd_contract import SsdLayout, batched_sequences, check_chunk_metadata_values, chunk_metadata
+from ssd_cases import CASES, INDEX_ARGS, SsdCase, assert_ssd_close, make_ssd_inputs
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_float64_references(side, case, rng):
+    arrays, dtypes, options = make_ssd_inputs(case, rng)
+    inputs = side.native(arrays, dtypes)
+    refs = side.ssd_references(inputs, **options)
+    seq_out, seq_final = refs["sequential"]
+    want_out, want_states = refs["chunked"]
+    # The references, one token by token and one chunk by chunk, agree.
+    np.testing.assert_allclose(want_out, seq_out, rtol=1e-10, atol=1e-10 * np.abs(seq_out).max())
+    final = want_states[arrays["last_chunk_indices"]] if case.intermediate else want_states
+    np.testing.assert_allclose(final, seq_final, rtol=1e-10, atol=1e-10 * np.abs(seq_final).max())
+
+    got_out, got_states = side.run_ssd(inputs, **options)
+    assert_ssd_close(got_out, want_out, case.input_dtype, f"{side.name} out, {case}")
+    state_tolerance = max(case.input_dtype, case.state_dtype, key=lambda d: SSD_ORDER.index(d))
+    assert_ssd_close(got_states, want_states, state_tolerance, f"{side.name} states, {case}")
+
+
+SSD_ORDER = ["float32", "float16", "bfloat16"]  # loosest tolerance last
+
+
+def _token_rows(native, rows):
+    """The given token rows of every per-token input, as native arrays."""
+    return {k: v[rows] for k, v in native.items()}
+
+
+def test_prefill_matches_decode(side, rng):
+    """The chunked scan over two sequences equals selective_state_update run
+    token by token from the same initial states."""
+    case = SsdCase(seqlens=(19, 19), D="head")
+    arrays, dtypes, options = make_ssd_inputs(case, rng)
+    inputs = side.native(arrays, dtypes)
+    prefill_out, prefill_final = side.run_ssd(inputs, **options)
+
+    per_token = {k: inputs[k] for k in ("x", "dt", "B", "C", "z")}
+    state = inputs["initial_states"]
+    starts = arrays["cu_seqlens"][:-1]
+    decode_out = np.full(prefill_out.shape, np.nan)
+    for t in range(case.seqlens[0]):
+        step = _token_rows(per_token, starts + t)
+        out = side.zeros_like(step["x"])
+        out, state = side.decode_step(state, **step, out=out, A=inputs["A"], D=inputs["D"],
+                                      dt_bias=inputs["dt_bias"], dt_softplus=True)
+        decode_out[starts + t] = side.numpy(out)
+    assert_ssd_close(prefill_out, decode_out, "float32", f"{side.name} prefill vs decode outputs")
+    assert_ssd_close(prefill_final, side.numpy(state), "float32", f"{side.name} prefill vs decode states")
+
+
+def _chunk_ends(cu_seqlens, cu_chunk_seqlens, seq_idx, computed):
+    """(sequence, position in the sequence) at the end of every chunk."""
+    starts = np.asarray(cu_seqlens)[np.asarray(seq_idx)]
+    return [(int(s), int(end - start + c)) for s, end, start, c in zip(
+        seq_idx, cu_chunk_seqlens[1:], starts, np.asarray(computed)[np.asarray(seq_idx)])]
+
+
+def test_split_prefill_equals_one_shot(side, rng):
+    """Prefill in two parts (the second resuming from the first's states,
+    with resumed chunk metadata) equals one-shot prefill: outputs, final
+    states, and the states at every chunk end the two runs share (the
+    block-aligned states that prefix caching stores)."""
+    full = SsdCase(seqlens=(23, 40, 5), intermediate=True, initial_states=False)
+    arrays, dtypes, options = make_ssd_inputs(full, rng)
+    inputs = side.native(arrays, dtypes)
+    one_out, one_states = side.run_ssd(inputs, **options)
+
+    first_lengths = np.array([7, 21, 5])
+    rest_lengths = np.array(full.seqlens)[:2] - first_lengths[:2]
+    cu = arrays["cu_seqlens"]
+    first_rows = np.concatenate([np.arange(cu[q], cu[q] + n) for q, n in enumerate(first_lengths)])
+    rest_rows = np.setdiff1d(np.arange(cu[-1]), first_rows)
+
+    def part(rows, lengths, computed, initial_states):
+        cu_part = np.concatenate([[0], np.cumsum(lengths)])
+        metadata = chunk_metadata(cu_part, full.chunk_size, computed)
+        part_arrays = {k: arrays[k][rows] for k in ("x", "dt", "B", "C", "z")}
+        part_arrays.update(A=arrays["A"], D=arrays["D"], dt_bias=arrays["dt_bias"],
+                           cu_seqlens=cu_part, cu_chunk_seqlens=metadata.cu_chunk_seqlens,
+                           seq_idx=metadata.seq_idx, last_chunk_indices=metadata.last_chunk_indices,
+                           out=np.full((len(rows),) + arrays["x"].shape[1:], np.nan))
+        part_inputs = side.native(part_arrays, {k: dtypes.get(k, "int32") for k in part_arrays})
+        if initial_states is not None:
+            part_inputs["initial_states"] = initial_states
+        out, states = side.run_ssd(part_inputs, **options)
+        return out, states, metadata
+
+    first_out, first_states, first_meta = part(first_rows, first_lengths, None, None)
+    final_first = first_states[first_meta.last_chunk_indices]
+    # The third sequence ends in the first part; the second part resumes the other two.
+    resumed = side.native({"s": final_first[:2]}, {"s": "float32"})["s"]
+    rest_out, rest_states, rest_meta = part(rest_rows, rest_lengths, first_lengths[:2], resumed)
+
+    assert_ssd_close(first_out, one_out[first_rows], "float32", "first part outputs")
+    assert_ssd_close(rest_out, one_out[rest_rows], "float32", "resumed part outputs")
+    one_meta = {k: arrays[k] for k in ("cu_chunk_seqlens", "seq_idx")}
+    one_ends = dict(zip(_chunk_ends(cu, one_meta["cu_chunk_seqlens"], one_meta["seq_idx"],
+                                    np.zeros(3, int)), one_states))
+    rest_cu = np.concatenate([[0], np.cumsum(rest_lengths)])
+    rest_ends = _chunk_ends(rest_cu, rest_meta.cu_chunk_seqlens, rest_meta.seq_idx, first_lengths[:2])
+    shared = [(key, state) for key, state in zip(rest_ends, rest_states) if key in one_ends]
+    # Resumed chunks end on multiples of chunk_size, as the one-shot run's do.
+    assert len(shared) == len(rest_ends), (rest_ends, list(one_ends))
+    for key, state in shared:
+        assert_ssd_close(state, one_ends[key], "float32", f"state at chunk end {key}")
+    assert_ssd_close(final_first[2], one_states[arrays["last_chunk_indices"][2]], "float32",
+                     "final state of the sequence done in the first part")
+
+
+@pytest.mark.parametrize("with_seq_idx", [False, True])
+def test_batched_form(side, with_seq_idx, rng):
+    """``mamba_chunk_scan_combined`` (batch, seqlen, ...) equals the float64
+    recurrence over the sequences its rows (and seq_idx) define."""
+    batch, seqlen, chunk = 2, 37, 16
+    case = SsdCase(seqlens=(seqlen,) * batch, chunk_size=chunk)
+    arrays, dtypes, _ = make_ssd_inputs(case, rng)
+    seq_idx = (np.stack([np.repeat([0, 1], [10, 27]), np.full(seqlen, 2)]) if with_seq_idx else None)
+    cu, first, last = batched_sequences(batch, seqlen, seq_idx)
+    inputs = side.native(arrays, dtypes)
+    initial_states = side.native({"s": arrays["initial_states"]}, {"s": "float32"})["s"]
+    varlen_initial = np.zeros((len(cu) - 1,) + arrays["initial_states"].shape[1:])
+    varlen_initial[first] = arrays["initial_states"]
+
+    batched = {k: inputs[k].reshape((batch, seqlen) + tuple(inputs[k].shape[1:]))
+               for k in ("x", "dt", "B", "C", "z")}
+    out, final = side.impl.mamba_chunk_scan_combined(
+        **batched, A=inputs["A"], chunk_size=chunk, D=inputs["D"], dt_bias=inputs["dt_bias"],
+        initial_states=initial_states, dt_softplus=True, return_final_states=True,
+        seq_idx=side.native({"s": seq_idx}, {"s": "int32"})["s"] if with_seq_idx else None)
+    reference_inputs = dict(inputs, cu_seqlens=side.native({"c": cu}, {"c": "int32"})["c"],
+                            initial_states=side.native({"s": varlen_initial}, {"s": "float32"})["s"])
+    want_out, want_final = side.ssd_references(
+        reference_inputs, chunk_size=chunk, dt_softplus=True, dt_limit=(0.0, float("inf")),
+        return_intermediate_states=False)["sequential"]
+    assert_ssd_close(side.numpy(out).reshape(want_out.shape), want_out, "float32", "batched out")
+    assert_ssd_close(side.numpy(final), want_final[last], "float32", "batched final states")
+
+
+def _replace(name, make):
+    def mutate(arrays, dtypes, options):
+        arrays[name] = make(arrays)
+    return mutate
+
+
+def _option(name, value):
+    def mutate(arrays, dtypes, options):
+        options[name] = value
+    return mutate
+
+
+def _dtype(name, dtype):
+    def mutate(arrays, dtypes, options):
+        dtypes[name] = dtype
+    return mutate
+
+
+BAD_INPUTS = [
+    ("x", _replace("x", lambda a: a["x"][:, 0])),
+    ("dt", _replace("dt", lambda a: a["dt"][:, :1])),
+    ("A", _replace("A", lambda a: a["A"][:-1])),
+    ("B", _replace("B", lambda a: np.concatenate([a["B"], a["B"][:, :1]], axis=1))),
+    ("C", _replace("C", lambda a: a["C"][:, :, :-1])),
+    ("C", _dtype("C", "bfloat16")),
+    ("D", _replace("D", lambda a: np.ones(7))),
+    ("z", _replace("z", lambda a: a["z"][:-1])),
+    ("dt_bias", _replace("dt_bias", lambda a: a["dt_bias"][:-1])),
+    ("initial_states", _replace("initial_states", lambda a: a["initial_states"][:-1])),
+    ("out", _replace("out", lambda a: a["out"][:, :-1])),
+    ("cu_seqlens", _replace("cu_seqlens", lambda a: a["cu_seqlens"] + np.r_[0, 0, 0, 0, 0, 1])),
+    ("cu_seqlens", _replace("cu_seqlens", lambda a: np.r_[0, 1, 1, 32, 49, 89])),
+    ("cu_seqlens", _dtype("cu_seqlens", "float32")),
+    ("cu_chunk_seqlens", _replace("cu_chunk_seqlens",
+                                  lambda a: np.r_[0, 1, 16, 32, 48, 49, 70, 86, 89])),
+    ("seq_idx", _replace("seq_idx", lambda a: np.roll(a["seq_idx"], 1))),
+    ("seq_idx", _replace("seq_idx", lambda a: a["seq_idx"][:-1])),
+    ("last_chunk_indices", _replace("last_chunk_indices", lambda a: a["last_chunk_indices"] - 1)),
+    ("chunk_size", _option("chunk_size", 24)),
+    ("dt_limit", _option("dt_limit", (1.0, 0.5))),
+    ("state_dtype", _option("state_dtype", "int32")),
+]
+
+
+@pytest.mark.parametrize("arg,mutate", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_names_the_argument(side, arg, mutate, rng):
+    arrays, dtypes, options = make_ssd_inputs(SsdCase(), rng)
+    mutate(arrays, dtypes, options)
+    inputs = side.native(arrays, dtypes)
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        side.run_ssd(inputs, **options)
+
+
+def test_chunk_metadata_resumes_on_chunk_multiples(rng):
+    seqlens = rng.integers(1, 100, size=6)
+    computed = rng.integers(0, 80, size=6)
+    cu = np.concatenate([[0], np.cumsum(seqlens)])
+    chunk = 16
+    metadata = chunk_metadata(cu, chunk, computed)
+    layout = SsdLayout(num_tokens=int(cu[-1]), nheads=1, headdim=1, ngroups=1, dstate=1,
+                       num_seqs=6, num_chunks=len(metadata.seq_idx), chunk_size=chunk, D_per_head=True)
+    check_chunk_metadata_values(layout, **{k: getattr(metadata, k) if k != "cu_seqlens" else cu
+                                          for k in INDEX_ARGS})
+    for (seq, position), last in zip(_chunk_ends(cu, metadata.cu_chunk_seqlens, metadata.seq_idx, computed),
+                                     np.isin(np.arange(len(metadata.seq_idx)), metadata.last_chunk_indices)):
+        # Every chunk but a sequence's last ends on a multiple of chunk_size.
+        assert last or position % chunk == 0, (seq, position)
+    assert chunk_metadata([0, 5, 40, 41], 16, [0, 7, 32]).cu_chunk_seqlens.tolist() == [0, 5, 14, 30, 40, 41]
