@@ -107,10 +107,10 @@ class JaxSide:
 
 
 def _ssd_references(reference, numpy, inputs, options):
-    common = {k: inputs.get(k) for k in ("x", "dt", "A", "B", "C", "cu_seqlens", "D", "z",
-                                          "dt_bias", "initial_states")}
+    common = {k: inputs.get(k) for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias",
+                                          "initial_states")}
     common.update(dt_softplus=options["dt_softplus"], dt_limit=options["dt_limit"])
-    sequential = reference.ssd_sequential_ref(**common)
+    sequential = reference.ssd_sequential_ref(**common, cu_seqlens=inputs["cu_seqlens"])
     chunked = reference.ssd_chunked_ref(
         **common, chunk_size=options["chunk_size"], cu_chunk_seqlens=inputs["cu_chunk_seqlens"],
         seq_idx=inputs["seq_idx"], last_chunk_indices=inputs["last_chunk_indices"],

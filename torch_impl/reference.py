@@ -1,9 +1,11 @@
 """References written from the math, in plain torch ops (no kernels).
 
-``selective_state_update_ref`` computes in float64 and is what the kernels
-are tested against. ``selective_state_update_torch_ops`` is the same math in
-a chosen compute dtype, writing in place like the kernel: it backs the
-``reference`` dispatch backend. Mirror: ``jax_impl/reference.py``.
+The ``*_ref`` functions compute in float64 and are what the kernels are
+tested against. The ``*_torch_ops`` functions are the same math in a chosen
+compute dtype: ``selective_state_update_torch_ops`` writes in place like the
+kernel and backs the ``reference`` dispatch backend;
+``ssd_chunked_torch_ops`` is the chunked scan's plain-ops baseline in the
+benchmarks. Mirror: ``jax_impl/reference.py``.
 """
 
 from __future__ import annotations
@@ -129,23 +131,21 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, dt_bias=None, z=No
 
 # --- Chunked scan (SSD prefill) -------------------------------------------------
 
-def _ssd_inputs64(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit):
-    """Float64 copies with dt processed and groups expanded to heads:
-    x, z (T, H, P), dt (T, H), A (H,), B, C (T, H, N), D (H, P), init (Q, H, P, N)."""
-    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
-    nheads, ngroups = x.shape[1], B.shape[1]
-    dt = f64(dt)
+def _ssd_prepare(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, dtype):
+    """Inputs in ``dtype`` with dt processed (bias, softplus, clamp):
+    x, z (T, H, P), dt (T, H), A (H,), B, C (T, G, N), D (H, P), init (Q, H, P, N)."""
+    cast = lambda t: t.detach().to(dtype) if t is not None else None  # noqa: E731
+    dt = cast(dt)
     if dt_bias is not None:
-        dt = dt + f64(dt_bias)
+        dt = dt + cast(dt_bias)
     if dt_softplus:
         dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, float("inf")):
+    if tuple(dt_limit) != (0.0, math.inf):
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    D = f64(D)
+    D = cast(D)
     if D is not None and D.dim() == 1:
-        D = D[:, None].expand(nheads, x.shape[2])
-    expand = lambda t: f64(t).repeat_interleave(nheads // ngroups, dim=1)  # noqa: E731
-    return f64(x), dt, f64(A), expand(B), expand(C), D, f64(z), f64(initial_states)
+        D = D[:, None].expand(x.shape[1], x.shape[2])
+    return cast(x), dt, cast(A), cast(B), cast(C), D, cast(z), cast(initial_states)
 
 
 def _ssd_skip_and_gate(y, x, D, z):
@@ -157,20 +157,21 @@ def _ssd_skip_and_gate(y, x, D, z):
 
 
 def ssd_sequential_ref(x, dt, A, B, C, cu_seqlens, D=None, z=None, dt_bias=None,
-                       initial_states=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+                       initial_states=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
     """The SSM recurrence token by token, in float64:
 
         state = exp(A * dt_t) * state + dt_t * x_t^T B_t,   y_t = state @ C_t + D * x_t
 
     Returns ``(out (T, H, P), final_states (Q, H, P, N))``, float64."""
-    x, dt, A, B, C, D, z, init = _ssd_inputs64(x, dt, A, B, C, D, z, dt_bias, initial_states,
-                                               dt_softplus, dt_limit)
-    T, H, P = x.shape
+    x, dt, A, B, C, D, z, init = _ssd_prepare(x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                              dt_softplus, dt_limit, torch.float64)
+    heads_per_group = x.shape[1] // B.shape[1]
+    B, C = B.repeat_interleave(heads_per_group, 1), C.repeat_interleave(heads_per_group, 1)
     y = torch.zeros_like(x)
     finals = []
     bounds = cu_seqlens.tolist()
     for seq, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        state = init[seq].clone() if init is not None else x.new_zeros(H, P, B.shape[-1])
+        state = init[seq].clone() if init is not None else x.new_zeros(*x.shape[1:], B.shape[-1])
         for t in range(begin, end):
             state = (torch.exp(A * dt[t])[:, None, None] * state
                      + (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :])
@@ -179,36 +180,69 @@ def ssd_sequential_ref(x, dt, A, B, C, cu_seqlens, D=None, z=None, dt_bias=None,
     return _ssd_skip_and_gate(y, x, D, z), torch.stack(finals)
 
 
-def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_seqlens, cu_chunk_seqlens, seq_idx,
-                    last_chunk_indices, D=None, z=None, dt_bias=None, initial_states=None,
-                    dt_softplus=False, dt_limit=(0.0, float("inf")),
-                    return_intermediate_states=False):
-    """The chunked-quadratic (SSD) form in float64: inside a chunk, outputs
-    are a decay-masked (C B^T) x product plus the carried state's part; the
-    state jumps from chunk to chunk. Returns ``(out (T, H, P), states)`` as
-    ``mamba_chunk_scan_combined_varlen`` returns them, float64."""
-    x, dt, A, B, C, D, z, init = _ssd_inputs64(x, dt, A, B, C, D, z, dt_bias, initial_states,
-                                               dt_softplus, dt_limit)
+def ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
+                          last_chunk_indices, D=None, z=None, dt_bias=None, initial_states=None,
+                          dt_softplus=False, dt_limit=(0.0, math.inf),
+                          return_intermediate_states=False, compute_dtype=torch.float32,
+                          chunks_per_step=16):
+    """The chunked-quadratic (SSD) form in plain torch ops: inside a chunk
+    the outputs are a decay-masked (C B^T) x product plus the start state's
+    part; the state jumps from chunk to chunk. Returns ``(out (T, H, P),
+    states)`` as ``mamba_chunk_scan_combined_varlen`` returns them, in
+    ``compute_dtype``. The (L, L) products run ``chunks_per_step`` chunks at
+    a time to bound memory."""
+    x, dt, A, B, C, D, z, init = _ssd_prepare(x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                              dt_softplus, dt_limit, compute_dtype)
     T, H, P = x.shape
-    y = torch.zeros_like(x)
-    bounds, seqs = cu_chunk_seqlens.tolist(), seq_idx.tolist()
-    end_states = []
-    for chunk, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        assert end - begin <= chunk_size
-        if chunk == 0 or seqs[chunk - 1] != seqs[chunk]:
-            state = init[seqs[chunk]] if init is not None else x.new_zeros(H, P, B.shape[-1])
-        decay_sum = torch.cumsum(dt[begin:end] * A, dim=0)                      # (l, H)
-        exponent = decay_sum[:, None, :] - decay_sum[None, :, :]                 # (i, j, H)
-        causal = torch.ones(end - begin, end - begin, dtype=torch.bool).tril()[:, :, None]
-        decay = torch.exp(torch.where(causal, exponent, -math.inf))
-        CB = torch.einsum("ihn,jhn->ijh", C[begin:end], B[begin:end])
-        y[begin:end] = (torch.einsum("ijh,jh,jhp->ihp", CB * decay, dt[begin:end], x[begin:end])
-                        + torch.exp(decay_sum)[:, :, None]
-                        * torch.einsum("ihn,hpn->ihp", C[begin:end], state))
-        to_end = torch.exp(decay_sum[-1] - decay_sum) * dt[begin:end]            # (l, H)
-        state = (torch.exp(decay_sum[-1])[:, None, None] * state
-                 + torch.einsum("jh,jhp,jhn->hpn", to_end, x[begin:end], B[begin:end]))
+    G, N = B.shape[1:]
+    R = H // G  # heads per group
+    bounds = cu_chunk_seqlens.long()
+    num_chunks = len(bounds) - 1
+    # Chunks padded to L tokens: (K, L, ...), padding tokens zeroed.
+    position = torch.arange(chunk_size, device=x.device)
+    valid = position[None, :] < (bounds[1:] - bounds[:-1])[:, None]                  # (K, L)
+    token = torch.where(valid, bounds[:-1, None] + position[None, :], 0)
+    pad = lambda t: t[token] * valid.reshape(valid.shape + (1,) * (t.dim() - 1))  # noqa: E731
+    xc = pad(x).reshape(num_chunks, chunk_size, G, R, P)
+    dtc = pad(dt).reshape(num_chunks, chunk_size, G, R)
+    Bc, Cc = pad(B), pad(C)                                                         # (K, L, G, N)
+    dA_cumsum = torch.cumsum(dtc * A.reshape(G, R), dim=1)                          # (K, L, G, R)
+
+    # Each chunk's state from a zero start, then carried across chunks.
+    to_end = torch.exp(dA_cumsum[:, -1:] - dA_cumsum) * dtc
+    chunk_states = torch.einsum("klgr,klgrp,klgn->kgrpn", to_end, xc, Bc)
+    chunk_decay = torch.exp(dA_cumsum[:, -1])                                       # (K, G, R)
+    seqs = seq_idx.tolist()
+    start_states, end_states = [], []
+    for chunk in range(num_chunks):
+        if chunk == 0 or seqs[chunk] != seqs[chunk - 1]:
+            state = (init[seqs[chunk]].reshape(G, R, P, N) if init is not None
+                     else x.new_zeros(G, R, P, N))
+        start_states.append(state)
+        state = chunk_decay[chunk][..., None, None] * state + chunk_states[chunk]
         end_states.append(state)
-    end_states = torch.stack(end_states)
+    start_states = torch.stack(start_states)
+
+    y = torch.einsum("klgn,kgrpn->klgrp", Cc, start_states) * torch.exp(dA_cumsum)[..., None]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    for first in range(0, num_chunks, chunks_per_step):
+        part = slice(first, first + chunks_per_step)
+        CB = torch.einsum("kign,kjgn->kgij", Cc[part], Bc[part])
+        exponent = dA_cumsum[part][:, :, None] - dA_cumsum[part][:, None, :]       # (k, i, j, G, R)
+        decay = torch.exp(torch.where(causal[None, :, :, None, None], exponent, -math.inf))
+        y[part] += torch.einsum("kgij,kijgr,kjgr,kjgrp->kigrp", CB, decay, dtc[part], xc[part])
+
+    out = torch.empty_like(x)
+    out[token[valid]] = y.reshape(num_chunks, chunk_size, H, P)[valid]
+    end_states = torch.stack(end_states).reshape(num_chunks, H, P, N)
     states = end_states if return_intermediate_states else end_states[last_chunk_indices.long()]
-    return _ssd_skip_and_gate(y, x, D, z), states
+    return _ssd_skip_and_gate(out, x, D, z), states
+
+
+def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
+                    D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                    dt_limit=(0.0, math.inf), return_intermediate_states=False):
+    """``ssd_chunked_torch_ops`` in float64: ``(out, states)``."""
+    return ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
+                                 last_chunk_indices, D, z, dt_bias, initial_states, dt_softplus,
+                                 dt_limit, return_intermediate_states, compute_dtype=torch.float64)
