@@ -237,3 +237,64 @@ def test_block_copy_applies_specs_in_either_framework(rng):
         bridge.copy_blocks(cache.torch("ssm"), specs[:1], [0])
     with pytest.raises(ValueError, match=r"`dst_block_ids\[0\]` = 6"):
         cache.copy_blocks("conv", specs[:1], [6])
+
+
+def prefill_inputs(rng, lengths):
+    """numpy inputs of a chunked-scan prefill over packed sequences."""
+    T = int(sum(lengths))
+    r = lambda *shape, scale=1.0: rng.standard_normal(shape) * scale  # noqa: E731
+    arrays = dict(x=r(T, HEADS, HEAD_DIM), dt=r(T, HEADS, scale=0.5), A=-np.exp(r(HEADS, scale=0.5)),
+                  B=r(T, GROUPS, DSTATE), C=r(T, GROUPS, DSTATE), D=r(HEADS), z=r(T, HEADS, HEAD_DIM),
+                  dt_bias=r(HEADS, scale=0.5))
+    return {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+def prefill_into(cache, framework, arrays, lengths, slots, chunk_size=16):
+    """Prefill with ``framework``'s chunked scan; its final states go to ``slots``."""
+    from bridge.ssd_contract import chunk_metadata
+
+    cu_seqlens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    chunks = chunk_metadata(cu_seqlens, chunk_size)
+    meta = dict(cu_seqlens=cu_seqlens, cu_chunk_seqlens=chunks.cu_chunk_seqlens,
+                seq_idx=chunks.seq_idx, last_chunk_indices=chunks.last_chunk_indices)
+    if framework == "torch":
+        inputs = torch_inputs(arrays | meta, {k: str(v.dtype) for k, v in (arrays | meta).items()})
+        out = torch.empty_like(inputs["x"])
+        states = torch_impl.mamba_chunk_scan_combined_varlen(
+            chunk_size=chunk_size, out=out, dt_softplus=True, state_dtype=cache.torch("ssm").dtype, **inputs)
+    else:
+        _, states = jax_impl.mamba_chunk_scan_combined_varlen(
+            chunk_size=chunk_size, dt_softplus=True, state_dtype=str(cache.torch("ssm").dtype)[6:],
+            **{k: jnp.asarray(v) for k, v in (arrays | meta).items()})
+    cache.write("ssm", states, block_ids=slots)
+
+
+def decode_on(cache, framework, inputs, options):
+    if framework == "torch":
+        return torch_impl.selective_state_update(cache.torch("ssm"), **inputs, **options)
+    step = cache.run_jax_inplace(SSU_STEP, **{k: bridge.to_jax(v) for k, v in inputs.items()}, **options)
+    return bridge.to_torch(step.outputs[0])
+
+
+@pytest.mark.parametrize("prefill,decode", [("torch", "jax"), ("jax", "torch")])
+def test_prefill_in_one_framework_decode_in_the_other(rng, prefill, decode):
+    """Prefill (chunked scan) with one framework into the shared cache, then
+    decode steps with the other on the same memory; equals doing both in the
+    decoding framework."""
+    lengths, slots, num_steps = [5, 37], np.array([3, 1]), 2  # 1 and 3 chunks
+    arrays = prefill_inputs(rng, lengths)
+    steps = [decode_inputs(rng, slots, "float32") for _ in range(num_steps)]
+    results = {}
+    for run in ((prefill, decode), (decode, decode)):
+        cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=5, device=DEVICE)
+        pointer = cache.torch("ssm").data_ptr()
+        prefill_into(cache, run[0], arrays, lengths, slots)
+        written = cache.torch("ssm").abs().amax(dim=(1, 2, 3)).cpu().numpy()
+        assert (written[slots] > 0).all() and (np.delete(written, slots) == 0).all()
+        outs = [decode_on(cache, run[1], torch_inputs(a, d), o).cpu().double().numpy() for a, d, o in steps]
+        assert cache.torch("ssm").data_ptr() == pointer
+        results[run] = outs, cache.torch("ssm").cpu().double().numpy()
+    (mixed_outs, mixed_state), (solo_outs, solo_state) = results.values()
+    for t, (mixed, solo) in enumerate(zip(mixed_outs, solo_outs)):
+        assert_close(mixed, solo, "float32", f"decode step {t} after {prefill} prefill")
+    assert_close(mixed_state, solo_state, "float32", "final state")

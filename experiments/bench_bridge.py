@@ -1,0 +1,210 @@
+"""What the DLPack bridge costs: sharing a cache between torch and JAX, and
+the JAX in-place state-update step on a torch-owned cache.
+
+    python -m experiments.bench_bridge [--quick] [--no-save]
+
+Rows (``run(quick)`` returns them; ``__main__`` prints a table and writes
+JSON under experiments/results/):
+
+- ``share``: ``bridge.to_jax`` / ``bridge.to_torch`` of a buffer of 1 MB,
+  64 MB, 1 GB, 8 GB (quick: 1 MB, 64 MB) — host time per call, pointer check
+  and stream handshake included; it should stay flat in the size — next to a
+  device copy of the same buffer (``Tensor.copy_``, timed with CUDA events).
+- ``jax_inplace_step``: ``jax_impl.selective_state_update`` jitted with the
+  state donated, on a torch-owned ``MambaStateCache`` (``run_jax_inplace``:
+  fresh view, step, alias check, handshake back; write-back where XLA did not
+  alias) vs the same step on a JAX-owned array; each run ends in
+  ``block_until_ready``.
+
+Without a GPU the sizes are tiny and the rows say ``device: cpu``; the Pallas
+step then runs interpreted, so its times are interpreter times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bridge  # noqa: E402
+import jax_impl  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MB = 1 << 20
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and jax.default_backend() == "gpu"
+
+
+def _device_label() -> str:
+    return torch.cuda.get_device_name() if _on_gpu() else "cpu"
+
+
+def _median_us(samples_s: list[float]) -> float:
+    return statistics.median(samples_s) * 1e6
+
+
+def _host_time(fn, runs: int, warmup: int) -> list[float]:
+    """Seconds per call of a host-side function (a DLPack hand-over)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _device_copy_time(src: torch.Tensor, dst: torch.Tensor, runs: int, warmup: int) -> list[float]:
+    """Seconds per ``dst.copy_(src)``: CUDA events on the GPU, else wall time."""
+    for _ in range(warmup):
+        dst.copy_(src)
+    samples = []
+    if src.is_cuda:
+        torch.cuda.synchronize()
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(runs):
+            begin = time.perf_counter()
+            dst.copy_(src)
+            samples.append(time.perf_counter() - begin)
+    return samples
+
+
+def bench_share(sizes: list[int], runs: int, warmup: int) -> list[dict]:
+    device = "cuda" if _on_gpu() else "cpu"
+    jax_device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+    rows = []
+    for size in sizes:
+        tensor = torch.empty(size // 4, dtype=torch.float32, device=device)
+        tensor.fill_(1.0)
+        array = jax.device_put(jnp.ones(size // 4, jnp.float32), jax_device).block_until_ready()
+        copy_target = torch.empty_like(tensor)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings = {
+            "torch->jax (bridge.to_jax)": _host_time(lambda: bridge.to_jax(tensor), runs, warmup),
+            "torch->jax (jax.dlpack.from_dlpack)":
+                _host_time(lambda: jax.dlpack.from_dlpack(tensor), runs, warmup),
+            "jax->torch (bridge.to_torch)": _host_time(lambda: bridge.to_torch(array), runs, warmup),
+            "jax->torch (torch.from_dlpack)": _host_time(lambda: torch.from_dlpack(array), runs, warmup),
+            "device copy (Tensor.copy_)": _device_copy_time(tensor, copy_target, runs, warmup),
+        }
+        for impl, samples in timings.items():
+            rows.append(dict(op="share", impl=impl, device=_device_label(), size_bytes=size,
+                             median_us=_median_us(samples), runs=len(samples)))
+        del tensor, array, copy_target
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _decode_inputs(batch, nheads, headdim, dstate, ngroups, seed=0):
+    """numpy inputs of one Mamba-2 decode step (tied per-head dt/A/dt_bias),
+    sequences in random blocks of a cache with 2 * batch + 1 blocks."""
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    num_blocks = 2 * batch + 1
+    inputs = dict(x=r(batch, nheads, headdim), dt=r(batch, nheads) * 0.5, A=-np.exp(r(nheads) * 0.5),
+                  B=r(batch, ngroups, dstate), C=r(batch, ngroups, dstate), D=r(nheads),
+                  dt_bias=r(nheads) * 0.5, z=r(batch, nheads, headdim),
+                  state_batch_indices=rng.permutation(np.arange(1, num_blocks))[:batch].astype(np.int32))
+    return inputs, num_blocks, r(num_blocks, nheads, headdim, dstate)
+
+
+def bench_inplace_step(batch, nheads, headdim, dstate, ngroups, runs, warmup) -> list[dict]:
+    device = "cuda" if _on_gpu() else "cpu"
+    step_fn = jax.jit(jax_impl.selective_state_update, donate_argnums=0,
+                      static_argnames=("dt_softplus",))
+    arrays, num_blocks, initial_state = _decode_inputs(batch, nheads, headdim, dstate, ngroups)
+    jax_device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+    inputs = {k: jax.device_put(jnp.asarray(v), jax_device) for k, v in arrays.items()}
+    shape = f"batch={batch},nheads={nheads},headdim={headdim},dstate={dstate},blocks={num_blocks}"
+
+    conv_placeholder = (1, 1)  # the step touches only the SSM state
+    cache = bridge.MambaStateCache([conv_placeholder, (nheads, headdim, dstate)], "float32", num_blocks,
+                                   owner="torch", device=device)
+    cache.torch("ssm").copy_(torch.from_numpy(initial_state))
+
+    def torch_owned():
+        step = cache.run_jax_inplace(step_fn, **inputs, dt_softplus=True)
+        jax.block_until_ready(step.outputs[0])
+
+    # An XLA-owned state (device_put of a numpy array may alias host memory on CPU).
+    state = [jax.jit(lambda a: a + 0)(jax.device_put(jnp.asarray(initial_state), jax_device))]
+
+    def jax_owned():
+        out, state[0] = step_fn(state[0], **inputs, dt_softplus=True)
+        jax.block_until_ready((out, state[0]))
+
+    rows = []
+    for impl, fn in (("torch-owned cache (run_jax_inplace)", torch_owned), ("JAX-owned array", jax_owned)):
+        samples = _host_time(fn, runs, warmup)
+        rows.append(dict(op="jax_inplace_step", impl=impl, device=_device_label(), shape=shape,
+                         median_us=_median_us(samples), runs=len(samples)))
+    total = cache.steps_aliased + cache.steps_written_back
+    rows[0].update(steps_aliased=cache.steps_aliased, steps_written_back=cache.steps_written_back,
+                   note=("zero copies" if cache.steps_written_back == 0 else
+                         f"XLA did not alias: {cache.steps_written_back}/{total} steps written back"))
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    """All rows; ``quick`` keeps the sizes small (two share sizes, a small step)."""
+    if _on_gpu():
+        sizes = [MB, 64 * MB] if quick else [MB, 64 * MB, 1024 * MB, 8192 * MB]
+        step = dict(batch=64 if quick else 256, nheads=80, headdim=64, dstate=128, ngroups=1)
+        runs, warmup, step_runs = (50, 5, 20) if quick else (200, 20, 100)
+    else:
+        sizes = [64 * 1024, MB]
+        step = dict(batch=2, nheads=2, headdim=16, dstate=16, ngroups=1)  # interpreted Pallas
+        runs, warmup, step_runs = (20, 3, 3) if quick else (100, 10, 10)
+    return bench_share(sizes, runs, warmup) + bench_inplace_step(**step, runs=step_runs,
+                                                                 warmup=max(1, step_runs // 10))
+
+
+def _format(rows: list[dict]) -> str:
+    lines = ["| op | impl | size / shape | median (us) | note |", "| --- | --- | --- | ---: | --- |"]
+    for row in rows:
+        what = f"{row['size_bytes'] / MB:g} MB" if "size_bytes" in row else row["shape"]
+        lines.append(f"| {row['op']} | {row['impl']} | {what} | {row['median_us']:.1f} | {row.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes only")
+    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
+    args = parser.parse_args()
+    rows = run(args.quick)
+    print(f"device: {_device_label()}")
+    print(_format(rows))
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        stem = f"bridge-{datetime.date.today()}-{_device_label().replace(' ', '_')}"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+        (RESULTS / f"{stem}.md").write_text(f"device: {_device_label()}\n\n{_format(rows)}\n")
+        print(f"wrote {RESULTS / stem}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
