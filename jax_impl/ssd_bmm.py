@@ -54,7 +54,7 @@ def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size: int):
     """C, B (T, G, N) -> CB (K, G, L, L) float32 with
     ``CB[c, g, i, j] = C[s_c+i, g] . B[s_c+j, g]`` for i, j < len_c (0 past
     len_c). Tiles wholly above the diagonal (all j > i) are left unwritten."""
-    T, G, N = C.shape
+    G, N = C.shape[1:]
     K = cu_chunk_seqlens.shape[0] - 1
     config = ssd_launch_config("bmm_chunk")
     block_size_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])

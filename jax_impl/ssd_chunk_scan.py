@@ -83,10 +83,12 @@ def _chunk_scan_kernel(*refs, names, heads_per_group, headdim, dstate, D_per_hea
             if D_per_head:
                 D = ref["D"][head].astype(jnp.float32)
             else:
-                D = plgpu.load(ref["D"].at[head, cols], mask=mask_n, other=0.0).astype(jnp.float32)[None, :]
+                D = plgpu.load(ref["D"].at[head, cols], mask=mask_n, other=0.0)
+                D = D.astype(jnp.float32)[None, :]
             acc = acc + x.astype(jnp.float32) * D
         if "z" in ref:
-            z = plgpu.load(ref["z"].at[rows, head, cols], mask=tile_mask, other=0.0).astype(jnp.float32)
+            z = plgpu.load(ref["z"].at[rows, head, cols], mask=tile_mask, other=0.0)
+            z = z.astype(jnp.float32)
             acc = acc * z * jax.nn.sigmoid(z)
         plgpu.store(out_ref.at[rows, head, cols], acc.astype(out_ref.dtype), mask=tile_mask)
 

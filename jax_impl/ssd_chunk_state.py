@@ -60,7 +60,8 @@ def _chunk_cumsum_kernel(*refs, has_dt_bias, dt_softplus, dt_limit, nheads, chun
     dt = plgpu.load(dt_ref.at[pl.ds(start, chunk_size), heads], mask=tile_mask,
                     other=0.0).astype(jnp.float32)  # (L, BH)
     if has_dt_bias:
-        dt = dt + plgpu.load(dt_bias_ref.at[heads], mask=mask_h, other=0.0).astype(jnp.float32)[None, :]
+        dt_bias = plgpu.load(dt_bias_ref.at[heads], mask=mask_h, other=0.0)
+        dt = dt + dt_bias.astype(jnp.float32)[None, :]
     if dt_softplus:
         dt = jnp.where(dt > 20.0, dt, jnp.log1p(jnp.exp(dt)))
     if dt_limit != (0.0, float("inf")):
@@ -83,7 +84,7 @@ def chunk_cumsum(dt, A, chunk_size: int, cu_chunk_seqlens, dt_bias=None, dt_soft
     for i < len_c and 0 past it; ``dA_cumsum`` is the inclusive cumsum over i
     of ``dt_out * A[h]`` (positions past len_c repeat the chunk total).
     """
-    T, H = dt.shape
+    H = dt.shape[1]
     K = cu_chunk_seqlens.shape[0] - 1
     config = ssd_launch_config("chunk_cumsum")
     block_size_h = clip_block(H, config["BLOCK_SIZE_H"])
@@ -146,7 +147,7 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
         states[c, h] = sum_{i < len_c} x[s_c+i, h]^T (outer) B[s_c+i, g(h)]
                        * dt_out[h, c, i] * exp(dA_cumsum[h, c, L-1] - dA_cumsum[h, c, i])
     """
-    T, H, P = x.shape
+    H, P = x.shape[1:]
     G, N = B.shape[1:]
     _, K, L = dA_cumsum.shape
     config = ssd_launch_config("chunk_state")

@@ -10,20 +10,16 @@ JAX is functional: ``out`` is returned; a given ``out`` donated under
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bridge.ssd_contract import (
     batched_sequences, check_chunk_metadata_values, check_ssd_args, chunk_metadata)
+from jax_impl.selective_state_update import _is_concrete
 from jax_impl.ssd_bmm import bmm_chunk
 from jax_impl.ssd_chunk_scan import chunk_scan
 from jax_impl.ssd_chunk_state import chunk_cumsum, chunk_state
 from jax_impl.ssd_state_passing import state_passing
-
-
-def _is_concrete(array) -> bool:
-    return not isinstance(array, jax.core.Tracer)
 
 
 def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens,

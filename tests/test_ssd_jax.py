@@ -61,11 +61,13 @@ def make_inputs(case: Case, rng):
     cu_seqlens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     computed = rng.integers(0, 3 * case.chunk_size, size=len(lengths)) if case.resumed else None
     metadata = chunk_metadata(cu_seqlens, case.chunk_size, num_computed_tokens=computed)
-    T, H, P, N, G, Q = cu_seqlens[-1], case.nheads, case.headdim, case.dstate, case.ngroups, len(lengths)
+    T, Q = cu_seqlens[-1], len(lengths)
+    H, P, N, G = case.nheads, case.headdim, case.dstate, case.ngroups
     normal = lambda *shape: rng.standard_normal(shape)  # noqa: E731
-    arrays = dict(x=normal(T, H, P), A=-rng.uniform(0.5, 4.0, H), B=normal(T, G, N), C=normal(T, G, N),
-                  # Without softplus dt is used as given, so it must be positive.
-                  dt=rng.uniform(-4.0, 1.0, (T, H)) if case.dt_softplus else rng.uniform(0.005, 0.3, (T, H)))
+    # Without softplus dt is used as given, so it must be positive.
+    dt = rng.uniform(-4.0, 1.0, (T, H)) if case.dt_softplus else rng.uniform(0.005, 0.3, (T, H))
+    arrays = dict(x=normal(T, H, P), dt=dt, A=-rng.uniform(0.5, 4.0, H), B=normal(T, G, N),
+                  C=normal(T, G, N))
     if case.initial_states:
         arrays["initial_states"] = normal(Q, H, P, N)
     if case.D:
@@ -169,11 +171,15 @@ def test_batched_form(with_seq_idx, rng):
     with seq_idx a row holds several sequences."""
     batch, seqlen, H, P, N, G, L = 2, 20, 2, 16, 16, 1, 16
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    x, B, C, z = normal(batch, seqlen, H, P), normal(batch, seqlen, G, N), normal(batch, seqlen, G, N), normal(batch, seqlen, H, P)
+    x, z = normal(batch, seqlen, H, P), normal(batch, seqlen, H, P)
+    B, C = normal(batch, seqlen, G, N), normal(batch, seqlen, G, N)
     dt = jnp.asarray(rng.uniform(-3.0, 0.5, (batch, seqlen, H)), jnp.float32)
-    A, D, initial = -jnp.asarray(rng.uniform(0.5, 2.0, H), jnp.float32), normal(H), normal(batch, H, P, N)
-    # Row 0: one sequence; row 1: split at token 7 (into two sequences).
-    seq_idx = np.array([[0] * seqlen, [0] * 7 + [1] * (seqlen - 7)], np.int32) if with_seq_idx else None
+    A = -jnp.asarray(rng.uniform(0.5, 2.0, H), jnp.float32)
+    D, initial = normal(H), normal(batch, H, P, N)
+    # Row 0: one sequence; with seq_idx, row 1 splits at token 7 into two.
+    seq_idx = None
+    if with_seq_idx:
+        seq_idx = np.array([[0] * seqlen, [0] * 7 + [1] * (seqlen - 7)], np.int32)
     out, final_states = mamba_chunk_scan_combined(
         x, dt, A, B, C, L, D=D, z=z, initial_states=initial, seq_idx=seq_idx, dt_softplus=True,
         return_final_states=True)
@@ -189,7 +195,8 @@ def test_batched_form(with_seq_idx, rng):
         initial_states=initial_per_seq, dt_softplus=True)
     assert out.shape == x.shape and final_states.shape == initial.shape
     assert_close(flat(out), want_out, "float32", "batched out")
-    assert_close(final_states, want_states[[0, len(lengths) - 1]], "float32", "batched final states")
+    assert_close(final_states, want_states[[0, len(lengths) - 1]], "float32",
+                 "batched final states")
 
 
 def test_inconsistent_metadata_raises(rng):
