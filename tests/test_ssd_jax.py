@@ -59,9 +59,11 @@ def make_inputs(case: Case, rng):
     """(arrays as jnp in the case's dtype, options) for the varlen call."""
     lengths = sequence_lengths(case, rng)
     cu_seqlens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    computed = rng.integers(0, 3 * case.chunk_size, size=len(lengths)) if case.resumed else None
-    metadata = chunk_metadata(cu_seqlens, case.chunk_size, num_computed_tokens=computed)
-    T, Q = cu_seqlens[-1], len(lengths)
+    T, Q, L = cu_seqlens[-1], len(lengths), case.chunk_size
+    computed = None
+    if case.resumed:  # never a multiple of chunk_size: every first chunk is short
+        computed = L * rng.integers(0, 3, size=Q) + rng.integers(1, L, size=Q)
+    metadata = chunk_metadata(cu_seqlens, L, num_computed_tokens=computed)
     H, P, N, G = case.nheads, case.headdim, case.dstate, case.ngroups
     normal = lambda *shape: rng.standard_normal(shape)  # noqa: E731
     # Without softplus dt is used as given, so it must be positive.
