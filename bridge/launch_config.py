@@ -157,10 +157,11 @@ def ssd_launch_config(stage: str) -> dict:
     return dict(SSD_LAUNCH_CONFIGS[stage])
 
 
-def clip_block(cap: int, size: int) -> int:
+def clip_block(size: int, cap: int | None = None) -> int:
     """A tile edge for a dimension of ``size``: the next power of two, at
-    least 16 (the smallest tensor-core tile) and at most ``cap``."""
+    least 16 (the smallest tensor-core tile) and at most ``cap`` (masked loads
+    take care of the tile's part past ``size``)."""
     edge = 16
     while edge < size:
         edge *= 2
-    return max(16, min(cap, edge))
+    return edge if cap is None else max(16, min(cap, edge))

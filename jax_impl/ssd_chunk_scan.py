@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import ssd_launch_config
+from bridge.launch_config import clip_block, ssd_launch_config
 from jax_impl import platform
-from jax_impl.ssd_chunk_state import clip_block, compiler_params, tile_dot
+from jax_impl.ssd_chunk_state import compiler_params, tile_dot
 
 
 def _chunk_scan_kernel(*refs, names, heads_per_group, headdim, dstate, D_per_head,

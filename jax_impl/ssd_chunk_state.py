@@ -16,17 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import ssd_launch_config
-from bridge.ssd_contract import MIN_CHUNK_SIZE
+from bridge.launch_config import clip_block, ssd_launch_config
 from jax_impl import platform
-
-
-def clip_block(dim: int, cap: int | None = None) -> int:
-    """A power-of-two tile size for a dimension of ``dim``: the next power of
-    two, at least the 16 a tensor-core product needs and at most the launch
-    config's ``cap`` (masked loads take care of the tile's part past ``dim``)."""
-    size = max(MIN_CHUNK_SIZE, pl.next_power_of_2(dim))
-    return size if cap is None else min(cap, size)
 
 
 def tile_dot(a, b):

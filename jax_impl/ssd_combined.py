@@ -57,7 +57,7 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
                                      dt_softplus=dt_softplus, dt_limit=dt_limit)
     chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
     end_states, states = state_passing(
-        chunk_states, dA_cumsum, cu_chunk_seqlens, seq_idx, layout.num_seqs,
+        chunk_states, dA_cumsum, seq_idx, layout.num_seqs,
         initial_states=initial_states, return_intermediate_states=return_intermediate_states,
         state_dtype=state_dtype)
     CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import ssd_launch_config
+from bridge.launch_config import clip_block, ssd_launch_config
 from jax_impl import platform
-from jax_impl.ssd_chunk_state import clip_block, compiler_params
+from jax_impl.ssd_chunk_state import compiler_params
 
 
 def _state_passing_kernel(*refs, has_initial_states, return_intermediate_states, num_chunks,
@@ -59,7 +59,7 @@ def _state_passing_kernel(*refs, has_initial_states, return_intermediate_states,
                       jnp.zeros((block_size_m, block_size_n), jnp.float32))
 
 
-def state_passing(chunk_states, dA_cumsum, cu_chunk_seqlens, seq_idx, num_seqs: int,
+def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs: int,
                   initial_states=None, return_intermediate_states=False,
                   state_dtype=jnp.float32):
     """chunk_states (K, H, P, N) float32, dA_cumsum (H, K, L), seq_idx (K,),
@@ -73,7 +73,6 @@ def state_passing(chunk_states, dA_cumsum, cu_chunk_seqlens, seq_idx, num_seqs: 
     state of each sequence's last chunk.
     """
     K, H, P, N = chunk_states.shape
-    assert cu_chunk_seqlens.shape == (K + 1,)
     L = dA_cumsum.shape[-1]
     config = ssd_launch_config("state_passing")
     block_size_m = clip_block(P, config["BLOCK_SIZE_M"])

@@ -13,7 +13,7 @@ import torch
 
 from bridge.launch_config import clip_block, ssd_launch_config
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision, mma
+from torch_impl.ssd_chunk_state import dot_precision, tile_dot
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -51,7 +51,7 @@ def _bmm_chunk_kernel(
                         mask=(offs_m < length)[:, None] & (d < dstate)[None, :], other=0.0)
             B_t = tl.load(B_base + d[:, None] * stride_B_dstate + offs_n[None, :] * stride_B_tok,
                           mask=(d < dstate)[:, None] & (offs_n < length)[None, :], other=0.0)
-            acc += mma(C, B_t, DOT_PRECISION)
+            acc += tile_dot(C, B_t, DOT_PRECISION)
         tl.store(CB_ptr + chunk * stride_CB_chunk + group * stride_CB_group
                  + offs_m[:, None] * stride_CB_row + offs_n[None, :] * stride_CB_col, acc,
                  mask=(offs_m < CHUNK_SIZE)[:, None] & (offs_n < CHUNK_SIZE)[None, :])
@@ -63,9 +63,9 @@ def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size):
     num_chunks = cu_chunk_seqlens.shape[0] - 1
     CB = torch.empty(num_chunks, ngroups, chunk_size, chunk_size, device=C.device, dtype=torch.float32)
     config = ssd_launch_config("bmm_chunk")
-    block_m = clip_block(config["BLOCK_SIZE_M"], chunk_size)
-    block_n = clip_block(config["BLOCK_SIZE_N"], chunk_size)
-    block_k = clip_block(config["BLOCK_SIZE_K"], dstate)
+    block_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
+    block_n = clip_block(chunk_size, config["BLOCK_SIZE_N"])
+    block_k = clip_block(dstate, config["BLOCK_SIZE_K"])
     grid = (num_chunks, ngroups, triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n))
     with torch.device(C.device):
         _bmm_chunk_kernel[grid](

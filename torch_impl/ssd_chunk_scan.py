@@ -17,7 +17,7 @@ import torch
 
 from bridge.launch_config import clip_block, ssd_launch_config
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision, mma
+from torch_impl.ssd_chunk_state import dot_precision, tile_dot
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -80,7 +80,7 @@ def _chunk_scan_kernel(
         C = tl.load(C_ptr + (start + offs_m)[:, None] * stride_C_tok + group * stride_C_group
                     + offs_d[None, :] * stride_C_dstate,
                     mask=mask_m[:, None] & (offs_d < dstate)[None, :], other=0.0)
-        acc = mma(C, start_state.to(C.dtype), DOT_PRECISION)
+        acc = tile_dot(C, start_state.to(C.dtype), DOT_PRECISION)
         acc *= tl.exp(dA_m)[:, None]
 
         # The chunk's own tokens j <= i: (CB * decay * dt) (M, K) @ x (K, N),
@@ -100,7 +100,7 @@ def _chunk_scan_kernel(
             weight = tl.where((offs_m[:, None] >= tok[None, :]) & in_chunk[None, :], weight, 0.0)
             x_k = tl.load(x_base + tok[:, None] * stride_x_tok + offs_n[None, :] * stride_x_dim,
                           mask=in_chunk[:, None] & mask_n[None, :], other=0.0)
-            acc += mma(weight.to(x_k.dtype), x_k, DOT_PRECISION)
+            acc += tile_dot(weight.to(x_k.dtype), x_k, DOT_PRECISION)
 
         tile = mask_m[:, None] & mask_n[None, :]
         if HAS_D:
@@ -129,9 +129,9 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
     if D is not None and D.dim() == 1:
         D = D.unsqueeze(1).expand(nheads, headdim)  # stride 0 over headdim
     config = ssd_launch_config("chunk_scan")
-    block_m = clip_block(config["BLOCK_SIZE_M"], chunk_size)
-    block_n = clip_block(config["BLOCK_SIZE_N"], headdim)
-    block_k = clip_block(config["BLOCK_SIZE_K"], chunk_size)
+    block_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
+    block_n = clip_block(headdim, config["BLOCK_SIZE_N"])
+    block_k = clip_block(chunk_size, config["BLOCK_SIZE_K"])
     grid = (num_chunks, nheads, triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_n))
     strides = lambda t, n: t.stride() if t is not None else (0,) * n  # noqa: E731
     with torch.device(x.device):
@@ -144,6 +144,6 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
             HAS_D=D is not None, HAS_Z=z is not None, HAS_INITIAL_STATES=initial_states is not None,
             DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
-            BLOCK_SIZE_DSTATE=clip_block(1 << 30, dstate),
+            BLOCK_SIZE_DSTATE=clip_block(dstate),
             num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out

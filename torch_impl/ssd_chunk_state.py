@@ -37,7 +37,7 @@ _WIDEN_BF16_DOTS = tl.constexpr(platform.INTERPRET)
 
 
 @triton.jit
-def mma(a, b, DOT_PRECISION: tl.constexpr):
+def tile_dot(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b on the tensor cores, float32 accumulation."""
     if _WIDEN_BF16_DOTS and a.dtype == tl.bfloat16:
         product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -88,7 +88,7 @@ def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=
     dA_cumsum = torch.empty(nheads, num_chunks, chunk_size, device=dt.device, dtype=torch.float32)
     dt_out = torch.empty_like(dA_cumsum)
     config = ssd_launch_config("chunk_cumsum")
-    block_h = clip_block(config["BLOCK_SIZE_H"], nheads)
+    block_h = clip_block(nheads, config["BLOCK_SIZE_H"])
     grid = (num_chunks, triton.cdiv(nheads, block_h))
     with torch.device(dt.device):
         _chunk_cumsum_kernel[grid](
@@ -145,7 +145,7 @@ def _chunk_state_kernel(
         dA = tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
         dt = tl.load(dt_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
         scale = tl.where(in_chunk, tl.exp(dA_last - dA) * dt, 0.0)
-        acc += mma(x_t, (B * scale[:, None]).to(x_t.dtype), DOT_PRECISION)
+        acc += tile_dot(x_t, (B * scale[:, None]).to(x_t.dtype), DOT_PRECISION)
 
     tl.store(states_ptr + chunk * stride_states_chunk + head * stride_states_head
              + offs_m[:, None] * stride_states_dim + offs_n[None, :] * stride_states_dstate,
@@ -160,9 +160,9 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
     _, num_chunks, chunk_size = dA_cumsum.shape
     states = torch.empty(num_chunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     config = ssd_launch_config("chunk_state")
-    block_m = clip_block(config["BLOCK_SIZE_M"], headdim)
-    block_n = clip_block(config["BLOCK_SIZE_N"], dstate)
-    block_k = clip_block(config["BLOCK_SIZE_K"], chunk_size)
+    block_m = clip_block(headdim, config["BLOCK_SIZE_M"])
+    block_n = clip_block(dstate, config["BLOCK_SIZE_N"])
+    block_k = clip_block(chunk_size, config["BLOCK_SIZE_K"])
     grid = (num_chunks, nheads, triton.cdiv(headdim, block_m) * triton.cdiv(dstate, block_n))
     with torch.device(x.device):
         _chunk_state_kernel[grid](

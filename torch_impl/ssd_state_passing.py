@@ -87,8 +87,8 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
     rows = num_chunks if return_intermediate_states else num_seqs
     states = torch.empty(rows, nheads, headdim, dstate, device=chunk_states.device, dtype=state_dtype)
     config = ssd_launch_config("state_passing")
-    block_m = clip_block(config["BLOCK_SIZE_M"], headdim)
-    block_n = clip_block(config["BLOCK_SIZE_N"], dstate)
+    block_m = clip_block(headdim, config["BLOCK_SIZE_M"])
+    block_n = clip_block(dstate, config["BLOCK_SIZE_N"])
     grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
     with torch.device(chunk_states.device):
