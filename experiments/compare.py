@@ -1,232 +1,235 @@
-"""The main job: run every implementation of the state update on the
-default device, check each against the float64 reference and time it.
+"""The main job: every implementation of every op on the default device,
+checked against float64 and timed, next to the device's ceilings measured
+in the same run.
 
-    python -m experiments.compare [--quick] [--batches 1 64 256]
+    python -m experiments.compare [--quick] [--batches 1 64 256] [--state-dtype float32]
+                                  [--ops state_update chunked_scan bridge] [--output FILE.json]
 
-Prints a table (implementation, max relative error vs float64, median time,
-effective bandwidth) and writes it as JSON under experiments/results/.
-On a CPU the kernels run interpreted: the times are interpreter times.
-Timing: the step is replayed without Python in the loop (a CUDA graph in
-torch, a ``lax.fori_loop`` under ``jax.jit`` in JAX), warm-up first, then the
-median over repeats of (loop time / steps).
+- state update (``experiments.ssu_case``): triton, torch-reference, pallas,
+  xla-reference, at each batch; GB/s of state traffic, shown as a fraction of
+  the measured copy bandwidth;
+- chunked scan: the rows of ``experiments.bench_ssd.run(quick)``, their
+  TFLOP/s shown as a fraction of the measured bf16 matmul rate;
+- bridge: the rows of ``experiments.bench_bridge.run(quick)``.
+An op whose module is absent is skipped (and the record says so).
+
+Writes FILE.json (environment, command, ceilings, every row), FILE.md (the
+tables) and FILE-<op>.png plots next to it; FILE defaults to
+experiments/results/compare-<date>-<device>[-quick].json. Timing: see
+``experiments.timing``. On a CPU the shapes are small and the kernels run
+interpreted: the times are interpreter times.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib
+import importlib.util
 import json
-import os
-import platform as host_platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+from experiments import plots, ssu_case
+from experiments.report import (
+    RESULTS, Progress, default_output, environment, format_value, markdown_table)
+from experiments.timing import ON_GPU, copy_bandwidth_GBps, l2_cache_bytes, matmul_TFLOPs
 
-import numpy as np  # noqa: E402
+__all__ = ["RESULTS", "environment", "main"]
 
-import torch_impl  # noqa: E402,F401  (before triton: interpreter mode on CPU)
-import torch  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+SSU_OP = "selective_state_update"
+BENCH_MODULES = {"chunked_scan": "experiments.bench_ssd", "bridge": "experiments.bench_bridge"}
+OPS = ("state_update", *BENCH_MODULES)
 
-import jax_impl  # noqa: E402
-from jax_impl import reference as jax_reference  # noqa: E402
-from torch_impl import reference as torch_reference  # noqa: E402
+# (batches, timing repeats, copy bytes, matmul n) per (on a GPU, quick)
+SETTINGS = {
+    (True, False): ([1, 2, 4, 8, 16, 32, 64, 128, 256], 30, 1 << 30, 8192),
+    (True, True): ([1, 64], 5, 256 << 20, 4096),
+    (False, False): ([1, 2, 4], 3, 16 << 20, 256),
+    (False, True): ([2], 1, 1 << 20, 64),
+}
+CPU_SHAPE = dict(nheads=4, headdim=16, dstate=16, ngroups=1)
 
-RESULTS = Path(__file__).parent / "results"
-ON_GPU = torch_impl.platform.ON_GPU
-
-
-def make_decode_inputs(batch, nheads, headdim, dstate, ngroups, state_dtype, seed=0):
-    """Mamba-2 decode step: tied per-head dt/A/dt_bias, z and D, a cache with
-    twice as many slots as sequences, read and written in place at random slots."""
-    rng = np.random.default_rng(seed)
-    slots = 2 * batch + 1
-    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    arrays = dict(
-        state=r(slots, nheads, headdim, dstate), x=r(batch, nheads, headdim),
-        dt=r(batch, nheads) * 0.5, A=-np.exp(r(nheads) * 0.5), B=r(batch, ngroups, dstate),
-        C=r(batch, ngroups, dstate), D=r(nheads), dt_bias=r(nheads) * 0.5,
-        z=r(batch, nheads, headdim),
-        state_batch_indices=rng.permutation(np.arange(1, slots))[:batch].astype(np.int32))
-    return arrays, state_dtype
-
-
-def torch_inputs(arrays, state_dtype, device):
-    t = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-    t["state"] = t["state"].to(getattr(torch, state_dtype))
-    t["out"] = torch.empty_like(t["x"])
-    return t
+# Column headers and formats of the tables; other keys print as they are.
+COLUMN_FORMATS = {
+    "max_rel_error_out": ("max rel err out", ".1e"),
+    "max_rel_error_state": ("max rel err state", ".1e"),
+    "max_rel_error_states": ("max rel err states", ".1e"),
+    "median_us": ("median (us)", ".1f"),
+    "state_GBps": ("state GB/s", None),
+    "fraction_of_copy": ("of copy", ".0%"),
+    "TFLOPs": ("TFLOP/s", ".3g"),
+    "fraction_of_matmul": ("of matmul", ".1%"),
+    "tokens_per_s": ("tokens/s", ".3g"),
+}
 
 
-def jax_inputs(arrays, state_dtype):
-    j = {k: jnp.asarray(v) for k, v in arrays.items()}
-    j["state"] = j["state"].astype(getattr(jnp, state_dtype))
-    return j
+def measure_ceilings(copy_bytes: int, matmul_n: int, repeats: int) -> dict:
+    return dict(copy_GBps=copy_bandwidth_GBps(copy_bytes, repeats), copy_bytes=copy_bytes,
+                matmul_TFLOPs=matmul_TFLOPs(matmul_n, repeats), matmul_n=matmul_n,
+                matmul_dtype="bfloat16")
 
 
-def rel_error(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-
-
-def time_torch(step, steps, repeats, graph=True):
-    """Median seconds per step: replayed from a CUDA graph, or eager
-    (``graph=False``, for code that synchronizes with the host)."""
-    if not ON_GPU:
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-    for _ in range(3):
-        step()  # compile and warm up
-    torch.cuda.synchronize()
-    if graph:
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            for _ in range(steps):
-                step()
-        run = cuda_graph.replay
-    else:
-        def run():
-            for _ in range(steps):
-                step()
-    run()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / steps)
-    return statistics.median(samples)
-
-
-def time_jax(step, carry, steps, repeats):
-    """``step(carry) -> carry``; median seconds per step, the carry donated."""
-    if not ON_GPU:
-        steps = 1
-    loop = jax.jit(lambda c: jax.lax.fori_loop(0, steps, lambda i, c: step(c), c), donate_argnums=0)
-    carry = jax.block_until_ready(loop(carry))  # compile and warm up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        carry = jax.block_until_ready(loop(carry))
-        samples.append((time.perf_counter() - start) / steps)
-    return statistics.median(samples)
-
-
-def compare_state_update(batch, nheads, headdim, dstate, ngroups, state_dtype, steps, repeats):
-    arrays, _ = make_decode_inputs(batch, nheads, headdim, dstate, ngroups, state_dtype)
-    options = dict(dt_softplus=True)
-    device = torch_impl.platform.default_device()
-    t = torch_inputs(arrays, state_dtype, device)
-    want_out, want_state = torch_reference.selective_state_update_ref(**t, **options)
-    want_out, want_state = want_out.cpu().numpy(), want_state.cpu().numpy()
-    bytes_moved = 2 * batch * nheads * headdim * dstate * t["state"].element_size()
+def compare_state_update(batches, shape, state_dtype, repeats, progress) -> list[dict]:
+    """One row per (batch, implementation)."""
+    rotate_bytes = 2 * l2_cache_bytes() if ON_GPU else 0
     rows = []
-
-    def record(name, out, state, seconds):
-        rows.append(dict(op="selective_state_update", implementation=name, batch=batch,
-                         nheads=nheads, headdim=headdim, dstate=dstate, state_dtype=state_dtype,
-                         max_rel_error_out=rel_error(out, want_out),
-                         max_rel_error_state=rel_error(state, want_state),
-                         median_us=seconds * 1e6, state_GBps=bytes_moved / seconds / 1e9))
-
-    for name, fn, graph in (
-            ("triton", lambda **kw: torch_impl.selective_state_update(**kw, validate_indices=False), True),
-            ("torch-reference", torch_reference.selective_state_update_torch_ops, False)):
-        first = {k: v.clone() for k, v in t.items()}
-        fn(**first, **options)
-        work = {k: v.clone() for k, v in t.items()}
-        seconds = time_torch(lambda: fn(**work, **options), steps, repeats, graph)
-        record(name, first["out"].float().cpu().numpy(), first["state"].float().cpu().numpy(), seconds)
-
-    j = jax_inputs(arrays, state_dtype)
-    for name, fn in (("pallas", jax_impl.selective_state_update),
-                     ("xla-reference", jax_reference.selective_state_update_jnp)):
-        rest = {k: v for k, v in j.items() if k != "state"}
-        out, state = jax.jit(lambda s, kw: fn(s, **kw, **options))(j["state"], rest)
-        seconds = time_jax(lambda s: fn(s, **rest, **options)[1], jnp.copy(j["state"]), steps, repeats)
-        record(name, np.asarray(out, np.float32), np.asarray(state.astype(jnp.float32)), seconds)
+    for batch in batches:
+        case = ssu_case.make_decode_case(batch, **shape, state_dtype=state_dtype,
+                                         rotate_bytes=rotate_bytes)
+        want = ssu_case.float64_reference(case)
+        prepared = {}
+        for name, (_, framework, _) in ssu_case.IMPLEMENTATIONS.items():
+            progress.step(f"state update, batch {batch}, {name}")
+            if framework not in prepared:
+                prepared = {framework: ssu_case.prepare(case, framework)}  # one framework's cache at a time
+            rows.append(dict(op=SSU_OP, implementation=name, **case.shape(),
+                             **ssu_case.measure(case, name, prepared[framework], want, repeats)))
     return rows
 
 
-def copy_bandwidth_GBps(num_bytes=1 << 30, repeats=20):
-    """Device-to-device copy, read + write bytes per second."""
-    if not ON_GPU:
+def bench_rows(op: str, quick: bool, progress) -> list[dict] | None:
+    """The rows of the op's benchmark module, or None when it does not exist."""
+    module_name = BENCH_MODULES[op]
+    if importlib.util.find_spec(module_name) is None:
         return None
-    src = torch.empty(num_bytes // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return 2 * num_bytes / statistics.median(samples) / 1e9
+    progress.step(f"{op} ({module_name})")
+    return importlib.import_module(module_name).run(quick)
 
 
-def environment():
-    import triton
-    device = torch_impl.platform.default_device()
-    return dict(date=datetime.date.today().isoformat(),
-                device=torch_impl.platform.device_name(device), interpreted=not ON_GPU,
-                torch=torch.__version__, triton=triton.__version__, jax=jax.__version__,
-                jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
-                numpy=np.__version__, python=host_platform.python_version())
+def add_fractions(rows: list[dict], ceilings: dict) -> None:
+    """Each figure as a fraction of its ceiling."""
+    for row in rows:
+        if "state_GBps" in row:
+            row["fraction_of_copy"] = row["state_GBps"] / ceilings["copy_GBps"]
+        if "TFLOPs" in row:
+            row["fraction_of_matmul"] = row["TFLOPs"] / ceilings["matmul_TFLOPs"]
 
 
-def print_table(rows, copy_GBps):
-    header = f"{'op':<24}{'implementation':<17}{'batch':>6}{'err(out)':>11}{'err(state)':>11}{'median':>12}{'GB/s':>9}"
-    if copy_GBps:
-        header += f"{'of copy':>9}"
-    print(header)
-    for r in rows:
-        line = (f"{r['op']:<24}{r['implementation']:<17}{r['batch']:>6}{r['max_rel_error_out']:>11.1e}"
-                f"{r['max_rel_error_state']:>11.1e}{r['median_us']:>10.1f}us{r['state_GBps']:>9.1f}")
-        if copy_GBps:
-            line += f"{r['state_GBps'] / copy_GBps:>9.0%}"
-        print(line)
+def pallas_vs_triton(rows: list[dict], group_keys: tuple[str, ...]) -> list[dict]:
+    """Per group: Pallas speed relative to Triton (Triton time / Pallas time)."""
+    times = {}
+    for row in rows:
+        times.setdefault(tuple(row[k] for k in group_keys), {})[row["implementation"]] = row["median_us"]
+    return [dict(zip(group_keys, group), pallas_vs_triton=impls["triton"] / impls["pallas"])
+            for group, impls in times.items() if {"triton", "pallas"} <= impls.keys()]
+
+
+def table_section(rows: list[dict]) -> list[str]:
+    """Keys equal in every row as a list, the others as a table."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    constant = [k for k in keys if all(k in r and r[k] == rows[0][k] for r in rows)]
+    columns = [(k, *COLUMN_FORMATS.get(k, (k, None))) for k in keys if k not in constant]
+    return [*(f"- {k}: {rows[0][k]}" for k in constant), "", markdown_table(rows, columns), ""]
+
+
+def write_plots(stem: Path, op_rows: dict[str, list[dict]], ceilings: dict, device: str) -> list[Path]:
+    written = []
+    if op_rows.get("state_update"):
+        rows = op_rows["state_update"]
+        written.append(plots.line_plot(
+            stem.with_name(stem.name + "-state_update.png"),
+            plots.series(rows, lambda r: r["implementation"], "batch", "state_GBps"),
+            title=f"State update on {device} ({rows[0]['state_dtype']} state)", xlabel="batch",
+            ylabel="state GB/s (read + write)", log_y=True,
+            reference=(ceilings["copy_GBps"], f"copy {format_value(ceilings['copy_GBps'])} GB/s")))
+    scan_rows = [r for r in op_rows.get("chunked_scan") or [] if "tokens_per_s" in r]
+    if scan_rows:
+        written.append(plots.line_plot(
+            stem.with_name(stem.name + "-chunked_scan.png"),
+            plots.series(scan_rows, lambda r: f"{r['implementation']}, {r.get('layout', '')}",
+                         "tokens", "tokens_per_s"),
+            title=f"Chunked scan on {device}", xlabel="tokens", ylabel="tokens / s", log_y=True))
+    share_rows = [r for r in op_rows.get("bridge") or [] if "size_bytes" in r]
+    if share_rows:
+        written.append(plots.line_plot(
+            stem.with_name(stem.name + "-bridge.png"),
+            plots.series(share_rows, lambda r: r.get("implementation", r.get("impl")),
+                         "size_bytes", "median_us"),
+            title=f"Sharing a cache between torch and JAX on {device}", xlabel="cache bytes",
+            ylabel="median us per hand-over (copy: per copy)", log_y=True))
+    return written
+
+
+def markdown(record: dict, op_rows: dict[str, list[dict]], plot_files: list[Path]) -> str:
+    env, ceilings = record["environment"], record["ceilings"]
+    lines = [f"# Every op, every implementation on {env['device']} "
+             f"({'interpreted' if env['interpreted'] else 'compiled'})", "",
+             *(f"- {k}: {v}" for k, v in env.items()),
+             f"- command: `{record['command']}`",
+             f"- timing: {record['timing']}",
+             f"- measured copy bandwidth ({ceilings['copy_bytes'] >> 20} MiB Tensor.copy_, read + write): "
+             f"{format_value(ceilings['copy_GBps'])} GB/s",
+             f"- measured bf16 matmul ({ceilings['matmul_n']}^3 torch.matmul): "
+             f"{format_value(ceilings['matmul_TFLOPs'])} TFLOP/s",
+             *(f"- skipped: {note}" for note in record["skipped"]), ""]
+    if env["interpreted"]:
+        lines += ["No GPU: the kernels ran in the Triton / Pallas interpreters; "
+                  "the times are interpreter times and say nothing about GPU speed.", ""]
+    titles = dict(state_update="State update", chunked_scan="Chunked scan", bridge="Bridge")
+    group_keys = dict(state_update=("batch",), chunked_scan=("tokens", "layout"))
+    for op, rows in op_rows.items():
+        if not rows:
+            continue
+        lines += [f"## {titles[op]}", "", *table_section(rows)]
+        if op in group_keys and all(k in r for r in rows for k in group_keys[op]):
+            ratios = pallas_vs_triton(rows, group_keys[op])
+            if ratios:
+                lines += ["Pallas speed relative to Triton (Triton time / Pallas time):", "",
+                          markdown_table(ratios, [*((k, k, None) for k in group_keys[op]),
+                                                  ("pallas_vs_triton", "Pallas vs Triton", ".2f")]), ""]
+        lines += [f"![{titles[op]}]({p.name})" for p in plot_files if p.stem.endswith(op)] + [""]
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI)")
-    parser.add_argument("--batches", type=int, nargs="*")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized: few batches, few repeats")
+    parser.add_argument("--batches", type=int, nargs="+", help="state-update batches")
     parser.add_argument("--state-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--output", type=Path, help="JSON file (default: experiments/results/compare-<date>-<device>.json)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--output", type=Path, help="the JSON file; .md and .png go next to it")
     args = parser.parse_args(argv)
-    if ON_GPU and not args.quick:
-        shape = dict(nheads=80, headdim=64, dstate=128, ngroups=1)  # Mamba-2 2.7B
-        batches, steps, repeats = args.batches or [1, 16, 64, 256], 20, 30
-    else:
-        shape = dict(nheads=4, headdim=16, dstate=16, ngroups=1)
-        batches, steps, repeats = args.batches or [2], 1, 3
-    rows = []
-    for batch in batches:
-        rows += compare_state_update(batch, **shape, state_dtype=args.state_dtype,
-                                     steps=steps, repeats=repeats)
-    copy_GBps = copy_bandwidth_GBps()
+    batches, repeats, copy_bytes, matmul_n = SETTINGS[(ON_GPU, args.quick)]
+    batches = args.batches or batches
+    shape = ssu_case.MAMBA2_2P7B if ON_GPU else CPU_SHAPE
     env = environment()
-    if not ON_GPU:
-        print("No GPU: kernels ran in the Triton / Pallas interpreters; times are interpreter times.")
-    print_table(rows, copy_GBps)
-    output = args.output or RESULTS / (
-        f"compare-{env['date']}-{env['device'].replace(' ', '_')}{'-quick' if args.quick else ''}.json")
+
+    steps = 1 + (len(batches) * len(ssu_case.IMPLEMENTATIONS) if "state_update" in args.ops else 0)
+    progress = Progress(steps + len([op for op in args.ops if op in BENCH_MODULES]), "compare")
+    progress.step("ceilings: copy bandwidth, bf16 matmul")
+    ceilings = measure_ceilings(copy_bytes, matmul_n, repeats)
+    op_rows, skipped = {}, []
+    if "state_update" in args.ops:
+        op_rows["state_update"] = compare_state_update(batches, shape, args.state_dtype, repeats, progress)
+    for op in BENCH_MODULES:
+        if op in args.ops:
+            op_rows[op] = bench_rows(op, args.quick, progress)
+            if op_rows[op] is None:
+                skipped.append(f"{op}: {BENCH_MODULES[op]} does not exist")
+    progress.finish()
+    all_rows = [row for rows in op_rows.values() for row in rows or []]
+    add_fractions(all_rows, ceilings)
+
+    output = args.output or default_output("compare", env, ".json", args.quick)
+    stem = output.with_suffix("")
+    timing = (f"median of {repeats} samples after warm-up; GPU: CUDA events around CUDA-graph replays "
+              "(torch-reference eagerly: it syncs with the host) or around back-to-back jitted calls "
+              "ended by block_until_ready (JAX), each sample >= 1 ms; the state update rotates through "
+              "disjoint cache-slot sets totalling >= 2x the L2 so steps never hit their state in L2"
+              if ON_GPU else "wall clock of single calls in the interpreters, after one warm-up call")
+    record = dict(environment=env, command=" ".join(["python -m experiments.compare", *argv]),
+                  quick=args.quick, timing=timing, ceilings=ceilings, skipped=skipped, rows=all_rows)
+    plot_files = write_plots(stem, op_rows, ceilings, env["device"])
+    record["plots"] = [p.name for p in plot_files]
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(dict(environment=env, copy_GBps=copy_GBps, rows=rows), indent=1))
-    print(f"wrote {output}")
-    return rows
+    output.write_text(json.dumps(record, indent=1))
+    text = markdown(record, op_rows, plot_files)
+    markdown_file = output.with_suffix(".md")
+    markdown_file.write_text(text)
+    print(text)
+    print(f"wrote {output}, {markdown_file.name}, {', '.join(p.name for p in plot_files)}")
+    return record
 
 
 if __name__ == "__main__":

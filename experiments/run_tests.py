@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.compare import RESULTS, environment
+from experiments.report import RESULTS, environment
 
 
 def main(argv=None):
