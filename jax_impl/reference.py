@@ -209,65 +209,85 @@ def ssd_sequential_ref(x, dt, A, B, C, cu_seqlens, D=None, z=None, dt_bias=None,
         return np.asarray(_ssd_output(y, x, D, z)), np.asarray(final_states)
 
 
-def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
+def ssd_chunked_jnp(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
                     D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
-                    dt_limit=(0.0, float("inf")), return_intermediate_states=False):
-    """The same recurrence in its chunked-quadratic form, in float64: within
-    chunk c (cumulative decay a_i = sum_{k<=i} A dt_k over the chunk's tokens)
+                    dt_limit=(0.0, float("inf")), return_intermediate_states=False,
+                    compute_dtype=jnp.float32, chunks_per_step=16):
+    """The recurrence in its chunked-quadratic form, in plain jnp ops and
+    ``compute_dtype``: within chunk c (cumulative decay a_i = sum_{k<=i} A dt_k
+    over the chunk's tokens)
 
         out_i = sum_{j<=i} (C_i . B_j) exp(a_i - a_j) dt_j x_j + exp(a_i) C_i @ start_c^T
         end_c = exp(a_last) start_c + sum_j exp(a_last - a_j) dt_j x_j^T (outer) B_j
 
     where ``start_c`` is ``end_{c-1}`` within a sequence, else the sequence's
-    initial state (or 0); then the D skip and z gate. Returns numpy float64
-    ``(out (T, H, P), states)`` with ``states`` as the varlen call returns
-    them: (Q, H, P, N) final states, or (K, H, P, N) chunk-end states with
-    ``return_intermediate_states``.
+    initial state (or 0); then the D skip and z gate. Returns ``(out (T, H, P),
+    states)`` as the varlen call returns them. The chunk metadata must be
+    concrete (numpy): jit this with the metadata closed over. The (L, L)
+    products run ``chunks_per_step`` chunks at a time to bound memory.
     """
+    cast = lambda a: None if a is None else jnp.asarray(a, compute_dtype)  # noqa: E731
+    x, dt, A, B, C, D, z, dt_bias, initial_states = map(
+        cast, (x, dt, A, B, C, D, z, dt_bias, initial_states))
+    T, H, P = x.shape
+    G, N = B.shape[1:]
+    R = H // G  # heads per group
+    bounds = np.asarray(cu_chunk_seqlens, np.int64)
+    seqs = np.asarray(seq_idx, np.int64)
+    num_chunks = len(bounds) - 1
+    # Chunks padded to L tokens: (K, L, ...), padding tokens zeroed.
+    position = np.arange(chunk_size)
+    valid = position[None, :] < np.diff(bounds)[:, None]  # (K, L)
+    token = np.where(valid, bounds[:-1, None] + position[None, :], 0)
+    pad = lambda a: a[token] * valid.reshape(valid.shape + (1,) * (a.ndim - 1))  # noqa: E731
+    dt = pad(_ssd_dt(dt, dt_bias, dt_softplus, dt_limit)).reshape(num_chunks, chunk_size, G, R)
+    x_c = pad(x).reshape(num_chunks, chunk_size, G, R, P)
+    B_c, C_c = pad(B), pad(C)  # (K, L, G, N)
+    a = jnp.cumsum(dt * A.reshape(G, R), axis=1)  # (K, L, G, R)
+
+    # Each chunk's state from a zero start, then carried across chunks.
+    to_end = jnp.exp(a[:, -1:] - a) * dt
+    chunk_own = jnp.einsum("klgr,klgrp,klgn->kgrpn", to_end, x_c, B_c)
+    starts_seq = np.concatenate([[True], seqs[1:] != seqs[:-1]])
+    initial = (jnp.zeros((len(np.asarray(last_chunk_indices)), G, R, P, N), compute_dtype)
+               if initial_states is None else initial_states.reshape(-1, G, R, P, N))
+
+    def chunk_step(prev_end, chunk):
+        starts, seq, total_decay, own = chunk
+        start = jnp.where(starts, initial[seq], prev_end)
+        end = jnp.exp(total_decay)[..., None, None] * start + own
+        return end, (start, end)
+
+    _, (start_states, end_states) = jax.lax.scan(
+        chunk_step, jnp.zeros((G, R, P, N), compute_dtype),
+        (jnp.asarray(starts_seq), jnp.asarray(seqs), a[:, -1], chunk_own))
+
+    y = jnp.einsum("klgn,kgrpn->klgrp", C_c, start_states) * jnp.exp(a)[..., None]
+    causal = (position[:, None] >= position[None, :])[None, :, :, None, None]
+    within = []
+    for first in range(0, num_chunks, chunks_per_step):
+        part = slice(first, first + chunks_per_step)
+        CB = jnp.einsum("kign,kjgn->kgij", C_c[part], B_c[part])
+        exponent = a[part][:, :, None] - a[part][:, None, :]  # (k, i, j, G, R)
+        decay = jnp.exp(jnp.where(causal, exponent, -jnp.inf))
+        within.append(jnp.einsum("kgij,kijgr,kjgr,kjgrp->kigrp", CB, decay, dt[part], x_c[part]))
+    y = y + jnp.concatenate(within)
+
+    out = jnp.zeros((T, H, P), compute_dtype).at[token[valid]].set(
+        y.reshape(num_chunks, chunk_size, H, P)[valid])
+    end_states = end_states.reshape(num_chunks, H, P, N)
+    states = end_states if return_intermediate_states else end_states[np.asarray(last_chunk_indices)]
+    return _ssd_output(out, x, D, z), states
+
+
+def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
+                    D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                    dt_limit=(0.0, float("inf")), return_intermediate_states=False):
+    """``ssd_chunked_jnp`` in float64: numpy ``(out, states)``."""
     with jax.enable_x64(True):
-        x, dt, A, B, C, D, z, dt_bias, initial_states = _f64(
-            x, dt, A, B, C, D, z, dt_bias, initial_states)
-        T, H, P = x.shape
-        N = B.shape[2]
-        heads_per_group = H // B.shape[1]
-        chunks = np.asarray(cu_chunk_seqlens, np.int64)
-        seqs = np.asarray(seq_idx, np.int64)
-        last_chunks = np.asarray(last_chunk_indices, np.int64)
-        Q = len(last_chunks)
-
-        # Gather every chunk into an (L,)-token slab; padding has dt = 0.
-        pos = np.arange(chunk_size)
-        valid = pos[None, :] < np.diff(chunks)[:, None]  # (K, L)
-        token = np.minimum(chunks[:-1, None] + pos[None, :], T - 1)
-        dt = jnp.where(valid[..., None], _ssd_dt(dt, dt_bias, dt_softplus, dt_limit)[token], 0.0)
-        x_c = x[token]  # (K, L, H, P)
-        B_c = jnp.repeat(B, heads_per_group, axis=1)[token]  # (K, L, H, N)
-        C_c = jnp.repeat(C, heads_per_group, axis=1)[token]
-        a = jnp.cumsum(dt * A, axis=1)  # (K, L, H)
-
-        causal = (pos[:, None] >= pos[None, :])[None, :, :, None]
-        decay = jnp.exp(jnp.where(causal, a[:, :, None, :] - a[:, None, :, :], -jnp.inf))
-        CB = jnp.einsum("kihn,kjhn->kijh", C_c, B_c)
-        y_within = jnp.einsum("kijh,kjh,kjhp->kihp", CB * decay, dt, x_c)
-        to_end = jnp.exp(a[:, -1:, :] - a) * dt  # (K, L, H)
-        chunk_own = jnp.einsum("kjh,kjhp,kjhn->khpn", to_end, x_c, B_c)
-
-        starts_seq = np.concatenate([[True], seqs[1:] != seqs[:-1]])
-        initial = jnp.zeros((Q, H, P, N)) if initial_states is None else initial_states
-
-        def chunk_step(prev_end, chunk):
-            starts, seq, total_decay, own = chunk
-            start = jnp.where(starts, initial[seq], prev_end)
-            end = jnp.exp(total_decay)[:, None, None] * start + own
-            return end, (start, end)
-
-        _, (start_states, end_states) = jax.lax.scan(
-            chunk_step, jnp.zeros((H, P, N)),
-            (jnp.asarray(starts_seq), jnp.asarray(seqs), a[:, -1], chunk_own))
-        y_carried = jnp.einsum("kihn,khpn->kihp", C_c, start_states) * jnp.exp(a)[..., None]
-
-        y = jnp.zeros((T, H, P)).at[np.where(valid, token, T)].set(y_within + y_carried,
-                                                                    mode="drop")
-        out = _ssd_output(y, x, D, z)
-        states = end_states if return_intermediate_states else end_states[last_chunks]
+        f64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
+        out, states = ssd_chunked_jnp(
+            *map(f64, (x, dt, A, B, C)), chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
+            *map(f64, (D, z, dt_bias, initial_states)), dt_softplus, dt_limit,
+            return_intermediate_states, compute_dtype=jnp.float64)
         return np.asarray(out), np.asarray(states)

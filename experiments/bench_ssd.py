@@ -1,0 +1,155 @@
+"""Chunked-scan (SSD prefill) benchmark: Triton, Pallas and the plain-ops
+baselines (torch, XLA) on the same inputs, each checked against float64.
+
+    python -m experiments.bench_ssd [--quick]
+
+On a GPU: Mamba-2 2.7B heads (nheads 80, headdim 64, dstate 128, ngroups 1,
+chunk 256), bf16 inputs, float32 states, 4k / 16k / 64k tokens as one
+sequence and as 64 sequences of random lengths. On a CPU: tiny shapes in
+the interpreters (the times are interpreter times).
+
+FLOPs counted are the useful ones of the chunked form: per chunk of l tokens
+and head, 2 l P N (chunk state) + 2 l P N (start state's part of the output)
++ l (l + 1) P (causal intra-chunk product), plus l (l + 1) N per group (C B^T).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+import numpy as np  # noqa: E402
+
+import torch_impl  # noqa: E402  (before triton: interpreter mode on CPU)
+import torch  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jax_impl  # noqa: E402
+from bridge.ssd_contract import chunk_metadata  # noqa: E402
+from experiments.timing import rel_error, time_jax, time_torch  # noqa: E402
+from jax_impl import reference as jax_reference  # noqa: E402
+from torch_impl import reference as torch_reference  # noqa: E402
+
+ON_GPU = torch_impl.platform.ON_GPU
+OP = "mamba_chunk_scan_combined_varlen"
+
+
+def random_seqlens(total_tokens: int, num_seqs: int, rng) -> np.ndarray:
+    """num_seqs positive lengths summing to total_tokens, cut at random points."""
+    cuts = np.sort(rng.choice(np.arange(1, total_tokens), size=num_seqs - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total_tokens]]))
+
+
+def make_inputs(seqlens, nheads, headdim, dstate, ngroups, chunk_size, seed=0):
+    """numpy float32 inputs of a Mamba-2 prefill (D per head, dt_bias,
+    softplus; no z: the mixer gates in its norm) and int32 chunk metadata."""
+    rng = np.random.default_rng(seed)
+    cu_seqlens = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+    T = int(cu_seqlens[-1])
+    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    metadata = chunk_metadata(cu_seqlens, chunk_size)
+    arrays = dict(x=r(T, nheads, headdim), dt=r(T, nheads) * 0.5 - 1.0, A=-np.exp(r(nheads) * 0.5),
+                  B=r(T, ngroups, dstate), C=r(T, ngroups, dstate), D=r(nheads),
+                  dt_bias=r(nheads) * 0.5)
+    index = dict(cu_seqlens=cu_seqlens, cu_chunk_seqlens=metadata.cu_chunk_seqlens,
+                 seq_idx=metadata.seq_idx, last_chunk_indices=metadata.last_chunk_indices)
+    return arrays, index
+
+
+def useful_flops(cu_chunk_seqlens, nheads, headdim, dstate, ngroups) -> float:
+    lengths = np.diff(cu_chunk_seqlens).astype(np.float64)
+    per_head = 4 * lengths * headdim * dstate + lengths * (lengths + 1) * headdim
+    per_group = lengths * (lengths + 1) * dstate
+    return float(nheads * per_head.sum() + ngroups * per_group.sum())
+
+
+def bench_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, input_dtype,
+               repeats, with_baselines=True):
+    arrays, index = make_inputs(seqlens, nheads, headdim, dstate, ngroups, chunk_size)
+    T = int(index["cu_seqlens"][-1])
+    options = dict(chunk_size=chunk_size, dt_softplus=True)
+    device = torch_impl.platform.default_device()
+    half = ("x", "dt", "B", "C")
+    t = {k: torch.from_numpy(v).to(device, getattr(torch, input_dtype) if k in half else torch.float32)
+         for k, v in arrays.items()}
+    ti = {k: torch.from_numpy(v).to(device) for k, v in index.items()}
+    want_out, want_states = torch_reference.ssd_chunked_ref(
+        **t, **options, **{k: ti[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")})
+    want_out, want_states = want_out.cpu().numpy(), want_states.cpu().numpy()
+    flops = useful_flops(index["cu_chunk_seqlens"], nheads, headdim, dstate, ngroups)
+    rows = []
+
+    def record(name, out, states, seconds):
+        rows.append(dict(op=OP, implementation=name, tokens=T, layout=layout, num_seqs=len(seqlens),
+                         nheads=nheads, headdim=headdim, dstate=dstate, ngroups=ngroups,
+                         chunk_size=chunk_size, input_dtype=input_dtype, state_dtype="float32",
+                         max_rel_error_out=rel_error(out, want_out),
+                         max_rel_error_states=rel_error(states, want_states),
+                         median_us=seconds * 1e6, TFLOPs=flops / seconds / 1e12,
+                         tokens_per_s=T / seconds))
+
+    out = torch.empty_like(t["x"])
+    triton_call = lambda: torch_impl.mamba_chunk_scan_combined_varlen(  # noqa: E731
+        **t, **options, **ti, out=out, state_dtype=torch.float32, validate_metadata=False)
+    states = triton_call()
+    record("triton", out.float().cpu().numpy(), states.cpu().numpy(), time_torch(triton_call, repeats))
+    if with_baselines:
+        torch_ops = lambda: torch_reference.ssd_chunked_torch_ops(  # noqa: E731
+            **t, **options, **{k: ti[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")})
+        base_out, base_states = torch_ops()
+        record("torch-reference", base_out.float().cpu().numpy(), base_states.cpu().numpy(),
+               time_torch(torch_ops, repeats, graph=False))
+    del out, t
+
+    j = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
+         for k, v in arrays.items()}
+    ji = {k: jnp.asarray(v) for k, v in index.items()}
+    pallas = jax.jit(lambda out, j, ji: jax_impl.mamba_chunk_scan_combined_varlen(
+        **j, **options, **ji, out=out, state_dtype=jnp.float32), donate_argnums=0)
+    out, states = pallas(jnp.zeros_like(j["x"]), j, ji)
+    record("pallas", np.asarray(out.astype(jnp.float32)), np.asarray(states),
+           time_jax(lambda out: pallas(out, j, ji)[0], out, repeats))
+    if with_baselines:
+        # The chunk metadata is closed over: the plain-ops form needs it concrete.
+        xla = jax.jit(lambda j: jax_reference.ssd_chunked_jnp(
+            **j, **options, **{k: index[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")}))
+        base_out, base_states = xla(j)
+        record("xla-reference", np.asarray(base_out.astype(jnp.float32)), np.asarray(base_states),
+               time_jax(lambda carry: xla(j), None, repeats))
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows of the chunked-scan comparison (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    if ON_GPU and not quick:
+        shape = dict(nheads=80, headdim=64, dstate=128, ngroups=1, chunk_size=256)
+        totals, repeats = (4096, 16384, 65536), 20
+    else:
+        shape = dict(nheads=2, headdim=16, dstate=16, ngroups=1, chunk_size=16)
+        totals, repeats = (48,), 1
+    rows = []
+    for total in totals:
+        for num_seqs in (1, 64 if ON_GPU and not quick else 3):
+            seqlens = [total] if num_seqs == 1 else random_seqlens(total, num_seqs, rng)
+            layout = "1 sequence" if num_seqs == 1 else f"{num_seqs} mixed"
+            rows += bench_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats)
+    return rows
+
+
+def print_table(rows):
+    print(f"{'implementation':<17}{'tokens':>7}{'layout':>14}{'err(out)':>10}{'err(st)':>9}"
+          f"{'median':>12}{'TFLOP/s':>9}{'Mtok/s':>8}")
+    for r in rows:
+        print(f"{r['implementation']:<17}{r['tokens']:>7}{r['layout']:>14}{r['max_rel_error_out']:>10.1e}"
+              f"{r['max_rel_error_states']:>9.1e}{r['median_us']:>10.1f}us{r['TFLOPs']:>9.2f}"
+              f"{r['tokens_per_s'] / 1e6:>8.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    print_table(run(parser.parse_args().quick))
