@@ -29,6 +29,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from experiments import plots, ssu_case
 from experiments.report import (
     RESULTS, Progress, default_output, environment, format_value, markdown_table)
@@ -84,6 +86,9 @@ def compare_state_update(batches, shape, state_dtype, repeats, progress) -> list
                 prepared = {framework: ssu_case.prepare(case, framework)}  # one framework's cache at a time
             rows.append(dict(op=SSU_OP, implementation=name, **case.shape(),
                              **ssu_case.measure(case, name, prepared[framework], want, repeats)))
+    del prepared
+    if ON_GPU:
+        torch.cuda.empty_cache()  # give torch's cached blocks back before JAX and the benchmarks allocate
     return rows
 
 

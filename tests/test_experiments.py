@@ -1,0 +1,57 @@
+"""The experiments run end to end (quick mode) and write what they promise,
+so the main job and the tuner cannot rot."""
+
+import json
+
+import pytest
+
+from experiments import compare, tune_ssu
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # interpreter / DLPack notices
+
+
+def test_compare_quick_writes_record_table_and_plots(tmp_path):
+    output = tmp_path / "compare.json"
+    compare.main(["--quick", "--output", output])
+
+    record = json.loads(output.read_text())
+    assert {"device", "torch", "jax", "triton", "interpreted"} <= record["environment"].keys()
+    assert record["ceilings"]["copy_GBps"] > 0 and record["ceilings"]["matmul_TFLOPs"] > 0
+    state_rows = [r for r in record["rows"] if r["op"] == "selective_state_update"]
+    assert {r["implementation"] for r in state_rows} == set(compare.ssu_case.IMPLEMENTATIONS)
+    for row in state_rows:
+        assert row["max_rel_error_out"] < 1e-5 and row["max_rel_error_state"] < 1e-5, row
+        assert row["median_us"] > 0 and 0 < row["fraction_of_copy"]
+        assert row["index_sets"] >= 2  # steps rotate through disjoint slots
+    for row in record["rows"]:
+        for key in (k for k in row if k.startswith("max_rel_error")):
+            assert row[key] < 5e-2, (key, row)  # bf16 inputs in the chunked scan
+
+    table = output.with_suffix(".md").read_text()
+    assert "| triton |" in table and "| pallas |" in table
+    if record["environment"]["interpreted"]:
+        assert "interpreter times" in table
+    assert "state_update" in " ".join(record["plots"])
+    for name in record["plots"]:
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and name in table
+
+
+def test_tune_quick_writes_configs_the_lookup_reads(tmp_path, monkeypatch):
+    import jax_impl
+    import torch_impl
+
+    report = tmp_path / "tune.md"
+    rows = tune_ssu.main(["--quick", "--save-configs", "--output-dir", tmp_path / "configs",
+                          "--report", report])
+
+    assert {r["backend"] for r in rows} == {"triton", "pallas"}
+    assert all(r["gain"] >= 1 for r in rows)  # the heuristic is a candidate
+    assert "gain" in report.read_text() and report.with_suffix(".json").exists()
+    monkeypatch.setenv("MAMBA_TWIN_TUNED_CONFIG_FOLDER", str(tmp_path / "configs"))
+    shape = tune_ssu.CPU_SHAPE if not tune_ssu.ON_GPU else tune_ssu.ssu_case.MAMBA2_2P7B
+    for package, backend in ((torch_impl, "triton"), (jax_impl, "pallas")):
+        configs = package.get_ssm_configs(shape["headdim"], shape["dstate"], "float32",
+                                          tune_ssu.device_name(backend))
+        tuned = {r["effective_batch"]: r["best"] for r in rows if r["backend"] == backend}
+        assert configs == tuned
