@@ -135,7 +135,8 @@ def main(argv=None):
     parser.add_argument("--headdim", type=int)
     parser.add_argument("--dstate", type=int)
     parser.add_argument("--output-dir", type=Path, help="write configs to DIR/<backend>/selective_state_update/")
-    parser.add_argument("--quick", action="store_true", help="CI-sized: batches 1 and 64 (CPU: one tiny batch), two candidates, float32")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI-sized: batches 1 and 64 (CPU: one tiny batch), two candidates, float32")
     parser.add_argument("--report", type=Path, help="Markdown report; the JSON goes next to it")
     args = parser.parse_args(argv)
 
