@@ -270,7 +270,8 @@ def ssd_chunked_jnp(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_
         CB = jnp.einsum("kign,kjgn->kgij", C_c[part], B_c[part])
         exponent = a[part][:, :, None] - a[part][:, None, :]  # (k, i, j, G, R)
         decay = jnp.exp(jnp.where(causal, exponent, -jnp.inf))
-        within.append(jnp.einsum("kgij,kijgr,kjgr,kjgrp->kigrp", CB, decay, dt[part], x_c[part]))
+        weight = CB.transpose(0, 2, 3, 1)[..., None] * decay * dt[part][:, None]  # (k, i, j, G, R)
+        within.append(jnp.einsum("kijgr,kjgrp->kigrp", weight, x_c[part]))
     y = y + jnp.concatenate(within)
 
     out = jnp.zeros((T, H, P), compute_dtype).at[token[valid]].set(

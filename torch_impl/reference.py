@@ -230,7 +230,8 @@ def ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
         CB = torch.einsum("kign,kjgn->kgij", Cc[part], Bc[part])
         exponent = dA_cumsum[part][:, :, None] - dA_cumsum[part][:, None, :]       # (k, i, j, G, R)
         decay = torch.exp(torch.where(causal[None, :, :, None, None], exponent, -math.inf))
-        y[part] += torch.einsum("kgij,kijgr,kjgr,kjgrp->kigrp", CB, decay, dtc[part], xc[part])
+        weight = CB.permute(0, 2, 3, 1)[..., None] * decay * dtc[part][:, None]    # (k, i, j, G, R)
+        y[part] += torch.einsum("kijgr,kjgrp->kigrp", weight, xc[part])
 
     out = torch.empty_like(x)
     out[token[valid]] = y.reshape(num_chunks, chunk_size, H, P)[valid]
