@@ -51,7 +51,7 @@ def _chunk_scan_kernel(*refs, names, heads_per_group, headdim, dstate, D_per_hea
         state_cols = pl.ds(0, block_size_dstate)
         prev = plgpu.load(
             ref["end_states"].at[jnp.maximum(chunk - 1, 0), head, cols, state_cols],
-            mask=state_mask & ~starts_seq, other=0.0)  # (BN, N)
+            mask=state_mask & ~starts_seq, other=0.0).astype(jnp.float32)  # (BN, N)
         if "initial_states" in ref:
             initial = plgpu.load(ref["initial_states"].at[seq, head, cols, state_cols],
                                  mask=state_mask & starts_seq, other=0.0)

@@ -59,7 +59,7 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
     end_states, states = state_passing(
         chunk_states, dA_cumsum, seq_idx, layout.num_seqs,
         initial_states=initial_states, return_intermediate_states=return_intermediate_states,
-        state_dtype=state_dtype)
+        state_dtype=state_dtype, end_states_dtype=C.dtype)
     CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
     out = chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D=D,
                      z=z, initial_states=initial_states, out=out)

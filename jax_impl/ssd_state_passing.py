@@ -44,7 +44,8 @@ def _state_passing_kernel(*refs, has_initial_states, return_intermediate_states,
             start_state = jnp.where(starts_seq, 0.0, prev_end_state)
         own = plgpu.load(chunk_states_ref.at[chunk, head, rows, cols], mask=tile_mask, other=0.0)
         end_state = jnp.exp(dA_cumsum_ref[head, chunk, chunk_size - 1]) * start_state + own
-        plgpu.store(end_states_ref.at[chunk, head, rows, cols], end_state, mask=tile_mask)
+        plgpu.store(end_states_ref.at[chunk, head, rows, cols], end_state.astype(end_states_ref.dtype),
+                    mask=tile_mask)
         if return_intermediate_states:
             plgpu.store(states_ref.at[chunk, head, rows, cols],
                         end_state.astype(states_ref.dtype), mask=tile_mask)
@@ -61,16 +62,18 @@ def _state_passing_kernel(*refs, has_initial_states, return_intermediate_states,
 
 def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs: int,
                   initial_states=None, return_intermediate_states=False,
-                  state_dtype=jnp.float32):
+                  state_dtype=jnp.float32, end_states_dtype=jnp.float32):
     """chunk_states (K, H, P, N) float32, dA_cumsum (H, K, L), seq_idx (K,),
     initial_states (num_seqs, H, P, N) -> ``(end_states, states)``.
 
-    ``end_states`` (K, H, P, N) float32: the state at the end of each chunk,
+    ``end_states`` (K, H, P, N): the state at the end of each chunk,
     ``exp(dA_cumsum[h, c, L-1]) * start + chunk_states[c]``, where ``start`` is
     ``end_states[c-1]`` within a sequence and, for a sequence's first chunk,
-    its initial state (or 0). ``states`` in ``state_dtype``: all K end states
-    with ``return_intermediate_states``, else (num_seqs, H, P, N) with the end
-    state of each sequence's last chunk.
+    its initial state (or 0). The carried state is float32; end_states, which
+    only feed the output products, are stored in ``end_states_dtype`` (the
+    inputs' dtype halves their traffic). ``states`` in ``state_dtype``: all K
+    end states with ``return_intermediate_states``, else (num_seqs, H, P, N)
+    with the end state of each sequence's last chunk.
     """
     K, H, P, N = chunk_states.shape
     L = dA_cumsum.shape[-1]
@@ -87,7 +90,7 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs: int,
     num_states = K if return_intermediate_states else num_seqs
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((K, H, P, N), jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct((K, H, P, N), end_states_dtype),
                    jax.ShapeDtypeStruct((num_states, H, P, N), state_dtype)),
         grid=(H, pl.cdiv(P, block_size_m), pl.cdiv(N, block_size_n)),
         compiler_params=compiler_params(config),

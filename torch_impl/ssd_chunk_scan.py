@@ -69,7 +69,8 @@ def _chunk_scan_kernel(
         if (chunk > 0) & (seq == previous_seq):
             start_state = tl.load(end_states_ptr + (chunk - 1) * stride_states_chunk
                                   + head * stride_states_head + offs_d[:, None] * stride_states_dstate
-                                  + offs_n[None, :] * stride_states_dim, mask=state_mask, other=0.0)
+                                  + offs_n[None, :] * stride_states_dim, mask=state_mask,
+                                  other=0.0).to(tl.float32)
         elif HAS_INITIAL_STATES:
             start_state = tl.load(initial_states_ptr + seq.to(tl.int64) * stride_init_seq
                                   + head * stride_init_head + offs_d[:, None] * stride_init_dstate

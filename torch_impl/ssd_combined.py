@@ -66,7 +66,8 @@ def mamba_chunk_scan_combined_varlen(
     dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias, dt_softplus, dt_limit)
     chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
     end_states, states = state_passing(chunk_states, dA_cumsum, seq_idx, layout.num_seqs,
-                                       initial_states, return_intermediate_states, state_dtype)
+                                       initial_states, return_intermediate_states, state_dtype,
+                                       end_states_dtype=C.dtype)
     CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
     chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D, z,
                initial_states, out)

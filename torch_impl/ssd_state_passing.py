@@ -60,7 +60,7 @@ def _state_passing_kernel(
             else:
                 state = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
         state = tl.exp(tl.load(dA_last_ptr)) * state + tl.load(chunk_states_ptrs, mask=mask, other=0.0)
-        tl.store(end_states_ptrs, state, mask=mask)
+        tl.store(end_states_ptrs, state.to(end_states_ptr.dtype.element_ty), mask=mask)
         if INTERMEDIATE:
             tl.store(intermediate_ptrs, state.to(states_ptr.dtype.element_ty), mask=mask)
         else:
@@ -77,13 +77,16 @@ def _state_passing_kernel(
 
 def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
                   initial_states=None, return_intermediate_states=False,
-                  state_dtype=torch.float32):
+                  state_dtype=torch.float32, end_states_dtype=torch.float32):
     """chunk_states (K, H, P, N) float32, dA_cumsum (H, K, L), seq_idx (K,),
-    initial_states (Q, H, P, N) -> (end_states (K, H, P, N) float32, states):
-    states (K, H, P, N) with intermediate states, else (Q, H, P, N), in state_dtype."""
+    initial_states (Q, H, P, N) -> (end_states (K, H, P, N), states): states
+    (K, H, P, N) with intermediate states, else (Q, H, P, N), in state_dtype.
+    The carried state is float32; end_states, which only feed the output
+    products, are stored in ``end_states_dtype`` (the inputs' dtype halves
+    their traffic)."""
     num_chunks, nheads, headdim, dstate = chunk_states.shape
     chunk_size = dA_cumsum.shape[2]
-    end_states = torch.empty_like(chunk_states)
+    end_states = torch.empty_like(chunk_states, dtype=end_states_dtype)
     rows = num_chunks if return_intermediate_states else num_seqs
     states = torch.empty(rows, nheads, headdim, dstate, device=chunk_states.device, dtype=state_dtype)
     config = ssd_launch_config("state_passing")
