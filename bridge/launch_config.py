@@ -150,11 +150,58 @@ SSD_LAUNCH_CONFIGS = {
     "chunk_scan": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32,
                    "num_warps": 4, "num_stages": 2},
 }
+SSD_OP = "mamba_chunk_scan_combined"
 
 
-def ssd_launch_config(stage: str) -> dict:
-    """The launch parameters of one chunked-scan stage (a copy: callers clip it)."""
-    return dict(SSD_LAUNCH_CONFIGS[stage])
+def ssd_config_file_name(device_name: str) -> str:
+    return f"device_name={device_name_key(device_name)}.json"
+
+
+class SsdLaunchConfigs:
+    """The chunked scan's per-stage launch configs for one backend: a stage's
+    entry in the tuned file for this GPU (``<folder>/mamba_chunk_scan_combined/
+    device_name=<dev>.json``, ``{stage: config}``; user folder first, as for
+    the state update), else ``SSD_LAUNCH_CONFIGS``. ``override`` pins a stage's
+    config (the tuner's hook)."""
+
+    def __init__(self, backend: str, bundled_dir: Path):
+        self.files = LaunchConfigTable(backend, SSD_OP, bundled_dir, default_ssu_launch_config)
+        self._overrides: dict[str, dict] = {}
+
+    def get(self, stage: str, device_name: str) -> dict:
+        if stage in self._overrides:
+            return dict(self._overrides[stage])
+        paths = tuple(self.files.search_paths(ssd_config_file_name(device_name)))
+        tuned = _read_stage_configs(paths)
+        return dict(tuned.get(stage) or SSD_LAUNCH_CONFIGS[stage])
+
+    @contextlib.contextmanager
+    def override(self, stage: str, config: dict) -> Iterator[None]:
+        """Pin ``get(stage, ...)`` to ``config`` inside the context."""
+        if stage not in SSD_LAUNCH_CONFIGS:
+            raise ValueError(f"stage: unknown chunked-scan stage {stage!r}; "
+                             f"stages: {', '.join(SSD_LAUNCH_CONFIGS)}")
+        missing = set(SSD_LAUNCH_CONFIGS[stage]) - set(config)
+        if missing:
+            raise ValueError(f"config: missing {', '.join(sorted(missing))} for stage {stage!r}")
+        previous = self._overrides.get(stage)
+        self._overrides[stage] = dict(config)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del self._overrides[stage]
+            else:
+                self._overrides[stage] = previous
+
+
+@functools.lru_cache(maxsize=64)
+def _read_stage_configs(paths: tuple[Path, ...]) -> dict[str, dict]:
+    for path in paths:
+        if path.exists():
+            logger.info("Using chunked-scan launch configs from %s", path)
+            return {k: v for k, v in json.loads(path.read_text()).items() if k in SSD_LAUNCH_CONFIGS}
+    return {}
 
 
 def clip_block(size: int, cap: int | None = None) -> int:

@@ -122,6 +122,74 @@ def bench_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, in
     return rows
 
 
+STAGES = ("chunk_cumsum", "chunk_state", "state_passing", "bmm_chunk", "chunk_scan")
+
+
+def stage_calls(framework, seqlens, nheads, headdim, dstate, ngroups, chunk_size, input_dtype):
+    """{stage: call} for one framework ("triton" or "pallas"): each call runs
+    one kernel stage on the outputs of the stages before it and returns its
+    result (JAX calls are not jitted: the caller jits, after any config override)."""
+    if framework == "triton":
+        from torch_impl import ssd_bmm as bmm, ssd_chunk_scan as scan, ssd_chunk_state as state
+        from torch_impl import ssd_state_passing as passing
+    else:
+        from jax_impl import ssd_bmm as bmm, ssd_chunk_scan as scan, ssd_chunk_state as state
+        from jax_impl import ssd_state_passing as passing
+    arrays, index = make_inputs(seqlens, nheads, headdim, dstate, ngroups, chunk_size)
+    num_seqs, half = len(seqlens), ("x", "dt", "B", "C")
+    if framework == "triton":
+        device = torch_impl.platform.default_device()
+        a = {k: torch.from_numpy(v).to(device, getattr(torch, input_dtype) if k in half else torch.float32)
+             for k, v in arrays.items()}
+        a.update({k: torch.from_numpy(v).to(device) for k, v in index.items()})
+    else:
+        a = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
+             for k, v in arrays.items()}
+        a.update({k: jnp.asarray(v) for k, v in index.items()})
+    calls = {
+        "chunk_cumsum": lambda: state.chunk_cumsum(a["dt"], a["A"], chunk_size, a["cu_chunk_seqlens"],
+                                                   a["dt_bias"], True),
+        "chunk_state": lambda: state.chunk_state(a["B"], a["x"], a["dt_out"], a["dA_cumsum"],
+                                                 a["cu_chunk_seqlens"]),
+        "state_passing": lambda: passing.state_passing(a["chunk_states"], a["dA_cumsum"], a["seq_idx"],
+                                                       num_seqs, end_states_dtype=a["C"].dtype),
+        "bmm_chunk": lambda: bmm.bmm_chunk(a["C"], a["B"], a["cu_chunk_seqlens"], chunk_size),
+        "chunk_scan": lambda: scan.chunk_scan(a["CB"], a["x"], a["dt_out"], a["dA_cumsum"], a["C"],
+                                              a["end_states"], a["cu_chunk_seqlens"], a["seq_idx"],
+                                              D=a["D"]),
+    }
+    a["dA_cumsum"], a["dt_out"] = calls["chunk_cumsum"]()
+    a["chunk_states"] = calls["chunk_state"]()
+    a["end_states"], _ = calls["state_passing"]()
+    a["CB"] = calls["bmm_chunk"]()
+    return calls
+
+
+def time_stage(framework, call, repeats) -> float:
+    """Median seconds of one stage call."""
+    if framework == "triton":
+        return time_torch(call, repeats)
+    jitted = jax.jit(call)
+    return time_jax(lambda carry: jitted(), None, repeats)
+
+
+def stage_shape(quick: bool):
+    """(seqlens, shape, repeats) of the per-stage profile and tuning."""
+    if ON_GPU and not quick:
+        return [16384], dict(nheads=80, headdim=64, dstate=128, ngroups=1, chunk_size=256), 20
+    return [48], dict(nheads=2, headdim=16, dstate=16, ngroups=1, chunk_size=16), 1
+
+
+def print_stage_times(quick: bool):
+    """Where the time of one chunked scan goes: each stage, each framework."""
+    seqlens, shape, repeats = stage_shape(quick)
+    print(f"stage times (us), {sum(seqlens)} tokens:{'triton':>12}{'pallas':>10}")
+    calls = {fw: stage_calls(fw, seqlens, **shape, input_dtype="bfloat16") for fw in ("triton", "pallas")}
+    for stage in STAGES:
+        print(f"{stage:<34}" + "".join(f"{time_stage(fw, calls[fw][stage], repeats) * 1e6:>10.1f}"
+                                       for fw in ("triton", "pallas")))
+
+
 def run(quick: bool) -> list[dict]:
     """Rows of the chunked-scan comparison (see the module docstring)."""
     rng = np.random.default_rng(0)
@@ -152,4 +220,9 @@ def print_table(rows):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    print_table(run(parser.parse_args().quick))
+    parser.add_argument("--stages", action="store_true", help="time each kernel stage instead")
+    args = parser.parse_args()
+    if args.stages:
+        print_stage_times(args.quick)
+    else:
+        print_table(run(args.quick))

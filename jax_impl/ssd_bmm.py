@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import clip_block
 from jax_impl import platform
-from jax_impl.ssd_chunk_state import compiler_params, tile_dot
+from jax_impl.ssd_chunk_state import compiler_params, launch_config, tile_dot
 
 
 def _bmm_chunk_kernel(C_ref, B_ref, cu_chunk_ref, CB_ref, *, dstate, chunk_size, block_size_m,
@@ -56,7 +56,7 @@ def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size: int):
     len_c). Tiles wholly above the diagonal (all j > i) are left unwritten."""
     G, N = C.shape[1:]
     K = cu_chunk_seqlens.shape[0] - 1
-    config = ssd_launch_config("bmm_chunk")
+    config = launch_config("bmm_chunk")
     block_size_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
     block_size_n = clip_block(chunk_size, config["BLOCK_SIZE_N"])
     block_size_k = clip_block(N, config["BLOCK_SIZE_K"])

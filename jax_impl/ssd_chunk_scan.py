@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import clip_block
 from jax_impl import platform
-from jax_impl.ssd_chunk_state import compiler_params, tile_dot
+from jax_impl.ssd_chunk_state import compiler_params, launch_config, tile_dot
 
 
 def _chunk_scan_kernel(*refs, names, heads_per_group, headdim, dstate, D_per_head,
@@ -113,7 +113,7 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
     T, H, P = x.shape
     G, N = C.shape[1:]
     K, L = dA_cumsum.shape[1:]
-    config = ssd_launch_config("chunk_scan")
+    config = launch_config("chunk_scan")
     block_size_m = clip_block(L, config["BLOCK_SIZE_M"])
     block_size_n = clip_block(P, config["BLOCK_SIZE_N"])
     block_size_k = clip_block(L, config["BLOCK_SIZE_K"])

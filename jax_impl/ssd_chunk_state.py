@@ -10,14 +10,24 @@ Mirror: ``torch_impl/ssd_chunk_state.py``.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import SsdLaunchConfigs, clip_block
 from jax_impl import platform
+
+
+SSD_CONFIGS = SsdLaunchConfigs("pallas", Path(__file__).parent / "configs")
+
+
+def launch_config(stage: str) -> dict:
+    """The launch parameters of one chunked-scan stage on the default device:
+    tuned for this GPU when a file exists (``bridge.launch_config.SsdLaunchConfigs``)."""
+    return SSD_CONFIGS.get(stage, platform.device_name())
 
 
 def tile_dot(a, b):
@@ -77,7 +87,7 @@ def chunk_cumsum(dt, A, chunk_size: int, cu_chunk_seqlens, dt_bias=None, dt_soft
     """
     H = dt.shape[1]
     K = cu_chunk_seqlens.shape[0] - 1
-    config = ssd_launch_config("chunk_cumsum")
+    config = launch_config("chunk_cumsum")
     block_size_h = clip_block(H, config["BLOCK_SIZE_H"])
     operands = [dt, A] + ([dt_bias] if dt_bias is not None else []) + [cu_chunk_seqlens]
     kernel = functools.partial(
@@ -141,7 +151,7 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
     H, P = x.shape[1:]
     G, N = B.shape[1:]
     _, K, L = dA_cumsum.shape
-    config = ssd_launch_config("chunk_state")
+    config = launch_config("chunk_state")
     block_size_m = clip_block(P, config["BLOCK_SIZE_M"])
     block_size_n = clip_block(N, config["BLOCK_SIZE_N"])
     block_size_k = clip_block(L, config["BLOCK_SIZE_K"])

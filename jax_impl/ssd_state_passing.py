@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import clip_block
 from jax_impl import platform
-from jax_impl.ssd_chunk_state import compiler_params
+from jax_impl.ssd_chunk_state import compiler_params, launch_config
 
 
 def _state_passing_kernel(*refs, has_initial_states, return_intermediate_states, num_chunks,
@@ -77,7 +77,7 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs: int,
     """
     K, H, P, N = chunk_states.shape
     L = dA_cumsum.shape[-1]
-    config = ssd_launch_config("state_passing")
+    config = launch_config("state_passing")
     block_size_m = clip_block(P, config["BLOCK_SIZE_M"])
     block_size_n = clip_block(N, config["BLOCK_SIZE_N"])
     operands = [chunk_states, dA_cumsum, seq_idx]

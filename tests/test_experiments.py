@@ -55,3 +55,19 @@ def test_tune_quick_writes_configs_the_lookup_reads(tmp_path, monkeypatch):
                                           tune_ssu.device_name(backend))
         tuned = {r["effective_batch"]: r["best"] for r in rows if r["backend"] == backend}
         assert configs == tuned
+
+
+def test_tune_ssd_quick_writes_configs_the_lookup_reads(tmp_path, monkeypatch):
+    from experiments import tune_ssd
+    from jax_impl import ssd_chunk_state as jax_stages
+    from torch_impl import ssd_chunk_state as torch_stages
+
+    results = tune_ssd.main(["--quick", "--save-configs", "--output-dir", str(tmp_path)])
+    monkeypatch.setenv("MAMBA_TWIN_TUNED_CONFIG_FOLDER", str(tmp_path))
+    device = torch_stages.platform.default_device()
+    looked_up = {"triton": torch_stages.launch_config("chunk_scan", device),
+                 "pallas": jax_stages.launch_config("chunk_scan")}
+    for backend, stages in results.items():
+        default_us, best_us, config = stages["chunk_scan"]
+        assert best_us <= default_us
+        assert looked_up[backend] == config

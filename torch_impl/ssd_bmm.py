@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import clip_block
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision, tile_dot
+from torch_impl.ssd_chunk_state import dot_precision, launch_config, tile_dot
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -62,7 +62,7 @@ def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size):
     ngroups, dstate = C.shape[1:]
     num_chunks = cu_chunk_seqlens.shape[0] - 1
     CB = torch.empty(num_chunks, ngroups, chunk_size, chunk_size, device=C.device, dtype=torch.float32)
-    config = ssd_launch_config("bmm_chunk")
+    config = launch_config("bmm_chunk", C.device)
     block_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
     block_n = clip_block(chunk_size, config["BLOCK_SIZE_N"])
     block_k = clip_block(dstate, config["BLOCK_SIZE_K"])

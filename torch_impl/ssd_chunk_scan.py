@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import clip_block
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision, tile_dot
+from torch_impl.ssd_chunk_state import dot_precision, launch_config, tile_dot
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -129,7 +129,7 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
         out = torch.empty_like(x)
     if D is not None and D.dim() == 1:
         D = D.unsqueeze(1).expand(nheads, headdim)  # stride 0 over headdim
-    config = ssd_launch_config("chunk_scan")
+    config = launch_config("chunk_scan", x.device)
     block_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
     block_n = clip_block(headdim, config["BLOCK_SIZE_N"])
     block_k = clip_block(chunk_size, config["BLOCK_SIZE_K"])

@@ -15,14 +15,24 @@ Mirror: ``jax_impl/ssd_chunk_state.py``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import SsdLaunchConfigs, clip_block
 from torch_impl import platform  # before triton: interpreter mode on CPU
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+
+SSD_CONFIGS = SsdLaunchConfigs("triton", Path(__file__).parent / "configs")
+
+
+def launch_config(stage: str, device: torch.device) -> dict:
+    """The launch parameters of one chunked-scan stage on ``device``: tuned for
+    this GPU when a file exists (``bridge.launch_config.SsdLaunchConfigs``)."""
+    return SSD_CONFIGS.get(stage, platform.device_name(device))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -87,7 +97,7 @@ def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=
     num_chunks = cu_chunk_seqlens.shape[0] - 1
     dA_cumsum = torch.empty(nheads, num_chunks, chunk_size, device=dt.device, dtype=torch.float32)
     dt_out = torch.empty_like(dA_cumsum)
-    config = ssd_launch_config("chunk_cumsum")
+    config = launch_config("chunk_cumsum", dt.device)
     block_h = clip_block(nheads, config["BLOCK_SIZE_H"])
     grid = (num_chunks, triton.cdiv(nheads, block_h))
     with torch.device(dt.device):
@@ -159,7 +169,7 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
     ngroups, dstate = B.shape[1:]
     _, num_chunks, chunk_size = dA_cumsum.shape
     states = torch.empty(num_chunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-    config = ssd_launch_config("chunk_state")
+    config = launch_config("chunk_state", x.device)
     block_m = clip_block(headdim, config["BLOCK_SIZE_M"])
     block_n = clip_block(dstate, config["BLOCK_SIZE_N"])
     block_k = clip_block(chunk_size, config["BLOCK_SIZE_K"])

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from bridge.launch_config import clip_block, ssd_launch_config
+from bridge.launch_config import clip_block
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
+from torch_impl.ssd_chunk_state import launch_config
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -89,7 +90,7 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
     end_states = torch.empty_like(chunk_states, dtype=end_states_dtype)
     rows = num_chunks if return_intermediate_states else num_seqs
     states = torch.empty(rows, nheads, headdim, dstate, device=chunk_states.device, dtype=state_dtype)
-    config = ssd_launch_config("state_passing")
+    config = launch_config("state_passing", chunk_states.device)
     block_m = clip_block(headdim, config["BLOCK_SIZE_M"])
     block_n = clip_block(dstate, config["BLOCK_SIZE_N"])
     grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
