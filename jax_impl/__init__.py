@@ -1,6 +1,7 @@
 """Mamba-2 kernels for JAX, written in Pallas. Mirror: ``torch_impl``."""
 
 from jax_impl import platform  # noqa: F401
+from jax_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from jax_impl.selective_state_update import (
     get_ssm_config_file_name, get_ssm_configs, override_ssm_config, selective_state_update,
     try_get_optimal_ssm_config)
@@ -10,3 +11,4 @@ from bridge.ssu_contract import NULL_BLOCK_ID
 __all__ = ["NULL_BLOCK_ID", "get_ssm_config_file_name", "get_ssm_configs",
            "mamba_chunk_scan_combined", "mamba_chunk_scan_combined_varlen", "override_ssm_config",
            "selective_state_update", "try_get_optimal_ssm_config"]
+__all__ += ["causal_conv1d_fn", "causal_conv1d_update"]

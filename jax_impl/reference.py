@@ -292,3 +292,87 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_
             *map(f64, (D, z, dt_bias, initial_states)), dt_softplus, dt_limit,
             return_intermediate_states, compute_dtype=jnp.float64)
         return np.asarray(out), np.asarray(states)
+
+
+# Causal depthwise conv1d: float64 references written from the math.
+
+def _conv_sequence_ref(x_seq, history, weight, bias, silu, write_len, old, shift):
+    """One sequence in float64: ``x_seq (n, D)``, ``history (W-1, D)``;
+    returns ``(out (n, D), new_state (write_len, D))``: the last ``write_len``
+    of ``old[shift : shift + write_len - n] ++ x_seq`` (``bridge.conv_contract``)."""
+    width = weight.shape[1]
+    window = jnp.concatenate([history, x_seq])
+    out = jnp.stack([(window[t:t + width] * weight.T).sum(0) for t in range(len(x_seq))]) \
+        if len(x_seq) else jnp.zeros((0, weight.shape[0]), jnp.float64)
+    if bias is not None:
+        out = out + bias
+    if silu:
+        out = out * jax.nn.sigmoid(out)
+    keep = max(write_len - len(x_seq), 0)
+    return out, jnp.concatenate([old[shift:shift + keep], x_seq])[-write_len:]
+
+
+def causal_conv1d_fn_ref(x, weight, bias=None, conv_states=None, query_start_loc=None,
+                         cache_indices=None, has_initial_state=None, activation="silu",
+                         pad_slot_id=NULL_BLOCK_ID):
+    """Float64 reference of ``causal_conv1d_fn``: numpy ``(out (D, T),
+    new_conv_states (S, D, L))``, padding sequences' output columns NaN."""
+    with jax.enable_x64(True):
+        x, weight, bias, states = _f64(x, weight, bias, conv_states)
+        width = weight.shape[1]
+        out = np.full(x.shape, np.nan)
+        states = np.array(states)
+        bounds = np.asarray(query_start_loc).tolist()
+        for seq, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            slot = int(cache_indices[seq]) if cache_indices is not None else seq
+            if cache_indices is not None and slot == pad_slot_id:
+                continue
+            init = has_initial_state is not None and bool(has_initial_state[seq])
+            old = (jnp.asarray(states[slot, :, :width - 1].T) if init
+                   else jnp.zeros((width - 1, x.shape[0]), jnp.float64))
+            y, new = _conv_sequence_ref(x[:, begin:end].T, old, weight, bias,
+                                        activation is not None, width - 1, old, end - begin)
+            out[:, begin:end] = np.asarray(y).T
+            states[slot, :, :width - 1] = np.asarray(new).T
+        return out, states
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
+                             conv_state_indices=None, num_accepted_tokens=None,
+                             query_start_loc=None, pad_slot_id=NULL_BLOCK_ID,
+                             block_idx_last_scheduled_token=None, initial_state_idx=None):
+    """Float64 reference of ``causal_conv1d_update``: numpy ``(out,
+    new_conv_state)``, padding rows of ``out`` NaN."""
+    with jax.enable_x64(True):
+        x, weight, bias = _f64(x, weight, bias)
+        states = np.array(conv_state, np.float64)
+        width, state_len = weight.shape[1], states.shape[2]
+        out = np.full(x.shape, np.nan)
+        num_seqs = x.shape[0] if query_start_loc is None else len(query_start_loc) - 1
+        bounds = (list(range(num_seqs + 1)) if query_start_loc is None
+                  else np.asarray(query_start_loc).tolist())
+        column = lambda a, seq: int(a[seq]) if a is not None else 0  # noqa: E731
+        reads = []  # every read before any write, as the kernel does per slot
+        for seq in range(num_seqs):
+            if conv_state_indices is None:
+                read_slot = write_slot = seq
+            else:
+                indices = np.asarray(conv_state_indices).reshape(num_seqs, -1)
+                read_slot = int(indices[seq, column(initial_state_idx, seq)])
+                write_slot = int(indices[seq, column(block_idx_last_scheduled_token, seq)])
+                if read_slot == pad_slot_id:
+                    continue
+            reads.append((seq, write_slot, jnp.asarray(states[read_slot].T)))
+        for seq, write_slot, old in reads:
+            begin, end = bounds[seq], bounds[seq + 1]
+            if num_accepted_tokens is not None:
+                offset = int(num_accepted_tokens[seq]) - 1
+                shift = offset + 1
+            else:
+                offset, shift = 0, end - begin
+            y, new = _conv_sequence_ref(x[begin:end], old[offset:offset + width - 1], weight, bias,
+                                        activation is not None, state_len, old, shift)
+            out[begin:end] = np.asarray(y)
+            if end > begin:
+                states[write_slot] = np.asarray(new).T
+        return out, states

@@ -58,6 +58,20 @@ class TorchSide:
         """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
         return _ssd_references(self.reference, self.numpy, inputs, options)
 
+    def run_conv(self, function, inputs, **options):
+        """``causal_conv1d_fn`` / ``_update`` on copies of the state and
+        ``out``: (out, new_state) as float64 numpy."""
+        state_arg = "conv_states" if function == "causal_conv1d_fn" else "conv_state"
+        inputs = dict(inputs, **{state_arg: inputs[state_arg].clone(), "out": inputs["out"].clone()})
+        out = getattr(self.impl, function)(**inputs, **options)
+        assert out is inputs["out"], "torch kernel must return the `out` it wrote"
+        return self.numpy(out), self.numpy(inputs[state_arg])
+
+    def conv_reference(self, function, inputs, **options):
+        """The float64 reference of ``function``: (out, new_state) as numpy."""
+        inputs = {k: v for k, v in inputs.items() if k != "out"}
+        return tuple(map(self.numpy, getattr(self.reference, f"{function}_ref")(**inputs, **options)))
+
 
 class JaxSide:
     name = "jax"
@@ -104,6 +118,16 @@ class JaxSide:
     def ssd_references(self, inputs, **options):
         """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
         return _ssd_references(self.reference, self.numpy, inputs, options)
+
+    def run_conv(self, function, inputs, **options):
+        """``causal_conv1d_fn`` / ``_update``: (out, new_state) as float64 numpy."""
+        out, state = getattr(self.impl, function)(**inputs, **options)
+        return self.numpy(out), self.numpy(state)
+
+    def conv_reference(self, function, inputs, **options):
+        """The float64 reference of ``function``: (out, new_state) as numpy."""
+        inputs = {k: v for k, v in inputs.items() if k != "out"}
+        return getattr(self.reference, f"{function}_ref")(**inputs, **options)
 
 
 def _ssd_references(reference, numpy, inputs, options):

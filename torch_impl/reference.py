@@ -247,3 +247,86 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_
     return ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
                                  last_chunk_indices, D, z, dt_bias, initial_states, dt_softplus,
                                  dt_limit, return_intermediate_states, compute_dtype=torch.float64)
+
+
+# --- Causal depthwise conv1d ----------------------------------------------------
+
+def _conv_sequence_ref(x_seq, history, weight, bias, silu, write_len, old, shift):
+    """One sequence in float64: ``x_seq (n, D)``, ``history (W-1, D)``;
+    returns ``(out (n, D), new_state (write_len, D))``: the last ``write_len``
+    of ``old[shift : shift + write_len - n] ++ x_seq`` (``bridge.conv_contract``)."""
+    width = weight.shape[1]
+    window = torch.cat([history, x_seq])
+    out = torch.stack([(window[t:t + width] * weight.T).sum(0) for t in range(len(x_seq))]) \
+        if len(x_seq) else x_seq.new_zeros(0, weight.shape[0])
+    if bias is not None:
+        out = out + bias
+    if silu:
+        out = out * torch.sigmoid(out)
+    keep = max(write_len - len(x_seq), 0)
+    return out, torch.cat([old[shift:shift + keep], x_seq])[-write_len:]
+
+
+def causal_conv1d_fn_ref(x, weight, bias=None, conv_states=None, query_start_loc=None,
+                         cache_indices=None, has_initial_state=None, activation="silu",
+                         pad_slot_id=NULL_BLOCK_ID):
+    """Float64 reference of ``causal_conv1d_fn``: returns ``(out (D, T),
+    new_conv_states (S, D, L))`` as new float64 tensors (padding sequences'
+    output columns are NaN); the inputs are left unchanged."""
+    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
+    x, weight, bias = f64(x), f64(weight), f64(bias)
+    states = conv_states.detach().to(torch.float64, copy=True)
+    width = weight.shape[1]
+    out = torch.full_like(x, math.nan)
+    bounds = query_start_loc.tolist()
+    for seq, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        slot = int(cache_indices[seq]) if cache_indices is not None else seq
+        if cache_indices is not None and slot == pad_slot_id:
+            continue
+        init = has_initial_state is not None and bool(has_initial_state[seq])
+        old = states[slot, :, :width - 1].T if init else x.new_zeros(width - 1, x.shape[0])
+        y, new = _conv_sequence_ref(x[:, begin:end].T, old, weight, bias, activation is not None,
+                                    width - 1, old, end - begin)
+        out[:, begin:end] = y.T
+        states[slot, :, :width - 1] = new.T
+    return out, states
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
+                             conv_state_indices=None, num_accepted_tokens=None,
+                             query_start_loc=None, pad_slot_id=NULL_BLOCK_ID,
+                             block_idx_last_scheduled_token=None, initial_state_idx=None):
+    """Float64 reference of ``causal_conv1d_update``: returns ``(out,
+    new_conv_state)`` as new float64 tensors (padding rows of ``out`` NaN)."""
+    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
+    x, weight, bias = f64(x), f64(weight), f64(bias)
+    states = conv_state.detach().to(torch.float64, copy=True)
+    width, state_len = weight.shape[1], states.shape[2]
+    out = torch.full_like(x, math.nan)
+    num_seqs = x.shape[0] if query_start_loc is None else len(query_start_loc) - 1
+    bounds = list(range(num_seqs + 1)) if query_start_loc is None else query_start_loc.tolist()
+    column = lambda t, seq: int(t[seq]) if t is not None else 0  # noqa: E731
+    reads = []  # every read before any write, as the kernel does per slot
+    for seq in range(num_seqs):
+        if conv_state_indices is None:
+            read_slot = write_slot = seq
+        else:
+            indices = conv_state_indices.reshape(num_seqs, -1)
+            read_slot = int(indices[seq, column(initial_state_idx, seq)])
+            write_slot = int(indices[seq, column(block_idx_last_scheduled_token, seq)])
+            if read_slot == pad_slot_id:
+                continue
+        reads.append((seq, write_slot, states[read_slot].T.clone()))
+    for seq, write_slot, old in reads:
+        begin, end = bounds[seq], bounds[seq + 1]
+        if num_accepted_tokens is not None:
+            offset = int(num_accepted_tokens[seq]) - 1
+            shift = offset + 1
+        else:
+            offset, shift = 0, end - begin
+        y, new = _conv_sequence_ref(x[begin:end], old[offset:offset + width - 1], weight, bias,
+                                    activation is not None, state_len, old, shift)
+        out[begin:end] = y
+        if end > begin:
+            states[write_slot] = new.T
+    return out, states
