@@ -376,3 +376,21 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
             if end > begin:
                 states[write_slot] = np.asarray(new).T
         return out, states
+
+
+# Gated RMSNorm: the float64 reference.
+
+def rms_norm_gated_ref(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False):
+    """Float64 reference of ``rms_norm_gated`` (``bridge.norm_contract``): numpy."""
+    with jax.enable_x64(True):
+        x, weight, z = _f64(x, weight, z)
+        group_size = group_size or x.shape[-1]
+        if z is not None and not norm_before_gate:
+            x = x * jax.nn.silu(z)
+        groups = x.reshape(*x.shape[:-1], -1, group_size)
+        y = (groups * jax.lax.rsqrt(jnp.mean(groups ** 2, -1, keepdims=True) + eps)).reshape(x.shape)
+        if weight is not None:
+            y = y * weight
+        if z is not None and norm_before_gate:
+            y = y * jax.nn.silu(z)
+        return np.asarray(y)

@@ -330,3 +330,21 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
         if end > begin:
             states[write_slot] = new.T
     return out, states
+
+
+# --- Gated RMSNorm ---------------------------------------------------------------
+
+def rms_norm_gated_ref(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False):
+    """Float64 reference of ``rms_norm_gated`` (``bridge.norm_contract``)."""
+    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
+    x, weight, z = f64(x), f64(weight), f64(z)
+    group_size = group_size or x.shape[-1]
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z)
+    groups = x.reshape(*x.shape[:-1], -1, group_size)
+    y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * weight
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z)
+    return y

@@ -1,0 +1,69 @@
+"""Gated RMSNorm of a Mamba-2 layer (norm(x * silu(z)) per group of
+channels, scaled by ``weight``) as a Triton kernel with its launcher. The
+math and the argument rules: ``bridge.norm_contract``. Mirror:
+``jax_impl/gated_rms_norm.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bridge.norm_contract import check_norm_args, norm_num_warps
+from torch_impl import platform
+
+import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _rms_norm_gated_kernel(
+    x_ptr, z_ptr, w_ptr, out_ptr, group_size, eps,
+    stride_x_tok, stride_z_tok, stride_o_tok,
+    HAS_Z: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Grid (num_tokens, num_groups): one group of one token per program."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * group_size + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < group_size
+    x = tl.load(x_ptr + token * stride_x_tok + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + token * stride_z_tok + offs, mask=mask, other=0.0).to(tl.float32)
+        if not NORM_BEFORE_GATE:
+            x = x * z * tl.sigmoid(z)
+    y = x * tl.rsqrt(tl.sum(x * x, axis=0) / group_size + eps)
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z and NORM_BEFORE_GATE:
+        y = y * z * tl.sigmoid(z)
+    tl.store(out_ptr + token * stride_o_tok + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False, *,
+                   out=None):
+    """``x, z (T, hidden)``, ``weight (hidden,)`` or None -> ``out (T,
+    hidden)`` (written into ``out`` when given, else allocated like ``x``).
+    Normalised per group of ``group_size`` channels (default: all)."""
+    args = dict(x=x, z=z, weight=weight, out=out)
+    num_tokens, hidden, group_size = check_norm_args(
+        {k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
+        {k: (str(v.dtype).removeprefix("torch.") if v is not None else None) for k, v in args.items()},
+        group_size=group_size, eps=eps)
+    platform.check_kernel_device(args)
+    for name, tensor in args.items():
+        if tensor is not None and tensor.stride(-1) != 1:
+            raise ValueError(f"rms_norm_gated: `{name}` must have unit stride over hidden, "
+                             f"got strides {tuple(tensor.stride())}")
+    if out is None:
+        out = torch.empty_like(x)
+    if num_tokens == 0:
+        return out
+    block = triton.next_power_of_2(group_size)
+    with torch.device(x.device):
+        _rms_norm_gated_kernel[(num_tokens, hidden // group_size)](
+            x, z, weight, out, group_size, float(eps),
+            x.stride(0), z.stride(0) if z is not None else 0, out.stride(0),
+            HAS_Z=z is not None, HAS_WEIGHT=weight is not None,
+            NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=block,
+            num_warps=norm_num_warps(block))
+    return out
