@@ -1,0 +1,96 @@
+"""A Mamba-2 mixer in float64 numpy, token by token (plain ops, no
+kernels): what both frameworks' ``MambaMixer2`` and the tensor-parallel
+shards are tested against. Weights by Hugging Face / mamba_ssm key names."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bridge.mixer_sharding import MixerDims
+
+
+def silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+def softplus(v):
+    return np.where(v > 20.0, v, np.log1p(np.exp(np.minimum(v, 20.0))))
+
+
+def random_weights(rng, dims: MixerDims, hidden_size: int, conv_kernel: int, *, use_bias=False,
+                   use_conv_bias=True) -> dict[str, np.ndarray]:
+    """A random unsharded checkpoint (float64; ``conv1d.weight`` 3-D as saved)."""
+    G, N, H, I = dims.n_groups, dims.ssm_state_size, dims.num_heads, dims.intermediate_size
+    conv_dim = I + 2 * G * N
+    w = {"in_proj.weight": rng.standard_normal((2 * I + 2 * G * N + H, hidden_size)) / np.sqrt(hidden_size),
+         "conv1d.weight": rng.standard_normal((conv_dim, 1, conv_kernel)) * 0.5,
+         "dt_bias": rng.standard_normal(H) * 0.5, "A_log": rng.standard_normal(H) * 0.5,
+         "D": rng.standard_normal(H), "norm.weight": 1.0 + 0.1 * rng.standard_normal(I),
+         "out_proj.weight": rng.standard_normal((hidden_size, I)) / np.sqrt(I)}
+    if use_conv_bias:
+        w["conv1d.bias"] = rng.standard_normal(conv_dim) * 0.1
+    if use_bias:
+        w["in_proj.bias"] = rng.standard_normal(w["in_proj.weight"].shape[0]) * 0.1
+        w["out_proj.bias"] = rng.standard_normal(hidden_size) * 0.1
+    return w
+
+
+def ssm_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, conv_init=None, ssm_init=None):
+    """The mixer up to the norm, for one rank's weights (``dims.local_*``
+    sizes): returns ``(y (T, I), gate (T, I), conv_final (Q, W-1, conv_dim),
+    ssm_final (Q, H, P, N))``. ``conv_init`` / ``ssm_init`` per sequence
+    (None or entries None: zeros)."""
+    H, P, N = dims.local_heads, dims.head_dim, dims.ssm_state_size
+    I, G = dims.local_intermediate, dims.local_groups
+    conv_dim = dims.local_conv_dim
+    proj = hidden_states @ weights["in_proj.weight"].T
+    if "in_proj.bias" in weights:
+        proj = proj + weights["in_proj.bias"]
+    gate, xBC, dt = proj[:, :I], proj[:, I:I + conv_dim], proj[:, I + conv_dim:]
+    conv_w = weights["conv1d.weight"].reshape(conv_dim, -1)
+    width = conv_w.shape[1]
+    A = -np.exp(weights["A_log"])
+    y = np.zeros((len(proj), I))
+    conv_final, ssm_final = [], []
+    for q, (begin, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+        history = np.zeros((width - 1, conv_dim))
+        if conv_init is not None and conv_init[q] is not None:
+            history = conv_init[q]
+        state = np.zeros((H, P, N))
+        if ssm_init is not None and ssm_init[q] is not None:
+            state = ssm_init[q].copy()
+        window = np.concatenate([history, xBC[begin:end]])
+        for t in range(begin, end):
+            conv = (window[t - begin:t - begin + width] * conv_w.T).sum(0)
+            if "conv1d.bias" in weights:
+                conv = conv + weights["conv1d.bias"]
+            conv = silu(conv)
+            x = conv[:I].reshape(H, P)
+            B = np.repeat(conv[I:I + G * N].reshape(G, N), H // G, axis=0)
+            C = np.repeat(conv[I + G * N:].reshape(G, N), H // G, axis=0)
+            step = softplus(dt[t] + weights["dt_bias"])
+            state = (np.exp(A * step)[:, None, None] * state
+                     + (step[:, None] * x)[:, :, None] * B[:, None, :])
+            y[t] = ((state * C[:, None, :]).sum(-1) + weights["D"][:, None] * x).reshape(-1)
+        conv_final.append(window[-(width - 1):])
+        ssm_final.append(state)
+    return y, gate, np.stack(conv_final), np.stack(ssm_final)
+
+
+def gated_norm_ref(y, gate, weight, group_size, eps):
+    v = y * silu(gate)
+    groups = v.reshape(len(v), -1, group_size)
+    v = (groups / np.sqrt((groups ** 2).mean(-1, keepdims=True) + eps)).reshape(v.shape)
+    return v * weight if weight is not None else v
+
+
+def mixer_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, eps, conv_init=None,
+              ssm_init=None):
+    """The whole mixer (one rank, tp_size 1): ``(out (T, hidden), conv_final, ssm_final)``."""
+    y, gate, conv_final, ssm_final = ssm_ref(weights, dims, hidden_states, cu_seqlens,
+                                             conv_init, ssm_init)
+    out = gated_norm_ref(y, gate, weights.get("norm.weight"), dims.norm_group_size, eps)
+    out = out @ weights["out_proj.weight"].T
+    if "out_proj.bias" in weights:
+        out = out + weights["out_proj.bias"]
+    return out, conv_final, ssm_final
