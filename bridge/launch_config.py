@@ -139,10 +139,11 @@ SSD_LAUNCH_CONFIGS = {
     # heads per program; the whole chunk is one tile along the tokens
     "chunk_cumsum": {"BLOCK_SIZE_H": 16, "num_warps": 4, "num_stages": 1},
     # (headdim, dstate) tile of a chunk's state; K runs over the chunk's tokens
-    "chunk_state": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64,
+    "chunk_state": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 32,
                     "num_warps": 4, "num_stages": 3},
-    # a (headdim, dstate) tile carried across the chunks of one head
-    "state_passing": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "num_warps": 4, "num_stages": 1},
+    # a (headdim, dstate) tile carried across the chunks of one head: small
+    # tiles, many programs, so that enough loads are in flight
+    "state_passing": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 32, "num_warps": 4, "num_stages": 1},
     # a (chunk, chunk) tile of C B^T; K runs over dstate
     "bmm_chunk": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64,
                   "num_warps": 4, "num_stages": 3},
