@@ -67,6 +67,11 @@ class TorchSide:
         assert out is inputs["out"], "torch kernel must return the `out` it wrote"
         return self.numpy(out), self.numpy(inputs[state_arg])
 
+    def run_mixer(self, mixer, hidden_states: np.ndarray, cache, metadata) -> np.ndarray:
+        """One mixer forward on ``cache`` (updated in place): out as float64 numpy."""
+        with self.torch.no_grad():
+            return self.numpy(mixer(self.array(hidden_states, "float32"), cache, metadata))
+
     def conv_reference(self, function, inputs, **options):
         """The float64 reference of ``function``: (out, new_state) as numpy."""
         inputs = {k: v for k, v in inputs.items() if k != "out"}
@@ -123,6 +128,10 @@ class JaxSide:
         """``causal_conv1d_fn`` / ``_update``: (out, new_state) as float64 numpy."""
         out, state = getattr(self.impl, function)(**inputs, **options)
         return self.numpy(out), self.numpy(state)
+
+    def run_mixer(self, mixer, hidden_states: np.ndarray, cache, metadata) -> np.ndarray:
+        """One mixer forward on ``cache`` (updated in place): out as float64 numpy."""
+        return self.numpy(mixer.forward_on_cache(self.array(hidden_states, "float32"), cache, metadata))
 
     def conv_reference(self, function, inputs, **options):
         """The float64 reference of ``function``: (out, new_state) as numpy."""

@@ -1,0 +1,121 @@
+"""The Mamba-2 mixer in each framework vs the float64 numpy mixer
+(prefill-only, decode-only and mixed batches with padding requests and
+padding tokens; weights from a safetensors checkpoint the test writes), the
+PyTorch and Flax mixers on the same weights, sequences continued across
+frameworks on one shared cache, and bad configs."""
+
+import numpy as np
+import pytest
+
+import bridge
+from bridge.mixer_metadata import build_mamba2_metadata
+from bridge.mixer_sharding import MixerDims
+from frameworks import JaxSide, TorchSide
+from mixer_reference import mixer_ref, random_weights
+
+CONFIG = dict(hidden_size=16, ssm_state_size=16, conv_kernel_size=4, intermediate_size=32,
+              use_conv_bias=True, use_bias=True, n_groups=2, num_heads=4, head_dim=8,
+              rms_norm_eps=1e-5, chunk_size=16)
+DIMS = MixerDims(32, 2, 4, 8, 16)
+WIDTH, NUM_BLOCKS, PAD = 4, 8, 0
+PREFIX = "backbone.layers.0.mixer."
+
+
+def _mixer(side, weights, tmp_path=None):
+    mixer = side.impl.MambaMixer2(**CONFIG)
+    if tmp_path is None:
+        mixer.load_weights(weights)
+    else:  # through a safetensors file with a model's key prefix
+        from safetensors.numpy import save_file
+        path = str(tmp_path / "mixer.safetensors")
+        save_file({PREFIX + k: v.astype(np.float32) for k, v in weights.items()}, path)
+        mixer.load_safetensors(path, prefix=PREFIX)
+    return mixer
+
+
+def _cache(mixer, rng):
+    """A torch-owned shared cache with random states; the null block poisoned."""
+    cache = bridge.MambaStateCache(mixer.get_state_shape(), "float32", NUM_BLOCKS)
+    for name in ("conv", "ssm"):
+        values = rng.standard_normal(tuple(cache.torch(name).shape))
+        values[PAD] = np.nan
+        cache.torch(name).copy_(TorchSide().array(values, "float32"))
+    return cache
+
+
+BATCHES = {  # (query_lens, num_computed_tokens, slots, num_decodes, padding tokens)
+    "prefill": ([5, 20, 1], [0, 7, 4], [1, 2, 4], 0, 0),
+    "decode": ([1, 1, 1], [3, 9, 2], [3, PAD, 5], 3, 2),
+    "mixed": ([1, 1, 5, 20, 1], [6, 2, 0, 7, 4], [PAD, 3, 1, 2, 4], 2, 3),
+}
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_mixer_matches_float64_reference(side, batch, rng, tmp_path):
+    query_lens, computed, slots, num_decodes, padding = BATCHES[batch]
+    weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
+    mixer = _mixer(side, weights, tmp_path if batch == "mixed" else None)
+    cache = _cache(mixer, rng)
+    conv_before, ssm_before = (TorchSide().numpy(cache.torch(n)) for n in ("conv", "ssm"))
+    metadata = build_mamba2_metadata(query_lens, computed, slots, num_decodes, CONFIG["chunk_size"])
+    tokens = sum(query_lens) + padding
+    hidden = rng.standard_normal((tokens, CONFIG["hidden_size"]))
+    got = side.run_mixer(mixer, hidden, cache, metadata)
+
+    conv_after, ssm_after = (TorchSide().numpy(cache.torch(n)) for n in ("conv", "ssm"))
+    cu = np.concatenate([[0], np.cumsum(query_lens)])
+    want_conv, want_ssm = conv_before.copy(), ssm_before.copy()
+    for q, slot in enumerate(slots):
+        if slot == PAD:
+            continue
+        resumed = computed[q] > 0
+        out, conv_final, ssm_final = mixer_ref(
+            weights, DIMS, hidden[cu[q]:cu[q + 1]], [0, query_lens[q]], CONFIG["rms_norm_eps"],
+            [conv_before[slot, :WIDTH - 1] if resumed else None],
+            [ssm_before[slot] if resumed else None])
+        np.testing.assert_allclose(got[cu[q]:cu[q + 1]], out, rtol=0, atol=2e-4 * np.abs(out).max(),
+                                   err_msg=f"{side.name} {batch}: request {q}")
+        want_conv[slot, :WIDTH - 1], want_ssm[slot] = conv_final[0], ssm_final[0]
+    np.testing.assert_allclose(conv_after, want_conv, rtol=0, atol=1e-5, err_msg="conv states")
+    np.testing.assert_allclose(ssm_after, want_ssm, rtol=0, atol=2e-4 * np.nanmax(np.abs(want_ssm)),
+                               err_msg="ssm states")  # NaN in the null block stays NaN
+    assert np.isfinite(got[:sum(query_lens)][np.repeat(np.array(slots) != PAD, query_lens)]).all()
+
+
+@pytest.mark.filterwarnings("ignore::bridge.dlpack.BridgeCopyWarning")
+def test_torch_and_flax_mixers_agree_and_continue_each_other(rng):
+    """Same weights (the Flax mixer loads the torch mixer's, zero-copy where
+    it can): prefill in one framework and decode in the other on one shared
+    cache equals the whole sequence prefilled in one framework."""
+    torch_side, jax_side = TorchSide(), JaxSide()
+    torch_mixer = torch_side.impl.MambaMixer2(**CONFIG)
+    flax_mixer = jax_side.impl.MambaMixer2(**CONFIG)
+    flax_mixer.load_weights(torch_mixer.checkpoint_weights())
+    n, m = 9, 3
+    hidden = rng.standard_normal((n + m, CONFIG["hidden_size"]))
+    whole = build_mamba2_metadata([n + m], [0], [1], 0, CONFIG["chunk_size"])
+    want = torch_side.run_mixer(torch_mixer, hidden, _cache(torch_mixer, rng), whole)
+
+    for first, second in ((torch_side, jax_side), (jax_side, torch_side)):
+        mixers = {"torch": torch_mixer, "jax": flax_mixer}
+        cache = _cache(torch_mixer, rng)
+        prefill = build_mamba2_metadata([n], [0], [1], 0, CONFIG["chunk_size"])
+        got = [first.run_mixer(mixers[first.name], hidden[:n], cache, prefill)]
+        for t in range(n, n + m):
+            decode = build_mamba2_metadata([1], [t], [1], 1, CONFIG["chunk_size"])
+            got.append(second.run_mixer(mixers[second.name], hidden[t:t + 1], cache, decode))
+        np.testing.assert_allclose(np.concatenate(got), want, rtol=0, atol=2e-4 * np.abs(want).max(),
+                                   err_msg=f"prefill in {first.name}, decode in {second.name}")
+
+
+def test_bad_configs_and_checkpoints_raise(side, rng):
+    with pytest.raises(ValueError, match="`intermediate_size`"):
+        side.impl.MambaMixer2(**dict(CONFIG, intermediate_size=40))
+    with pytest.raises(ValueError, match="`n_groups`"):
+        side.impl.MambaMixer2(**dict(CONFIG, n_groups=3))
+    mixer = side.impl.MambaMixer2(**CONFIG)
+    weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
+    with pytest.raises(ValueError, match="`dt_bias`"):
+        mixer.load_weights(dict(weights, dt_bias=np.zeros(5)))
+    with pytest.raises(ValueError, match="`norm.weight`"):
+        mixer.load_weights({k: v for k, v in weights.items() if k != "norm.weight"})
