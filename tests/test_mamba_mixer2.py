@@ -119,3 +119,36 @@ def test_bad_configs_and_checkpoints_raise(side, rng):
         mixer.load_weights(dict(weights, dt_bias=np.zeros(5)))
     with pytest.raises(ValueError, match="`norm.weight`"):
         mixer.load_weights({k: v for k, v in weights.items() if k != "norm.weight"})
+
+
+def test_speculative_decoding_matches_reference(side, rng):
+    """num_spec = 1: each decode request feeds 2 tokens, every token's SSM
+    state goes to its own slot, the conv state keeps the drafted inputs.
+    Step 2 continues request 0 after both tokens were accepted and request
+    1 after only the first; a third request is padding."""
+    weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
+    mixer = side.impl.MambaMixer2(**CONFIG, num_spec=1)
+    mixer.load_weights(weights)
+    cache = _cache(mixer, rng)
+    conv_before, ssm_before = (TorchSide().numpy(cache.torch(n)) for n in ("conv", "ssm"))
+    slots = np.array([[1, 2], [3, 4], [PAD, PAD]])
+    hidden = rng.standard_normal((2, 6, CONFIG["hidden_size"]))  # (step, tokens)
+    got = []
+    for step, accepted in enumerate(([1, 1, 1], [2, 1, 1])):
+        metadata = build_mamba2_metadata([2, 2, 2], [5, 5, 5], slots, 3, CONFIG["chunk_size"],
+                                         num_accepted_tokens=accepted)
+        got.append(side.run_mixer(mixer, hidden[step], cache, metadata))
+
+    def reference(q, tokens):
+        return mixer_ref(weights, DIMS, tokens, [0, len(tokens)], CONFIG["rms_norm_eps"],
+                         [conv_before[slots[q, 0], :WIDTH - 1]], [ssm_before[slots[q, 0]]])[0]
+
+    for q, kept in ((0, [0, 1]), (1, [0])):  # tokens of step 1 that step 2 builds on
+        first = hidden[0, 2 * q:2 * q + 2]
+        want = reference(q, np.concatenate([first[kept], hidden[1, 2 * q:2 * q + 2]]))
+        tol = 2e-4 * np.abs(want).max()
+        np.testing.assert_allclose(got[0][2 * q:2 * q + 2], reference(q, first), rtol=0, atol=tol,
+                                   err_msg=f"{side.name}: step 1, request {q}")
+        np.testing.assert_allclose(got[1][2 * q:2 * q + 2], want[-2:], rtol=0, atol=tol,
+                                   err_msg=f"{side.name}: step 2, request {q}")
+    assert np.isnan(TorchSide().numpy(cache.torch("ssm"))[PAD]).all(), "the null block was written"
