@@ -28,6 +28,9 @@ _EXPORTS = {
     "to_jax": "dlpack", "to_torch": "dlpack", "jax_step_into": "dlpack", "InplaceStep": "dlpack",
     "AliasLostError": "dlpack", "BridgeCopyWarning": "dlpack", "SHARED_DTYPES": "dlpack",
     "MambaStateCache": "state_cache",
+    "Mamba2Metadata": "mixer_metadata", "build_mamba2_metadata": "mixer_metadata",
+    "MixerDims": "mixer_sharding", "mamba_v2_sharded_weight_loader": "mixer_sharding",
+    "shard_mixer_weights": "mixer_sharding",
 }
 
 __all__ = sorted(_EXPORTS)
