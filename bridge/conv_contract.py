@@ -13,6 +13,7 @@ W - 1, T tokens, Q sequences):
     conv_states / conv_state (S, D, L)   an SD cache (S, L, D) transposed, or a DS cache
     query_start_loc          (Q + 1,)
     cache_indices, has_initial_state, num_accepted_tokens   (Q,)
+    cache_indices with prefix caching                       (Q, max_blocks), a block table
     conv_state_indices       (Q,) or (Q, C)   (2-D: column 0, or the columns that
                                                initial_state_idx / block_idx_last_scheduled_token pick)
 
@@ -44,6 +45,13 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
 ACTIVATIONS = (None, "silu", "swish")
 MAX_WIDTH = 8
+# Prefix caching ("all" mode) in prefill: the block table's columns of each
+# sequence's initial state, first and last scheduled token, and its computed
+# tokens. The state at every block boundary crossed (a multiple of
+# block_size_to_align in the sequence) goes to that block's column, the
+# final state to the last scheduled token's.
+PREFIX_CACHING_ARGS = ("block_idx_first_scheduled_token", "block_idx_last_scheduled_token",
+                       "initial_state_idx", "num_computed_tokens")
 # Tiles (tokens, channels) of both kernels: no tensor-core products, so any power of two.
 PREFILL_BLOCK_T, DECODE_BLOCK_T, BLOCK_D = 32, 16, 64
 
@@ -88,7 +96,7 @@ def _check_common(function: str, shapes, dtypes, activation, dim: int) -> tuple[
         if dtypes.get(arg) is not None and dtypes[arg] not in FLOAT_DTYPES:
             _fail(function, arg, f"has dtype {dtypes[arg]}; supported: {', '.join(FLOAT_DTYPES)}")
     for arg in ("query_start_loc", "cache_indices", "conv_state_indices", "num_accepted_tokens",
-                "initial_state_idx", "block_idx_last_scheduled_token"):
+                *PREFIX_CACHING_ARGS):
         if dtypes.get(arg) is not None and dtypes[arg] not in INDEX_DTYPES:
             _fail(function, arg, f"has dtype {dtypes[arg]}; supported: {', '.join(INDEX_DTYPES)}")
     if dtypes.get("has_initial_state") not in (None, "bool"):
@@ -102,7 +110,7 @@ def _expect_seq(function: str, shapes, arg: str, num_seqs: int) -> None:
 
 
 def check_conv_fn_args(shapes: Mapping[str, Shape], dtypes: Mapping[str, Optional[str]], *,
-                       activation) -> ConvLayout:
+                       activation, block_size_to_align: int = 0) -> ConvLayout:
     """Check ``causal_conv1d_fn``'s arguments (shape tuples / dtype names or
     None by name); return the call's sizes. Raises ValueError naming the argument."""
     function = "causal_conv1d_fn"
@@ -115,11 +123,28 @@ def check_conv_fn_args(shapes: Mapping[str, Shape], dtypes: Mapping[str, Optiona
     if qsl is None or len(qsl) != 1 or qsl[0] < 2:
         _fail(function, "query_start_loc", f"must be 1-D of length num_seqs + 1 >= 2, got shape {qsl}")
     num_seqs = qsl[0] - 1
-    for arg in ("cache_indices", "has_initial_state"):
-        _expect_seq(function, shapes, arg, num_seqs)
+    _expect_seq(function, shapes, "has_initial_state", num_seqs)
+    prefix_args = [a for a in PREFIX_CACHING_ARGS if shapes.get(a) is not None]
+    indices = shapes.get("cache_indices")
+    columns = 1
+    if prefix_args:
+        if len(prefix_args) != len(PREFIX_CACHING_ARGS):
+            missing = sorted(set(PREFIX_CACHING_ARGS) - set(prefix_args))
+            _fail(function, missing[0], f"is required with {prefix_args[0]} (prefix caching)")
+        for arg in PREFIX_CACHING_ARGS:
+            _expect_seq(function, shapes, arg, num_seqs)
+        if indices is None or len(indices) != 2 or indices[0] != num_seqs:
+            _fail(function, "cache_indices", f"must be a block table ({num_seqs}, max_blocks) with "
+                                             f"prefix caching, got shape {indices}")
+        columns = indices[1]
+        if not isinstance(block_size_to_align, int) or block_size_to_align < 1:
+            _fail(function, "block_size_to_align", f"must be the mamba block size (>= 1) with prefix "
+                                                   f"caching, got {block_size_to_align!r}")
+    elif indices is not None:
+        _expect_seq(function, shapes, "cache_indices", num_seqs)
     if shapes.get("out") is not None and tuple(shapes["out"]) != (dim, num_tokens):
         _fail(function, "out", f"has shape {tuple(shapes['out'])}, expected {(dim, num_tokens)}")
-    return ConvLayout(dim, width, num_slots, state_len, num_tokens, num_seqs, 1,
+    return ConvLayout(dim, width, num_slots, state_len, num_tokens, num_seqs, columns,
                       activation is not None)
 
 
@@ -201,5 +226,10 @@ def check_conv_index_values(function: str, layout: ConvLayout, *, pad_slot_id: i
         if values is not None:
             cols = np.asarray(values, dtype=np.int64)
             if ((cols < 0) | (cols >= layout.index_columns)).any():
-                _fail(function, arg, f"must pick a column in [0, {layout.index_columns}) of "
-                                     f"`conv_state_indices`, got {cols.tolist()[:8]}")
+                _fail(function, arg, f"must pick a column in [0, {layout.index_columns}) of the "
+                                     f"index array, got {cols.tolist()[:8]}")
+    first = (columns or {}).get("block_idx_first_scheduled_token")
+    last = (columns or {}).get("block_idx_last_scheduled_token")
+    if first is not None and last is not None and (np.asarray(first) > np.asarray(last)).any():
+        _fail(function, "block_idx_first_scheduled_token", "must not exceed "
+                                                           "block_idx_last_scheduled_token")

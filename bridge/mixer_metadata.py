@@ -78,6 +78,20 @@ class Mamba2Metadata:
             if getattr(self, name) is not None})
 
 
+def prefix_block_indices(num_computed_tokens, query_lens, block_size: int):
+    """Prefix caching ("all" mode): block k of a request holds the state after
+    its token ``(k + 1) * block_size - 1`` (the last block: after its last
+    token). Returns int32 ``(block_idx_last_computed_token,
+    block_idx_first_scheduled_token, block_idx_last_scheduled_token)``: the
+    blocks of the last computed token (0 when none), of the first and of
+    the last scheduled token."""
+    computed = np.asarray(num_computed_tokens, np.int64)
+    lens = np.asarray(query_lens, np.int64)
+    as_i32 = lambda a: a.astype(np.int32)  # noqa: E731
+    return (as_i32(np.maximum(computed - 1, 0) // block_size), as_i32(computed // block_size),
+            as_i32((computed + np.maximum(lens, 1) - 1) // block_size))
+
+
 def build_mamba2_metadata(query_lens: Sequence[int], num_computed_tokens: Sequence[int],
                           state_indices, num_decodes: int, chunk_size: int,
                           num_accepted_tokens: Optional[Sequence[int]] = None) -> Mamba2Metadata:

@@ -31,9 +31,10 @@ from jax_impl.selective_state_update import _is_concrete
 
 
 def _causal_conv1d_kernel(*refs, names, dim, width, num_slots, pad_slot_id, write_len, silu,
-                          always_history, block_t, block_d, block_r):
+                          always_history, block_size, block_t, block_d, block_r):
     """Grid (num_seqs, cdiv(dim, block_d)): one program runs one sequence's
-    tokens for a block of channels, then writes that block of its state.
+    tokens for a block of channels, then writes that block of its state
+    (and, given ``first_block``, of the states at the block boundaries it crossed).
     Tiles are addressed by index arrays (masked lanes clamped to row 0 on
     loads), so no slice starts before a sequence's first token."""
     ref = dict(zip(names, refs))
@@ -106,21 +107,48 @@ def _causal_conv1d_kernel(*refs, names, dim, width, num_slots, pad_slot_id, writ
 
     jax.lax.fori_loop(0, pl.cdiv(seqlen, block_t), token_block, 0)
 
-    # The new state: the newest inputs at the end, older history shifted in front.
+    # The new state: the newest inputs at the end, older history shifted in
+    # front. Loaded before any state is written (it may read the slot).
     offs_r = jnp.arange(block_r)
     in_state = offs_r < write_len
     pos = offs_r - (write_len - seqlen)
     from_x = in_state & (pos >= 0)
     new = load_window(jnp.where(from_x, pos, offs_r + shift), from_x,
                       in_state & (pos < 0) & has_history)
-    if not platform.INTERPRET:  # the interpreter runs one program at a time
-        plgpu.debug_barrier()  # every read of the slot (by any warp) before it is overwritten
     keep = active & (seqlen > 0)
+    if "first_block" in ref:
+        # The last W-1 inputs before each block boundary crossed, into that
+        # block's slot. Only the first boundary can reach into the history.
+        computed = ref["num_computed"][seq]
+        in_window = offs_r < width - 1
+
+        def boundary(block, carry):
+            pos = (block + 1) * block_size - computed - (width - 1) + offs_r
+            from_x = in_window & (pos >= 0)
+            value = load_window(jnp.where(from_x, pos, offset + (width - 1) + pos), from_x,
+                                in_window & (pos < 0) & has_history)
+            slot = ref["indices"][seq, block]
+            slot_ok = (slot >= 0) & (slot < num_slots) & (slot != pad_slot_id)
+            _barrier()  # the window's reads of the slot before it is overwritten
+            plgpu.store(state_out_ref.at[jnp.where(slot_ok, slot, 0), offs_r[:, None], cols],
+                        value.astype(state_out_ref.dtype),
+                        mask=(in_window & slot_ok)[:, None] & mask_d[None, :])
+            return carry
+
+        first_block = ref["first_block"][seq]
+        jax.lax.fori_loop(first_block, jnp.where(keep, write_col, first_block), boundary, 0)
+    _barrier()  # every read of the slot (by any warp) before it is overwritten
     plgpu.store(state_out_ref.at[jnp.where(keep, write_slot, 0), offs_r[:, None], cols],
                 new.astype(state_out_ref.dtype), mask=(in_state & keep)[:, None] & mask_d[None, :])
 
 
-def _run(layout, operands, *, out, pad_slot_id, write_len, always_history, block_t):
+def _barrier():
+    if not platform.INTERPRET:  # the interpreter runs one program at a time
+        plgpu.debug_barrier()
+
+
+def _run(layout, operands, *, out, pad_slot_id, write_len, always_history, block_t,
+         block_size=0):
     """operands: x (T, D), weight, bias, state (S, L, D), index arrays by
     kernel name. Returns (out (T, D), new state (S, L, D))."""
     x, state = operands["x"], operands["state"]
@@ -133,7 +161,8 @@ def _run(layout, operands, *, out, pad_slot_id, write_len, always_history, block
     kernel = functools.partial(
         _causal_conv1d_kernel, names=names, dim=layout.dim, width=layout.width,
         num_slots=layout.num_slots, pad_slot_id=pad_slot_id, write_len=write_len,
-        silu=layout.silu, always_history=always_history, block_t=block_t, block_d=block_d,
+        silu=layout.silu, always_history=always_history, block_size=block_size,
+        block_t=block_t, block_d=block_d,
         block_r=max(2, pl.next_power_of_2(write_len)))
     aliases = {names.index("state"): 1}
     if out is not None:
@@ -150,10 +179,10 @@ def _run(layout, operands, *, out, pad_slot_id, write_len, always_history, block
     )(*operands.values())
 
 
-def _check(check, args, activation):
+def _check(check, args, **options):
     return check({k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
                  {k: (str(v.dtype) if v is not None else None) for k, v in args.items()},
-                 activation=activation)
+                 **options)
 
 
 def _host_if_concrete(arrays: dict):
@@ -166,7 +195,9 @@ def _host_if_concrete(arrays: dict):
 
 def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=None,
                      cache_indices=None, has_initial_state=None, activation="silu",
-                     pad_slot_id=NULL_BLOCK_ID, *, out=None):
+                     pad_slot_id=NULL_BLOCK_ID, block_idx_first_scheduled_token=None,
+                     block_idx_last_scheduled_token=None, initial_state_idx=None,
+                     num_computed_tokens=None, block_size_to_align=0, *, out=None):
     """Prefill: the conv over packed sequences ``x (dim, T)``, ``weight (dim,
     width)``, ``bias (dim,)``. Reads the history of sequences with
     ``has_initial_state`` from ``conv_states (S, dim, L)`` at
@@ -175,27 +206,44 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
     Returns ``(out (dim, T), new_conv_states (S, dim, L))``; a given ``out``
     keeps its values in the columns of padding sequences.
 
+    Prefix caching ("all" mode): ``cache_indices`` is a block table ``(Q,
+    max_blocks)``; the history is read at column ``initial_state_idx``, the
+    final state written at ``block_idx_last_scheduled_token``, and the state
+    at each multiple of ``block_size_to_align`` (in the sequence, which has
+    ``num_computed_tokens`` before this call) at the columns from
+    ``block_idx_first_scheduled_token`` on.
+
     Jittable with ``activation`` and ``pad_slot_id`` static; index values
     are checked when concrete.
     """
     args = dict(x=x, weight=weight, bias=bias, conv_states=conv_states,
                 query_start_loc=query_start_loc, cache_indices=cache_indices,
-                has_initial_state=has_initial_state, out=out)
-    layout = _check(check_conv_fn_args, args, activation)
-    host = _host_if_concrete(dict(query_start_loc=query_start_loc, cache_indices=cache_indices))
+                has_initial_state=has_initial_state, out=out,
+                block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+                block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+                initial_state_idx=initial_state_idx, num_computed_tokens=num_computed_tokens)
+    layout = _check(check_conv_fn_args, args, activation=activation,
+                    block_size_to_align=block_size_to_align)
+    columns = ("initial_state_idx", "block_idx_first_scheduled_token",
+               "block_idx_last_scheduled_token")
+    host = _host_if_concrete({k: args[k] for k in ("query_start_loc", "cache_indices") + columns})
     if host is not None:
         check_conv_index_values("causal_conv1d_fn", layout, pad_slot_id=pad_slot_id,
                                 query_start_loc=host["query_start_loc"],
-                                slot_indices=host["cache_indices"])
+                                slot_indices=host["cache_indices"],
+                                columns={k: host[k] for k in columns})
     operands = {"x": x.T, "weight": weight, "bias": bias, "state": jnp.swapaxes(conv_states, 1, 2),
                 "query_start_loc": query_start_loc,
-                "indices": cache_indices.reshape(-1, 1) if cache_indices is not None else None,
+                "indices": (cache_indices.reshape(cache_indices.shape[0], -1)
+                            if cache_indices is not None else None),
                 "has_initial_state": (has_initial_state.astype(jnp.int32)
-                                      if has_initial_state is not None else None)}
+                                      if has_initial_state is not None else None),
+                "read_col": initial_state_idx, "write_col": block_idx_last_scheduled_token,
+                "first_block": block_idx_first_scheduled_token, "num_computed": num_computed_tokens}
     new_out, new_state = _run(layout, {k: v for k, v in operands.items() if v is not None},
                               out=out.T if out is not None else None, pad_slot_id=pad_slot_id,
                               write_len=layout.width - 1, always_history=False,
-                              block_t=PREFILL_BLOCK_T)
+                              block_t=PREFILL_BLOCK_T, block_size=block_size_to_align)
     return new_out.T, jnp.swapaxes(new_state, 1, 2)
 
 
@@ -216,7 +264,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
                 conv_state_indices=conv_state_indices, num_accepted_tokens=num_accepted_tokens,
                 query_start_loc=query_start_loc, initial_state_idx=initial_state_idx,
                 block_idx_last_scheduled_token=block_idx_last_scheduled_token, out=out)
-    layout = _check(check_conv_update_args, args, activation)
+    layout = _check(check_conv_update_args, args, activation=activation)
     host = _host_if_concrete(dict(
         query_start_loc=query_start_loc, conv_state_indices=conv_state_indices,
         num_accepted_tokens=num_accepted_tokens, initial_state_idx=initial_state_idx,

@@ -314,7 +314,9 @@ def _conv_sequence_ref(x_seq, history, weight, bias, silu, write_len, old, shift
 
 def causal_conv1d_fn_ref(x, weight, bias=None, conv_states=None, query_start_loc=None,
                          cache_indices=None, has_initial_state=None, activation="silu",
-                         pad_slot_id=NULL_BLOCK_ID):
+                         pad_slot_id=NULL_BLOCK_ID, block_idx_first_scheduled_token=None,
+                         block_idx_last_scheduled_token=None, initial_state_idx=None,
+                         num_computed_tokens=None, block_size_to_align=0):
     """Float64 reference of ``causal_conv1d_fn``: numpy ``(out (D, T),
     new_conv_states (S, D, L))``, padding sequences' output columns NaN."""
     with jax.enable_x64(True):
@@ -323,17 +325,29 @@ def causal_conv1d_fn_ref(x, weight, bias=None, conv_states=None, query_start_loc
         out = np.full(x.shape, np.nan)
         states = np.array(states)
         bounds = np.asarray(query_start_loc).tolist()
+        column = lambda a, seq: int(a[seq]) if a is not None else 0  # noqa: E731
         for seq, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            slot = int(cache_indices[seq]) if cache_indices is not None else seq
+            row = (np.asarray(cache_indices[seq]).reshape(-1).tolist() if cache_indices is not None
+                   else [seq])
+            slot = row[column(initial_state_idx, seq)]
             if cache_indices is not None and slot == pad_slot_id:
                 continue
             init = has_initial_state is not None and bool(has_initial_state[seq])
             old = (jnp.asarray(states[slot, :, :width - 1].T) if init
                    else jnp.zeros((width - 1, x.shape[0]), jnp.float64))
-            y, new = _conv_sequence_ref(x[:, begin:end].T, old, weight, bias,
-                                        activation is not None, width - 1, old, end - begin)
+            x_seq = x[:, begin:end].T
+            y, new = _conv_sequence_ref(x_seq, old, weight, bias, activation is not None,
+                                        width - 1, old, end - begin)
             out[:, begin:end] = np.asarray(y).T
-            states[slot, :, :width - 1] = np.asarray(new).T
+            if block_idx_first_scheduled_token is not None:
+                # The W-1 inputs before each block boundary crossed (prefix caching).
+                window = np.asarray(jnp.concatenate([old, x_seq]))
+                for block in range(column(block_idx_first_scheduled_token, seq),
+                                   column(block_idx_last_scheduled_token, seq)):
+                    cut = (block + 1) * block_size_to_align - column(num_computed_tokens, seq)
+                    if row[block] != pad_slot_id:
+                        states[row[block], :, :width - 1] = window[cut:cut + width - 1].T
+            states[row[column(block_idx_last_scheduled_token, seq)], :, :width - 1] = np.asarray(new).T
         return out, states
 
 

@@ -233,3 +233,32 @@ def test_bad_input_raises_naming_the_argument(side, rng):
         side.run_conv("causal_conv1d_update", dict(update, num_accepted_tokens=update["conv_state_indices"]))
     with pytest.raises(ValueError, match="`bias`"):
         side.run_conv("causal_conv1d_update", dict(update, bias=side.array(np.zeros(5), "float32")))
+
+
+def test_prefill_writes_block_boundary_states(side, rng):
+    """Prefix caching: a block table per sequence; the history comes from the
+    block of the last computed token, the state at every block boundary
+    crossed goes to that block, the final state to the last block."""
+    from bridge.mixer_metadata import prefix_block_indices
+    dim, width, block_size = 16, 4, 4
+    lens, computed = np.array([9, 7, 2, 3]), np.array([0, 5, 3, 2])
+    last_computed, first, last = prefix_block_indices(computed, lens, block_size)
+    table = (1 + np.arange(4 * 5).reshape(4, 5)).astype(np.int32)  # 5 blocks each, distinct slots
+    table[3] = PAD  # a padding sequence
+    state = _state(rng, 1 + table.size, dim, width - 1)
+    qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    i32 = lambda a: side.array(np.asarray(a, np.int32), "int32")  # noqa: E731
+    inputs = dict(x=side.array(rng.standard_normal((qsl[-1], dim)), "float32").T,
+                  weight=side.array(rng.standard_normal((dim, width)), "float32"), bias=None,
+                  conv_states=side.array(state, "float32"), query_start_loc=i32(qsl),
+                  cache_indices=i32(table), has_initial_state=side.array(computed > 0, "bool"),
+                  block_idx_first_scheduled_token=i32(first), block_idx_last_scheduled_token=i32(last),
+                  initial_state_idx=i32(last_computed), num_computed_tokens=i32(computed),
+                  out=side.array(np.full((dim, qsl[-1]), np.nan), "float32"))
+    want_out, want_state = side.conv_reference("causal_conv1d_fn", inputs, block_size_to_align=block_size)
+    got_out, got_state = side.run_conv("causal_conv1d_fn", inputs, block_size_to_align=block_size)
+    _close(got_out, want_out, "float32", f"{side.name} prefill out")
+    _close(got_state, want_state, "float32", f"{side.name} block states")
+    assert (last - first).sum() >= 4, "the case must cross several boundaries"
+    with pytest.raises(ValueError, match="`block_size_to_align`"):
+        side.run_conv("causal_conv1d_fn", inputs)
