@@ -37,6 +37,15 @@ class Mamba2Metadata:
         prefills aligned on their computed tokens).
     num_accepted_tokens (num_decodes,), query_start_loc_d (num_decodes + 1,):
         speculative decoding only (else None).
+
+    Prefix caching ("all" mode, ``mamba_block_size`` set): the state indices
+    are block tables ``(requests, max_blocks)``; ``block_idx_last_computed_token``
+    and ``block_idx_last_scheduled_token`` (decodes, then prefills),
+    ``block_idx_first_scheduled_token_p`` and ``num_computed_tokens_p`` as in
+    vLLM (``prefix_block_indices``). Derived here once per step rather than
+    in every layer's forward: ``block_state_chunks_p`` / ``block_state_slots_p``,
+    the chunk (of the chunked scan's intermediate states) whose end is each
+    block boundary a prefill crosses, and the slot that stores it.
     """
 
     num_prefills: int
@@ -54,10 +63,24 @@ class Mamba2Metadata:
     state_indices_tensor_d: Optional[object] = None
     num_accepted_tokens: Optional[object] = None
     query_start_loc_d: Optional[object] = None
+    mamba_block_size: Optional[int] = None
+    block_idx_last_computed_token: Optional[object] = None
+    block_idx_last_scheduled_token: Optional[object] = None
+    block_idx_first_scheduled_token_p: Optional[object] = None
+    num_computed_tokens_p: Optional[object] = None
+    block_state_chunks_p: Optional[object] = None
+    block_state_slots_p: Optional[object] = None
 
     ARRAY_FIELDS = ("query_start_loc_p", "state_indices_tensor_p", "has_initial_states_p",
                     "cu_chunk_seqlen_p", "seq_idx_p", "last_chunk_indices_p",
-                    "state_indices_tensor_d", "num_accepted_tokens", "query_start_loc_d")
+                    "state_indices_tensor_d", "num_accepted_tokens", "query_start_loc_d",
+                    "block_idx_last_computed_token", "block_idx_last_scheduled_token",
+                    "block_idx_first_scheduled_token_p", "num_computed_tokens_p",
+                    "block_state_chunks_p", "block_state_slots_p")
+
+    @property
+    def is_mamba_cache_all(self) -> bool:
+        return self.mamba_block_size is not None
 
     @property
     def num_actual_tokens(self) -> int:
@@ -66,7 +89,7 @@ class Mamba2Metadata:
     @property
     def max_decode_query_len(self) -> int:
         """Tokens per decode request (1, or 1 + num_spec)."""
-        if self.state_indices_tensor_d is None or len(self.state_indices_tensor_d.shape) == 1:
+        if self.num_accepted_tokens is None:
             return 1
         return int(self.state_indices_tensor_d.shape[1])
 
@@ -94,11 +117,14 @@ def prefix_block_indices(num_computed_tokens, query_lens, block_size: int):
 
 def build_mamba2_metadata(query_lens: Sequence[int], num_computed_tokens: Sequence[int],
                           state_indices, num_decodes: int, chunk_size: int,
-                          num_accepted_tokens: Optional[Sequence[int]] = None) -> Mamba2Metadata:
+                          num_accepted_tokens: Optional[Sequence[int]] = None,
+                          mamba_block_size: Optional[int] = None) -> Mamba2Metadata:
     """Metadata of one batch: ``query_lens``, ``num_computed_tokens`` and
     ``state_indices`` per request (decodes first; ``state_indices (R,)``, or
     ``(R, 1 + num_spec)`` with ``num_accepted_tokens`` given for the
-    decodes: spec decoding, the prefills use column 0)."""
+    decodes: spec decoding, the prefills use column 0; or block tables
+    ``(R, max_blocks)`` with ``mamba_block_size``: prefix caching, a multiple
+    of ``chunk_size``)."""
     lens = np.asarray(query_lens, np.int64)
     computed = np.asarray(num_computed_tokens, np.int64)
     slots = np.asarray(state_indices, np.int32)
@@ -108,10 +134,18 @@ def build_mamba2_metadata(query_lens: Sequence[int], num_computed_tokens: Sequen
                          f"`state_indices` {slots.shape} must have one entry per request ({num_requests})")
     if not 0 <= num_decodes <= num_requests:
         raise ValueError(f"build_mamba2_metadata: `num_decodes` {num_decodes} outside [0, {num_requests}]")
-    spec = num_accepted_tokens is not None
-    if spec != (slots.ndim == 2):
+    spec, cache_all = num_accepted_tokens is not None, mamba_block_size is not None
+    if spec and cache_all:
+        raise ValueError("build_mamba2_metadata: `num_accepted_tokens` with `mamba_block_size` "
+                         "(speculative decoding with prefix caching) is not supported")
+    if cache_all and (not isinstance(mamba_block_size, int) or mamba_block_size < chunk_size
+                      or mamba_block_size % chunk_size):
+        raise ValueError(f"build_mamba2_metadata: `mamba_block_size` ({mamba_block_size!r}) must be a "
+                         f"multiple of chunk_size ({chunk_size})")
+    if (spec or cache_all) != (slots.ndim == 2):
         raise ValueError("build_mamba2_metadata: `state_indices` must be 2-D (one slot per "
-                         "speculative token) exactly when `num_accepted_tokens` is given")
+                         "speculative token, or a block table) exactly when `num_accepted_tokens` "
+                         "or `mamba_block_size` is given")
     decode_lens, prefill_lens = lens[:num_decodes], lens[num_decodes:]
     max_decode = slots.shape[1] if spec else 1
     if (decode_lens != max_decode).any():
@@ -140,6 +174,25 @@ def build_mamba2_metadata(query_lens: Sequence[int], num_computed_tokens: Sequen
                       has_initial_states_p=computed[num_decodes:] > 0,
                       cu_chunk_seqlen_p=chunks.cu_chunk_seqlens, seq_idx_p=chunks.seq_idx,
                       last_chunk_indices_p=chunks.last_chunk_indices)
+    if cache_all:
+        last_computed, first, last = prefix_block_indices(computed, lens, mamba_block_size)
+        if (last >= slots.shape[1]).any():
+            raise ValueError(f"build_mamba2_metadata: the block tables have {slots.shape[1]} columns, "
+                             f"requests reach block {int(last.max())}")
+        fields.update(mamba_block_size=mamba_block_size, block_idx_last_computed_token=last_computed,
+                      block_idx_last_scheduled_token=last)
+        if num_requests > num_decodes:
+            chunk_ends = fields["cu_chunk_seqlen_p"][1:]
+            chunk_list, slot_list = [], []
+            for q in range(num_requests - num_decodes):
+                r = num_decodes + q
+                for block in range(first[r], last[r]):
+                    end = cu[q] + (block + 1) * mamba_block_size - computed[r]
+                    chunk_list.append(int(np.searchsorted(chunk_ends, end)))
+                    slot_list.append(slots[r, block])
+            fields.update(block_idx_first_scheduled_token_p=first[num_decodes:],
+                          num_computed_tokens_p=as_i32(computed[num_decodes:]),
+                          block_state_chunks_p=as_i32(chunk_list), block_state_slots_p=as_i32(slot_list))
     return Mamba2Metadata(**fields)
 
 

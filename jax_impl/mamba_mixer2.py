@@ -33,6 +33,13 @@ from jax_impl.selective_state_update import selective_state_update
 from jax_impl.ssd_combined import mamba_chunk_scan_combined_varlen
 
 
+def _scatter_states(ssm_state, slots, states):
+    """ssm_state with ``[slots] = states``, skipping padding (null-block) slots
+    (sent out of range, where the scatter drops them)."""
+    rows = jnp.where(slots != NULL_BLOCK_ID, slots, ssm_state.shape[0])
+    return ssm_state.at[rows].set(states, mode="drop")
+
+
 class MambaMixer2(nnx.Module):
     """vLLM's constructor arguments less its config objects; ``chunk_size``
     (the model's mamba chunk size) and ``num_spec`` (speculative tokens)
@@ -151,39 +158,63 @@ class MambaMixer2(nnx.Module):
         split_xbc = lambda v: jnp.split(v, [I, I + G * N], axis=-1)  # noqa: E731
         parts = []
 
+        # Prefix caching ("all" mode): the state is read from the block of the
+        # last computed token and written to the block of the last scheduled one.
+        cache_all = meta.is_mamba_cache_all
+        if cache_all:
+            read_col_d, read_col_p = jnp.split(meta.block_idx_last_computed_token, [meta.num_decodes])
+            write_col_d, write_col_p = jnp.split(meta.block_idx_last_scheduled_token, [meta.num_decodes])
+            pick = lambda table, cols: jnp.take_along_axis(table, cols[:, None], axis=1)[:, 0]  # noqa: E731
+
         if meta.num_decodes:
             conv_d, conv = causal_conv1d_update(
                 xBC[:nd], conv, weight, bias, self.activation,
                 conv_state_indices=meta.state_indices_tensor_d,
                 num_accepted_tokens=meta.num_accepted_tokens, query_start_loc=meta.query_start_loc_d,
-                max_query_len=meta.max_decode_query_len)
+                max_query_len=meta.max_decode_query_len,
+                block_idx_last_scheduled_token=write_col_d if cache_all else None,
+                initial_state_idx=read_col_d if cache_all else None)
             x_d, B_d, C_d = split_xbc(conv_d)
+            table_d = meta.state_indices_tensor_d
             y_d, ssm_state = selective_state_update(
                 ssm_state, x_d.reshape(nd, H, P), dt[:nd], A, B_d.reshape(nd, G, N),
                 C_d.reshape(nd, G, N), D, dt_bias, dt_softplus=True,
-                state_batch_indices=meta.state_indices_tensor_d,
+                state_batch_indices=pick(table_d, read_col_d) if cache_all else table_d,
+                dst_state_batch_indices=pick(table_d, write_col_d) if cache_all else None,
                 num_accepted_tokens=meta.num_accepted_tokens, cu_seqlens=meta.query_start_loc_d)
             parts.append(y_d.reshape(nd, I))
 
         if meta.num_prefills:
-            slots = meta.state_indices_tensor_p
+            table_p = meta.state_indices_tensor_p
+            prefix = {}
+            if cache_all:
+                prefix = dict(block_idx_first_scheduled_token=meta.block_idx_first_scheduled_token_p,
+                              block_idx_last_scheduled_token=write_col_p, initial_state_idx=read_col_p,
+                              num_computed_tokens=meta.num_computed_tokens_p,
+                              block_size_to_align=meta.mamba_block_size)
             conv_p, conv = causal_conv1d_fn(xBC[nd:nd + npf].T, weight, bias, conv,
-                                            meta.query_start_loc_p, slots, meta.has_initial_states_p,
-                                            self.activation)
+                                            meta.query_start_loc_p, table_p, meta.has_initial_states_p,
+                                            self.activation, **prefix)
             x_p, B_p, C_p = split_xbc(conv_p.T)
             initial_states = None
             if meta.prep_initial_states:
+                read_slots = pick(table_p, read_col_p) if cache_all else table_p
                 initial_states = jnp.where(meta.has_initial_states_p[:, None, None, None],
-                                           ssm_state[slots], 0).astype(ssm_state.dtype)
-            y_p, final_states = mamba_chunk_scan_combined_varlen(
+                                           ssm_state[read_slots], 0).astype(ssm_state.dtype)
+            y_p, states = mamba_chunk_scan_combined_varlen(
                 x_p.reshape(npf, H, P), dt[nd:nd + npf], A, B_p.reshape(npf, G, N),
                 C_p.reshape(npf, G, N), self.chunk_size, meta.query_start_loc_p,
                 meta.cu_chunk_seqlen_p, meta.last_chunk_indices_p, meta.seq_idx_p, D=D,
                 dt_bias=dt_bias, initial_states=initial_states, dt_softplus=True,
-                state_dtype=ssm_state.dtype)
-            # Padding requests leave the cache alone: their rows go out of range and are dropped.
-            rows = jnp.where(slots != NULL_BLOCK_ID, slots, ssm_state.shape[0])
-            ssm_state = ssm_state.at[rows].set(final_states, mode="drop")
+                return_intermediate_states=cache_all, state_dtype=ssm_state.dtype)
+            write_slots, final_states = table_p, states
+            if cache_all:
+                # The states at the block boundaries crossed, then the last state.
+                ssm_state = _scatter_states(ssm_state, meta.block_state_slots_p,
+                                            states[meta.block_state_chunks_p])
+                write_slots = pick(table_p, write_col_p)
+                final_states = states[meta.last_chunk_indices_p]
+            ssm_state = _scatter_states(ssm_state, write_slots, final_states)
             parts.append(y_p.reshape(npf, I))
 
         # Rows of padding tokens stay 0.

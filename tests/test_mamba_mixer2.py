@@ -152,3 +152,49 @@ def test_speculative_decoding_matches_reference(side, rng):
         np.testing.assert_allclose(got[1][2 * q:2 * q + 2], want[-2:], rtol=0, atol=tol,
                                    err_msg=f"{side.name}: step 2, request {q}")
     assert np.isnan(TorchSide().numpy(cache.torch("ssm"))[PAD]).all(), "the null block was written"
+
+
+def test_prefix_caching_all_mode_matches_reference(side, rng):
+    """mamba_block_size = chunk_size = 16, block tables per request. Request
+    A: prefill 21 tokens, resume with 13 more (reading the partial block,
+    crossing the boundary at 32), then decode 1; request B: prefill 5, decode
+    2, batched with A. Every output equals the float64 mixer over the whole
+    sequence, and block k of A holds the state after token 16 (k + 1) (the
+    last block: after the last token)."""
+    block = CONFIG["chunk_size"]
+    weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
+    mixer = side.impl.MambaMixer2(**CONFIG)
+    mixer.load_weights(weights)
+    cache = bridge.MambaStateCache(mixer.get_state_shape(), "float32", NUM_BLOCKS)
+    tables = {"A": [1, 2, 3], "B": [4, 5, 6]}
+    tokens = {"A": rng.standard_normal((35, CONFIG["hidden_size"])),
+              "B": rng.standard_normal((7, CONFIG["hidden_size"]))}
+    done = {"A": 0, "B": 0}
+    got = {"A": [], "B": []}
+    steps = [[("A", 21), ("B", 5)], [("B", 1), ("A", 13)], [("A", 1), ("B", 1)]]  # decodes first
+    for step in steps:
+        num_decodes = sum(1 for name, n in step if n == 1 and done[name] > 0)
+        metadata = build_mamba2_metadata([n for _, n in step], [done[name] for name, _ in step],
+                                         [tables[name] for name, _ in step], num_decodes, block,
+                                         mamba_block_size=block)
+        hidden = np.concatenate([tokens[name][done[name]:done[name] + n] for name, n in step])
+        out = side.run_mixer(mixer, hidden, cache, metadata)
+        start = 0
+        for name, n in step:
+            got[name].append(out[start:start + n])
+            start += n
+            done[name] += n
+
+    conv, ssm = (TorchSide().numpy(cache.torch(n)) for n in ("conv", "ssm"))
+    for name in ("A", "B"):
+        want, _, _ = mixer_ref(weights, DIMS, tokens[name], [0, done[name]], CONFIG["rms_norm_eps"])
+        np.testing.assert_allclose(np.concatenate(got[name]), want, rtol=0,
+                                   atol=2e-4 * np.abs(want).max(), err_msg=f"{side.name}: request {name}")
+    for k, length in enumerate([16, 32, 35]):
+        _, want_conv, want_ssm = mixer_ref(weights, DIMS, tokens["A"][:length], [0, length],
+                                           CONFIG["rms_norm_eps"])
+        slot = tables["A"][k]
+        np.testing.assert_allclose(conv[slot, :WIDTH - 1], want_conv[0], rtol=0, atol=1e-4,
+                                   err_msg=f"{side.name}: conv state of block {k}")
+        np.testing.assert_allclose(ssm[slot], want_ssm[0], rtol=0, atol=2e-4 * np.abs(want_ssm).max(),
+                                   err_msg=f"{side.name}: ssm state of block {k}")

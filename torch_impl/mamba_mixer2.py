@@ -31,6 +31,12 @@ from torch_impl.selective_state_update import selective_state_update
 from torch_impl.ssd_combined import mamba_chunk_scan_combined_varlen
 
 
+def _scatter_states(ssm_state, slots, states):
+    """ssm_state[slots] = states, in place, skipping padding (null-block) slots."""
+    keep = slots != NULL_BLOCK_ID
+    ssm_state[slots[keep].long()] = states[keep]
+
+
 class MambaMixer2(nn.Module):
     """vLLM's constructor arguments less its config objects; ``chunk_size``
     (the model's mamba chunk size) and ``num_spec`` (speculative tokens)
@@ -167,40 +173,66 @@ class MambaMixer2(nn.Module):
         check = dict(validate_indices=self.validate_indices)
         split_xbc = lambda v: torch.split(v, [I, G * N, G * N], dim=-1)  # noqa: E731
 
+        # Prefix caching ("all" mode): the state is read from the block of the
+        # last computed token and written to the block of the last scheduled one.
+        cache_all = meta.is_mamba_cache_all
+        if cache_all:
+            counts = [meta.num_decodes, meta.num_prefills]
+            read_col_d, read_col_p = torch.split(meta.block_idx_last_computed_token, counts)
+            write_col_d, write_col_p = torch.split(meta.block_idx_last_scheduled_token, counts)
+            pick = lambda table, cols: table.gather(1, cols[:, None].long()).squeeze(1)  # noqa: E731
+
         if meta.num_decodes:
             conv_d = causal_conv1d_update(
                 xBC[:nd], conv_state, self.conv_weight, self.conv_bias, activation,
                 conv_state_indices=meta.state_indices_tensor_d,
                 num_accepted_tokens=meta.num_accepted_tokens, query_start_loc=meta.query_start_loc_d,
-                max_query_len=meta.max_decode_query_len, **check)
+                max_query_len=meta.max_decode_query_len,
+                block_idx_last_scheduled_token=write_col_d if cache_all else None,
+                initial_state_idx=read_col_d if cache_all else None, **check)
             x_d, B_d, C_d = split_xbc(conv_d)
+            table_d = meta.state_indices_tensor_d
             selective_state_update(
                 ssm_state, x_d.view(nd, H, P), dt[:nd], self.A, B_d.view(nd, G, N),
                 C_d.view(nd, G, N), self.D, self.dt_bias, dt_softplus=True,
-                state_batch_indices=meta.state_indices_tensor_d,
+                state_batch_indices=pick(table_d, read_col_d) if cache_all else table_d,
+                dst_state_batch_indices=pick(table_d, write_col_d) if cache_all else None,
                 out=ssm_out[:nd].view(nd, H, P), num_accepted_tokens=meta.num_accepted_tokens,
                 cu_seqlens=meta.query_start_loc_d, **check)
 
         if meta.num_prefills:
-            slots = meta.state_indices_tensor_p
+            table_p = meta.state_indices_tensor_p
             conv_p = torch.empty(npf, dims.conv_dim, dtype=xBC.dtype, device=xBC.device)
+            prefix = {}
+            if cache_all:
+                prefix = dict(block_idx_first_scheduled_token=meta.block_idx_first_scheduled_token_p,
+                              block_idx_last_scheduled_token=write_col_p, initial_state_idx=read_col_p,
+                              num_computed_tokens=meta.num_computed_tokens_p,
+                              block_size_to_align=meta.mamba_block_size)
             causal_conv1d_fn(xBC[nd:nd + npf].T, self.conv_weight, self.conv_bias, conv_state,
-                             meta.query_start_loc_p, slots, meta.has_initial_states_p,
-                             activation, out=conv_p.T, **check)
+                             meta.query_start_loc_p, table_p, meta.has_initial_states_p,
+                             activation, **prefix, out=conv_p.T, **check)
             x_p, B_p, C_p = split_xbc(conv_p)
             initial_states = None
             if meta.prep_initial_states:
+                read_slots = pick(table_p, read_col_p) if cache_all else table_p
                 initial_states = torch.where(meta.has_initial_states_p[:, None, None, None],
-                                             ssm_state[slots.long()], 0)
-            final_states = mamba_chunk_scan_combined_varlen(
+                                             ssm_state[read_slots.long()], 0)
+            states = mamba_chunk_scan_combined_varlen(
                 x_p.view(npf, H, P), dt[nd:nd + npf], self.A, B_p.view(npf, G, N),
                 C_p.view(npf, G, N), self.chunk_size, meta.query_start_loc_p,
                 meta.cu_chunk_seqlen_p, meta.last_chunk_indices_p, meta.seq_idx_p,
                 ssm_out[nd:nd + npf].view(npf, H, P), D=self.D, dt_bias=self.dt_bias,
-                initial_states=initial_states, dt_softplus=True, state_dtype=ssm_state.dtype,
+                initial_states=initial_states, dt_softplus=True,
+                return_intermediate_states=cache_all, state_dtype=ssm_state.dtype,
                 validate_metadata=self.validate_indices)
-            keep = slots != NULL_BLOCK_ID  # padding requests leave the cache alone
-            ssm_state[slots[keep].long()] = final_states[keep]
+            write_slots, final_states = table_p, states
+            if cache_all:
+                # The states at the block boundaries crossed, then the last state.
+                _scatter_states(ssm_state, meta.block_state_slots_p, states[meta.block_state_chunks_p.long()])
+                write_slots = pick(table_p, write_col_p)
+                final_states = states[meta.last_chunk_indices_p.long()]
+            _scatter_states(ssm_state, write_slots, final_states)
 
         if self.use_rms_norm:
             gated = rms_norm_gated(ssm_out, self.norm_weight, z=gate, eps=self.rms_norm_eps,
