@@ -127,9 +127,9 @@ def _causal_conv1d_kernel(
         first_block = tl.load(first_block_ptr + seq).to(tl.int64)
         in_window = offs_r < WIDTH - 1
         for block in range(first_block, tl.where(keep, write_col, first_block)):
-            pos = (block + 1) * block_size - computed - (WIDTH - 1) + offs_r
-            value = _load_window(x_base, read_base, pos, offset + (WIDTH - 1) + pos,
-                                 in_window & (pos >= 0), in_window & (pos < 0) & has_history,
+            cut = (block + 1) * block_size - computed - (WIDTH - 1) + offs_r  # window positions
+            value = _load_window(x_base, read_base, cut, offset + (WIDTH - 1) + cut,
+                                 in_window & (cut >= 0), in_window & (cut < 0) & has_history,
                                  mask_d, stride_x_tok, stride_s_pos)
             slot = tl.load(idx_ptr + seq * stride_idx_seq + block * stride_idx_col).to(tl.int64)
             slot_ok = (slot >= 0) & (slot < num_slots) & (slot != pad_slot_id)
