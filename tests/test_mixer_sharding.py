@@ -34,7 +34,8 @@ def test_sharded_ranks_recombine_to_the_unsharded_mixer(n_groups, tp_size, rng):
         g_rows = np.arange(g_local) if n_groups == 1 else np.arange(rank * g_local, (rank + 1) * g_local)
         rank_init = [None, conv_init[1][:, np.concatenate([x_rows, I + g_rows, I + GN + g_rows])]]
         y, gate, conv_final, ssm_final = ssm_ref(shard, dims, tokens, cu, rank_init)
-        np.testing.assert_allclose(ssm_final, want_ssm[:, rank * dims.local_heads:(rank + 1) * dims.local_heads])
+        heads = slice(rank * dims.local_heads, (rank + 1) * dims.local_heads)
+        np.testing.assert_allclose(ssm_final, want_ssm[:, heads])
         np.testing.assert_allclose(conv_final[:, :, :dims.local_intermediate], want_conv[:, :, x_rows])
         ys.append(y)
         gates.append(gate)
@@ -56,7 +57,8 @@ def test_loader_replicates_a_single_group():
     for rank in range(2):
         param = np.full((4 + 3 + 3, 1), np.nan)
         mamba_v2_sharded_weight_loader(spec, 2, rank)(param, loaded)
-        np.testing.assert_array_equal(param[:, 0], list(range(4 * rank, 4 * rank + 4)) + [8, 9, 10, 11, 12, 13])
+        own_x = list(range(4 * rank, 4 * rank + 4))
+        np.testing.assert_array_equal(param[:, 0], own_x + [8, 9, 10, 11, 12, 13])
 
 
 def test_bad_configs_raise():

@@ -75,7 +75,8 @@ def _causal_conv1d_kernel(
         write_slot = seq
         active = True
     # Slots outside the cache are never touched (the launcher raises first when it can).
-    active = active & (read_slot >= 0) & (read_slot < num_slots) & (write_slot >= 0) & (write_slot < num_slots)
+    active = (active & (read_slot >= 0) & (read_slot < num_slots)
+              & (write_slot >= 0) & (write_slot < num_slots))
     seqlen = tl.where(active, seqlen, 0)
     if ALWAYS_HISTORY:
         has_history = active

@@ -54,7 +54,8 @@ class MambaMixer2(nn.Module):
         self.dims = MixerDims(intermediate_size, n_groups, num_heads, head_dim, ssm_state_size)
         if activation not in ("silu", "swish"):
             raise ValueError(f"MambaMixer2: `activation` must be 'silu' or 'swish', got {activation!r}")
-        self.hidden_size, self.ssm_state_size, self.conv_kernel_size = hidden_size, ssm_state_size, conv_kernel_size
+        self.hidden_size, self.ssm_state_size, self.conv_kernel_size = (
+            hidden_size, ssm_state_size, conv_kernel_size)
         self.intermediate_size, self.n_groups, self.num_heads, self.head_dim = (
             intermediate_size, n_groups, num_heads, head_dim)
         self.use_bias, self.use_conv_bias, self.use_rms_norm = use_bias, use_conv_bias, use_rms_norm
