@@ -15,6 +15,8 @@ rules: ``bridge.mixer_sharding``). Mirror: ``torch_impl/mamba_mixer2.py``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Mapping
 
@@ -234,10 +236,26 @@ class MambaMixer2(nnx.Module):
     def forward_on_cache(self, hidden_states, cache, metadata: Mamba2Metadata, layer: int = 0):
         """``__call__`` on layer ``layer`` of ``cache`` (a
         ``bridge.MambaStateCache``), jitted with both states donated; the
-        cache holds the new states afterwards. Returns ``out (T, hidden)``."""
-        def step(conv_state, ssm_state, hidden):
-            return self(hidden, conv_state, ssm_state, metadata)
-
-        result = cache.run_jax_inplace(jax.jit(step, donate_argnums=(0, 1)), hidden_states,
+        cache holds the new states afterwards. Returns ``out (T, hidden)``.
+        The weights and the metadata's arrays are arguments of the jitted
+        step, so batches of the same shapes reuse one compilation; inside it
+        index values are not checked (the kernels leave memory alone for
+        out-of-range slots), call ``__call__`` eagerly to have them checked."""
+        graphdef, params = nnx.split(self)
+        static = tuple((f.name, getattr(metadata, f.name)) for f in dataclasses.fields(metadata)
+                       if f.name not in Mamba2Metadata.ARRAY_FIELDS)
+        arrays = {name: jnp.asarray(getattr(metadata, name)) for name in Mamba2Metadata.ARRAY_FIELDS
+                  if getattr(metadata, name) is not None}
+        result = cache.run_jax_inplace(_jitted_step(graphdef, static), hidden_states, params, arrays,
                                        layer=layer, states=("conv", "ssm"), state_outputs=(1, 2))
         return result.outputs[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_step(graphdef, static):
+    """One jitted mixer step per module structure and metadata counts."""
+    def step(conv_state, ssm_state, hidden_states, params, arrays):
+        mixer = nnx.merge(graphdef, params)
+        return mixer(hidden_states, conv_state, ssm_state, Mamba2Metadata(**dict(static), **arrays))
+
+    return jax.jit(step, donate_argnums=(0, 1))
