@@ -233,21 +233,25 @@ class MambaMixer2(nnx.Module):
             out = out + self.out_proj_bias[...]
         return out, (conv if dim_first else conv.swapaxes(1, 2)), ssm_state
 
-    def forward_on_cache(self, hidden_states, cache, metadata: Mamba2Metadata, layer: int = 0):
+    def forward_on_cache(self, hidden_states, cache, metadata: Mamba2Metadata, layer: int = 0,
+                         allow_writeback: bool | None = None):
         """``__call__`` on layer ``layer`` of ``cache`` (a
         ``bridge.MambaStateCache``), jitted with both states donated; the
         cache holds the new states afterwards. Returns ``out (T, hidden)``.
         The weights and the metadata's arrays are arguments of the jitted
         step, so batches of the same shapes reuse one compilation; inside it
         index values are not checked (the kernels leave memory alone for
-        out-of-range slots), call ``__call__`` eagerly to have them checked."""
+        out-of-range slots), call ``__call__`` eagerly to have them checked.
+        ``allow_writeback``: as in ``bridge.jax_step_into`` (default: copy
+        back on CPU, raise ``AliasLostError`` on CUDA if XLA did not alias)."""
         graphdef, params = nnx.split(self)
         static = tuple((f.name, getattr(metadata, f.name)) for f in dataclasses.fields(metadata)
                        if f.name not in Mamba2Metadata.ARRAY_FIELDS)
         arrays = {name: jnp.asarray(getattr(metadata, name)) for name in Mamba2Metadata.ARRAY_FIELDS
                   if getattr(metadata, name) is not None}
         result = cache.run_jax_inplace(_jitted_step(graphdef, static), hidden_states, params, arrays,
-                                       layer=layer, states=("conv", "ssm"), state_outputs=(1, 2))
+                                       layer=layer, states=("conv", "ssm"), state_outputs=(1, 2),
+                                       allow_writeback=allow_writeback)
         return result.outputs[0]
 
 
