@@ -21,8 +21,20 @@ WIDTH, NUM_BLOCKS, PAD = 4, 8, 0
 PREFIX = "backbone.layers.0.mixer."
 
 
+def _new_mixer(side, **changes):
+    """A mixer on the side's device (torch modules start on the CPU)."""
+    mixer = side.impl.MambaMixer2(**dict(CONFIG, **changes))
+    return mixer.to(side.device) if side.name == "torch" else mixer
+
+
+def _new_cache(mixer):
+    """A torch-owned shared cache on the device the kernels run on."""
+    return bridge.MambaStateCache(mixer.get_state_shape(), "float32", NUM_BLOCKS,
+                                  device=str(TorchSide().device))
+
+
 def _mixer(side, weights, tmp_path=None):
-    mixer = side.impl.MambaMixer2(**CONFIG)
+    mixer = _new_mixer(side)
     if tmp_path is None:
         mixer.load_weights(weights)
     else:  # through a safetensors file with a model's key prefix
@@ -35,7 +47,7 @@ def _mixer(side, weights, tmp_path=None):
 
 def _cache(mixer, rng):
     """A torch-owned shared cache with random states; the null block poisoned."""
-    cache = bridge.MambaStateCache(mixer.get_state_shape(), "float32", NUM_BLOCKS)
+    cache = _new_cache(mixer)
     for name in ("conv", "ssm"):
         values = rng.standard_normal(tuple(cache.torch(name).shape))
         values[PAD] = np.nan
@@ -88,8 +100,7 @@ def test_torch_and_flax_mixers_agree_and_continue_each_other(rng):
     it can): prefill in one framework and decode in the other on one shared
     cache equals the whole sequence prefilled in one framework."""
     torch_side, jax_side = TorchSide(), JaxSide()
-    torch_mixer = torch_side.impl.MambaMixer2(**CONFIG)
-    flax_mixer = jax_side.impl.MambaMixer2(**CONFIG)
+    torch_mixer, flax_mixer = _new_mixer(torch_side), _new_mixer(jax_side)
     flax_mixer.load_weights(torch_mixer.checkpoint_weights())
     n, m = 9, 3
     hidden = rng.standard_normal((n + m, CONFIG["hidden_size"]))
@@ -113,7 +124,7 @@ def test_bad_configs_and_checkpoints_raise(side, rng):
         side.impl.MambaMixer2(**dict(CONFIG, intermediate_size=40))
     with pytest.raises(ValueError, match="`n_groups`"):
         side.impl.MambaMixer2(**dict(CONFIG, n_groups=3))
-    mixer = side.impl.MambaMixer2(**CONFIG)
+    mixer = _new_mixer(side)
     weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
     with pytest.raises(ValueError, match="`dt_bias`"):
         mixer.load_weights(dict(weights, dt_bias=np.zeros(5)))
@@ -127,7 +138,7 @@ def test_speculative_decoding_matches_reference(side, rng):
     Step 2 continues request 0 after both tokens were accepted and request
     1 after only the first; a third request is padding."""
     weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
-    mixer = side.impl.MambaMixer2(**CONFIG, num_spec=1)
+    mixer = _new_mixer(side, num_spec=1)
     mixer.load_weights(weights)
     cache = _cache(mixer, rng)
     conv_before, ssm_before = (TorchSide().numpy(cache.torch(n)) for n in ("conv", "ssm"))
@@ -163,9 +174,9 @@ def test_prefix_caching_all_mode_matches_reference(side, rng):
     last block: after the last token)."""
     block = CONFIG["chunk_size"]
     weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
-    mixer = side.impl.MambaMixer2(**CONFIG)
+    mixer = _new_mixer(side)
     mixer.load_weights(weights)
-    cache = bridge.MambaStateCache(mixer.get_state_shape(), "float32", NUM_BLOCKS)
+    cache = _new_cache(mixer)
     tables = {"A": [1, 2, 3], "B": [4, 5, 6]}
     tokens = {"A": rng.standard_normal((35, CONFIG["hidden_size"])),
               "B": rng.standard_normal((7, CONFIG["hidden_size"]))}
