@@ -37,8 +37,8 @@ CANDIDATES = {
                          num_warps=[4, 8], num_stages=[2, 3]),
     "state_passing": _grid(BLOCK_SIZE_M=[16, 32, 64], BLOCK_SIZE_N=[32, 64, 128], num_warps=[2, 4],
                            num_stages=[1]),
-    "chunk_scan": _grid(BLOCK_SIZE_M=[64, 128], BLOCK_SIZE_N=[32, 64], BLOCK_SIZE_K=[32, 64],
-                        num_warps=[4, 8], num_stages=[2, 3]),
+    "chunk_scan": _grid(BLOCK_SIZE_M=[32, 64, 128], BLOCK_SIZE_N=[64], BLOCK_SIZE_K=[32, 64],
+                        num_warps=[2, 4, 8], num_stages=[2, 3, 4, 5]),
 }
 QUICK_CANDIDATES = {"chunk_scan": _grid(BLOCK_SIZE_M=[16], BLOCK_SIZE_N=[16], BLOCK_SIZE_K=[16],
                                         num_warps=[4], num_stages=[1, 2])}
