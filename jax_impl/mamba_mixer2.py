@@ -35,6 +35,14 @@ from jax_impl.selective_state_update import selective_state_update
 from jax_impl.ssd_combined import mamba_chunk_scan_combined_varlen
 
 
+def _linear(x, weight, bias):
+    """x @ weight.T + bias; float32 exactly (XLA's GPU default would use TF32,
+    torch's does not)."""
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    y = jnp.matmul(x, weight[...].T, precision=precision)
+    return y + bias[...] if bias is not None else y
+
+
 def _scatter_states(ssm_state, slots, states):
     """ssm_state with ``[slots] = states``, skipping padding (null-block) slots
     (sent out of range, where the scatter drops them)."""
@@ -149,9 +157,7 @@ class MambaMixer2(nnx.Module):
         meta = metadata.map_arrays(jnp.asarray)
         dims, P, N = self.dims, self.head_dim, self.ssm_state_size
         I, H, G = self.intermediate_size, self.num_heads, dims.padded_groups
-        projected = hidden_states @ self.in_proj_weight[...].T
-        if self.in_proj_bias is not None:
-            projected = projected + self.in_proj_bias[...]
+        projected = _linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
         gate, xBC, dt = jnp.split(projected, [I, I + dims.conv_dim], axis=-1)
         dim_first = is_conv_state_dim_first()
         conv = conv_state if dim_first else conv_state.swapaxes(1, 2)  # (S, conv_dim, L)
@@ -228,9 +234,7 @@ class MambaMixer2(nnx.Module):
                                    group_size=dims.norm_group_size)
         else:
             gated = ssm_out * jax.nn.silu(gate)
-        out = gated @ self.out_proj_weight[...].T
-        if self.out_proj_bias is not None:
-            out = out + self.out_proj_bias[...]
+        out = _linear(gated, self.out_proj_weight, self.out_proj_bias)
         return out, (conv if dim_first else conv.swapaxes(1, 2)), ssm_state
 
     def forward_on_cache(self, hidden_states, cache, metadata: Mamba2Metadata, layer: int = 0,
