@@ -21,11 +21,13 @@ from jax_impl.ssd_chunk_state import compiler_params, launch_config, tile_dot
 
 def _chunk_scan_kernel(*refs, names, heads_per_group, headdim, dstate, D_per_head,
                        block_size_m, block_size_n, block_size_k, block_size_dstate):
-    """Grid (K, H, cdiv(L, BM) * cdiv(P, BN)): one (BM, BN) tile of one
-    chunk's outputs for one head. ``names`` lists the input refs given."""
+    """Grid (cdiv(L, BM) * cdiv(P, BN), K, H): one (BM, BN) tile of one
+    chunk's outputs for one head (the tiles of a chunk run next to each
+    other, sharing its C B^T and states in L2). ``names`` lists the input
+    refs given."""
     ref = dict(zip(names, refs))
     out_ref = refs[len(names)]
-    chunk, head, pid = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pid, chunk, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_blocks_n = pl.cdiv(headdim, block_size_n)
     m0, n0 = (pid // num_blocks_n) * block_size_m, (pid % num_blocks_n) * block_size_n
     group = head // heads_per_group
@@ -131,7 +133,7 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((T, H, P), x.dtype if out is None else out.dtype),
-        grid=(K, H, pl.cdiv(L, block_size_m) * pl.cdiv(P, block_size_n)),
+        grid=(pl.cdiv(L, block_size_m) * pl.cdiv(P, block_size_n), K, H),
         input_output_aliases={} if out is None else {names.index("out"): 0},
         compiler_params=compiler_params(config),
         interpret=platform.INTERPRET,

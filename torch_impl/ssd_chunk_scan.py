@@ -42,13 +42,14 @@ def _chunk_scan_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     BLOCK_SIZE_DSTATE: tl.constexpr,
 ):
-    """Grid (num_chunks, nheads, cdiv(L, M) * cdiv(headdim, N)): one (M, N)
-    tile of (tokens, headdim) of a chunk's output."""
-    chunk = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    """Grid (cdiv(L, M) * cdiv(headdim, N), num_chunks, nheads): one (M, N)
+    tile of (tokens, headdim) of a chunk's output. The tiles of a chunk run
+    next to each other, so they share its C B^T and states in L2."""
     num_n_blocks = tl.cdiv(headdim, BLOCK_SIZE_N)
-    pid_m = tl.program_id(2) // num_n_blocks
-    pid_n = tl.program_id(2) % num_n_blocks
+    pid_m = tl.program_id(0) // num_n_blocks
+    pid_n = tl.program_id(0) % num_n_blocks
+    chunk = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(2)
     group = head // heads_per_group
     start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
     length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
@@ -86,22 +87,29 @@ def _chunk_scan_kernel(
 
         # The chunk's own tokens j <= i: (CB * decay * dt) (M, K) @ x (K, N),
         # K running only up to this row tile's last token.
+        # Positions past the chunk's end need no mask on CB, dA or dt (all
+        # inside the (L, L) / (L,) rows; dt is 0 there), only on x (past T).
         offs_k = tl.arange(0, BLOCK_SIZE_K)
-        CB_base = CB_ptr + chunk * stride_CB_chunk + group * stride_CB_group
         x_base = x_ptr + start * stride_x_tok + head * stride_x_head
+        CB_ptrs = (CB_ptr + chunk * stride_CB_chunk + group * stride_CB_group
+                   + offs_m[:, None] * stride_CB_row + offs_k[None, :] * stride_CB_col)
+        dA_k_ptrs = dA_ptr + offs_k * stride_dA_pos
+        dt_k_ptrs = dt_ptr + offs_k * stride_dA_pos
+        x_ptrs = x_base + offs_k[:, None] * stride_x_tok + offs_n[None, :] * stride_x_dim
         k_end = tl.minimum((pid_m + 1) * BLOCK_SIZE_M, length)
         for k in range(0, k_end, BLOCK_SIZE_K):
-            tok = k + offs_k
-            in_chunk = tok < k_end
-            CB = tl.load(CB_base + offs_m[:, None] * stride_CB_row + tok[None, :] * stride_CB_col,
-                         mask=mask_m[:, None] & in_chunk[None, :], other=0.0)
-            dA_k = tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
-            dt_k = tl.load(dt_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
+            CB = tl.load(CB_ptrs)
+            dA_k = tl.load(dA_k_ptrs)
+            dt_k = tl.load(dt_k_ptrs)
             weight = CB * tl.exp(dA_m[:, None] - dA_k[None, :]) * dt_k[None, :]
-            weight = tl.where((offs_m[:, None] >= tok[None, :]) & in_chunk[None, :], weight, 0.0)
-            x_k = tl.load(x_base + tok[:, None] * stride_x_tok + offs_n[None, :] * stride_x_dim,
-                          mask=in_chunk[:, None] & mask_n[None, :], other=0.0)
+            # where, not a 0/1 product: CB tiles above the diagonal are unset.
+            weight = tl.where(offs_m[:, None] >= (k + offs_k)[None, :], weight, 0.0)
+            x_k = tl.load(x_ptrs, mask=((k + offs_k) < length)[:, None] & mask_n[None, :], other=0.0)
             acc += tile_dot(weight.to(x_k.dtype), x_k, DOT_PRECISION)
+            CB_ptrs += BLOCK_SIZE_K * stride_CB_col
+            dA_k_ptrs += BLOCK_SIZE_K * stride_dA_pos
+            dt_k_ptrs += BLOCK_SIZE_K * stride_dA_pos
+            x_ptrs += BLOCK_SIZE_K * stride_x_tok
 
         tile = mask_m[:, None] & mask_n[None, :]
         if HAS_D:
@@ -133,7 +141,7 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
     block_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
     block_n = clip_block(headdim, config["BLOCK_SIZE_N"])
     block_k = clip_block(chunk_size, config["BLOCK_SIZE_K"])
-    grid = (num_chunks, nheads, triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_n))
+    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_n), num_chunks, nheads)
     strides = lambda t, n: t.stride() if t is not None else (0,) * n  # noqa: E731
     with torch.device(x.device):
         _chunk_scan_kernel[grid](
