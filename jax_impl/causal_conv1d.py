@@ -60,7 +60,9 @@ def _causal_conv1d_kernel(*refs, names, dim, width, num_slots, pad_slot_id, writ
     # Slots outside the cache are never touched (the wrapper raises first when it can).
     active = (active & (read_slot >= 0) & (read_slot < num_slots)
               & (write_slot >= 0) & (write_slot < num_slots))
-    seqlen = jnp.where(active, seqlen, 0)
+    # An int32 operand on both sides: with a Python int, JAX folds the select
+    # into a bool -> int cast that the Triton lowering leaves as i1.
+    seqlen = jnp.where(active, jnp.asarray(seqlen, jnp.int32), jnp.zeros((), jnp.int32))
     if always_history:
         has_history = active
     elif "has_initial_state" in ref:
