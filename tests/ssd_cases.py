@@ -17,7 +17,7 @@ SSD_TOLERANCE = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
 
 @dataclasses.dataclass(frozen=True)
 class SsdCase:
-    seqlens: tuple = (1, 15, 16, 17, 40)
+    seqlens: tuple = (1, 15, 16, 17, 40)  # or "random": 1-5 sequences of 1-50 tokens per run
     computed: Optional[tuple] = None  # tokens already in the cache (resumed prefill)
     chunk_size: int = 16
     nheads: int = 4
@@ -50,12 +50,15 @@ CASES = [
     SsdCase(dt_limit=(0.05, 0.6)),
     SsdCase(chunk_size=32, headdim=24, dstate=32, seqlens=(31, 33, 5)),
     SsdCase(nheads=2, headdim=64, dstate=64, ngroups=1, seqlens=(20, 9)),
+    SsdCase(nheads=2, headdim=32, dstate=128, ngroups=2, seqlens=(18,), intermediate=True),
+    SsdCase(seqlens="random"), SsdCase(seqlens="random", chunk_size=32, ngroups=1),
     SsdCase(input_dtype="bfloat16"),
     SsdCase(input_dtype="bfloat16", state_dtype="bfloat16", intermediate=True),
     SsdCase(input_dtype="float16", state_dtype="float16", ngroups=1),
 ]
 # A cross-framework subset (each case runs both kernels).
-CROSS_CASES = [CASES[0], CASES[7], CASES[8], CASES[11], CASES[12], CASES[15]]
+CROSS_CASES = [CASES[i] for i in (0, 7, 8, 11, 12, 15, 18)]
+assert CROSS_CASES[-1].state_dtype == "bfloat16" and CROSS_CASES[5].seqlens == "random"
 
 INDEX_ARGS = ("cu_seqlens", "cu_chunk_seqlens", "seq_idx", "last_chunk_indices")
 
@@ -64,7 +67,8 @@ def make_ssd_inputs(case: SsdCase, rng: np.random.Generator):
     """Returns (arrays, dtypes, options): numpy arrays by argument name, the
     dtype each should have, and the keyword options. ``out`` is poisoned
     with NaN so that an element the kernel fails to write fails the test."""
-    seqlens = np.asarray(case.seqlens)
+    seqlens = (rng.integers(1, 51, size=rng.integers(1, 6)) if case.seqlens == "random"
+               else np.asarray(case.seqlens))
     cu_seqlens = np.concatenate([[0], np.cumsum(seqlens)])
     T, H, P, N, G, Q = int(cu_seqlens[-1]), case.nheads, case.headdim, case.dstate, case.ngroups, len(seqlens)
     metadata = chunk_metadata(cu_seqlens, case.chunk_size, case.computed)
