@@ -3,14 +3,15 @@ checked against float64 and timed, next to the device's ceilings measured
 in the same run.
 
     python -m experiments.compare [--quick] [--batches 1 64 256] [--state-dtype float32]
-                                  [--ops state_update chunked_scan bridge] [--output FILE.json]
+                                  [--ops state_update chunked_scan bridge mixer] [--output FILE.json]
 
 - state update (``experiments.ssu_case``): triton, torch-reference, pallas,
   xla-reference, at each batch; GB/s of state traffic, shown as a fraction of
   the measured copy bandwidth;
 - chunked scan: the rows of ``experiments.bench_ssd.run(quick)``, their
   TFLOP/s shown as a fraction of the measured bf16 matmul rate;
-- bridge: the rows of ``experiments.bench_bridge.run(quick)``.
+- bridge: the rows of ``experiments.bench_bridge.run(quick)``;
+- mixer: the rows of ``experiments.bench_mixer.run(quick)``.
 An op whose module is absent is skipped (and the record says so).
 
 Writes FILE.json (environment, command, ceilings, every row), FILE.md (the
@@ -39,7 +40,8 @@ from experiments.timing import ON_GPU, copy_bandwidth_GBps, l2_cache_bytes, matm
 __all__ = ["RESULTS", "environment", "main"]
 
 SSU_OP = "selective_state_update"
-BENCH_MODULES = {"chunked_scan": "experiments.bench_ssd", "bridge": "experiments.bench_bridge"}
+BENCH_MODULES = {"chunked_scan": "experiments.bench_ssd", "bridge": "experiments.bench_bridge",
+                 "mixer": "experiments.bench_mixer"}
 OPS = ("state_update", *BENCH_MODULES)
 
 # (batches, timing repeats, copy bytes, matmul n) per (on a GPU, quick)
@@ -170,7 +172,8 @@ def markdown(record: dict, op_rows: dict[str, list[dict]], plot_files: list[Path
     if env["interpreted"]:
         lines += ["No GPU: the kernels ran in the Triton / Pallas interpreters; "
                   "the times are interpreter times and say nothing about GPU speed.", ""]
-    titles = dict(state_update="State update", chunked_scan="Chunked scan", bridge="Bridge")
+    titles = dict(state_update="State update", chunked_scan="Chunked scan", bridge="Bridge",
+                  mixer="Mixer forward (torch vs Flax)")
     group_keys = dict(state_update=("batch",), chunked_scan=("tokens", "layout"))
     for op, rows in op_rows.items():
         if not rows:

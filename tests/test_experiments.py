@@ -26,6 +26,10 @@ def test_compare_quick_writes_record_table_and_plots(tmp_path):
     for row in record["rows"]:
         for key in (k for k in row if k.startswith("max_rel_error")):
             assert row[key] < 5e-2, (key, row)  # bf16 inputs in the chunked scan
+    mixer_rows = [r for r in record["rows"] if r["op"] == "mamba_mixer2"]
+    assert {(r["implementation"], r["mode"]) for r in mixer_rows} == {
+        (impl, mode) for impl in ("torch", "flax") for mode in ("prefill", "decode")}
+    assert all(r["max_rel_diff_torch_vs_flax"] < 1e-4 for r in mixer_rows)  # float32 mixers
 
     table = output.with_suffix(".md").read_text()
     assert "| triton |" in table and "| pallas |" in table

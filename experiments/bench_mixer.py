@@ -1,0 +1,106 @@
+"""Mixer forward benchmark: ``torch_impl.MambaMixer2`` and ``jax_impl.MambaMixer2``
+with the same weights on the same inputs.
+
+    python -m experiments.bench_mixer [--quick]
+
+On a GPU: Mamba-2 2.7B mixer (hidden 2560, intermediate 5120, 80 heads of 64,
+dstate 128, 1 group, conv 4, chunk 256), float32 weights and states; prefill
+of 4k and 16k tokens (one fresh sequence) and decode of 1, 64 and 256
+sequences (one token each, resuming cached states). On a CPU: a tiny mixer
+in the interpreters (the times are interpreter times).
+
+torch: ``mixer(hidden, cache, metadata)`` on a torch-owned
+``bridge.MambaStateCache``, timed eagerly (it moves the metadata to the
+device and checks index values on the host each call, as a serving step
+would). JAX: the functional ``mixer(hidden, conv_state, ssm_state,
+metadata)`` jitted with the states donated. Each row also gives the largest
+difference between the two frameworks' outputs (relative to the largest
+|output|): the mixers are tied to float64 by tests/test_mamba_mixer2.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+import numpy as np  # noqa: E402
+
+import torch_impl  # noqa: E402  (before triton: interpreter mode on CPU)
+import torch  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bridge  # noqa: E402
+import jax_impl  # noqa: E402
+from experiments.timing import rel_error, time_jax, time_torch  # noqa: E402
+
+ON_GPU = torch_impl.platform.ON_GPU
+MAMBA2_2P7B = dict(hidden_size=2560, ssm_state_size=128, conv_kernel_size=4, intermediate_size=5120,
+                   use_conv_bias=True, use_bias=False, n_groups=1, num_heads=80, head_dim=64,
+                   chunk_size=256)
+CPU_MIXER = dict(hidden_size=32, ssm_state_size=16, conv_kernel_size=4, intermediate_size=64,
+                 use_conv_bias=True, use_bias=False, n_groups=1, num_heads=4, head_dim=16,
+                 chunk_size=16)
+
+
+def cases(quick: bool):
+    """(mode, query_lens, num_computed_tokens)."""
+    if ON_GPU and not quick:
+        return ([("prefill", [n], [0]) for n in (4096, 16384)]
+                + [("decode", [1] * b, [100] * b) for b in (1, 64, 256)])
+    return [("prefill", [40], [0]), ("decode", [1] * 3, [5] * 3)]
+
+
+def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repeats, rng):
+    device = torch_impl.platform.default_device()
+    num_requests, tokens = len(query_lens), int(sum(query_lens))
+    slots = 1 + rng.permutation(2 * num_requests)[:num_requests]  # slot 0 is the null block
+    metadata = bridge.build_mamba2_metadata(
+        query_lens=query_lens, num_computed_tokens=computed, state_indices=slots,
+        num_decodes=num_requests if mode == "decode" else 0, chunk_size=config["chunk_size"])
+    cache = bridge.MambaStateCache(torch_mixer.get_state_shape(), "float32",
+                                   num_blocks=2 * num_requests + 1, owner="torch", device=device.type)
+    for name in ("conv", "ssm"):
+        view = cache.torch(name)
+        view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(1)).to(view.device))
+    hidden = torch.from_numpy(rng.standard_normal((tokens, config["hidden_size"]), np.float32)).to(device)
+    conv0, ssm0 = (jnp.asarray(cache.torch(name).cpu().numpy()) for name in ("conv", "ssm"))
+
+    with torch.no_grad():
+        torch_out = torch_mixer(hidden, cache, metadata).cpu().numpy()  # from the initial states
+        seconds_torch = time_torch(lambda: torch_mixer(hidden, cache, metadata), repeats, graph=False)
+    hidden_j = jnp.asarray(hidden.cpu().numpy())
+    step = jax.jit(lambda conv, ssm: jax_mixer(hidden_j, conv, ssm, metadata), donate_argnums=(0, 1))
+    jax_out, conv, ssm = step(conv0, ssm0)
+    jax_out = np.asarray(jax_out)
+    seconds_jax = time_jax(lambda carry: step(*carry)[1:], (conv, ssm), repeats)
+    difference = rel_error(jax_out, torch_out)
+    return [dict(op="mamba_mixer2", implementation=name, mode=mode, batch=num_requests,
+                 tokens=tokens, weights_dtype="float32", median_us=seconds * 1e6,
+                 tokens_per_s=tokens / seconds, max_rel_diff_torch_vs_flax=difference)
+            for name, seconds in (("torch", seconds_torch), ("flax", seconds_jax))]
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows of the mixer comparison (see the module docstring)."""
+    config = MAMBA2_2P7B if ON_GPU and not quick else CPU_MIXER
+    repeats = 20 if ON_GPU and not quick else 1
+    torch_mixer = torch_impl.MambaMixer2(**config, device=torch_impl.platform.default_device())
+    jax_mixer = jax_impl.MambaMixer2(**config)
+    jax_mixer.load_weights(torch_mixer.checkpoint_weights())
+    rng = np.random.default_rng(0)
+    rows = []
+    for mode, query_lens, computed in cases(quick):
+        rows += bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repeats, rng)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    for row in run(parser.parse_args().quick):
+        print(f"{row['implementation']:<6}{row['mode']:<8}{row['batch']:>5}{row['tokens']:>7}"
+              f"{row['median_us']:>12.1f}us{row['tokens_per_s'] / 1e6:>9.3f} Mtok/s"
+              f"  diff {row['max_rel_diff_torch_vs_flax']:.1e}")
