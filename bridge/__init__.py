@@ -5,7 +5,12 @@ so ``jax_impl`` and ``torch_impl`` can both use them without pulling in the
 other framework):
 
 - ``bridge.ssu_contract``: argument checking for ``selective_state_update``;
-- ``bridge.launch_config``: tuned launch-config lookup (files, override, heuristic);
+- ``bridge.ssd_contract``: argument checking and chunk metadata for the chunked scan;
+- ``bridge.conv_contract``, ``bridge.norm_contract``: the same for the conv and the gated norm;
+- ``bridge.launch_config``: tuned launch-config lookup (files, override, defaults), for the
+  state update and per stage of the chunked scan;
+- ``bridge.mixer_metadata``, ``bridge.mixer_sharding``: the mixer's per-step metadata and its
+  tensor-parallel sharding rules;
 - ``bridge.backends``: the backend registry behind the ``*_dispatch`` modules;
 - ``bridge.state_shapes``: per-block state shapes (vLLM's ``MambaStateShapeCalculator``)
   and the conv-state layout (``$MAMBA_TWIN_CONV_STATE_LAYOUT``, SD or DS);
