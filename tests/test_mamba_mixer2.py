@@ -85,11 +85,11 @@ def test_mixer_matches_float64_reference(side, batch, rng, tmp_path):
             weights, DIMS, hidden[cu[q]:cu[q + 1]], [0, query_lens[q]], CONFIG["rms_norm_eps"],
             [conv_before[slot, :WIDTH - 1] if resumed else None],
             [ssm_before[slot] if resumed else None])
-        np.testing.assert_allclose(got[cu[q]:cu[q + 1]], out, rtol=0, atol=2e-4 * np.abs(out).max(),
+        np.testing.assert_allclose(got[cu[q]:cu[q + 1]], out, rtol=0, atol=2e-5 * np.abs(out).max(),
                                    err_msg=f"{side.name} {batch}: request {q}")
         want_conv[slot, :WIDTH - 1], want_ssm[slot] = conv_final[0], ssm_final[0]
     np.testing.assert_allclose(conv_after, want_conv, rtol=0, atol=1e-5, err_msg="conv states")
-    np.testing.assert_allclose(ssm_after, want_ssm, rtol=0, atol=2e-4 * np.nanmax(np.abs(want_ssm)),
+    np.testing.assert_allclose(ssm_after, want_ssm, rtol=0, atol=2e-5 * np.nanmax(np.abs(want_ssm)),
                                err_msg="ssm states")  # NaN in the null block stays NaN
     assert np.isfinite(got[:sum(query_lens)][np.repeat(np.array(slots) != PAD, query_lens)]).all()
 
@@ -115,7 +115,7 @@ def test_torch_and_flax_mixers_agree_and_continue_each_other(rng):
         for t in range(n, n + m):
             decode = build_mamba2_metadata([1], [t], [1], 1, CONFIG["chunk_size"])
             got.append(second.run_mixer(mixers[second.name], hidden[t:t + 1], cache, decode))
-        np.testing.assert_allclose(np.concatenate(got), want, rtol=0, atol=2e-4 * np.abs(want).max(),
+        np.testing.assert_allclose(np.concatenate(got), want, rtol=0, atol=2e-5 * np.abs(want).max(),
                                    err_msg=f"prefill in {first.name}, decode in {second.name}")
 
 
@@ -157,7 +157,7 @@ def test_speculative_decoding_matches_reference(side, rng):
     for q, kept in ((0, [0, 1]), (1, [0])):  # tokens of step 1 that step 2 builds on
         first = hidden[0, 2 * q:2 * q + 2]
         want = reference(q, np.concatenate([first[kept], hidden[1, 2 * q:2 * q + 2]]))
-        tol = 2e-4 * np.abs(want).max()
+        tol = 2e-5 * np.abs(want).max()
         np.testing.assert_allclose(got[0][2 * q:2 * q + 2], reference(q, first), rtol=0, atol=tol,
                                    err_msg=f"{side.name}: step 1, request {q}")
         np.testing.assert_allclose(got[1][2 * q:2 * q + 2], want[-2:], rtol=0, atol=tol,
@@ -200,12 +200,12 @@ def test_prefix_caching_all_mode_matches_reference(side, rng):
     for name in ("A", "B"):
         want, _, _ = mixer_ref(weights, DIMS, tokens[name], [0, done[name]], CONFIG["rms_norm_eps"])
         np.testing.assert_allclose(np.concatenate(got[name]), want, rtol=0,
-                                   atol=2e-4 * np.abs(want).max(), err_msg=f"{side.name}: request {name}")
+                                   atol=2e-5 * np.abs(want).max(), err_msg=f"{side.name}: request {name}")
     for k, length in enumerate([16, 32, 35]):
         _, want_conv, want_ssm = mixer_ref(weights, DIMS, tokens["A"][:length], [0, length],
                                            CONFIG["rms_norm_eps"])
         slot = tables["A"][k]
-        np.testing.assert_allclose(conv[slot, :WIDTH - 1], want_conv[0], rtol=0, atol=1e-4,
+        np.testing.assert_allclose(conv[slot, :WIDTH - 1], want_conv[0], rtol=0, atol=1e-5,
                                    err_msg=f"{side.name}: conv state of block {k}")
-        np.testing.assert_allclose(ssm[slot], want_ssm[0], rtol=0, atol=2e-4 * np.abs(want_ssm).max(),
+        np.testing.assert_allclose(ssm[slot], want_ssm[0], rtol=0, atol=2e-5 * np.abs(want_ssm).max(),
                                    err_msg=f"{side.name}: ssm state of block {k}")
