@@ -27,7 +27,6 @@ from bridge.conv_contract import (
     check_conv_update_args, decode_block_t)
 from bridge.launch_config import clip_block
 from jax_impl import platform
-from jax_impl.selective_state_update import _is_concrete
 
 
 def _causal_conv1d_kernel(*refs, names, dim, width, num_slots, pad_slot_id, write_len, silu,
@@ -190,7 +189,7 @@ def _check(check, args, **options):
 def _host_if_concrete(arrays: dict):
     """numpy copies of the given arrays, or None when any is traced (under jit)."""
     given = {k: v for k, v in arrays.items() if v is not None}
-    if not all(_is_concrete(v) for v in given.values()):
+    if not all(platform.is_concrete(v) for v in given.values()):
         return None
     return {k: (np.asarray(v) if v is not None else None) for k, v in arrays.items()}
 

@@ -14,3 +14,9 @@ def default_device() -> jax.Device:
 def device_name(device: jax.Device | None = None) -> str:
     device = device or default_device()
     return device.device_kind if device.platform == "gpu" else "cpu"
+
+
+def is_concrete(array) -> bool:
+    """A value known on the host (not traced under ``jax.jit``): index values
+    can then be checked before a kernel runs."""
+    return not isinstance(array, jax.core.Tracer)

@@ -216,10 +216,6 @@ def _selective_state_update_kernel(
             store_state(final_dst_slot, state, keep, bos + seqlen - 1)
 
 
-def _is_concrete(array) -> bool:
-    return not isinstance(array, jax.core.Tracer)
-
-
 def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
                            dt_softplus=False, state_batch_indices=None,
                            dst_state_batch_indices=None, null_block_id=NULL_BLOCK_ID,
@@ -250,7 +246,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
         cache_philox_rounds=cache_philox_rounds)
     index_args = {k: args[k] for k in ("state_batch_indices", "dst_state_batch_indices",
                                       "num_accepted_tokens", "cu_seqlens") if args[k] is not None}
-    if all(_is_concrete(v) for v in index_args.values()):
+    if all(platform.is_concrete(v) for v in index_args.values()):
         check_ssu_index_values(layout, null_block_id=null_block_id,
                                **{k: np.asarray(v) for k, v in index_args.items()})
     if enable_stochastic_rounding and rounding_seed is None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from bridge.ssd_contract import (
     batched_sequences, check_chunk_metadata_values, check_ssd_args, chunk_metadata)
-from jax_impl.selective_state_update import _is_concrete
+from jax_impl import platform
 from jax_impl.ssd_bmm import bmm_chunk
 from jax_impl.ssd_chunk_scan import chunk_scan
 from jax_impl.ssd_chunk_state import chunk_cumsum, chunk_state
@@ -49,7 +49,7 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
         state_dtype=None if state_dtype is None else str(jnp.dtype(state_dtype)))
     metadata = dict(cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,
                     last_chunk_indices=last_chunk_indices)
-    if all(_is_concrete(v) for v in metadata.values()):
+    if all(platform.is_concrete(v) for v in metadata.values()):
         check_chunk_metadata_values(layout, **{k: np.asarray(v) for k, v in metadata.items()})
     state_dtype = C.dtype if state_dtype is None else jnp.dtype(state_dtype)
 
@@ -82,7 +82,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size: int, D=None, z=None, d
     if x.ndim != 4:
         raise ValueError(f"mamba_chunk_scan_combined: `x` must be 4-D (batch, seqlen, nheads, "
                          f"headdim), got shape {tuple(x.shape)}")
-    if seq_idx is not None and not _is_concrete(seq_idx):
+    if seq_idx is not None and not platform.is_concrete(seq_idx):
         raise ValueError("mamba_chunk_scan_combined: `seq_idx` must be concrete (not traced): "
                          "the chunk layout depends on its values")
     batch, seqlen, H, P = x.shape
