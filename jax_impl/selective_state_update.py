@@ -107,13 +107,15 @@ def _selective_state_update_kernel(
         *refs, names, null_block_id, num_slots, index_columns, nheads, dim, dstate,
         heads_per_group, dt_softplus, tie_hdim, is_spec_decoding, stochastic_rounding,
         rounds, block_size_m, block_size_dstate):
-    """Grid (cdiv(dim, block_size_m), num_seqs, nheads): one program holds a
+    """Grid (cdiv(dim, block_size_m), nheads, num_seqs): one program holds a
     (block_size_m, dstate) tile of one sequence's state for one head across
-    that sequence's tokens. ``names`` lists the input refs given."""
+    that sequence's tokens; heads vary before sequences so that programs
+    running together stream through one cache slot. ``names`` lists the
+    input refs given."""
     ref = dict(zip(names, refs))
     out_ref, state_out_ref = refs[len(names):]
     state_ref = ref["state"]
-    pid_m, seq, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pid_m, head, seq = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = head // heads_per_group
 
     if "cu_seqlens" in ref:
@@ -306,7 +308,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
         kernel,
         out_shape=(jax.ShapeDtypeStruct(operands["out"].shape, out.dtype),
                    jax.ShapeDtypeStruct(operands["state"].shape, state.dtype)),
-        grid=(pl.cdiv(P, block_size_m), layout.num_seqs, H),
+        grid=(pl.cdiv(P, block_size_m), H, layout.num_seqs),
         input_output_aliases={names.index("out"): 0, names.index("state"): 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=platform.INTERPRET,

