@@ -126,9 +126,12 @@ STAGES = ("chunk_cumsum", "chunk_state", "state_passing", "bmm_chunk", "chunk_sc
 
 
 def stage_calls(framework, seqlens, nheads, headdim, dstate, ngroups, chunk_size, input_dtype):
-    """{stage: call} for one framework ("triton" or "pallas"): each call runs
-    one kernel stage on the outputs of the stages before it and returns its
-    result (JAX calls are not jitted: the caller jits, after any config override)."""
+    """``(calls, arrays)`` for one framework ("triton" or "pallas"): each
+    ``calls[stage](arrays)`` runs one kernel stage on the outputs of the
+    stages before it (held in ``arrays``) and returns its result. JAX calls
+    are not jitted: the caller jits, after any config override, with
+    ``arrays`` as an argument (closed over, XLA would fold them into the
+    program as constants)."""
     if framework == "triton":
         from torch_impl import ssd_bmm as bmm, ssd_chunk_scan as scan, ssd_chunk_state as state
         from torch_impl import ssd_state_passing as passing
@@ -147,30 +150,30 @@ def stage_calls(framework, seqlens, nheads, headdim, dstate, ngroups, chunk_size
              for k, v in arrays.items()}
         a.update({k: jnp.asarray(v) for k, v in index.items()})
     calls = {
-        "chunk_cumsum": lambda: state.chunk_cumsum(a["dt"], a["A"], chunk_size, a["cu_chunk_seqlens"],
-                                                   a["dt_bias"], True),
-        "chunk_state": lambda: state.chunk_state(a["B"], a["x"], a["dt_out"], a["dA_cumsum"],
-                                                 a["cu_chunk_seqlens"]),
-        "state_passing": lambda: passing.state_passing(a["chunk_states"], a["dA_cumsum"], a["seq_idx"],
-                                                       num_seqs, end_states_dtype=a["C"].dtype),
-        "bmm_chunk": lambda: bmm.bmm_chunk(a["C"], a["B"], a["cu_chunk_seqlens"], chunk_size),
-        "chunk_scan": lambda: scan.chunk_scan(a["CB"], a["x"], a["dt_out"], a["dA_cumsum"], a["C"],
-                                              a["end_states"], a["cu_chunk_seqlens"], a["seq_idx"],
-                                              D=a["D"]),
+        "chunk_cumsum": lambda a: state.chunk_cumsum(a["dt"], a["A"], chunk_size, a["cu_chunk_seqlens"],
+                                                     a["dt_bias"], True),
+        "chunk_state": lambda a: state.chunk_state(a["B"], a["x"], a["dt_out"], a["dA_cumsum"],
+                                                   a["cu_chunk_seqlens"]),
+        "state_passing": lambda a: passing.state_passing(a["chunk_states"], a["dA_cumsum"], a["seq_idx"],
+                                                         num_seqs, end_states_dtype=a["C"].dtype),
+        "bmm_chunk": lambda a: bmm.bmm_chunk(a["C"], a["B"], a["cu_chunk_seqlens"], chunk_size),
+        "chunk_scan": lambda a: scan.chunk_scan(a["CB"], a["x"], a["dt_out"], a["dA_cumsum"], a["C"],
+                                                a["end_states"], a["cu_chunk_seqlens"], a["seq_idx"],
+                                                D=a["D"]),
     }
-    a["dA_cumsum"], a["dt_out"] = calls["chunk_cumsum"]()
-    a["chunk_states"] = calls["chunk_state"]()
-    a["end_states"], _ = calls["state_passing"]()
-    a["CB"] = calls["bmm_chunk"]()
-    return calls
+    a["dA_cumsum"], a["dt_out"] = calls["chunk_cumsum"](a)
+    a["chunk_states"] = calls["chunk_state"](a)
+    a["end_states"], _ = calls["state_passing"](a)
+    a["CB"] = calls["bmm_chunk"](a)
+    return calls, a
 
 
-def time_stage(framework, call, repeats) -> float:
-    """Median seconds of one stage call."""
+def time_stage(framework, call, arrays, repeats) -> float:
+    """Median seconds of one stage call on ``arrays``."""
     if framework == "triton":
-        return time_torch(call, repeats)
+        return time_torch(lambda: call(arrays), repeats)
     jitted = jax.jit(call)
-    return time_jax(lambda carry: jitted(), None, repeats)
+    return time_jax(lambda carry: jitted(arrays), None, repeats)
 
 
 def stage_shape(quick: bool):
@@ -186,7 +189,7 @@ def print_stage_times(quick: bool):
     print(f"stage times (us), {sum(seqlens)} tokens:{'triton':>12}{'pallas':>10}")
     calls = {fw: stage_calls(fw, seqlens, **shape, input_dtype="bfloat16") for fw in ("triton", "pallas")}
     for stage in STAGES:
-        print(f"{stage:<34}" + "".join(f"{time_stage(fw, calls[fw][stage], repeats) * 1e6:>10.1f}"
+        print(f"{stage:<34}" + "".join(f"{time_stage(fw, calls[fw][0][stage], calls[fw][1], repeats) * 1e6:>10.1f}"
                                        for fw in ("triton", "pallas")))
 
 

@@ -62,21 +62,21 @@ def tune_backend(backend, stages, quick):
     """{stage: (default_us, best_us, best_config)} on this device."""
     configs, _ = _package(backend)
     seqlens, shape, repeats = bench_ssd.stage_shape(quick)
-    calls = bench_ssd.stage_calls(backend, seqlens, **shape, input_dtype="bfloat16")
+    calls, arrays = bench_ssd.stage_calls(backend, seqlens, **shape, input_dtype="bfloat16")
     candidates = QUICK_CANDIDATES if quick else CANDIDATES
     results = {}
     progress = Progress(sum(len(candidates.get(stage, [])) for stage in stages), f"tune_ssd {backend}")
     for stage in stages:
-        want = _as_numpy(calls[stage]())
+        want = _as_numpy(calls[stage](arrays))
         scale = np.abs(want).max()
-        default_us = bench_ssd.time_stage(backend, calls[stage], repeats) * 1e6
+        default_us = bench_ssd.time_stage(backend, calls[stage], arrays, repeats) * 1e6
         best = (default_us, SSD_LAUNCH_CONFIGS[stage])
         for config in candidates.get(stage, []):
             progress.step(f"{stage} {config}")
             with configs.override(stage, config):
                 try:
-                    got = _as_numpy(calls[stage]())
-                    seconds = bench_ssd.time_stage(backend, calls[stage], repeats)
+                    got = _as_numpy(calls[stage](arrays))
+                    seconds = bench_ssd.time_stage(backend, calls[stage], arrays, repeats)
                 except Exception as error:  # a config the compiler rejects (e.g. out of shared memory)
                     print(f"  {config}: {type(error).__name__}")
                     continue
