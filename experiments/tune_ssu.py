@@ -2,11 +2,12 @@
 
     python -m experiments.tune_ssu [--save-configs] [--backend triton|pallas|both]
         [--batches 1 2 4 ...] [--state-dtypes float32 bfloat16] [--output-dir DIR]
-        [--quick] [--report FILE.md]
+        [--block-sizes 4 8 ...] [--num-warps 1 2 4 8] [--quick] [--report FILE.md]
 
 For each backend, state dtype and batch (Mamba-2 2.7B heads by default:
 nheads 80, headdim 64, dstate 128), every candidate (BLOCK_SIZE_M a power of
-two up to headdim, num_warps 1-8) is pinned with ``override_ssm_config`` and
+two up to headdim, num_warps 1-8, or the ``--block-sizes`` x ``--num-warps``
+given) is pinned with ``override_ssm_config`` and
 measured as the comparison measures the state update
 (``experiments.ssu_case``): checked against float64, then timed rotating
 through disjoint cache-slot sets on a scratch copy of a random cache, so no
@@ -63,10 +64,11 @@ def device_name(backend: str) -> str:
     return jax_impl.platform.device_name()
 
 
-def candidate_configs(headdim: int, dstate: int, quick: bool) -> list[lc.LaunchConfig]:
+def candidate_configs(headdim: int, dstate: int, quick: bool, block_sizes_m=BLOCK_SIZES_M,
+                      num_warps=NUM_WARPS) -> list[lc.LaunchConfig]:
     """The heuristic first, then the grid (quick: one more only)."""
     heuristic = lc.default_ssu_launch_config(dstate, is_blackwell=False)
-    grid = [(m, w) for m in BLOCK_SIZES_M if m <= max(headdim, 1) for w in NUM_WARPS]
+    grid = [(m, w) for m in block_sizes_m if m <= max(headdim, 1) for w in num_warps]
     others = [config for config in grid if config != heuristic]
     return [heuristic, *others[:1 if quick else None]]
 
@@ -134,6 +136,9 @@ def main(argv=None):
     parser.add_argument("--nheads", type=int)
     parser.add_argument("--headdim", type=int)
     parser.add_argument("--dstate", type=int)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=list(BLOCK_SIZES_M),
+                        help="BLOCK_SIZE_M candidates (powers of two)")
+    parser.add_argument("--num-warps", type=int, nargs="+", default=list(NUM_WARPS))
     parser.add_argument("--output-dir", type=Path, help="write configs to DIR/<backend>/selective_state_update/")
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized: batches 1 and 64 (CPU: one tiny batch), two candidates, float32")
@@ -146,7 +151,8 @@ def main(argv=None):
     state_dtypes = args.state_dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     repeats = 10 if ON_GPU else 1
-    candidates = candidate_configs(shape["headdim"], shape["dstate"], args.quick)
+    candidates = candidate_configs(shape["headdim"], shape["dstate"], args.quick,
+                                   args.block_sizes, args.num_warps)
     env = environment()
     copy_GBps = copy_bandwidth_GBps((1 << 30) if ON_GPU else (1 << 20), repeats)
     rotate_bytes = 2 * l2_cache_bytes() if ON_GPU else 0
@@ -182,7 +188,7 @@ def main(argv=None):
         f"({'interpreted' if env['interpreted'] else 'compiled'})", "",
         *(f"- {k}: {v}" for k, v in env.items()), f"- command: `{command}`",
         f"- shape: {shape}; candidates: {len(candidates)} per batch "
-        f"(BLOCK_SIZE_M up to headdim x num_warps {NUM_WARPS}); heuristic: "
+        f"(BLOCK_SIZE_M {args.block_sizes} up to headdim x num_warps {args.num_warps}); heuristic: "
         "bridge.launch_config.default_ssu_launch_config",
         f"- timing: as experiments.compare (median of {repeats}, state rotated through disjoint "
         "slot sets on a scratch cache)",
