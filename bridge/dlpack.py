@@ -202,15 +202,29 @@ def jax_step_into(torch_states: Sequence, step_fn: Callable, *args, state_output
     the default on CPU — and ``written_back`` says so; with it False (the
     default on CUDA) AliasLostError is raised and no tensor is changed. The
     JAX views passed in are consumed by the donation: reusing one raises
-    JAX's "Array has been deleted" error.
+    JAX's "Array has been deleted" error. On CUDA, torch's current stream is
+    ordered after the step before this returns.
     """
     states = tuple(torch_states)
     views = [to_jax(state, name=f"torch_states[{i}]") for i, state in enumerate(states)]
-    outputs = step_fn(*views, *args, **kwargs)
-    results = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return run_step_on_views(states, views, step_fn, args, kwargs, state_outputs=state_outputs,
+                             allow_writeback=allow_writeback, order_torch=True)
+
+
+def run_step_on_views(states: Sequence, views: Sequence, step_fn: Callable, args: tuple, kwargs: dict,
+                      *, state_outputs: Sequence[int], allow_writeback: bool | None,
+                      order_torch: bool) -> InplaceStep:
+    """``jax_step_into`` on JAX views of ``states`` that the caller made
+    (``MambaStateCache`` reuses the previous step's output as the next
+    step's view). ``order_torch=False`` leaves torch's stream unordered after
+    an aliased step; the caller must order it (``to_torch`` of the new
+    state) before torch touches the memory."""
+    states = tuple(states)
     if len(state_outputs) != len(states):
         raise ValueError(f"jax_step_into: `state_outputs` names {len(state_outputs)} outputs "
                          f"for {len(states)} torch_states")
+    outputs = step_fn(*views, *args, **kwargs)
+    results = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     new_states = []
     for i, (state, index) in enumerate(zip(states, state_outputs)):
         if not 0 <= index < len(results):
@@ -222,6 +236,7 @@ def jax_step_into(torch_states: Sequence, step_fn: Callable, *args, state_output
                              f"{tuple(new.shape)} but `torch_states[{i}]` is "
                              f"{_dtype_name(state.dtype)}{tuple(state.shape)}")
         new_states.append(new)
+    # The address of an output is known at dispatch: this does not wait for the step.
     aliased = tuple(state.numel() == 0 or new.unsafe_buffer_pointer() == state.data_ptr()
                     for state, new in zip(states, new_states))
     if not all(aliased):
@@ -235,12 +250,11 @@ def jax_step_into(torch_states: Sequence, step_fn: Callable, *args, state_output
                 "copy results back instead.")
     results = list(results)
     for state, new, index, in_place in zip(states, new_states, state_outputs, aliased):
-        # to_torch makes torch's stream wait for the step (CUDA); in the
-        # aliased case that is all it is for.
-        written = to_torch(new, name="step_fn output")
         if not in_place:
-            state.copy_(written)
+            state.copy_(to_torch(new, name="step_fn output"))
             results[index] = to_jax(state, name="torch_states")
+        elif order_torch:
+            to_torch(new, name="step_fn output")  # makes torch's stream wait for the step (CUDA)
     if isinstance(outputs, (tuple, list)):
         outputs = type(outputs)(results)
     else:

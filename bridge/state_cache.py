@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from bridge import copy_spec
-from bridge.dlpack import InplaceStep, jax_step_into, to_jax, to_torch
+from bridge.dlpack import InplaceStep, run_step_on_views, to_jax, to_torch
 
 OWNERS = ("torch", "jax")
 
@@ -47,11 +47,21 @@ class MambaStateCache:
 
     ``owner`` ("torch" or "jax") allocates the memory, on ``device`` ('cpu',
     'cuda', 'cuda:i'); the other framework gets views through DLPack.
-    ``torch(name, layer)`` returns the stored tensor (O(1));
-    ``jax(name, layer)`` builds a fresh zero-copy array each call (a DLPack
-    import, microseconds) so that on CUDA every hand-over orders JAX after
-    torch's queued writes, and an array consumed by a donation is never
-    handed out again.
+    ``torch(name, layer)`` returns the stored tensor; ``jax(name, layer)``
+    builds a fresh zero-copy array each call (a DLPack import, about 0.1 ms
+    on the H100) so that on CUDA every hand-over orders JAX after torch's
+    queued work, and an array consumed by a donation is never handed out
+    again.
+
+    JAX steps (``run_jax_inplace``) run back to back without those imports:
+    a step's new state, which XLA wrote into the cache's memory, is the next
+    step's input. That chain ends, and the next step imports afresh (so JAX
+    waits for torch), when ``torch(name, layer)`` is called — or ``write`` or
+    ``copy_blocks`` — or when a torch in-place op changed the tensor's
+    version counter. So torch code that writes the cache between JAX steps
+    must take the tensor from ``torch(...)`` at that point, not reuse one
+    taken before the JAX steps (a Triton kernel writing through an old
+    reference bumps no version counter, and JAX would not wait for it).
 
     Lifetime: views keep the memory alive (DLPack capsules hold the owner's
     storage), so a view kept by either framework stays valid, with its
@@ -86,6 +96,11 @@ class MambaStateCache:
         self.steps_aliased = 0  # JAX steps that wrote in place
         self.steps_written_back = 0  # JAX steps whose result the bridge copied in
         self._tensors: dict[tuple[int, str], torch.Tensor] = {}
+        # The latest JAX step's new state per buffer, and the tensor's version
+        # counter then: the next step's input while neither changed.
+        self._step_views: dict[tuple[int, str], tuple[object, int]] = {}
+        # Buffers written by JAX steps that torch's stream is not yet ordered after.
+        self._unordered: set[tuple[int, str]] = set()
         self._allocations = []  # owner="jax": the arrays that own the memory
         for layer in range(num_layers):
             for name, shape, dtype in zip(self.names, self.state_shapes, self.dtypes):
@@ -112,8 +127,15 @@ class MambaStateCache:
         return layer, name
 
     def torch(self, name: str = "ssm", layer: int = 0):
-        """The torch tensor ``(num_blocks, *shape)`` of state ``name``."""
-        return self._tensors[self._key(name, layer)]
+        """The torch tensor ``(num_blocks, *shape)`` of state ``name``, with
+        torch's current stream ordered after the JAX steps that wrote it.
+        Ends the JAX steps' chain on it (see the class docstring)."""
+        key = self._key(name, layer)
+        view, _ = self._step_views.pop(key, (None, None))
+        if key in self._unordered:
+            to_torch(view, name=f"{name} state of layer {layer}")  # torch's stream waits for JAX
+            self._unordered.discard(key)
+        return self._tensors[key]
 
     def jax(self, name: str = "ssm", layer: int = 0):
         """A jax.Array ``(num_blocks, *shape)`` on the same memory as ``torch(name, layer)``."""
@@ -148,19 +170,44 @@ class MambaStateCache:
 
     def run_jax_inplace(self, step_fn: Callable, *args, layer: int = 0,
                         states: Sequence[str] = ("ssm",), state_outputs: Sequence[int] = (1,),
-                        allow_writeback: bool | None = None, **kwargs) -> InplaceStep:
-        """``jax_step_into`` on this cache: ``step_fn(*jax_views_of(states),
+                        allow_writeback: bool | None = None, order_torch: bool = True,
+                        **kwargs) -> InplaceStep:
+        """``bridge.jax_step_into`` on this cache: ``step_fn(*jax_views_of(states),
         *args, **kwargs)`` with the new states at ``state_outputs`` (default:
         ``(out, new_ssm_state)`` of ``jax_impl.selective_state_update``).
-        Counts the steps in ``steps_aliased`` / ``steps_written_back``."""
-        tensors = [self.torch(name, layer) for name in states]
-        step = jax_step_into(tensors, step_fn, *args, state_outputs=state_outputs,
-                             allow_writeback=allow_writeback, **kwargs)
+
+        The views are the previous step's new states where the chain holds
+        (see the class docstring), else fresh imports. ``order_torch`` (the
+        default) orders torch's current stream after the step, so any torch
+        reference to the cache sees the new state; with False that waits
+        for the next ``torch(...)`` call, and a step costs what the same step
+        on a JAX-owned array costs. Counts the steps in ``steps_aliased`` /
+        ``steps_written_back``."""
+        keys = [self._key(name, layer) for name in states]
+        tensors = [self._tensors[key] for key in keys]
+        views = [self._step_view(key, tensor) for key, tensor in zip(keys, tensors)]
+        for key in keys:  # donated by the step: never reused, even if it fails
+            self._step_views.pop(key, None)
+        step = run_step_on_views(tensors, views, step_fn, args, kwargs, state_outputs=state_outputs,
+                                 allow_writeback=allow_writeback, order_torch=order_torch)
+        for key, tensor, index, aliased in zip(keys, tensors, state_outputs, step.aliased):
+            if aliased:
+                self._step_views[key] = (step.outputs[index], tensor._version)
+                if not order_torch:
+                    self._unordered.add(key)
         if any(step.written_back):
             self.steps_written_back += 1
         else:
             self.steps_aliased += 1
         return step
+
+    def _step_view(self, key, tensor):
+        """The previous step's new state if the chain holds, else a fresh import."""
+        view, version = self._step_views.get(key, (None, None))
+        if view is not None and not view.is_deleted() and version == tensor._version:
+            return view
+        layer, name = key
+        return to_jax(tensor, name=f"{name} state of layer {layer}")
 
     def __repr__(self) -> str:
         states = ", ".join(f"{n}{s}:{d}" for n, s, d in zip(self.names, self.state_shapes, self.dtypes))

@@ -11,10 +11,13 @@ JSON under experiments/results/):
   and stream handshake included; it should stay flat in the size — next to a
   device copy of the same buffer (``Tensor.copy_``, timed with CUDA events).
 - ``jax_inplace_step``: ``jax_impl.selective_state_update`` jitted with the
-  state donated, on a torch-owned ``MambaStateCache`` (``run_jax_inplace``:
-  fresh view, step, alias check, handshake back; write-back where XLA did not
-  alias) vs the same step on a JAX-owned array; each run ends in
-  ``block_until_ready``.
+  state donated, on a JAX-owned array and on a torch-owned
+  ``MambaStateCache`` (``run_jax_inplace``, with ``order_torch`` True — torch
+  ordered after every step — and False — ordered when ``cache.torch()`` is
+  next called). Two figures per row: ``synced_us``, a step followed by a wait
+  for it (latency: host overhead shows in full), and ``pipelined_us``, the
+  time per step of a stream of steps, ``(run(2n) - run(n)) / n`` as in
+  ``experiments.timing.time_jax`` (throughput: host work overlaps the device).
 
 Without a GPU the sizes are tiny and the rows say ``device: cpu``; the Pallas
 step then runs interpreted, so its times are interpreter times.
@@ -131,6 +134,18 @@ def _decode_inputs(batch, nheads, headdim, dstate, ngroups, seed=0):
     return inputs, num_blocks, r(num_blocks, nheads, headdim, dstate)
 
 
+def _stream_time(step, runs: int, calls: int, finish) -> list[float]:
+    """Seconds per ``step()`` in a stream: ``(run(2 calls) - run(calls)) / calls``."""
+    def run(n):
+        start = time.perf_counter()
+        for _ in range(n):
+            last = step()
+        finish(last)
+        return time.perf_counter() - start
+
+    return [(run(2 * calls) - run(calls)) / calls for _ in range(runs)]
+
+
 def bench_inplace_step(batch, nheads, headdim, dstate, ngroups, runs, warmup) -> list[dict]:
     device = "cuda" if _on_gpu() else "cpu"
     step_fn = jax.jit(jax_impl.selective_state_update, donate_argnums=0,
@@ -145,26 +160,38 @@ def bench_inplace_step(batch, nheads, headdim, dstate, ngroups, runs, warmup) ->
                                    owner="torch", device=device)
     cache.torch("ssm").copy_(torch.from_numpy(initial_state))
 
-    def torch_owned():
-        step = cache.run_jax_inplace(step_fn, **inputs, dt_softplus=True)
-        jax.block_until_ready(step.outputs[0])
+    def torch_owned(order_torch):
+        return lambda: cache.run_jax_inplace(step_fn, **inputs, dt_softplus=True,
+                                             order_torch=order_torch).outputs
 
     # An XLA-owned state (device_put of a numpy array may alias host memory on CPU).
     state = [jax.jit(lambda a: a + 0)(jax.device_put(jnp.asarray(initial_state), jax_device))]
 
     def jax_owned():
         out, state[0] = step_fn(state[0], **inputs, dt_softplus=True)
-        jax.block_until_ready((out, state[0]))
+        return out, state[0]
+
+    def finish(outputs):
+        jax.block_until_ready(outputs)
+        if device == "cuda":
+            torch.cuda.synchronize()  # torch's stream too: it may wait on the steps
 
     rows = []
-    for impl, fn in (("torch-owned cache (run_jax_inplace)", torch_owned), ("JAX-owned array", jax_owned)):
-        samples = _host_time(fn, runs, warmup)
+    variants = (("JAX-owned array", jax_owned),
+                ("torch-owned cache, order_torch=True", torch_owned(True)),
+                ("torch-owned cache, order_torch=False", torch_owned(False)))
+    for impl, step in variants:
+        synced = _host_time(lambda: finish(step()), runs, warmup)
+        pipelined = _stream_time(step, max(3, runs // 10), 10 if device == "cuda" else 1, finish)
         rows.append(dict(op="jax_inplace_step", impl=impl, device=_device_label(), shape=shape,
-                         median_us=_median_us(samples), runs=len(samples)))
+                         median_us=_median_us(synced), synced_us=_median_us(synced),
+                         pipelined_us=_median_us(pipelined), runs=len(synced)))
     total = cache.steps_aliased + cache.steps_written_back
-    rows[0].update(steps_aliased=cache.steps_aliased, steps_written_back=cache.steps_written_back,
-                   note=("zero copies" if cache.steps_written_back == 0 else
-                         f"XLA did not alias: {cache.steps_written_back}/{total} steps written back"))
+    note = ("zero copies" if cache.steps_written_back == 0 else
+            f"XLA did not alias: {cache.steps_written_back}/{total} steps written back")
+    for row in rows[1:]:
+        row.update(steps_aliased=cache.steps_aliased, steps_written_back=cache.steps_written_back,
+                   note=note)
     return rows
 
 
@@ -183,10 +210,13 @@ def run(quick: bool) -> list[dict]:
 
 
 def _format(rows: list[dict]) -> str:
-    lines = ["| op | impl | size / shape | median (us) | note |", "| --- | --- | --- | ---: | --- |"]
+    lines = ["| op | impl | size / shape | median (us) | pipelined (us/step) | note |",
+             "| --- | --- | --- | ---: | ---: | --- |"]
     for row in rows:
         what = f"{row['size_bytes'] / MB:g} MB" if "size_bytes" in row else row["shape"]
-        lines.append(f"| {row['op']} | {row['impl']} | {what} | {row['median_us']:.1f} | {row.get('note', '')} |")
+        pipelined = f"{row['pipelined_us']:.1f}" if "pipelined_us" in row else ""
+        lines.append(f"| {row['op']} | {row['impl']} | {what} | {row['median_us']:.1f} | {pipelined} "
+                     f"| {row.get('note', '')} |")
     return "\n".join(lines)
 
 

@@ -154,6 +154,60 @@ def test_a_consumed_view_cannot_be_reused(rng):
     assert cache.jax("ssm").unsafe_buffer_pointer() == cache.torch("ssm").data_ptr()  # a fresh view
 
 
+def test_jax_steps_chain_without_imports_until_torch_takes_the_cache(rng, monkeypatch):
+    """A step whose new state is the cache's memory (here: a step that
+    returns its input, so the pointers match on CPU too) feeds the next step
+    directly; ``torch()``, a torch in-place op, or a consumed view make the
+    next step import afresh."""
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=3, device=DEVICE)
+    fill(cache, rng)
+    imports, seen = [], []
+    real_to_jax = bridge.state_cache.to_jax
+    monkeypatch.setattr(bridge.state_cache, "to_jax",
+                        lambda *a, **k: imports.append(1) or real_to_jax(*a, **k))
+
+    def identity_step(state):
+        seen.append(state)
+        return None, state
+
+    def step(**options):
+        imports.clear()
+        result = cache.run_jax_inplace(identity_step, **options)
+        assert result.aliased == (True,) and result.outputs[1] is seen[-1]
+        return len(imports)
+
+    assert step() == 1  # the first step imports
+    assert step() == 0 and seen[-1] is seen[-2]  # the next one takes the previous new state
+    tensor = cache.torch("ssm")
+    assert step() == 1  # torch() ended the chain
+    assert step() == 0
+    tensor.add_(1.0)  # a torch in-place op through a kept reference
+    assert step() == 1
+    jax.jit(lambda a: a + 1, donate_argnums=0)(seen[-1])  # the chain's view consumed elsewhere
+    assert step() == 1
+    assert step(order_torch=False) == 0
+    assert cache.torch("ssm").data_ptr() == tensor.data_ptr()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA streams")
+@pytest.mark.parametrize("order_torch", [True, False])
+def test_torch_sees_chained_jax_steps_still_in_flight(order_torch):
+    """Long in-place JAX steps chained on a torch-owned cache; torch reads at
+    once, through the kept reference (ordered after every step) or through
+    ``cache.torch()`` (ordered on access)."""
+    blocks, shape = 64, (1 << 20,)  # 256 MB of float32 per state
+    cache = MambaStateCache([(1, 1), shape], "float32", num_blocks=blocks, device="cuda")
+    kept = cache.torch("ssm")
+    kept.fill_(1.0)
+    step_fn = jax.jit(lambda state: (None, jax.lax.fori_loop(0, 10, lambda i, a: a + 1.0, state)),
+                      donate_argnums=0)
+    for _ in range(3):
+        cache.run_jax_inplace(step_fn, order_torch=order_torch)
+    tensor = kept if order_torch else cache.torch("ssm")
+    assert tensor.min().item() == 31.0 and tensor.max().item() == 31.0
+    assert cache.steps_aliased == 3
+
+
 @pytest.mark.parametrize("owner,state_dtype", [("torch", "float32"), ("jax", "float32"),
                                                ("torch", "bfloat16")])
 def test_decode_hands_over_between_frameworks(rng, owner, state_dtype):
