@@ -26,12 +26,11 @@ step then runs interpreted, so its times are interpreter times.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
+import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
@@ -42,8 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import bridge  # noqa: E402
 import jax_impl  # noqa: E402
+from experiments.report import RESULTS, environment  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 MB = 1 << 20
 
 
@@ -220,19 +219,23 @@ def _format(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = run(args.quick)
-    print(f"device: {_device_label()}")
-    print(_format(rows))
+    env = environment()
+    header = "\n".join([*(f"- {k}: {v}" for k, v in env.items()),
+                        f"- command: `{' '.join(['python -m experiments.bench_bridge', *argv])}`"])
+    text = f"# DLPack bridge costs on {_device_label()}\n\n{header}\n\n{_format(rows)}\n"
+    print(text)
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
-        stem = f"bridge-{datetime.date.today()}-{_device_label().replace(' ', '_')}"
-        (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-        (RESULTS / f"{stem}.md").write_text(f"device: {_device_label()}\n\n{_format(rows)}\n")
+        stem = f"bridge-{env['date']}-{_device_label().replace(' ', '_')}"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+        (RESULTS / f"{stem}.md").write_text(text)
         print(f"wrote {RESULTS / stem}.json/.md")
 
 

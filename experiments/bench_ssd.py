@@ -66,6 +66,38 @@ def useful_flops(cu_chunk_seqlens, nheads, headdim, dstate, ngroups) -> float:
     return float(nheads * per_head.sum() + ngroups * per_group.sum())
 
 
+def scan_calls(arrays, index, chunk_size, input_dtype) -> dict:
+    """{"triton": call, "pallas": call}: each ``call()`` runs one chunked scan
+    of the kernels on the inputs of ``make_inputs`` and returns ``(out,
+    final_states)`` (the Pallas call is jitted, its ``out`` donated and fed
+    to the next call)."""
+    options = dict(chunk_size=chunk_size, dt_softplus=True)
+    device = torch_impl.platform.default_device()
+    half = ("x", "dt", "B", "C")
+    t = {k: torch.from_numpy(v).to(device, getattr(torch, input_dtype) if k in half else torch.float32)
+         for k, v in arrays.items()}
+    ti = {k: torch.from_numpy(v).to(device) for k, v in index.items()}
+    out = torch.empty_like(t["x"])
+
+    def triton_call():
+        states = torch_impl.mamba_chunk_scan_combined_varlen(
+            **t, **options, **ti, out=out, state_dtype=torch.float32, validate_metadata=False)
+        return out, states
+
+    j = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
+         for k, v in arrays.items()}
+    ji = {k: jnp.asarray(v) for k, v in index.items()}
+    pallas = jax.jit(lambda out, j, ji: jax_impl.mamba_chunk_scan_combined_varlen(
+        **j, **options, **ji, out=out, state_dtype=jnp.float32), donate_argnums=0)
+    carry = [jnp.zeros_like(j["x"])]
+
+    def pallas_call():
+        carry[0], states = pallas(carry[0], j, ji)
+        return carry[0], states
+
+    return {"triton": triton_call, "pallas": pallas_call}
+
+
 def bench_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, input_dtype,
                repeats, with_baselines=True):
     arrays, index = make_inputs(seqlens, nheads, headdim, dstate, ngroups, chunk_size)
@@ -91,28 +123,23 @@ def bench_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, in
                          median_us=seconds * 1e6, TFLOPs=flops / seconds / 1e12,
                          tokens_per_s=T / seconds))
 
-    out = torch.empty_like(t["x"])
-    triton_call = lambda: torch_impl.mamba_chunk_scan_combined_varlen(  # noqa: E731
-        **t, **options, **ti, out=out, state_dtype=torch.float32, validate_metadata=False)
-    states = triton_call()
-    record("triton", out.float().cpu().numpy(), states.cpu().numpy(), time_torch(triton_call, repeats))
+    calls = scan_calls(arrays, index, chunk_size, input_dtype)
+    out, states = calls["triton"]()
+    record("triton", out.float().cpu().numpy(), states.cpu().numpy(), time_torch(calls["triton"], repeats))
     if with_baselines:
         torch_ops = lambda: torch_reference.ssd_chunked_torch_ops(  # noqa: E731
             **t, **options, **{k: ti[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")})
         base_out, base_states = torch_ops()
         record("torch-reference", base_out.float().cpu().numpy(), base_states.cpu().numpy(),
                time_torch(torch_ops, repeats, graph=False))
-    del out, t
+    del t
 
-    j = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
-         for k, v in arrays.items()}
-    ji = {k: jnp.asarray(v) for k, v in index.items()}
-    pallas = jax.jit(lambda out, j, ji: jax_impl.mamba_chunk_scan_combined_varlen(
-        **j, **options, **ji, out=out, state_dtype=jnp.float32), donate_argnums=0)
-    out, states = pallas(jnp.zeros_like(j["x"]), j, ji)
+    out, states = calls["pallas"]()
     record("pallas", np.asarray(out.astype(jnp.float32)), np.asarray(states),
-           time_jax(lambda out: pallas(out, j, ji)[0], out, repeats))
+           time_jax(lambda _: calls["pallas"](), None, repeats))
     if with_baselines:
+        j = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
+             for k, v in arrays.items()}
         # The chunk metadata is closed over: the plain-ops form needs it concrete.
         xla = jax.jit(lambda j: jax_reference.ssd_chunked_jnp(
             **j, **options, **{k: index[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")}))

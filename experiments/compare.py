@@ -164,7 +164,7 @@ def markdown(record: dict, op_rows: dict[str, list[dict]], plot_files: list[Path
              *(f"- {k}: {v}" for k, v in env.items()),
              f"- command: `{record['command']}`",
              f"- timing: {record['timing']}",
-             f"- measured copy bandwidth ({ceilings['copy_bytes'] >> 20} MiB Tensor.copy_, read + write): "
+             f"- measured copy bandwidth ({ceilings['copy_bytes'] >> 20} MiB Tensor.copy_ run eagerly, read + write): "
              f"{format_value(ceilings['copy_GBps'])} GB/s",
              f"- measured bf16 matmul ({ceilings['matmul_n']}^3 torch.matmul): "
              f"{format_value(ceilings['matmul_TFLOPs'])} TFLOP/s",
@@ -222,8 +222,9 @@ def main(argv=None):
     output = args.output or default_output("compare", env, ".json", args.quick)
     stem = output.with_suffix("")
     timing = (f"median of {repeats} samples after warm-up; GPU: CUDA events around CUDA-graph replays "
-              "(torch-reference eagerly: it syncs with the host) or around back-to-back jitted calls "
-              "ended by block_until_ready (JAX), each sample >= 1 ms; the state update rotates through "
+              "(torch-reference eagerly: it syncs with the host), each sample >= 1 ms; JAX: (wall time of 2n "
+              "back-to-back jitted calls - that of n) / n, each run ended by block_until_ready, n calls "
+              ">= 4 ms; the state update rotates through "
               "disjoint cache-slot sets totalling >= 2x the L2 so steps never hit their state in L2"
               if ON_GPU else "wall clock of single calls in the interpreters, after one warm-up call")
     record = dict(environment=env, command=" ".join(["python -m experiments.compare", *argv]),

@@ -116,54 +116,59 @@ def float64_reference(case: DecodeCase) -> tuple[np.ndarray, np.ndarray]:
     return out.cpu().numpy(), new_state[1:].cpu().numpy()
 
 
-# The check: one rotation on a scratch copy of the cache. The sets are
-# disjoint, so afterwards the last set's slots hold one step from the initial
-# cache and ``out`` the last step's output, which float64_reference computes.
-# The timing then goes on rotating on that scratch copy.
-
-def _torch_check_and_time(update, graph, prepared, repeats):
+def rotation(implementation: str, prepared) -> tuple:
+    """``(rotate, result)`` for one implementation on ``prepared`` (its
+    framework's ``prepare``): ``rotate()`` makes one step per index set on a
+    scratch copy of the cache (JAX: jitted afresh, so a pinned launch config
+    takes effect, with the scratch cache donated; returns it). The sets are
+    disjoint, so after one rotation ``result()`` — (out of the last step, the
+    last set's slots), float32 numpy — is one step from the initial cache,
+    which ``float64_reference`` computes. Timing goes on rotating."""
+    update, framework, _ = IMPLEMENTATIONS[implementation]
     inputs, state, index_sets = prepared
-    out = torch.zeros_like(inputs["x"])
-    scratch = state.clone()
+    if framework == "torch":
+        out = torch.zeros_like(inputs["x"])
+        scratch = state.clone()
 
-    def rotation():
-        for indices in index_sets:
-            update(state=scratch, **inputs, out=out, state_batch_indices=indices, **OPTIONS)
+        def rotate():
+            for indices in index_sets:
+                update(state=scratch, **inputs, out=out, state_batch_indices=indices, **OPTIONS)
 
-    rotation()
-    # copies: on CPU .numpy() would share memory with tensors the timing overwrites
-    got = tuple(t.to("cpu", torch.float32, copy=True).numpy()
-                for t in (out, scratch[index_sets[-1].long()]))
-    return got, time_torch(rotation, repeats, graph)
+        def result():
+            # copies: on CPU .numpy() would share memory with tensors the timing overwrites
+            return tuple(t.to("cpu", torch.float32, copy=True).numpy()
+                         for t in (out, scratch[index_sets[-1].long()]))
+        return rotate, result
 
-
-def _jax_check_and_time(update, prepared, repeats):
-    """Freshly jitted, so a pinned launch config takes effect (block sizes are
-    static: each config is its own trace). Each step's ``out`` feeds the
-    next step, so XLA cannot drop it."""
-    inputs, state, index_sets = prepared
-
-    def rotate(carry, inputs, index_sets):
+    def rotate_sets(carry, inputs, index_sets):
         state, out = carry
-        for indices in index_sets:
+        for indices in index_sets:  # each step's out feeds the next: XLA cannot drop it
             out, state = update(state, **inputs, out=out, state_batch_indices=indices, **OPTIONS)
         return state, out
 
-    rotation = jax.jit(rotate, donate_argnums=0)
-    scratch, out = rotation((jnp.copy(state), jnp.zeros_like(inputs["x"])), inputs, index_sets)
-    got = (np.asarray(out.astype(jnp.float32)),
-           np.asarray(scratch[index_sets[-1]].astype(jnp.float32)))
-    return got, time_jax(lambda carry: rotation(carry, inputs, index_sets), (scratch, out), repeats)
+    jitted = jax.jit(rotate_sets, donate_argnums=0)
+    carry = [(jnp.copy(state), jnp.zeros_like(inputs["x"]))]
+
+    def rotate():
+        carry[0] = jitted(carry[0], inputs, index_sets)
+        return carry[0]
+
+    def result():
+        scratch, out = carry[0]
+        return (np.asarray(out.astype(jnp.float32)),
+                np.asarray(scratch[index_sets[-1]].astype(jnp.float32)))
+    return rotate, result
 
 
 def measure(case: DecodeCase, implementation: str, prepared, want, repeats: int) -> dict:
     """Errors vs the float64 ``want`` and median seconds per step of one
     implementation; ``prepared`` is ``prepare(case, <its framework>)``."""
-    update, framework, graph = IMPLEMENTATIONS[implementation]
-    if framework == "torch":
-        (out, state), seconds = _torch_check_and_time(update, graph, prepared, repeats)
-    else:
-        (out, state), seconds = _jax_check_and_time(update, prepared, repeats)
+    _, framework, graph = IMPLEMENTATIONS[implementation]
+    rotate, result = rotation(implementation, prepared)
+    rotate()
+    out, state = result()
+    seconds = (time_torch(rotate, repeats, graph) if framework == "torch" else
+               time_jax(lambda _: rotate(), None, repeats))
     seconds /= len(case.index_sets)
     return dict(max_rel_error_out=rel_error(out, want[0]),
                 max_rel_error_state=rel_error(state, want[1]),
