@@ -133,7 +133,12 @@ class MambaStateCache:
         key = self._key(name, layer)
         view, _ = self._step_views.pop(key, (None, None))
         if key in self._unordered:
-            to_torch(view, name=f"{name} state of layer {layer}")  # torch's stream waits for JAX
+            if view is not None and not view.is_deleted():
+                to_torch(view, name=f"{name} state of layer {layer}")  # torch's stream waits for JAX
+            elif self.device.type == "cuda":  # a step that failed consumed the view to wait on
+                import torch
+
+                torch.cuda.synchronize(self.device)
             self._unordered.discard(key)
         return self._tensors[key]
 
@@ -185,16 +190,19 @@ class MambaStateCache:
         ``steps_written_back``."""
         keys = [self._key(name, layer) for name in states]
         tensors = [self._tensors[key] for key in keys]
+        # A view the step donates is deleted, so a failed step's view is never reused.
         views = [self._step_view(key, tensor) for key, tensor in zip(keys, tensors)]
-        for key in keys:  # donated by the step: never reused, even if it fails
-            self._step_views.pop(key, None)
         step = run_step_on_views(tensors, views, step_fn, args, kwargs, state_outputs=state_outputs,
                                  allow_writeback=allow_writeback, order_torch=order_torch)
         for key, tensor, index, aliased in zip(keys, tensors, state_outputs, step.aliased):
-            if aliased:
-                self._step_views[key] = (step.outputs[index], tensor._version)
-                if not order_torch:
-                    self._unordered.add(key)
+            if not aliased:  # written back by a torch copy, which torch is ordered after
+                self._step_views.pop(key, None)
+                continue
+            self._step_views[key] = (step.outputs[index], tensor._version)
+            if order_torch:
+                self._unordered.discard(key)
+            else:
+                self._unordered.add(key)
         if any(step.written_back):
             self.steps_written_back += 1
         else:

@@ -129,3 +129,19 @@ def test_jax_donated_state_is_updated_in_place(rng):
     assert new_state.unsafe_buffer_pointer() == pointer
     assert state.is_deleted()
     np.testing.assert_allclose(side.numpy(new_state), want_state, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_grid_limit_on_sequences_names_x():
+    """More sequences than CUDA's grid z axis holds: a clear error, not a launch failure."""
+    torch = pytest.importorskip("torch")
+    torch_impl = pytest.importorskip("torch_impl")
+    from torch_impl.selective_state_update import MAX_GRID_Z
+
+    num_seqs, nheads, dim, dstate = MAX_GRID_Z + 1, 1, 1, 16
+    state = torch.zeros(num_seqs, nheads, dim, dstate)
+    x = torch.zeros(num_seqs, nheads, dim)
+    dt = torch.zeros(num_seqs, nheads)
+    B = torch.zeros(num_seqs, 1, dstate)
+    with pytest.raises(ValueError, match="`x`"):
+        torch_impl.selective_state_update(state, x, dt, torch.zeros(nheads), B, B)
+    assert not state.any()

@@ -188,6 +188,16 @@ def test_jax_steps_chain_without_imports_until_torch_takes_the_cache(rng, monkey
     assert step(order_torch=False) == 0
     assert cache.torch("ssm").data_ptr() == tensor.data_ptr()
 
+    def consume_then_fail(state):
+        jax.jit(lambda a: a + 1, donate_argnums=0)(state)
+        raise RuntimeError("step failed")
+
+    assert step(order_torch=False) == 1
+    with pytest.raises(RuntimeError, match="step failed"):
+        cache.run_jax_inplace(consume_then_fail)
+    cache.torch("ssm")  # orders torch although the view it would wait on is gone
+    assert step() == 1  # and the next step imports afresh
+
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA streams")
 @pytest.mark.parametrize("order_torch", [True, False])
