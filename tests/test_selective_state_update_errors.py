@@ -138,10 +138,9 @@ def test_triton_grid_limit_on_sequences_names_x():
     from torch_impl.selective_state_update import MAX_GRID_Z
 
     num_seqs, nheads, dim, dstate = MAX_GRID_Z + 1, 1, 1, 16
-    state = torch.zeros(num_seqs, nheads, dim, dstate)
-    x = torch.zeros(num_seqs, nheads, dim)
-    dt = torch.zeros(num_seqs, nheads)
-    B = torch.zeros(num_seqs, 1, dstate)
+    zeros = lambda *shape: torch.zeros(shape, device=torch_impl.platform.default_device())  # noqa: E731
+    state, B = zeros(num_seqs, nheads, dim, dstate), zeros(num_seqs, 1, dstate)
     with pytest.raises(ValueError, match="`x`"):
-        torch_impl.selective_state_update(state, x, dt, torch.zeros(nheads), B, B)
+        torch_impl.selective_state_update(state, zeros(num_seqs, nheads, dim), zeros(num_seqs, nheads),
+                                          zeros(nheads), B, B)
     assert not state.any()
