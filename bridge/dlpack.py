@@ -236,7 +236,16 @@ def run_step_on_views(states: Sequence, views: Sequence, step_fn: Callable, args
                              f"{tuple(new.shape)} but `torch_states[{i}]` is "
                              f"{_dtype_name(state.dtype)}{tuple(state.shape)}")
         new_states.append(new)
-    # The address of an output is known at dispatch: this does not wait for the step.
+    if any(state.device.type == "cpu" for state in states):
+        # On CPU unsafe_buffer_pointer waits for the step while holding the GIL, and what
+        # XLA:CPU does as a step on donated DLPack views of torch memory ends can need the
+        # GIL: a deadlock, seen once in CI and reproduced with plain jax + torch (an output's
+        # unsafe_buffer_pointer right after the donating call hangs within ~10 steps).
+        # block_until_ready waits with the GIL released.
+        import jax
+
+        jax.block_until_ready(new_states)
+    # On CUDA the address of an output is known at dispatch: this does not wait for the step.
     aliased = tuple(state.numel() == 0 or new.unsafe_buffer_pointer() == state.data_ptr()
                     for state, new in zip(states, new_states))
     if not all(aliased):
