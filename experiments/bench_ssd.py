@@ -66,17 +66,28 @@ def useful_flops(cu_chunk_seqlens, nheads, headdim, dstate, ngroups) -> float:
     return float(nheads * per_head.sum() + ngroups * per_group.sum())
 
 
+def framework_inputs(framework, arrays, index, input_dtype):
+    """``(inputs, metadata)`` of ``make_inputs`` in one framework ("torch" or
+    "jax") on its default device: x, dt, B, C in ``input_dtype``, the other
+    inputs float32, the chunk metadata int32."""
+    half = ("x", "dt", "B", "C")
+    if framework == "torch":
+        device = torch_impl.platform.default_device()
+        return ({k: torch.from_numpy(v).to(device, getattr(torch, input_dtype) if k in half else torch.float32)
+                 for k, v in arrays.items()},
+                {k: torch.from_numpy(v).to(device) for k, v in index.items()})
+    return ({k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
+             for k, v in arrays.items()},
+            {k: jnp.asarray(v) for k, v in index.items()})
+
+
 def scan_calls(arrays, index, chunk_size, input_dtype) -> dict:
     """{"triton": call, "pallas": call}: each ``call()`` runs one chunked scan
     of the kernels on the inputs of ``make_inputs`` and returns ``(out,
     final_states)`` (the Pallas call is jitted, its ``out`` donated and fed
     to the next call)."""
     options = dict(chunk_size=chunk_size, dt_softplus=True)
-    device = torch_impl.platform.default_device()
-    half = ("x", "dt", "B", "C")
-    t = {k: torch.from_numpy(v).to(device, getattr(torch, input_dtype) if k in half else torch.float32)
-         for k, v in arrays.items()}
-    ti = {k: torch.from_numpy(v).to(device) for k, v in index.items()}
+    t, ti = framework_inputs("torch", arrays, index, input_dtype)
     out = torch.empty_like(t["x"])
 
     def triton_call():
@@ -84,9 +95,7 @@ def scan_calls(arrays, index, chunk_size, input_dtype) -> dict:
             **t, **options, **ti, out=out, state_dtype=torch.float32, validate_metadata=False)
         return out, states
 
-    j = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
-         for k, v in arrays.items()}
-    ji = {k: jnp.asarray(v) for k, v in index.items()}
+    j, ji = framework_inputs("jax", arrays, index, input_dtype)
     pallas = jax.jit(lambda out, j, ji: jax_impl.mamba_chunk_scan_combined_varlen(
         **j, **options, **ji, out=out, state_dtype=jnp.float32), donate_argnums=0)
     carry = [jnp.zeros_like(j["x"])]
@@ -103,11 +112,7 @@ def bench_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, in
     arrays, index = make_inputs(seqlens, nheads, headdim, dstate, ngroups, chunk_size)
     T = int(index["cu_seqlens"][-1])
     options = dict(chunk_size=chunk_size, dt_softplus=True)
-    device = torch_impl.platform.default_device()
-    half = ("x", "dt", "B", "C")
-    t = {k: torch.from_numpy(v).to(device, getattr(torch, input_dtype) if k in half else torch.float32)
-         for k, v in arrays.items()}
-    ti = {k: torch.from_numpy(v).to(device) for k, v in index.items()}
+    t, ti = framework_inputs("torch", arrays, index, input_dtype)
     want_out, want_states = torch_reference.ssd_chunked_ref(
         **t, **options, **{k: ti[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")})
     want_out, want_states = want_out.cpu().numpy(), want_states.cpu().numpy()
@@ -138,8 +143,7 @@ def bench_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, in
     record("pallas", np.asarray(out.astype(jnp.float32)), np.asarray(states),
            time_jax(lambda _: calls["pallas"](), None, repeats))
     if with_baselines:
-        j = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
-             for k, v in arrays.items()}
+        j, _ = framework_inputs("jax", arrays, index, input_dtype)
         # The chunk metadata is closed over: the plain-ops form needs it concrete.
         xla = jax.jit(lambda j: jax_reference.ssd_chunked_jnp(
             **j, **options, **{k: index[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")}))
@@ -166,16 +170,9 @@ def stage_calls(framework, seqlens, nheads, headdim, dstate, ngroups, chunk_size
         from jax_impl import ssd_bmm as bmm, ssd_chunk_scan as scan, ssd_chunk_state as state
         from jax_impl import ssd_state_passing as passing
     arrays, index = make_inputs(seqlens, nheads, headdim, dstate, ngroups, chunk_size)
-    num_seqs, half = len(seqlens), ("x", "dt", "B", "C")
-    if framework == "triton":
-        device = torch_impl.platform.default_device()
-        a = {k: torch.from_numpy(v).to(device, getattr(torch, input_dtype) if k in half else torch.float32)
-             for k, v in arrays.items()}
-        a.update({k: torch.from_numpy(v).to(device) for k, v in index.items()})
-    else:
-        a = {k: jnp.asarray(v, dtype=getattr(jnp, input_dtype) if k in half else jnp.float32)
-             for k, v in arrays.items()}
-        a.update({k: jnp.asarray(v) for k, v in index.items()})
+    num_seqs = len(seqlens)
+    a, metadata = framework_inputs("torch" if framework == "triton" else "jax", arrays, index, input_dtype)
+    a.update(metadata)
     calls = {
         "chunk_cumsum": lambda a: state.chunk_cumsum(a["dt"], a["A"], chunk_size, a["cu_chunk_seqlens"],
                                                      a["dt_bias"], True),
