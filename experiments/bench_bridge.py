@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import bridge  # noqa: E402
 import jax_impl  # noqa: E402
 from experiments.report import RESULTS, environment  # noqa: E402
+from experiments.timing import event_seconds, wall_samples  # noqa: E402
 
 MB = 1 << 20
 
@@ -62,34 +63,20 @@ def _host_time(fn, runs: int, warmup: int) -> list[float]:
     """Seconds per call of a host-side function (a DLPack hand-over)."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
+    return wall_samples(fn, runs)
 
 
 def _device_copy_time(src: torch.Tensor, dst: torch.Tensor, runs: int, warmup: int) -> list[float]:
     """Seconds per ``dst.copy_(src)``: CUDA events on the GPU, else wall time."""
-    for _ in range(warmup):
+    def copy():
         dst.copy_(src)
-    samples = []
-    if src.is_cuda:
-        torch.cuda.synchronize()
-        for _ in range(runs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(runs):
-            begin = time.perf_counter()
-            dst.copy_(src)
-            samples.append(time.perf_counter() - begin)
-    return samples
+
+    for _ in range(warmup):
+        copy()
+    if not src.is_cuda:
+        return wall_samples(copy, runs)
+    torch.cuda.synchronize()
+    return [event_seconds(copy) for _ in range(runs)]
 
 
 def bench_share(sizes: list[int], runs: int, warmup: int) -> list[dict]:

@@ -58,8 +58,8 @@ def _calls_per_sample(seconds_per_call: float, sample_seconds: float = SAMPLE_SE
     return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(sample_seconds / max(seconds_per_call, 1e-9))))
 
 
-def _wall_samples(fn, repeats: int) -> list[float]:
-    """Wall seconds of ``repeats`` single calls (CPU timing)."""
+def wall_samples(fn, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` single calls (CPU timing; host-side work)."""
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -68,7 +68,7 @@ def _wall_samples(fn, repeats: int) -> list[float]:
     return samples
 
 
-def _event_seconds(run) -> float:
+def event_seconds(run) -> float:
     """Device seconds of ``run()``, timed with CUDA events on the current stream."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -83,9 +83,9 @@ def time_torch(fn, repeats: int, graph: bool = True) -> float:
     for _ in range(WARMUP_CALLS):
         fn()
     if not ON_GPU:
-        return statistics.median(_wall_samples(fn, repeats))
+        return statistics.median(wall_samples(fn, repeats))
     torch.cuda.synchronize()
-    calls = _calls_per_sample(_event_seconds(fn))
+    calls = _calls_per_sample(event_seconds(fn))
 
     def run_calls():
         for _ in range(calls):
@@ -99,7 +99,7 @@ def time_torch(fn, repeats: int, graph: bool = True) -> float:
         run()  # the first replay uploads the graph
     else:
         run = run_calls
-    return statistics.median([_event_seconds(run) / calls for _ in range(repeats)])
+    return statistics.median([event_seconds(run) / calls for _ in range(repeats)])
 
 
 def time_jax(step, carry, repeats: int) -> float:
