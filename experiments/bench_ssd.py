@@ -88,7 +88,7 @@ def scan_calls(arrays, index, chunk_size, input_dtype) -> dict:
     to the next call)."""
     options = dict(chunk_size=chunk_size, dt_softplus=True)
     t, ti = framework_inputs("torch", arrays, index, input_dtype)
-    out = torch.empty_like(t["x"])
+    out = torch.full_like(t["x"], float("nan"))  # poisoned: the scan overwrites every token
 
     def triton_call():
         states = torch_impl.mamba_chunk_scan_combined_varlen(
@@ -98,7 +98,7 @@ def scan_calls(arrays, index, chunk_size, input_dtype) -> dict:
     j, ji = framework_inputs("jax", arrays, index, input_dtype)
     pallas = jax.jit(lambda out, j, ji: jax_impl.mamba_chunk_scan_combined_varlen(
         **j, **options, **ji, out=out, state_dtype=jnp.float32), donate_argnums=0)
-    carry = [jnp.zeros_like(j["x"])]
+    carry = [jnp.full_like(j["x"], jnp.nan)]
 
     def pallas_call():
         carry[0], states = pallas(carry[0], j, ji)

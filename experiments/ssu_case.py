@@ -127,7 +127,7 @@ def rotation(implementation: str, prepared) -> tuple:
     update, framework, _ = IMPLEMENTATIONS[implementation]
     inputs, state, index_sets = prepared
     if framework == "torch":
-        out = torch.zeros_like(inputs["x"])
+        out = torch.full_like(inputs["x"], float("nan"))  # poisoned: every step overwrites it
         scratch = state.clone()
 
         def rotate():
@@ -147,7 +147,7 @@ def rotation(implementation: str, prepared) -> tuple:
         return state, out
 
     jitted = jax.jit(rotate_sets, donate_argnums=0)
-    carry = [(jnp.copy(state), jnp.zeros_like(inputs["x"]))]
+    carry = [(jnp.copy(state), jnp.full_like(inputs["x"], jnp.nan))]
 
     def rotate():
         carry[0] = jitted(carry[0], inputs, index_sets)
