@@ -14,7 +14,7 @@ JSON under experiments/results/):
   state donated, on a JAX-owned array and on a torch-owned
   ``MambaStateCache`` (``run_jax_inplace``, with ``order_torch`` True — torch
   ordered after every step — and False — ordered when ``cache.torch()`` is
-  next called). Two figures per row: ``synced_us``, a step followed by a wait
+  next called). Two figures per row: ``median_us``, a step followed by a wait
   for it (latency: host overhead shows in full), and ``pipelined_us``, the
   time per step of a stream of steps, ``(run(2n) - run(n)) / n`` as in
   ``experiments.timing.time_jax`` (throughput: host work overlaps the device).
@@ -170,7 +170,7 @@ def bench_inplace_step(batch, nheads, headdim, dstate, ngroups, runs, warmup) ->
         synced = _host_time(lambda: finish(step()), runs, warmup)
         pipelined = _stream_time(step, max(3, runs // 10), 10 if device == "cuda" else 1, finish)
         rows.append(dict(op="jax_inplace_step", impl=impl, device=_device_label(), shape=shape,
-                         median_us=_median_us(synced), synced_us=_median_us(synced),
+                         median_us=_median_us(synced),
                          pipelined_us=_median_us(pipelined), runs=len(synced)))
     total = cache.steps_aliased + cache.steps_written_back
     note = ("zero copies" if cache.steps_written_back == 0 else
