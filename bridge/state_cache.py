@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from bridge import copy_spec
+from bridge.spec import copy_spec
 from bridge.dlpack import InplaceStep, run_step_on_views, to_jax, to_torch
 
 OWNERS = ("torch", "jax")

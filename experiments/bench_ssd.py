@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jax_impl  # noqa: E402
-from bridge.ssd_contract import chunk_metadata  # noqa: E402
+from bridge.spec.ssd_contract import chunk_metadata  # noqa: E402
 from experiments.timing import rel_error, time_jax, time_torch  # noqa: E402
 from jax_impl import reference as jax_reference  # noqa: E402
 from torch_impl import reference as torch_reference  # noqa: E402

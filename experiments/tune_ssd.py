@@ -24,7 +24,7 @@ import numpy as np
 
 from experiments import bench_ssd
 from experiments.report import Progress
-from bridge.launch_config import SSD_LAUNCH_CONFIGS, SSD_OP, ssd_config_file_name
+from bridge.spec.launch_config import SSD_LAUNCH_CONFIGS, SSD_OP, ssd_config_file_name
 
 
 def _grid(**choices):

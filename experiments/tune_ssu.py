@@ -16,7 +16,7 @@ A candidate that does not compile or whose result is off is dropped; the
 fastest of the rest wins.
 
 ``--save-configs`` writes, per backend and cache dtype, the file that
-``bridge.launch_config`` reads, keyed by effective batch (batch * nheads):
+``bridge.spec.launch_config`` reads, keyed by effective batch (batch * nheads):
 ``<package>/configs/selective_state_update/headdim=..,dstate=..,device_name=..,cache_dtype=...json``
 or, with ``--output-dir DIR``, ``DIR/<triton|pallas>/selective_state_update/<same name>``
 (point ``$MAMBA_TWIN_TUNED_CONFIG_FOLDER`` at DIR). Entries of batches not
@@ -35,7 +35,7 @@ import json
 import sys
 from pathlib import Path
 
-from bridge import launch_config as lc
+from bridge.spec import launch_config as lc
 from experiments import ssu_case
 from experiments.report import Progress, default_output, environment, markdown_table
 from experiments.timing import ON_GPU, copy_bandwidth_GBps, l2_cache_bytes
@@ -189,7 +189,7 @@ def main(argv=None):
         *(f"- {k}: {v}" for k, v in env.items()), f"- command: `{command}`",
         f"- shape: {shape}; candidates: {len(candidates)} per batch "
         f"(BLOCK_SIZE_M {args.block_sizes} up to headdim x num_warps {args.num_warps}); heuristic: "
-        "bridge.launch_config.default_ssu_launch_config",
+        "bridge.spec.launch_config.default_ssu_launch_config",
         f"- timing: as experiments.compare (median of {repeats}, state rotated through disjoint "
         "slot sets on a scratch cache)",
         f"- measured copy bandwidth: {copy_GBps:.3g} GB/s",

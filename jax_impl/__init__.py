@@ -8,7 +8,7 @@ from jax_impl.selective_state_update import (
     get_ssm_config_file_name, get_ssm_configs, override_ssm_config, selective_state_update,
     try_get_optimal_ssm_config)
 from jax_impl.ssd_combined import mamba_chunk_scan_combined, mamba_chunk_scan_combined_varlen
-from bridge.ssu_contract import NULL_BLOCK_ID
+from bridge.spec.ssu_contract import NULL_BLOCK_ID
 
 __all__ = ["NULL_BLOCK_ID", "get_ssm_config_file_name", "get_ssm_configs",
            "mamba_chunk_scan_combined", "mamba_chunk_scan_combined_varlen", "override_ssm_config",

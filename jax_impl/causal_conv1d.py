@@ -1,7 +1,7 @@
 """Causal depthwise conv1d of a Mamba-2 layer as one Pallas kernel (Triton
 backend on GPU) with two wrappers: ``causal_conv1d_fn`` (prefill over packed
 sequences) and ``causal_conv1d_update`` (decode, speculative decoding
-included). The math and the argument rules: ``bridge.conv_contract``.
+included). The math and the argument rules: ``bridge.spec.conv_contract``.
 Mirror: ``torch_impl/causal_conv1d.py``.
 
 JAX is functional: both return ``(out, new_conv_state)``. The conv state is
@@ -22,10 +22,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.conv_contract import (
+from bridge.spec.conv_contract import (
     BLOCK_D, NULL_BLOCK_ID, PREFILL_BLOCK_T, check_conv_fn_args, check_conv_index_values,
     check_conv_update_args, decode_block_t)
-from bridge.launch_config import clip_block
+from bridge.spec.launch_config import clip_block
 from jax_impl import platform
 
 

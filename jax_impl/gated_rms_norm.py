@@ -1,6 +1,6 @@
 """Gated RMSNorm of a Mamba-2 layer (norm(x * silu(z)) per group of
 channels, scaled by ``weight``) as a Pallas kernel (Triton backend on GPU)
-with its wrapper. The math and the argument rules: ``bridge.norm_contract``.
+with its wrapper. The math and the argument rules: ``bridge.spec.norm_contract``.
 Mirror: ``torch_impl/gated_rms_norm.py``.
 """
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.norm_contract import check_norm_args, norm_num_warps
+from bridge.spec.norm_contract import check_norm_args, norm_num_warps
 from jax_impl import platform
 
 

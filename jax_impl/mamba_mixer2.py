@@ -10,7 +10,7 @@ returns the new conv and SSM states; ``forward_on_cache`` runs it on a
 ``bridge.MambaStateCache`` (jitted, the states donated: in place where XLA
 aliases the cache's memory), so a ``torch_impl.MambaMixer2`` with the same
 weights can continue the sequences. Tensor-parallel size 1 (the sharding
-rules: ``bridge.mixer_sharding``). Mirror: ``torch_impl/mamba_mixer2.py``.
+rules: ``bridge.spec.mixer_sharding``). Mirror: ``torch_impl/mamba_mixer2.py``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge.mixer_metadata import Mamba2Metadata, check_checkpoint, checkpoint_shapes
-from bridge.mixer_sharding import MixerDims
-from bridge.ssu_contract import NULL_BLOCK_ID
-from bridge.state_shapes import MambaStateShapeCalculator, is_conv_state_dim_first
+from bridge.spec.mixer_metadata import Mamba2Metadata, check_checkpoint, checkpoint_shapes
+from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.ssu_contract import NULL_BLOCK_ID
+from bridge.spec.state_shapes import MambaStateShapeCalculator, is_conv_state_dim_first
 from jax_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from jax_impl.gated_rms_norm import rms_norm_gated
 from jax_impl.selective_state_update import selective_state_update

@@ -1,7 +1,9 @@
-"""Where the Pallas kernels run: compiled (Triton backend) on a GPU, else in
-Pallas' interpreter on the CPU."""
+"""Where the Pallas kernels run (compiled, Triton lowering, on a GPU; else in
+Pallas' interpreter on the CPU) and the prologue every wrapper shares."""
 
 import jax
+import numpy as np
+
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -20,3 +22,18 @@ def is_concrete(array) -> bool:
     """A value known on the host (not traced under ``jax.jit``): index values
     can then be checked before a kernel runs."""
     return not isinstance(array, jax.core.Tracer)
+
+
+def host_index_values(validate, **indices) -> dict | None:
+    """Host (numpy) copies of the given index arrays for the value checks, or
+    None when they cannot run (traced under jit) or are switched off
+    (``validate=False``). Concrete values are checked by default: an eager JAX
+    call is not a serving hot path, and under jit the kernels' device-side
+    guards apply (``True`` and ``$MAMBA_TWIN_CHECK_INDICES`` change nothing here).
+    Absent arrays are left out."""
+    if validate is False:
+        return None
+    present = {name: array for name, array in indices.items() if array is not None}
+    if not all(is_concrete(array) for array in present.values()):
+        return None
+    return {name: np.asarray(array) for name, array in present.items()}

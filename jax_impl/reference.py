@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.ssu_contract import NULL_BLOCK_ID, check_ssu_args
+from bridge.spec.ssu_contract import NULL_BLOCK_ID, check_ssu_args
 
 
 def _as_4d(array, layout, full_shape, head_axis):
@@ -141,7 +141,7 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, dt_bias=None, z=No
 
 # ---------------------------------------------------------------------------
 # Chunked scan (SSD prefill): two float64 references written from the math.
-# Shapes: bridge.ssd_contract (x (T, H, P), dt (T, H), B and C (T, G, N), ...).
+# Shapes: bridge.spec.ssd_contract (x (T, H, P), dt (T, H), B and C (T, G, N), ...).
 
 
 def _ssd_dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -299,7 +299,7 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_
 def _conv_sequence_ref(x_seq, history, weight, bias, silu, write_len, old, shift):
     """One sequence in float64: ``x_seq (n, D)``, ``history (W-1, D)``;
     returns ``(out (n, D), new_state (write_len, D))``: the last ``write_len``
-    of ``old[shift : shift + write_len - n] ++ x_seq`` (``bridge.conv_contract``)."""
+    of ``old[shift : shift + write_len - n] ++ x_seq`` (``bridge.spec.conv_contract``)."""
     width = weight.shape[1]
     window = jnp.concatenate([history, x_seq])
     out = jnp.stack([(window[t:t + width] * weight.T).sum(0) for t in range(len(x_seq))]) \
@@ -395,7 +395,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
 # Gated RMSNorm: the float64 reference.
 
 def rms_norm_gated_ref(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False):
-    """Float64 reference of ``rms_norm_gated`` (``bridge.norm_contract``): numpy."""
+    """Float64 reference of ``rms_norm_gated`` (``bridge.spec.norm_contract``): numpy."""
     with jax.enable_x64(True):
         x, weight, z = _f64(x, weight, z)
         group_size = group_size or x.shape[-1]

@@ -7,7 +7,7 @@ Per (sequence q, head h, token t) with dt already biased and softplus-ed:
     state[h] = exp(A[h] * dt) * state[h] + dt * x[:, None] * B[g(h)][None, :]
     out[t, h] = state[h] @ C[g(h)] + D[h] * x, then * z * sigmoid(z) when z is given
 
-Shapes and argument rules: ``bridge.ssu_contract``. The mirror of this file
+Shapes and argument rules: ``bridge.spec.ssu_contract``. The mirror of this file
 is ``torch_impl/selective_state_update.py``. JAX is functional: the call
 returns ``(out, new_state)``; under ``jax.jit(..., donate_argnums=0)`` the new
 state is written into the donated state's buffer (``input_output_aliases``).
@@ -24,8 +24,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge import launch_config as lc
-from bridge.ssu_contract import (
+from bridge.spec import launch_config as lc
+from bridge.spec.ssu_contract import (
     NULL_BLOCK_ID, check_ssu_args, check_ssu_index_values, philox_rounds)
 from jax_impl import platform
 
@@ -229,7 +229,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     ``out`` (shape of ``x``) starts from the given ``out`` (zeros when not
     given): entries of padding sequences keep their values. ``new_state``
     equals ``state`` except in the slots written. Shapes: see
-    ``bridge.ssu_contract``; per-head ``dt (T, H)``, ``A (H,)``, ``dt_bias (H,)``
+    ``bridge.spec.ssu_contract``; per-head ``dt (T, H)``, ``A (H,)``, ``dt_bias (H,)``
     select the tied-head fast path. ``rounding_seed`` (int or uint32 scalar in
     [0, 2**32)) is required with ``enable_stochastic_rounding``; the same seed
     gives the same rounding as the torch kernel.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import clip_block
+from bridge.spec.launch_config import clip_block
 from jax_impl import platform
 from jax_impl.ssd_chunk_state import compiler_params, launch_config, tile_dot
 

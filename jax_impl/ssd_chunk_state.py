@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.launch_config import SsdLaunchConfigs, clip_block
+from bridge.spec.launch_config import SsdLaunchConfigs, clip_block
 from jax_impl import platform
 
 
@@ -26,7 +26,7 @@ SSD_CONFIGS = SsdLaunchConfigs("pallas", Path(__file__).parent / "configs")
 
 def launch_config(stage: str) -> dict:
     """The launch parameters of one chunked-scan stage on the default device:
-    tuned for this GPU when a file exists (``bridge.launch_config.SsdLaunchConfigs``)."""
+    tuned for this GPU when a file exists (``bridge.spec.launch_config.SsdLaunchConfigs``)."""
     return SSD_CONFIGS.get(stage, platform.device_name())
 
 

@@ -3,7 +3,7 @@ chaining the Pallas stages
 
     chunk_cumsum -> chunk_state -> state_passing -> bmm_chunk -> chunk_scan
 
-Argument contract: ``bridge.ssd_contract``. Mirror: ``torch_impl/ssd_combined.py``.
+Argument contract: ``bridge.spec.ssd_contract``. Mirror: ``torch_impl/ssd_combined.py``.
 JAX is functional: ``out`` is returned; a given ``out`` donated under
 ``jax.jit`` is written in place.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.ssd_contract import (
+from bridge.spec.ssd_contract import (
     batched_sequences, check_chunk_metadata_values, check_ssd_args, chunk_metadata)
 from jax_impl import platform
 from jax_impl.ssd_bmm import bmm_chunk
@@ -32,7 +32,7 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
     ``out (T, H, P)`` in ``out``'s dtype (x's when not given); ``states`` in
     ``state_dtype`` (default: C's dtype): the final state of every sequence
     ``(Q, H, P, N)``, or with ``return_intermediate_states`` the state at the
-    end of every chunk ``(K, H, P, N)``. Shapes: ``bridge.ssd_contract``.
+    end of every chunk ``(K, H, P, N)``. Shapes: ``bridge.spec.ssd_contract``.
 
     Jittable with ``chunk_size``, ``dt_softplus``, ``dt_limit``,
     ``return_intermediate_states`` and ``state_dtype`` static. The metadata

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bridge.backends import BackendRegistry, MambaConfig, MambaSSUBackend
-from bridge.ssu_contract import NULL_BLOCK_ID
+from bridge.spec.backends import BackendRegistry, MambaConfig, MambaSSUBackend
+from bridge.spec.ssu_contract import NULL_BLOCK_ID
 from jax_impl import reference
 from jax_impl.selective_state_update import selective_state_update as pallas_selective_state_update
 

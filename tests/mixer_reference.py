@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bridge.mixer_sharding import MixerDims
+from bridge.spec.mixer_sharding import MixerDims
 
 
 def silu(v):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from bridge.ssd_contract import chunk_metadata
+from bridge.spec.ssd_contract import chunk_metadata
 
 # Relative to the largest |value|: fp32 runs with exact (IEEE) products; half
 # precision casts the scaled operands of every tensor-core product.

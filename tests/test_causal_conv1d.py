@@ -239,7 +239,7 @@ def test_prefill_writes_block_boundary_states(side, rng):
     """Prefix caching: a block table per sequence; the history comes from the
     block of the last computed token, the state at every block boundary
     crossed goes to that block, the final state to the last block."""
-    from bridge.mixer_metadata import prefix_block_indices
+    from bridge.spec.mixer_metadata import prefix_block_indices
     dim, width, block_size = 16, 4, 4
     lens, computed = np.array([9, 7, 2, 3]), np.array([0, 5, 3, 2])
     last_computed, first, last = prefix_block_indices(computed, lens, block_size)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bridge.launch_config import TUNED_CONFIG_FOLDER_ENV
+from bridge.spec.launch_config import TUNED_CONFIG_FOLDER_ENV
 from ssu_cases import SsuCase, assert_close, make_inputs
 
 BACKENDS = {"torch": ("triton", "reference"), "jax": ("pallas", "xla")}
@@ -70,7 +70,7 @@ def _dispatch(side):
 
 
 def test_unknown_backend_lists_the_valid_ones(side):
-    from bridge.backends import MambaConfig
+    from bridge.spec.backends import MambaConfig
     with pytest.raises(ValueError, match="Valid options") as error:
         _dispatch(side).initialize_mamba_ssu_backend(MambaConfig(backend="cuda-magic"))
     for name in BACKENDS[side.name]:
@@ -86,7 +86,7 @@ def test_uninitialized_backend_raises(side, monkeypatch):
 
 def test_flashinfer_backend_names_its_package():
     pytest.importorskip("torch_impl")
-    from bridge.backends import MambaConfig
+    from bridge.spec.backends import MambaConfig
     from torch_impl import ssu_dispatch
     try:
         import flashinfer  # noqa: F401
@@ -99,7 +99,7 @@ def test_flashinfer_backend_names_its_package():
 
 @pytest.mark.parametrize("which", [0, 1])
 def test_dispatched_backends_match_the_reference(side, which, rng):
-    from bridge.backends import MambaConfig
+    from bridge.spec.backends import MambaConfig
     dispatch = _dispatch(side)
     dispatch.initialize_mamba_ssu_backend(MambaConfig(backend=BACKENDS[side.name][which]))
     assert dispatch.get_mamba_ssu_backend().name == BACKENDS[side.name][which]

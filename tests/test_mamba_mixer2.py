@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import bridge
-from bridge.mixer_metadata import build_mamba2_metadata
-from bridge.mixer_sharding import MixerDims
+from bridge.spec.mixer_metadata import build_mamba2_metadata
+from bridge.spec.mixer_sharding import MixerDims
 from frameworks import JaxSide, TorchSide
 from mixer_reference import mixer_ref, random_weights
 

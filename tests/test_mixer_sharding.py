@@ -1,4 +1,4 @@
-"""Tensor-parallel sharding of the mixer (bridge.mixer_sharding): shard a
+"""Tensor-parallel sharding of the mixer (bridge.spec.mixer_sharding): shard a
 random checkpoint, run every rank's math in float64 (the norm's all-reduce
 and the row-parallel out_proj's partial sums done by hand), and compare with
 the unsharded mixer; the weight loader's rules; bad configs."""
@@ -6,7 +6,7 @@ the unsharded mixer; the weight loader's rules; bad configs."""
 import numpy as np
 import pytest
 
-from bridge.mixer_sharding import MixerDims, mamba_v2_sharded_weight_loader, shard_mixer_weights
+from bridge.spec.mixer_sharding import MixerDims, mamba_v2_sharded_weight_loader, shard_mixer_weights
 from mixer_reference import gated_norm_ref, mixer_ref, random_weights, ssm_ref
 
 EPS = 1e-5

@@ -5,7 +5,7 @@ split prefill vs one-shot, the batched form, and bad input."""
 import numpy as np
 import pytest
 
-from bridge.ssd_contract import SsdLayout, batched_sequences, check_chunk_metadata_values, chunk_metadata
+from bridge.spec.ssd_contract import SsdLayout, batched_sequences, check_chunk_metadata_values, chunk_metadata
 from ssd_cases import CASES, INDEX_ARGS, SsdCase, assert_ssd_close, make_ssd_inputs
 
 

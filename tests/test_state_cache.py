@@ -12,7 +12,7 @@ jax_impl = pytest.importorskip("jax_impl")
 
 import bridge  # noqa: E402
 from bridge import MambaStateCache, MambaStateShapeCalculator  # noqa: E402
-from bridge.state_shapes import CONV_STATE_LAYOUT_ENV  # noqa: E402
+from bridge.spec.state_shapes import CONV_STATE_LAYOUT_ENV  # noqa: E402
 from ssu_cases import SsuCase, assert_close, make_inputs  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and jax.default_backend() == "gpu"
@@ -315,7 +315,7 @@ def prefill_inputs(rng, lengths):
 
 def prefill_into(cache, framework, arrays, lengths, slots, chunk_size=16):
     """Prefill with ``framework``'s chunked scan; its final states go to ``slots``."""
-    from bridge.ssd_contract import chunk_metadata
+    from bridge.spec.ssd_contract import chunk_metadata
 
     cu_seqlens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     chunks = chunk_metadata(cu_seqlens, chunk_size)

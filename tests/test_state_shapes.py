@@ -3,8 +3,8 @@ switch; framework-neutral, so no torch or jax here."""
 
 import pytest
 
-from bridge import state_shapes
-from bridge.state_shapes import CONV_STATE_LAYOUT_ENV, MambaStateShapeCalculator as Calc
+from bridge.spec import state_shapes
+from bridge.spec.state_shapes import CONV_STATE_LAYOUT_ENV, MambaStateShapeCalculator as Calc
 
 TP_SIZES = [1, 2, 4, 8]
 

@@ -8,8 +8,8 @@ from torch_impl.selective_state_update import (
     get_ssm_config_file_name, get_ssm_configs, override_ssm_config, selective_state_update,
     try_get_optimal_ssm_config)
 from torch_impl.ssd_combined import mamba_chunk_scan_combined, mamba_chunk_scan_combined_varlen
-from bridge.ssd_contract import chunk_metadata
-from bridge.ssu_contract import NULL_BLOCK_ID
+from bridge.spec.ssd_contract import chunk_metadata
+from bridge.spec.ssu_contract import NULL_BLOCK_ID
 
 __all__ = ["NULL_BLOCK_ID", "chunk_metadata", "get_ssm_config_file_name", "get_ssm_configs",
            "mamba_chunk_scan_combined", "mamba_chunk_scan_combined_varlen",

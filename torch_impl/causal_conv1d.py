@@ -2,7 +2,7 @@
 launchers: ``causal_conv1d_fn`` (prefill over packed sequences) and
 ``causal_conv1d_update`` (decode, speculative decoding included). Both read
 each sequence's history from the conv-state cache and write its new state
-in place. The math and the argument rules: ``bridge.conv_contract``. Mirror:
+in place. The math and the argument rules: ``bridge.spec.conv_contract``. Mirror:
 ``jax_impl/causal_conv1d.py``.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from bridge.conv_contract import (
+from bridge.spec.conv_contract import (
     BLOCK_D, NULL_BLOCK_ID, PREFILL_BLOCK_T, check_conv_fn_args, check_conv_index_values,
     check_conv_update_args, decode_block_t)
-from bridge.launch_config import clip_block
+from bridge.spec.launch_config import clip_block
 from torch_impl import platform
 
 import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)

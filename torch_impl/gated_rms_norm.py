@@ -1,6 +1,6 @@
 """Gated RMSNorm of a Mamba-2 layer (norm(x * silu(z)) per group of
 channels, scaled by ``weight``) as a Triton kernel with its launcher. The
-math and the argument rules: ``bridge.norm_contract``. Mirror:
+math and the argument rules: ``bridge.spec.norm_contract``. Mirror:
 ``jax_impl/gated_rms_norm.py``.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bridge.norm_contract import check_norm_args, norm_num_warps
+from bridge.spec.norm_contract import check_norm_args, norm_num_warps
 from torch_impl import platform
 
 import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)

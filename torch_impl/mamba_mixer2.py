@@ -8,7 +8,7 @@ Decode requests come first in a batch (``causal_conv1d_update`` +
 ``mamba_chunk_scan_combined_varlen``). The conv and SSM states live in a
 ``bridge.MambaStateCache`` that a ``jax_impl.MambaMixer2`` with the same
 weights can continue. Tensor-parallel size 1 (the sharding rules:
-``bridge.mixer_sharding``). Mirror: ``jax_impl/mamba_mixer2.py``.
+``bridge.spec.mixer_sharding``). Mirror: ``jax_impl/mamba_mixer2.py``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bridge.mixer_metadata import Mamba2Metadata, check_checkpoint, checkpoint_shapes
-from bridge.mixer_sharding import MixerDims
-from bridge.ssu_contract import NULL_BLOCK_ID
-from bridge.state_shapes import MambaStateShapeCalculator, is_conv_state_dim_first
+from bridge.spec.mixer_metadata import Mamba2Metadata, check_checkpoint, checkpoint_shapes
+from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.ssu_contract import NULL_BLOCK_ID
+from bridge.spec.state_shapes import MambaStateShapeCalculator, is_conv_state_dim_first
 from torch_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from torch_impl.gated_rms_norm import rms_norm_gated
 from torch_impl.selective_state_update import selective_state_update

@@ -1,11 +1,14 @@
-"""Where the Triton kernels run: compiled on a CUDA GPU, else under Triton's
-interpreter on the CPU. Imported before any kernel is defined, because Triton
-reads TRITON_INTERPRET when a ``@triton.jit`` function is created."""
+"""Where the Triton kernels run (compiled on a CUDA GPU, else under Triton's
+interpreter on the CPU) and the prologue every launcher shares. Imported
+before any kernel is defined, because Triton reads TRITON_INTERPRET when a
+``@triton.jit`` function is created."""
 
 import os
 import sys
 
 import torch
+
+from bridge.spec.checks import index_checks_requested
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") is None:
@@ -22,8 +25,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if ON_GPU else "cpu")
 
 
+_DEVICE_NAMES: dict = {}
+
+
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """The GPU's marketing name ('cpu' off the GPU), cached per device."""
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        _DEVICE_NAMES[device] = name
+    return name
 
 
 def check_kernel_device(tensors: dict) -> torch.device:
@@ -41,3 +52,25 @@ def check_kernel_device(tensors: dict) -> torch.device:
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"`{first}` is on {device}; compiled Triton kernels need CUDA tensors")
     return device
+
+
+def is_capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream, or torch.compile
+    is tracing: no host copies then."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def host_index_values(validate, device: torch.device, **indices) -> dict | None:
+    """Host (numpy) copies of the given index tensors for the debug-mode value
+    checks (``bridge.spec.checks.index_checks_requested``), or None when the
+    checks are off or cannot run (capture, tracing). Absent tensors are left out."""
+    if not index_checks_requested(validate) or is_capturing(device):
+        return None
+    return {name: tensor.cpu().numpy() for name, tensor in indices.items() if tensor is not None}
+
+
+def strides(tensor, ndim: int) -> tuple:
+    """``tensor.stride()``, or ``ndim`` zeros for an absent operand."""
+    return (0,) * ndim if tensor is None else tuple(tensor.stride())

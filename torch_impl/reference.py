@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bridge.ssu_contract import NULL_BLOCK_ID, check_ssu_args
+from bridge.spec.ssu_contract import NULL_BLOCK_ID, check_ssu_args
 
 
 def _as_4d(tensor, layout, full_shape, head_axis):
@@ -254,7 +254,7 @@ def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_
 def _conv_sequence_ref(x_seq, history, weight, bias, silu, write_len, old, shift):
     """One sequence in float64: ``x_seq (n, D)``, ``history (W-1, D)``;
     returns ``(out (n, D), new_state (write_len, D))``: the last ``write_len``
-    of ``old[shift : shift + write_len - n] ++ x_seq`` (``bridge.conv_contract``)."""
+    of ``old[shift : shift + write_len - n] ++ x_seq`` (``bridge.spec.conv_contract``)."""
     width = weight.shape[1]
     window = torch.cat([history, x_seq])
     out = torch.stack([(window[t:t + width] * weight.T).sum(0) for t in range(len(x_seq))]) \
@@ -348,7 +348,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
 # --- Gated RMSNorm ---------------------------------------------------------------
 
 def rms_norm_gated_ref(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False):
-    """Float64 reference of ``rms_norm_gated`` (``bridge.norm_contract``)."""
+    """Float64 reference of ``rms_norm_gated`` (``bridge.spec.norm_contract``)."""
     f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
     x, weight, z = f64(x), f64(weight), f64(z)
     group_size = group_size or x.shape[-1]

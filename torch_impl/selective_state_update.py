@@ -6,7 +6,7 @@ Per (sequence q, head h, token t) with dt already biased and softplus-ed:
     state[h] = exp(A[h] * dt) * state[h] + dt * x[:, None] * B[g(h)][None, :]
     out[t, h] = state[h] @ C[g(h)] + D[h] * x, then * z * sigmoid(z) when z is given
 
-Shapes and argument rules: ``bridge.ssu_contract``. The mirror of this file
+Shapes and argument rules: ``bridge.spec.ssu_contract``. The mirror of this file
 is ``jax_impl/selective_state_update.py``.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bridge import launch_config as lc
-from bridge.ssu_contract import (
+from bridge.spec import launch_config as lc
+from bridge.spec.ssu_contract import (
     NULL_BLOCK_ID, check_ssu_args, check_ssu_index_values, philox_rounds)
 from torch_impl import platform
 
@@ -243,7 +243,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     """One decode step of a Mamba-2 layer: updates ``state`` in place, writes
     and returns ``out`` (shape of ``x``; allocated as zeros when not given).
 
-    Shapes: see ``bridge.ssu_contract``. ``rounding_seed`` (int or int64
+    Shapes: see ``bridge.spec.ssu_contract``. ``rounding_seed`` (int or int64
     tensor) seeds stochastic rounding; by default it is drawn from torch's RNG.
     ``validate_indices`` checks index values on the host (one device sync;
     skipped automatically during CUDA-graph capture).

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from bridge.launch_config import clip_block
+from bridge.spec.launch_config import clip_block
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
 from torch_impl.ssd_chunk_state import dot_precision, launch_config, tile_dot
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bridge.launch_config import SsdLaunchConfigs, clip_block
+from bridge.spec.launch_config import SsdLaunchConfigs, clip_block
 from torch_impl import platform  # before triton: interpreter mode on CPU
 
 import triton  # noqa: E402
@@ -31,7 +31,7 @@ SSD_CONFIGS = SsdLaunchConfigs("triton", Path(__file__).parent / "configs")
 
 def launch_config(stage: str, device: torch.device) -> dict:
     """The launch parameters of one chunked-scan stage on ``device``: tuned for
-    this GPU when a file exists (``bridge.launch_config.SsdLaunchConfigs``)."""
+    this GPU when a file exists (``bridge.spec.launch_config.SsdLaunchConfigs``)."""
     return SSD_CONFIGS.get(stage, platform.device_name(device))
 
 

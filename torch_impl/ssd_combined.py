@@ -8,7 +8,7 @@ Mamba-2 API, ``mamba_chunk_scan_combined``: five Triton kernel stages.
     4. bmm_chunk      C B^T per chunk and group (tensor cores)
     5. chunk_scan     outputs from the start state and the chunk (tensor cores)
 
-Shapes and argument rules: ``bridge.ssd_contract``. Mirror:
+Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
 ``jax_impl/ssd_combined.py``.
 """
 
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from bridge import ssd_contract
+from bridge.spec import ssd_contract
 from torch_impl import platform
 from torch_impl.ssd_bmm import bmm_chunk
 from torch_impl.ssd_chunk_scan import chunk_scan

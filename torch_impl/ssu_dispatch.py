@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from bridge.backends import BackendRegistry, MambaConfig, MambaSSUBackend
-from bridge.ssu_contract import NULL_BLOCK_ID
+from bridge.spec.backends import BackendRegistry, MambaConfig, MambaSSUBackend
+from bridge.spec.ssu_contract import NULL_BLOCK_ID
 from torch_impl import reference
 from torch_impl.selective_state_update import selective_state_update as triton_selective_state_update
 

@@ -17,8 +17,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from bridge.mixer_sharding import MixerDims
-from bridge.ssd_contract import chunk_metadata
+from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.ssd_contract import chunk_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Mamba2Metadata:
     has_initial_states_p (num_prefills,): the prefill resumes a cached state.
     prep_initial_states: any of them does.
     chunk_size, cu_chunk_seqlen_p, seq_idx_p, last_chunk_indices_p: the chunked
-        scan's metadata (``bridge.ssd_contract.chunk_metadata``, resumed
+        scan's metadata (``bridge.spec.ssd_contract.chunk_metadata``, resumed
         prefills aligned on their computed tokens).
     num_accepted_tokens (num_decodes,), query_start_loc_d (num_decodes + 1,):
         speculative decoding only (else None).

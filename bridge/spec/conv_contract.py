@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from bridge.ssu_contract import NULL_BLOCK_ID  # noqa: F401  (re-exported default pad slot)
+from bridge.spec.ssu_contract import NULL_BLOCK_ID  # noqa: F401  (re-exported default pad slot)
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence, TypeAlias
 
 import numpy as np
 
-from bridge.state_shapes import is_conv_state_dim_first
+from bridge.spec.state_shapes import is_conv_state_dim_first
 
 
 @dataclasses.dataclass

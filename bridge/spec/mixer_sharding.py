@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from bridge.state_shapes import MambaStateShapeCalculator
+from bridge.spec.state_shapes import MambaStateShapeCalculator
 
 ShardSpec = Sequence[tuple[int, int, bool]]  # (full_dim, extra, duplicate_groups) per part
 
