@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 # those torch lacks). 64-bit ones need JAX's x64 mode on the JAX side.
 SHARED_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "int16", "int32",
                  "int64", "uint8", "bool", "complex64", "complex128")
-_X64_DTYPES = ("float64", "int64", "complex128")
+X64_DTYPES = ("float64", "int64", "complex128")
 
 
 class BridgeCopyWarning(UserWarning):
@@ -43,7 +43,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _x64_enabled() -> bool:
+def x64_enabled() -> bool:
     import jax
 
     return bool(jax.config.jax_enable_x64)
@@ -65,6 +65,11 @@ def _torch_export_problem(tensor) -> str | None:
         return f"is on {tensor.device} but JAX has no GPU backend here"
     if device not in ("cpu", "cuda"):
         return f"is on {tensor.device}; the bridge shares cpu and cuda memory only"
+    # DLPack carries no lazy-negation / conjugation bit: JAX would read the stored values.
+    if tensor.is_neg():
+        return "has torch's negative bit set (a lazy negation view, e.g. x.conj().imag), which DLPack drops"
+    if tensor.is_conj():
+        return "has torch's conjugate bit set (a lazy x.conj() view), which DLPack drops"
     if not tensor.is_contiguous():
         return (f"is not contiguous (shape {tuple(tensor.shape)}, strides {tuple(tensor.stride())}); "
                 "JAX arrays are row-major and dense")
@@ -81,11 +86,17 @@ def to_jax(tensor, *, copy_ok: bool = False, name: str = "tensor"):
 
     Zero-copy, verified by pointer. Where JAX would need a copy (not
     contiguous, misaligned for XLA — 64 bytes on CPU —, a device JAX does not
-    have) raises ValueError naming ``name``, or, with ``copy_ok=True``, copies
-    and warns (BridgeCopyWarning). A tensor that requires grad is detached
-    (no copy). Dtypes: ``SHARED_DTYPES``; int64/float64 need
-    ``jax_enable_x64`` (without it JAX would narrow them, which is not a copy
-    ``copy_ok`` can allow).
+    have, torch's lazy negative or conjugate bit set) raises ValueError naming
+    ``name``, or, with ``copy_ok=True``, copies (resolving those bits) and
+    warns (BridgeCopyWarning). A tensor that requires grad is detached (no
+    copy). Dtypes: ``SHARED_DTYPES``; int64/float64 need ``jax_enable_x64``
+    (without it JAX would narrow them, which is not a copy ``copy_ok`` can
+    allow).
+
+    The array does not keep ``tensor``'s storage the size it was:
+    ``tensor.resize_()`` / ``set_()`` afterwards may free or move the memory
+    the array reads (garbage or a crash). Do not resize a shared tensor;
+    ``MambaStateCache`` detects it for its buffers.
     """
     import jax
     import torch
@@ -96,7 +107,7 @@ def to_jax(tensor, *, copy_ok: bool = False, name: str = "tensor"):
     if dtype not in SHARED_DTYPES:
         raise ValueError(f"to_jax: `{name}` has dtype {dtype}, which JAX cannot take through DLPack; "
                          f"shared dtypes: {', '.join(SHARED_DTYPES)}")
-    if dtype in _X64_DTYPES and not _x64_enabled():
+    if dtype in X64_DTYPES and not x64_enabled():
         raise ValueError(f"to_jax: `{name}` has dtype {dtype}, which JAX narrows to 32 bits unless "
                          "jax_enable_x64 is set (jax.config.update('jax_enable_x64', True) or "
                          "`with jax.enable_x64(True):`)")
@@ -108,7 +119,7 @@ def to_jax(tensor, *, copy_ok: bool = False, name: str = "tensor"):
                              "pass copy_ok=True to allow one")
         _copy_warning("to_jax", name, problem)
         device_ok = tensor.device.type == "cpu" or _jax_has_gpu()
-        tensor = (tensor if device_ok else tensor.cpu()).contiguous()
+        tensor = (tensor if device_ok else tensor.cpu()).resolve_neg().resolve_conj().contiguous()
     try:
         array = jax.dlpack.from_dlpack(tensor, copy=False)
     except ValueError as error:  # jax's message for misaligned memory

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from bridge.spec import copy_spec
-from bridge.dlpack import InplaceStep, run_step_on_views, to_jax, to_torch
+from bridge.spec import checks, copy_spec
+from bridge.dlpack import X64_DTYPES, InplaceStep, run_step_on_views, to_jax, to_torch, x64_enabled
 
 OWNERS = ("torch", "jax")
+
+
+def _layout(tensor) -> tuple:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes(), tensor.data_ptr(), tuple(tensor.shape)
 
 
 def _jax_device(device: str):
@@ -63,6 +68,11 @@ class MambaStateCache:
     taken before the JAX steps (a Triton kernel writing through an old
     reference bumps no version counter, and JAX would not wait for it).
 
+    Resizing: each buffer's storage (address, size) and shape are recorded;
+    ``torch``, ``jax``, ``write``, ``copy_blocks`` and ``run_jax_inplace``
+    raise RuntimeError if a torch ``resize_()`` / ``set_()`` changed them
+    (JAX views of the old storage would read freed memory).
+
     Lifetime: views keep the memory alive (DLPack capsules hold the owner's
     storage), so a view kept by either framework stays valid, with its
     values, even after the cache is deleted; the memory is freed when the
@@ -75,7 +85,9 @@ class MambaStateCache:
                  owner: str = "torch", device: str = "cpu"):
         import torch
 
-        self.state_shapes = tuple(tuple(int(n) for n in shape) for shape in state_shapes)
+        op = "MambaStateCache"
+        self.state_shapes = tuple(tuple(checks.as_int(op, "state_shapes", n, minimum=1) for n in shape)
+                                  for shape in state_shapes)
         self.names = tuple(names)
         if len(self.names) != len(self.state_shapes):
             raise ValueError(f"MambaStateCache: `names` {self.names} does not name the "
@@ -84,11 +96,16 @@ class MambaStateCache:
         if len(self.dtypes) != len(self.names):
             raise ValueError(f"MambaStateCache: `dtypes` has {len(self.dtypes)} entries for "
                              f"{len(self.names)} states")
-        if num_blocks < 1 or num_layers < 1:
-            raise ValueError(f"MambaStateCache: `num_blocks` ({num_blocks}) and `num_layers` "
-                             f"({num_layers}) must be >= 1")
+        num_blocks = checks.as_int(op, "num_blocks", num_blocks, minimum=1)
+        num_layers = checks.as_int(op, "num_layers", num_layers, minimum=1)
         if owner not in OWNERS:
-            raise ValueError(f"MambaStateCache: `owner` must be one of {OWNERS}, got {owner!r}")
+            checks.fail(op, "owner", f"must be one of {OWNERS}, got {owner!r}")
+        for dtype in self.dtypes:
+            if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+                checks.fail(op, "dtypes", f"holds {dtype!r}, not a dtype name")
+            if owner == "jax" and dtype in X64_DTYPES and not x64_enabled():
+                checks.fail(op, "dtypes", f"holds {dtype}, which JAX allocates as 32 bits unless "
+                            "jax_enable_x64 is set; enable it or use owner='torch'")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"MambaStateCache: `device` {device!r} but torch has no CUDA here")
         self.num_blocks, self.num_layers, self.owner = num_blocks, num_layers, owner
@@ -102,15 +119,17 @@ class MambaStateCache:
         # Buffers written by JAX steps that torch's stream is not yet ordered after.
         self._unordered: set[tuple[int, str]] = set()
         self._allocations = []  # owner="jax": the arrays that own the memory
+        # Per buffer, what a resize_/set_ would change: storage address and size, shape.
+        self._layouts: dict[tuple[int, str], tuple] = {}
         for layer in range(num_layers):
             for name, shape, dtype in zip(self.names, self.state_shapes, self.dtypes):
-                self._tensors[layer, name] = self._allocate((num_blocks, *shape), dtype, device)
+                tensor = self._allocate((num_blocks, *shape), dtype, device)
+                self._tensors[layer, name] = tensor
+                self._layouts[layer, name] = _layout(tensor)
 
     def _allocate(self, shape: tuple[int, ...], dtype: str, device: str):
         import torch
 
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise ValueError(f"MambaStateCache: `dtypes` holds {dtype!r}, not a dtype name")
         if self.owner == "torch":
             return torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
         import jax.numpy as jnp
@@ -121,10 +140,22 @@ class MambaStateCache:
 
     def _key(self, name: str, layer: int) -> tuple[int, str]:
         if name not in self.names:
-            raise ValueError(f"MambaStateCache: `name` {name!r} is not one of {self.names}")
+            checks.fail("MambaStateCache", "name", f"{name!r} is not one of {self.names}")
+        layer = checks.as_int("MambaStateCache", "layer", layer)
         if not 0 <= layer < self.num_layers:
-            raise ValueError(f"MambaStateCache: `layer` {layer} is outside [0, {self.num_layers})")
+            checks.fail("MambaStateCache", "layer", f"{layer} is outside [0, {self.num_layers})")
         return layer, name
+
+    def _tensor(self, key):
+        """The stored tensor of ``key``, refused if its storage changed since allocation."""
+        tensor = self._tensors[key]
+        if _layout(tensor) != self._layouts[key]:
+            layer, name = key
+            raise RuntimeError(
+                f"MambaStateCache: the torch tensor of state {name!r} of layer {layer} was resized or "
+                "given other storage (resize_ / set_) after the cache shared it; JAX views of it would "
+                "read freed memory. Do not resize cache tensors; make a new cache.")
+        return tensor
 
     def torch(self, name: str = "ssm", layer: int = 0):
         """The torch tensor ``(num_blocks, *shape)`` of state ``name``, with
@@ -140,11 +171,11 @@ class MambaStateCache:
 
                 torch.cuda.synchronize(self.device)
             self._unordered.discard(key)
-        return self._tensors[key]
+        return self._tensor(key)
 
     def jax(self, name: str = "ssm", layer: int = 0):
         """A jax.Array ``(num_blocks, *shape)`` on the same memory as ``torch(name, layer)``."""
-        return to_jax(self._tensors[self._key(name, layer)], name=f"{name} state of layer {layer}")
+        return to_jax(self._tensor(self._key(name, layer)), name=f"{name} state of layer {layer}")
 
     @property
     def nbytes(self) -> int:
@@ -153,17 +184,24 @@ class MambaStateCache:
     def write(self, name: str, values, block_ids: Sequence[int], layer: int = 0) -> None:
         """Write ``values`` (torch tensor or jax array, ``(len(block_ids),
         *shape)``) into blocks ``block_ids`` of state ``name``, e.g. the final
-        states of a prefill."""
+        states of a prefill. ``block_ids``: distinct, in ``[0, num_blocks)``.
+        Everything is checked before the first write."""
+        op = "MambaStateCache.write"
         target = self.torch(name, layer)
+        block_ids = copy_spec.checked_block_ids(op, "block_ids", block_ids, self.num_blocks)
         want = (len(block_ids), *target.shape[1:])
         if tuple(values.shape) != want:
-            raise ValueError(f"MambaStateCache.write: `values` has shape {tuple(values.shape)}, "
-                             f"expected {want} for {len(block_ids)} blocks of state {name!r}")
+            checks.fail(op, "values", f"has shape {tuple(values.shape)}, expected {want} for "
+                        f"{len(block_ids)} blocks of state {name!r}")
+        dtype = checks.dtype_name(values)
+        if dtype.startswith("complex") and not target.is_complex():
+            checks.fail(op, "values", f"is {dtype}; state {name!r} is {checks.dtype_name(target)} "
+                        "and would drop the imaginary part")
         if not hasattr(values, "data_ptr"):
             values = to_torch(values, name="values")
         import torch
 
-        index = torch.as_tensor(list(block_ids), dtype=torch.long, device=target.device)
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=target.device)
         target.index_copy_(0, index, values.to(target.device, target.dtype))
 
     def copy_blocks(self, name: str, specs: Sequence[copy_spec.MambaCopySpec],
@@ -189,7 +227,7 @@ class MambaStateCache:
         on a JAX-owned array costs. Counts the steps in ``steps_aliased`` /
         ``steps_written_back``."""
         keys = [self._key(name, layer) for name in states]
-        tensors = [self._tensors[key] for key in keys]
+        tensors = [self._tensor(key) for key in keys]
         # A view the step donates is deleted, so a failed step's view is never reused.
         views = [self._step_view(key, tensor) for key, tensor in zip(keys, tensors)]
         step = run_step_on_views(tensors, views, step_fn, args, kwargs, state_outputs=state_outputs,

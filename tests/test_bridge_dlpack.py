@@ -117,6 +117,23 @@ def test_to_jax_bad_input(make, match):
         bridge.to_jax(value)
 
 
+@pytest.mark.parametrize("lazy,bit", [
+    (lambda t: torch._neg_view(t), "negative"),
+    (lambda t: torch.complex(t, t).conj().imag, "negative"),
+    (lambda t: torch.complex(t, t).conj(), "conjugate"),
+], ids=["neg_view", "imag_of_conj", "conj"])
+def test_lazy_sign_bits_are_refused_or_resolved_when_copying_is_allowed(rng, lazy, bit):
+    """DLPack drops torch's negative / conjugate bits: sharing such a view
+    would hand JAX the un-negated memory."""
+    base = random_tensor(rng, (3, 4), "float32")
+    view = lazy(base)
+    with pytest.raises(ValueError, match=f"`state` has torch's {bit} bit set.*copy_ok=True"):
+        bridge.to_jax(view, name="state")
+    with pytest.warns(bridge.BridgeCopyWarning, match=f"{bit} bit"):
+        copied = bridge.to_jax(view, copy_ok=True)
+    np.testing.assert_array_equal(np.asarray(copied), view.resolve_neg().resolve_conj().numpy())
+
+
 @pytest.mark.skipif(ON_GPU, reason="needs a machine without a GPU")
 def test_cuda_tensor_without_jax_gpu_is_a_device_error(monkeypatch):
     monkeypatch.setattr("bridge.dlpack._jax_has_gpu", lambda: False)

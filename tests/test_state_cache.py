@@ -97,6 +97,53 @@ def test_write_checks_shapes_and_takes_either_framework(rng):
         cache.jax("ssm", layer=1)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "int64"])
+def test_jax_owned_64_bit_cache_needs_x64(dtype):
+    """Without x64 JAX would allocate 32 bits under a 64-bit name."""
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match=f"`dtypes` holds {dtype}.*jax_enable_x64"):
+            MambaStateCache(mamba2_shapes(), dtype, num_blocks=2, owner="jax", device=DEVICE)
+    with jax.enable_x64(True):
+        cache = MambaStateCache(mamba2_shapes(), dtype, num_blocks=2, owner="jax", device=DEVICE)
+        assert cache.torch("ssm").dtype == getattr(torch, dtype)
+        assert cache.jax("ssm").dtype == dtype
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("block_ids,match", [
+    ([2, 2], r"`block_ids` names block\(s\) \[2\] more than once"),
+    ([1, -1], r"`block_ids\[1\]` = -1 is outside the state's 4 blocks"),
+    ([1, 4], r"`block_ids\[1\]` = 4 is outside"),
+    ([1, 2.0], r"`block_ids\[1\]` must be an integer"),
+    ("complex", r"`values` is complex64; state 'ssm' is float32"),
+])
+def test_write_refuses_bad_ids_and_complex_values_before_writing(rng, framework, block_ids, match):
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=4, device=DEVICE)
+    fill(cache, rng)
+    before = cache.torch("ssm").clone()
+    values = rng.standard_normal((2, HEADS, HEAD_DIM, DSTATE)).astype(np.float32)
+    if block_ids == "complex":
+        block_ids, values = [0, 1], values + 1j * values  # complex64
+    values = torch.from_numpy(values).to(DEVICE) if framework == "torch" else jnp.asarray(values)
+    with pytest.raises(ValueError, match=f"MambaStateCache.write: {match}"):
+        cache.write("ssm", values, block_ids=block_ids)
+    assert torch.equal(cache.torch("ssm"), before)
+
+
+def test_a_resized_cache_tensor_is_refused(rng):
+    """resize_ moves torch's storage under the JAX views; the cache notices."""
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=3, device=DEVICE)
+    cache.jax("ssm")
+    tensor = cache.torch("ssm")
+    tensor.resize_(2 * tensor.numel())
+    for call in (lambda: cache.jax("ssm"), lambda: cache.torch("ssm"),
+                 lambda: cache.write("ssm", torch.zeros(1, HEADS, HEAD_DIM, DSTATE), [0]),
+                 lambda: cache.run_jax_inplace(lambda s: (None, s))):
+        with pytest.raises(RuntimeError, match="'ssm' of layer 0 was resized"):
+            call()
+    cache.jax("conv")  # the other buffers are fine
+
+
 SSU_STEP = jax.jit(jax_impl.selective_state_update, donate_argnums=0,
                    static_argnames=("dt_softplus", "null_block_id"))
 
@@ -301,6 +348,38 @@ def test_block_copy_applies_specs_in_either_framework(rng):
         bridge.copy_blocks(cache.torch("ssm"), specs[:1], [0])
     with pytest.raises(ValueError, match=r"`dst_block_ids\[0\]` = 6"):
         cache.copy_blocks("conv", specs[:1], [6])
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("call,match", [
+    (lambda state: bridge.get_temporal_copy_spec(state, [1, -2], 0, 2), r"`block_ids\[1\]` = -2"),
+    (lambda state: bridge.get_temporal_copy_spec(state, [1, 2], -1, 2), "`cur_block_idx` must be >= 0"),
+    (lambda state: bridge.get_temporal_copy_spec(state, [1, 2], 0, 0), "`num_accepted_tokens` must be >= 1"),
+    (lambda state: bridge.get_temporal_copy_spec(state, [1, 2], 1, 2), "index 2 is out of range"),
+    (lambda state: bridge.get_temporal_copy_spec(state, [1, 2.5], 0, 2), r"`block_ids\[1\]` must be an integer"),
+    (lambda state: bridge.get_conv_copy_spec(state, [1, 2], 0, 0), "`num_accepted_tokens` must be >= 1"),
+    (lambda state: bridge.copy_blocks(state, [bridge.get_temporal_copy_spec(state, [1], 0, 1)], [-1]),
+     r"copy_blocks: `dst_block_ids\[0\]` = -1 is outside the state's 4 blocks"),
+    (lambda state: bridge.copy_blocks(state, [bridge.get_temporal_copy_spec(state, [1, 2], i, 1)
+                                              for i in range(2)], [3, 3]),
+     r"copy_blocks: `dst_block_ids` names block\(s\) \[3\] more than once"),
+    (lambda state: bridge.copy_blocks(state, [bridge.MambaCopySpec(state_address(state), -1)], [0]),
+     r"`specs\[0\].num_elements` must be >= 0"),
+])
+def test_block_ids_are_checked_never_wrapped(rng, framework, call, match):
+    """Negative, out-of-range, non-integer and duplicate destination ids are
+    refused by name, for torch and JAX states, and nothing is written."""
+    cache = MambaStateCache(mamba2_shapes(), "float32", num_blocks=4, device=DEVICE)
+    fill(cache, rng)
+    before = cache.torch("conv").clone()
+    state = cache.torch("conv") if framework == "torch" else cache.jax("conv")
+    with pytest.raises(ValueError, match=match):
+        call(state)
+    assert torch.equal(cache.torch("conv"), before)
+
+
+def state_address(state):
+    return state.data_ptr() if hasattr(state, "data_ptr") else state.unsafe_buffer_pointer()
 
 
 def prefill_inputs(rng, lengths):

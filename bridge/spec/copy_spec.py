@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence, TypeAlias
 
 import numpy as np
 
+from bridge.spec import checks
 from bridge.spec.state_shapes import is_conv_state_dim_first
 
 
@@ -49,7 +50,7 @@ def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _buffer(state, arg: str) -> _Buffer:
+def _buffer(op: str, state) -> _Buffer:
     shape = tuple(state.shape)
     if hasattr(state, "data_ptr"):  # torch.Tensor
         strides = tuple(state.stride())
@@ -61,16 +62,32 @@ def _buffer(state, arg: str) -> _Buffer:
         strides = tuple(s // state.itemsize for s in state.strides)
         return _Buffer(state.ctypes.data, shape, strides, state.itemsize,
                        bool(state.flags.c_contiguous))
-    raise ValueError(f"`{arg}` must be a torch.Tensor, jax.Array or numpy array, got {type(state).__name__}")
+    checks.fail(op, "state", f"must be a torch.Tensor, jax.Array or numpy array, got {type(state).__name__}")
 
 
-def _block_id(block_ids: Sequence[int], index: int, num_blocks: int) -> int:
-    if not 0 <= index < len(block_ids):
-        raise ValueError(f"`block_ids` has {len(block_ids)} entries; index {index} is out of range")
-    block = int(block_ids[index])
-    if not 0 <= block < num_blocks:
-        raise ValueError(f"`block_ids[{index}]` = {block} is outside the state's {num_blocks} blocks")
+def _in_range(op: str, arg: str, value, num_blocks: int) -> int:
+    block = checks.as_int(op, arg, value)
+    if not 0 <= block < num_blocks:  # never wrap a negative id around
+        checks.fail(op, arg, f"= {block} is outside the state's {num_blocks} blocks [0, {num_blocks})")
     return block
+
+
+def checked_block_ids(op: str, arg: str, block_ids, num_blocks: int) -> list[int]:
+    """``block_ids`` (a sequence or 1-D array of integers) as distinct ints in
+    ``[0, num_blocks)``; ValueError naming ``arg`` and the offending entries."""
+    if hasattr(block_ids, "tolist"):  # numpy / torch / jax arrays
+        block_ids = block_ids.tolist()
+    blocks = [_in_range(op, f"{arg}[{i}]", b, num_blocks) for i, b in enumerate(block_ids)]
+    if len(set(blocks)) != len(blocks):
+        repeated = sorted({b for b in blocks if blocks.count(b) > 1})
+        checks.fail(op, arg, f"names block(s) {repeated} more than once; each block may be written once")
+    return blocks
+
+
+def _block_id(op: str, block_ids: Sequence[int], index: int, num_blocks: int) -> int:
+    if not 0 <= index < len(block_ids):
+        checks.fail(op, "block_ids", f"has {len(block_ids)} entries; index {index} is out of range")
+    return _in_range(op, f"block_ids[{index}]", block_ids[index], num_blocks)
 
 
 def get_conv_copy_spec(state, block_ids: list[int], cur_block_idx: int,
@@ -83,12 +100,14 @@ def get_conv_copy_spec(state, block_ids: list[int], cur_block_idx: int,
     ``num_accepted_tokens > 1`` raises NotImplementedError: the positions to
     skip are strided there, so the rest is not one contiguous run.
     """
-    buf = _buffer(state, "state")
+    op = "get_conv_copy_spec"
+    buf = _buffer(op, state)
     if len(buf.shape) != 3:
-        raise ValueError(f"`state` must be (num_blocks, state_len, dim) or (num_blocks, dim, state_len), "
-                         f"got shape {buf.shape}")
-    block = _block_id(block_ids, cur_block_idx, buf.shape[0])
-    offset = num_accepted_tokens - 1
+        checks.fail(op, "state", f"must be (num_blocks, state_len, dim) or (num_blocks, dim, state_len), "
+                    f"got shape {buf.shape}")
+    block = _block_id(op, block_ids, checks.as_int(op, "cur_block_idx", cur_block_idx, minimum=0),
+                      buf.shape[0])
+    offset = checks.as_int(op, "num_accepted_tokens", num_accepted_tokens, minimum=1) - 1
     if is_conv_state_dim_first():
         if offset > 0:
             raise NotImplementedError(
@@ -96,9 +115,9 @@ def get_conv_copy_spec(state, block_ids: list[int], cur_block_idx: int,
                 "mamba_cache_mode='align' (num_accepted_tokens > 1).")
         start, count = block * buf.strides[0], buf.shape[1] * buf.shape[2]
     else:
-        if not 0 <= offset <= buf.shape[1]:
-            raise ValueError(f"`num_accepted_tokens` = {num_accepted_tokens} must lie in "
-                             f"[1, state_len + 1 = {buf.shape[1] + 1}]")
+        if offset > buf.shape[1]:
+            checks.fail(op, "num_accepted_tokens", f"= {num_accepted_tokens} must lie in "
+                        f"[1, state_len + 1 = {buf.shape[1] + 1}]")
         start = block * buf.strides[0] + offset * buf.strides[1]
         count = (buf.shape[1] - offset) * buf.shape[2]
     return MambaCopySpec(start_addr=buf.address + start * buf.itemsize, num_elements=count)
@@ -110,8 +129,11 @@ def get_temporal_copy_spec(state, block_ids: list[int], cur_block_idx: int,
     ``block_ids[cur_block_idx + num_accepted_tokens - 1]``: with speculative
     decoding each token's state has its own block, and the last accepted one
     is kept."""
-    buf = _buffer(state, "state")
-    block = _block_id(block_ids, cur_block_idx + num_accepted_tokens - 1, buf.shape[0])
+    op = "get_temporal_copy_spec"
+    buf = _buffer(op, state)
+    accepted = checks.as_int(op, "num_accepted_tokens", num_accepted_tokens, minimum=1)
+    index = checks.as_int(op, "cur_block_idx", cur_block_idx, minimum=0) + accepted - 1
+    block = _block_id(op, block_ids, index, buf.shape[0])
     count = int(np.prod(buf.shape[1:], dtype=np.int64))
     return MambaCopySpec(start_addr=buf.address + block * buf.strides[0] * buf.itemsize,
                          num_elements=count)
@@ -121,28 +143,31 @@ def block_copy_indices(state, specs: Sequence[MambaCopySpec],
                        dst_block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Flat element indices (source, destination), int64 and of equal length,
     that copy each spec's elements to the start of block ``dst_block_ids[i]``
-    of the same ``state``."""
-    buf = _buffer(state, "state")
-    if not buf.contiguous:
-        raise ValueError(f"`state` must be contiguous for address-based block copies, strides {buf.strides}")
+    of the same ``state``. Destinations: distinct, in ``[0, num_blocks)``; a
+    destination may be another spec's source (every source is read first)."""
+    op = "copy_blocks"
+    buf = _buffer(op, state)
+    if not buf.contiguous or not buf.shape:
+        checks.fail(op, "state", f"must be contiguous and at least 1-D for address-based block copies, "
+                    f"shape {buf.shape}, strides {buf.strides}")
     if len(specs) != len(dst_block_ids):
-        raise ValueError(f"`dst_block_ids` has {len(dst_block_ids)} entries for {len(specs)} specs")
+        checks.fail(op, "dst_block_ids", f"has {len(dst_block_ids)} entries for {len(specs)} specs")
+    dst_block_ids = checked_block_ids(op, "dst_block_ids", dst_block_ids, buf.shape[0])
     total = int(np.prod(buf.shape, dtype=np.int64))
-    block_size = buf.strides[0] if buf.shape else total
+    block_size = buf.strides[0]
     sources, destinations = [], []
     for i, (spec, dst_block) in enumerate(zip(specs, dst_block_ids)):
-        offset_bytes = spec.start_addr - buf.address
+        count = checks.as_int(op, f"specs[{i}].num_elements", spec.num_elements, minimum=0)
+        offset_bytes = checks.as_int(op, f"specs[{i}].start_addr", spec.start_addr) - buf.address
         start = offset_bytes // buf.itemsize
-        if offset_bytes % buf.itemsize or start < 0 or start + spec.num_elements > total:
-            raise ValueError(f"`specs[{i}]` ({spec}) does not lie inside `state` "
-                             f"(address {buf.address:#x}, {total} elements)")
-        if not 0 <= dst_block < buf.shape[0]:
-            raise ValueError(f"`dst_block_ids[{i}]` = {dst_block} is outside the state's {buf.shape[0]} blocks")
-        if spec.num_elements > block_size:
-            raise ValueError(f"`specs[{i}]` copies {spec.num_elements} elements, more than a block ({block_size})")
-        sources.append(np.arange(start, start + spec.num_elements, dtype=np.int64))
-        destinations.append(np.arange(dst_block * block_size,
-                                      dst_block * block_size + spec.num_elements, dtype=np.int64))
+        if offset_bytes % buf.itemsize or start < 0 or start + count > total:
+            checks.fail(op, f"specs[{i}]", f"({spec}) does not lie inside `state` "
+                        f"(address {buf.address:#x}, {total} elements)")
+        if count > block_size:
+            checks.fail(op, f"specs[{i}]", f"copies {count} elements, more than a block ({block_size})")
+        sources.append(np.arange(start, start + count, dtype=np.int64))
+        destinations.append(np.arange(dst_block * block_size, dst_block * block_size + count,
+                                      dtype=np.int64))
     empty = np.zeros(0, np.int64)
     return (np.concatenate(sources) if sources else empty,
             np.concatenate(destinations) if destinations else empty)
