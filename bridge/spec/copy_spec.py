@@ -187,7 +187,8 @@ def copy_blocks(state, specs: Sequence[MambaCopySpec], dst_block_ids: Sequence[i
         import torch
 
         flat = state.view(-1)
-        flat[torch.from_numpy(destinations).to(state.device)] = flat[torch.from_numpy(sources).to(state.device)]
+        sources, destinations = (torch.from_numpy(i).to(state.device) for i in (sources, destinations))
+        flat[destinations] = flat[sources]
         return state
     if isinstance(state, np.ndarray):
         flat = state.reshape(-1)

@@ -58,8 +58,10 @@ class MambaStateShapeCalculator:
         return ((num_heads // tp_size, head_dim, head_dim),)
 
     @staticmethod
-    def _orient_conv_shape(dim: int, state_len: int) -> tuple[int, int]:
-        """(dim, state_len) for the DS layout, (state_len, dim) for SD."""
+    def _conv_shape(tp_world_size: int, dim: int, what: str, state_len: int) -> tuple[int, int]:
+        """The conv state of ``dim / tp`` channels: (dim / tp, state_len) in
+        the DS layout, (state_len, dim / tp) in SD."""
+        dim = divide(dim, tp_world_size, what)
         return (dim, state_len) if is_conv_state_dim_first() else (state_len, dim)
 
     @classmethod
@@ -67,8 +69,9 @@ class MambaStateShapeCalculator:
                            conv_kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """conv (conv_kernel - 1, intermediate_size / tp) [SD], temporal
         (intermediate_size / tp, state_size)."""
-        conv_dim = divide(intermediate_size, tp_world_size, "intermediate_size")
-        return cls._orient_conv_shape(conv_dim, conv_kernel - 1), (conv_dim, state_size)
+        conv_state_shape = cls._conv_shape(tp_world_size, intermediate_size, "intermediate_size",
+                                           conv_kernel - 1)
+        return conv_state_shape, (divide(intermediate_size, tp_world_size, "intermediate_size"), state_size)
 
     @classmethod
     def mamba2_state_shape(cls, tp_world_size: int, intermediate_size: int, n_groups: int,
@@ -84,19 +87,16 @@ class MambaStateShapeCalculator:
         conv positions.
         """
         n_groups = n_groups + cls.extra_groups_for_head_shards(n_groups, tp_world_size)
-        conv_dim = intermediate_size + 2 * n_groups * state_size
-        conv_state_shape = cls._orient_conv_shape(
-            divide(conv_dim, tp_world_size, "conv_dim (intermediate_size + 2 * n_groups * state_size)"),
-            conv_kernel - 1 + num_spec)
-        temporal_state_shape = (divide(num_heads, tp_world_size, "num_heads"), head_dim, state_size)
-        return conv_state_shape, temporal_state_shape
+        conv_state_shape = cls._conv_shape(
+            tp_world_size, intermediate_size + 2 * n_groups * state_size,
+            "conv_dim (intermediate_size + 2 * n_groups * state_size)", conv_kernel - 1 + num_spec)
+        return conv_state_shape, (divide(num_heads, tp_world_size, "num_heads"), head_dim, state_size)
 
     @classmethod
     def short_conv_state_shape(cls, tp_world_size: int, intermediate_size: int,
                                conv_kernel: int) -> tuple[tuple[int, int]]:
         """((conv_kernel - 1, intermediate_size / tp) [SD],)."""
-        conv_dim = divide(intermediate_size, tp_world_size, "intermediate_size")
-        return (cls._orient_conv_shape(conv_dim, conv_kernel - 1),)
+        return (cls._conv_shape(tp_world_size, intermediate_size, "intermediate_size", conv_kernel - 1),)
 
     @classmethod
     def extra_groups_for_head_shards(cls, ngroups: int, tp_size: int) -> int:
@@ -114,12 +114,11 @@ class MambaStateShapeCalculator:
         """conv (conv_kernel_size - 1 + num_spec, conv_dim / tp) [SD] with
         conv_dim = 2 * head_k_dim * num_k_heads + head_v_dim * num_v_heads;
         temporal (num_v_heads / tp, head_v_dim, head_k_dim)."""
-        conv_dim = head_k_dim * num_k_heads * 2 + head_v_dim * num_v_heads
-        conv_state_shape = cls._orient_conv_shape(
-            divide(conv_dim, tp_world_size, "conv_dim (2 * head_k_dim * num_k_heads + head_v_dim * num_v_heads)"),
+        conv_state_shape = cls._conv_shape(
+            tp_world_size, head_k_dim * num_k_heads * 2 + head_v_dim * num_v_heads,
+            "conv_dim (2 * head_k_dim * num_k_heads + head_v_dim * num_v_heads)",
             conv_kernel_size - 1 + num_spec)
-        temporal_state_shape = (divide(num_v_heads, tp_world_size, "num_v_heads"), head_v_dim, head_k_dim)
-        return conv_state_shape, temporal_state_shape
+        return conv_state_shape, (divide(num_v_heads, tp_world_size, "num_v_heads"), head_v_dim, head_k_dim)
 
     @classmethod
     def kda_state_shape(cls, tp_world_size: int, num_heads: int, head_dim: int,
@@ -133,10 +132,9 @@ class MambaStateShapeCalculator:
         adds no conv positions."""
         num_k_heads = num_heads if num_k_heads is None else num_k_heads
         head_k_dim = head_dim if head_k_dim is None else head_k_dim
-        conv_state_shape = cls._orient_conv_shape(
-            divide(num_heads * head_dim, tp_world_size, "num_heads * head_dim"), conv_kernel_size - 1)
-        conv_state_k_shape = cls._orient_conv_shape(
-            divide(num_k_heads * head_k_dim, tp_world_size, "num_k_heads * head_k_dim"),
-            conv_kernel_size - 1)
+        conv_state_shape = cls._conv_shape(tp_world_size, num_heads * head_dim, "num_heads * head_dim",
+                                           conv_kernel_size - 1)
+        conv_state_k_shape = cls._conv_shape(tp_world_size, num_k_heads * head_k_dim,
+                                             "num_k_heads * head_k_dim", conv_kernel_size - 1)
         recurrent_state_shape = (divide(num_heads, tp_world_size, "num_heads"), head_dim, head_dim)
         return conv_state_shape, conv_state_k_shape, conv_state_k_shape, recurrent_state_shape
