@@ -183,7 +183,7 @@ def stage_calls(framework, seqlens, nheads, headdim, dstate, ngroups, chunk_size
         "bmm_chunk": lambda a: bmm.bmm_chunk(a["C"], a["B"], a["cu_chunk_seqlens"], chunk_size),
         "chunk_scan": lambda a: scan.chunk_scan(a["CB"], a["x"], a["dt_out"], a["dA_cumsum"], a["C"],
                                                 a["end_states"], a["cu_chunk_seqlens"], a["seq_idx"],
-                                                D=a["D"]),
+                                                num_seqs, D=a["D"]),
     }
     a["dA_cumsum"], a["dt_out"] = calls["chunk_cumsum"](a)
     a["chunk_states"] = calls["chunk_state"](a)

@@ -4,7 +4,7 @@
                                    [--save-configs] [--output-dir DIR] [--quick]
 
 Each candidate config of a stage is pinned with the package's
-``SSD_CONFIGS.override`` and timed on the stage alone (Mamba-2 2.7B heads,
+``ssd_common.SSD_CONFIGS.override`` and timed on the stage alone (Mamba-2 2.7B heads,
 16k tokens, bf16; see ``bench_ssd.stage_shape``); a candidate whose result
 differs from the default config's beyond bf16 rounding is dropped. With
 ``--save-configs`` the fastest of each stage goes into the file the lookup
@@ -16,6 +16,7 @@ there. Prints default vs tuned time per stage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -24,32 +25,32 @@ import numpy as np
 
 from experiments import bench_ssd
 from experiments.report import Progress
-from bridge.spec.launch_config import SSD_LAUNCH_CONFIGS, SSD_OP, ssd_config_file_name
+from bridge.spec.ssd_launch_config import STAGE_CONFIG_TYPES, stage_config
 
 
-def _grid(**choices):
+def _grid(stage, **choices):
     keys = list(choices)
-    return [dict(zip(keys, values)) for values in itertools.product(*choices.values())]
+    return [stage_config(stage, dict(zip(keys, values))) for values in itertools.product(*choices.values())]
 
 
 CANDIDATES = {
-    "chunk_state": _grid(BLOCK_SIZE_M=[64], BLOCK_SIZE_N=[64, 128], BLOCK_SIZE_K=[32, 64],
+    "chunk_state": _grid("chunk_state", BLOCK_SIZE_M=[64], BLOCK_SIZE_N=[64, 128], BLOCK_SIZE_K=[32, 64],
                          num_warps=[4, 8], num_stages=[2, 3]),
-    "state_passing": _grid(BLOCK_SIZE_M=[16, 32, 64], BLOCK_SIZE_N=[32, 64, 128], num_warps=[2, 4],
+    "state_passing": _grid("state_passing", BLOCK_SIZE_M=[16, 32, 64], BLOCK_SIZE_N=[32, 64, 128], num_warps=[2, 4],
                            num_stages=[1]),
-    "chunk_scan": _grid(BLOCK_SIZE_M=[32, 64, 128], BLOCK_SIZE_N=[64], BLOCK_SIZE_K=[32, 64],
+    "chunk_scan": _grid("chunk_scan", BLOCK_SIZE_M=[32, 64, 128], BLOCK_SIZE_N=[64], BLOCK_SIZE_K=[32, 64],
                         num_warps=[2, 4, 8], num_stages=[2, 3, 4, 5]),
 }
-QUICK_CANDIDATES = {"chunk_scan": _grid(BLOCK_SIZE_M=[16], BLOCK_SIZE_N=[16], BLOCK_SIZE_K=[16],
+QUICK_CANDIDATES = {"chunk_scan": _grid("chunk_scan", BLOCK_SIZE_M=[16], BLOCK_SIZE_N=[16], BLOCK_SIZE_K=[16],
                                         num_warps=[4], num_stages=[1, 2])}
 
 
 def _package(backend):
     if backend == "triton":
-        from torch_impl import platform, ssd_chunk_state
-        return ssd_chunk_state.SSD_CONFIGS, platform.device_name(platform.default_device())
-    from jax_impl import platform, ssd_chunk_state
-    return ssd_chunk_state.SSD_CONFIGS, platform.device_name()
+        from torch_impl import platform, ssd_common
+        return ssd_common.SSD_CONFIGS, platform.device_name(platform.default_device())
+    from jax_impl import platform, ssd_common
+    return ssd_common.SSD_CONFIGS, platform.device_name()
 
 
 def _as_numpy(result):
@@ -70,7 +71,7 @@ def tune_backend(backend, stages, quick):
         want = _as_numpy(calls[stage](arrays))
         scale = np.abs(want).max()
         default_us = bench_ssd.time_stage(backend, calls[stage], arrays, repeats) * 1e6
-        best = (default_us, SSD_LAUNCH_CONFIGS[stage])
+        best = (default_us, STAGE_CONFIG_TYPES[stage]())
         for config in candidates.get(stage, []):
             progress.step(f"{stage} {config}")
             with configs.override(stage, config):
@@ -92,11 +93,10 @@ def tune_backend(backend, stages, quick):
 
 def save(backend, results, output_dir):
     configs, device_name = _package(backend)
-    folder = (Path(output_dir) / backend if output_dir else configs.files.bundled_dir) / SSD_OP
-    path = folder / ssd_config_file_name(device_name)
+    path = configs.file_path(device_name, Path(output_dir) / backend if output_dir else None)
     saved = json.loads(path.read_text()) if path.exists() else {}
-    saved.update({stage: config for stage, (_, _, config) in results.items()})
-    folder.mkdir(parents=True, exist_ok=True)
+    saved.update({stage: dataclasses.asdict(config) for stage, (_, _, config) in results.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")
 

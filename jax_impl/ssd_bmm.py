@@ -1,6 +1,9 @@
-"""Chunked scan (SSD prefill), stage 3: the chunk-local products C B^T, as a
-Pallas kernel (Triton backend on GPU).
+"""Chunked scan, stage 4 (Pallas, Triton backend on GPU): the chunk-local
+products C B^T, once per group (every head of the group reuses them).
 
+    CB[c, g, i, j] = C[s_c + i, g] . B[s_c + j, g]     for i, j < len_c
+
+Only tiles on or below the diagonal are computed: the scan reads j <= i.
 Mirror: ``torch_impl/ssd_bmm.py``.
 """
 
@@ -15,22 +18,20 @@ from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.launch_config import clip_block
 from jax_impl import platform
-from jax_impl.ssd_chunk_state import compiler_params, launch_config, tile_dot
+from jax_impl.ssd_common import chunk_bounds, compiler_params, launch_config, tile_dot, tile_origin
 
 
-def _bmm_chunk_kernel(C_ref, B_ref, cu_chunk_ref, CB_ref, *, dstate, chunk_size, block_size_m,
-                      block_size_n, block_size_k):
+def _bmm_chunk_kernel(C_ref, B_ref, cu_chunk_ref, CB_ref, *, num_tokens, dstate, chunk_size,
+                      block_size_m, block_size_n, block_size_k):
     """Grid (K, G, cdiv(L, BM) * cdiv(L, BN)): one (BM, BN) tile of one
     chunk's C B^T, summed over dstate in ``block_size_k`` steps."""
-    chunk, group, pid = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_blocks_n = pl.cdiv(chunk_size, block_size_n)
-    m0, n0 = (pid // num_blocks_n) * block_size_m, (pid % num_blocks_n) * block_size_n
+    chunk, group = pl.program_id(0), pl.program_id(1)
+    m0, n0 = tile_origin(pl.program_id(2), chunk_size, block_size_m, block_size_n)
 
     # The scan reads only j <= i: tiles wholly above the diagonal stay unwritten.
     @pl.when(n0 < m0 + block_size_m)
     def _():
-        start = cu_chunk_ref[chunk]
-        length = cu_chunk_ref[chunk + 1] - start
+        start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
         mask_m = m0 + jnp.arange(block_size_m) < length
         mask_n = n0 + jnp.arange(block_size_n) < length
 
@@ -51,22 +52,22 @@ def _bmm_chunk_kernel(C_ref, B_ref, cu_chunk_ref, CB_ref, *, dstate, chunk_size,
 
 
 def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size: int):
-    """C, B (T, G, N) -> CB (K, G, L, L) float32 with
-    ``CB[c, g, i, j] = C[s_c+i, g] . B[s_c+j, g]`` for i, j < len_c (0 past
-    len_c). Tiles wholly above the diagonal (all j > i) are left unwritten."""
-    G, N = C.shape[1:]
-    K = cu_chunk_seqlens.shape[0] - 1
+    """C, B (T, G, N) -> CB (K, G, L, L) float32 (0 past len_c; tiles wholly
+    above the diagonal unset)."""
+    num_tokens, ngroups, dstate = C.shape
+    num_chunks = cu_chunk_seqlens.shape[0] - 1
     config = launch_config("bmm_chunk")
-    block_size_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
-    block_size_n = clip_block(chunk_size, config["BLOCK_SIZE_N"])
-    block_size_k = clip_block(N, config["BLOCK_SIZE_K"])
+    block_size_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
+    block_size_n = clip_block(chunk_size, config.BLOCK_SIZE_N)
     kernel = functools.partial(
-        _bmm_chunk_kernel, dstate=N, chunk_size=chunk_size, block_size_m=block_size_m,
-        block_size_n=block_size_n, block_size_k=block_size_k)
+        _bmm_chunk_kernel, num_tokens=num_tokens, dstate=dstate, chunk_size=chunk_size,
+        block_size_m=block_size_m, block_size_n=block_size_n,
+        block_size_k=clip_block(dstate, config.BLOCK_SIZE_K))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((K, G, chunk_size, chunk_size), jnp.float32),
-        grid=(K, G, pl.cdiv(chunk_size, block_size_m) * pl.cdiv(chunk_size, block_size_n)),
+        out_shape=jax.ShapeDtypeStruct((num_chunks, ngroups, chunk_size, chunk_size), jnp.float32),
+        grid=(num_chunks, ngroups,
+              pl.cdiv(chunk_size, block_size_m) * pl.cdiv(chunk_size, block_size_n)),
         compiler_params=compiler_params(config),
         interpret=platform.INTERPRET,
         name="ssd_bmm_chunk",

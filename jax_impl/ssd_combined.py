@@ -1,11 +1,16 @@
-"""The chunked scan (SSD prefill) of a Mamba-2 layer: the public entry points,
-chaining the Pallas stages
+"""The chunked scan (SSD prefill of a Mamba-2 layer) as vLLM calls it,
+``mamba_chunk_scan_combined_varlen``, and the batched form of the original
+Mamba-2 API, ``mamba_chunk_scan_combined``: five Pallas kernel stages.
 
-    chunk_cumsum -> chunk_state -> state_passing -> bmm_chunk -> chunk_scan
+    1. chunk_cumsum   dt -> processed dt and the cumulative decay per chunk
+    2. chunk_state    each chunk's state from a zero start (tensor cores)
+    3. state_passing  carry states across chunks and sequences
+    4. bmm_chunk      C B^T per chunk and group (tensor cores)
+    5. chunk_scan     outputs from the start state and the chunk (tensor cores)
 
-Argument contract: ``bridge.spec.ssd_contract``. Mirror: ``torch_impl/ssd_combined.py``.
-JAX is functional: ``out`` is returned; a given ``out`` donated under
-``jax.jit`` is written in place.
+Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
+``torch_impl/ssd_combined.py``. JAX is functional: ``out`` is returned; a
+given ``out`` donated under ``jax.jit`` is written in place.
 """
 
 from __future__ import annotations
@@ -13,8 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.spec.ssd_contract import (
-    batched_sequences, check_chunk_metadata_values, check_ssd_args, chunk_metadata)
+from bridge.spec import ssd_contract
 from jax_impl import platform
 from jax_impl.ssd_bmm import bmm_chunk
 from jax_impl.ssd_chunk_scan import chunk_scan
@@ -26,7 +30,8 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
                                      cu_chunk_seqlens, last_chunk_indices, seq_idx, out=None,
                                      D=None, z=None, dt_bias=None, initial_states=None,
                                      dt_softplus=False, dt_limit=(0.0, float("inf")),
-                                     return_intermediate_states=False, state_dtype=None):
+                                     return_intermediate_states=False, state_dtype=None, *,
+                                     validate_metadata=None):
     """The chunked scan over packed sequences. Returns ``(out, states)``.
 
     ``out (T, H, P)`` in ``out``'s dtype (x's when not given); ``states`` in
@@ -36,22 +41,36 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
 
     Jittable with ``chunk_size``, ``dt_softplus``, ``dt_limit``,
     ``return_intermediate_states`` and ``state_dtype`` static. The metadata
-    values are checked when they are concrete (not under jit).
+    values are checked on the host when they are concrete (not under jit)
+    unless ``validate_metadata=False``. Works with ``jax_enable_x64`` (int32
+    or int64 metadata).
+
+    Unchecked contract (traced or unchecked metadata, any values): nothing
+    is read or written outside the arrays given. A chunk's token range is
+    clipped to [0, T) and to ``chunk_size`` tokens; a chunk whose range
+    needed clipping gets NaN outputs and a NaN end state (which its
+    sequence's later chunks and final state inherit); a ``seq_idx`` outside
+    [0, Q) starts its chunk from NaN and writes no final state; final-state
+    rows that no chunk ends are NaN. With no tokens, chunks or sequences no
+    kernel runs and ``out`` and the states are NaN.
     """
-    args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, out=out,
-                initial_states=initial_states, cu_seqlens=cu_seqlens,
-                cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,
-                last_chunk_indices=last_chunk_indices)
-    layout = check_ssd_args(
-        {k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
-        {k: (str(v.dtype) if v is not None else None) for k, v in args.items()},
-        chunk_size=chunk_size, dt_limit=dt_limit,
-        state_dtype=None if state_dtype is None else str(jnp.dtype(state_dtype)))
-    metadata = dict(cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,
-                    last_chunk_indices=last_chunk_indices)
-    if all(platform.is_concrete(v) for v in metadata.values()):
-        check_chunk_metadata_values(layout, **{k: np.asarray(v) for k, v in metadata.items()})
+    layout = ssd_contract.check_ssd_args(
+        x=x, dt=dt, A=A, B=B, C=C, out=out, D=D, z=z, dt_bias=dt_bias,
+        initial_states=initial_states, cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens,
+        seq_idx=seq_idx, last_chunk_indices=last_chunk_indices, chunk_size=chunk_size,
+        dt_limit=dt_limit, state_dtype=None if state_dtype is None else str(jnp.dtype(state_dtype)))
+    host = platform.host_index_values(
+        validate_metadata, cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens,
+        seq_idx=seq_idx, last_chunk_indices=last_chunk_indices)
+    if host is not None:
+        ssd_contract.check_chunk_metadata_values(layout, **host)
     state_dtype = C.dtype if state_dtype is None else jnp.dtype(state_dtype)
+    chunk_size = layout.chunk_size
+    states_rows = layout.num_chunks if return_intermediate_states else layout.num_seqs
+    if 0 in (layout.num_tokens, layout.num_chunks, layout.num_seqs):  # nothing to launch
+        return (jnp.full(x.shape, jnp.nan, x.dtype if out is None else out.dtype),
+                jnp.full((states_rows, layout.nheads, layout.headdim, layout.dstate), jnp.nan,
+                         state_dtype))
 
     dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
                                      dt_softplus=dt_softplus, dt_limit=dt_limit)
@@ -61,8 +80,8 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
         initial_states=initial_states, return_intermediate_states=return_intermediate_states,
         state_dtype=state_dtype, end_states_dtype=C.dtype)
     CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
-    out = chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D=D,
-                     z=z, initial_states=initial_states, out=out)
+    out = chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx,
+                     layout.num_seqs, D=D, z=z, initial_states=initial_states, out=out)
     return out, states
 
 
@@ -86,9 +105,9 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size: int, D=None, z=None, d
         raise ValueError("mamba_chunk_scan_combined: `seq_idx` must be concrete (not traced): "
                          "the chunk layout depends on its values")
     batch, seqlen, H, P = x.shape
-    cu_seqlens, first_seq_of_row, last_seq_of_row = batched_sequences(
+    cu_seqlens, first_seq_of_row, last_seq_of_row = ssd_contract.batched_sequences(
         batch, seqlen, None if seq_idx is None else np.asarray(seq_idx))
-    metadata = chunk_metadata(cu_seqlens, chunk_size)
+    metadata = ssd_contract.chunk_metadata(cu_seqlens, chunk_size)
     flat = lambda a: None if a is None else a.reshape((batch * seqlen,) + a.shape[2:])  # noqa: E731
     if initial_states is not None:
         initial_states = jnp.zeros((len(cu_seqlens) - 1,) + initial_states.shape[1:],

@@ -63,8 +63,8 @@ def test_tune_quick_writes_configs_the_lookup_reads(tmp_path, monkeypatch):
 
 def test_tune_ssd_quick_writes_configs_the_lookup_reads(tmp_path, monkeypatch):
     from experiments import tune_ssd
-    from jax_impl import ssd_chunk_state as jax_stages
-    from torch_impl import ssd_chunk_state as torch_stages
+    from jax_impl import ssd_common as jax_stages
+    from torch_impl import ssd_common as torch_stages
 
     results = tune_ssd.main(["--quick", "--save-configs", "--output-dir", str(tmp_path)])
     monkeypatch.setenv("MAMBA_TWIN_TUNED_CONFIG_FOLDER", str(tmp_path))

@@ -13,7 +13,7 @@ import torch
 
 from bridge.spec.launch_config import clip_block
 from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision, launch_config, tile_dot
+from torch_impl.ssd_common import chunk_bounds, dot_precision, launch_config, tile_dot
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: E402
 @triton.jit
 def _bmm_chunk_kernel(
     C_ptr, B_ptr, cu_chunk_ptr, CB_ptr,
-    dstate,
+    num_tokens, dstate,
     stride_C_tok, stride_C_group, stride_C_dstate,
     stride_B_tok, stride_B_group, stride_B_dstate,
     stride_CB_chunk, stride_CB_group, stride_CB_row, stride_CB_col,
@@ -33,14 +33,12 @@ def _bmm_chunk_kernel(
     of a chunk's C B^T, K running over dstate."""
     chunk = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
-    num_n_blocks = tl.cdiv(CHUNK_SIZE, BLOCK_SIZE_N)
-    pid_m = tl.program_id(2) // num_n_blocks
-    pid_n = tl.program_id(2) % num_n_blocks
+    pid_m = tl.program_id(2) // tl.cdiv(CHUNK_SIZE, BLOCK_SIZE_N)
+    pid_n = tl.program_id(2) % tl.cdiv(CHUNK_SIZE, BLOCK_SIZE_N)
     if pid_n * BLOCK_SIZE_N < (pid_m + 1) * BLOCK_SIZE_M:  # on or below the diagonal
-        start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
-        length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
         offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
         offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+        start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
         offs_k = tl.arange(0, BLOCK_SIZE_K)
         C_base = C_ptr + start * stride_C_tok + group * stride_C_group
         B_base = B_ptr + start * stride_B_tok + group * stride_B_group
@@ -59,19 +57,19 @@ def _bmm_chunk_kernel(
 
 def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size):
     """C, B (T, G, N) -> CB (K, G, L, L) float32 (tiles above the diagonal unset)."""
-    ngroups, dstate = C.shape[1:]
+    num_tokens, ngroups, dstate = C.shape
     num_chunks = cu_chunk_seqlens.shape[0] - 1
     CB = torch.empty(num_chunks, ngroups, chunk_size, chunk_size, device=C.device, dtype=torch.float32)
     config = launch_config("bmm_chunk", C.device)
-    block_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
-    block_n = clip_block(chunk_size, config["BLOCK_SIZE_N"])
-    block_k = clip_block(dstate, config["BLOCK_SIZE_K"])
+    block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
+    block_n = clip_block(chunk_size, config.BLOCK_SIZE_N)
     grid = (num_chunks, ngroups, triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n))
     with torch.device(C.device):
         _bmm_chunk_kernel[grid](
-            C, B, cu_chunk_seqlens, CB, dstate,
+            C, B, cu_chunk_seqlens, CB, num_tokens, dstate,
             *C.stride(), *B.stride(), *CB.stride(),
             CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(C.dtype),
-            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
-            num_warps=config["num_warps"], num_stages=config["num_stages"])
+            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
+            BLOCK_SIZE_K=clip_block(dstate, config.BLOCK_SIZE_K),
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return CB

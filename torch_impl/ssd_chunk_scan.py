@@ -7,7 +7,8 @@ start state and the chunk's earlier tokens.
                     + D[h] * x[s_c + i, h]
     then out *= z * sigmoid(z) when z is given
 
-``start(c)`` is the state the chunk starts from (``ssd_state_passing``).
+``start(c)`` is the state the chunk starts from (``ssd_state_passing``); a
+chunk whose sequence (``seq_idx``) is outside [0, Q) starts from NaN.
 Mirror: ``jax_impl/ssd_chunk_scan.py``.
 """
 
@@ -16,18 +17,23 @@ from __future__ import annotations
 import torch
 
 from bridge.spec.launch_config import clip_block
-from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import dot_precision, launch_config, tile_dot
+from torch_impl import platform
+from torch_impl.ssd_common import (
+    chunk_bounds, dot_precision, launch_config, sequence_of, tile_dot,
+    tile_offsets)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
+@triton.heuristics({"HAS_D": lambda args: args["D_ptr"] is not None,
+                    "HAS_Z": lambda args: args["z_ptr"] is not None,
+                    "HAS_INITIAL_STATES": lambda args: args["initial_states_ptr"] is not None})
 @triton.jit
 def _chunk_scan_kernel(
     CB_ptr, x_ptr, dt_out_ptr, dA_cumsum_ptr, C_ptr, end_states_ptr, seq_idx_ptr, cu_chunk_ptr,
     D_ptr, z_ptr, initial_states_ptr, out_ptr,
-    headdim, dstate, heads_per_group,
+    num_tokens, num_seqs, headdim, dstate, heads_per_group,
     stride_CB_chunk, stride_CB_group, stride_CB_row, stride_CB_col,
     stride_x_tok, stride_x_head, stride_x_dim,
     stride_dA_head, stride_dA_chunk, stride_dA_pos,
@@ -40,22 +46,18 @@ def _chunk_scan_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INITIAL_STATES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-    BLOCK_SIZE_DSTATE: tl.constexpr,
+    BLOCK_SIZE_DSTATE: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):
     """Grid (cdiv(L, M) * cdiv(headdim, N), num_chunks, nheads): one (M, N)
     tile of (tokens, headdim) of a chunk's output. The tiles of a chunk run
     next to each other, so they share its C B^T and states in L2."""
-    num_n_blocks = tl.cdiv(headdim, BLOCK_SIZE_N)
-    pid_m = tl.program_id(0) // num_n_blocks
-    pid_n = tl.program_id(0) % num_n_blocks
+    offs_m, offs_n = tile_offsets(tl.program_id(0), headdim, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    m0 = (tl.program_id(0) // tl.cdiv(headdim, BLOCK_SIZE_N)) * BLOCK_SIZE_M
     chunk = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2)
     group = head // heads_per_group
-    start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
-    length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
-    if pid_m * BLOCK_SIZE_M < length:  # tiles past a short chunk's end have no tokens
-        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-        offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    if m0 < length:  # tiles past a short chunk's end have no tokens
         offs_d = tl.arange(0, BLOCK_SIZE_DSTATE)
         mask_m = offs_m < length
         mask_n = offs_n < headdim
@@ -64,8 +66,8 @@ def _chunk_scan_kernel(
         dA_m = tl.load(dA_ptr + offs_m * stride_dA_pos, mask=mask_m, other=0.0)
 
         # The start state's part: C (M, dstate) @ start^T (dstate, N).
-        seq = tl.load(seq_idx_ptr + chunk)
-        previous_seq = tl.load(seq_idx_ptr + tl.maximum(chunk - 1, 0))
+        seq, row, seq_ok = sequence_of(seq_idx_ptr, chunk, num_seqs)
+        previous_seq = tl.load(seq_idx_ptr + tl.maximum(chunk - 1, 0)).to(tl.int64)
         state_mask = (offs_d < dstate)[:, None] & mask_n[None, :]
         if (chunk > 0) & (seq == previous_seq):
             start_state = tl.load(end_states_ptr + (chunk - 1) * stride_states_chunk
@@ -73,12 +75,14 @@ def _chunk_scan_kernel(
                                   + offs_n[None, :] * stride_states_dim, mask=state_mask,
                                   other=0.0).to(tl.float32)
         elif HAS_INITIAL_STATES:
-            start_state = tl.load(initial_states_ptr + seq.to(tl.int64) * stride_init_seq
+            start_state = tl.load(initial_states_ptr + row * stride_init_seq
                                   + head * stride_init_head + offs_d[:, None] * stride_init_dstate
-                                  + offs_n[None, :] * stride_init_dim, mask=state_mask,
+                                  + offs_n[None, :] * stride_init_dim, mask=state_mask & seq_ok,
                                   other=0.0).to(tl.float32)
+            start_state = tl.where(seq_ok, start_state, float("nan"))
         else:
-            start_state = tl.zeros((BLOCK_SIZE_DSTATE, BLOCK_SIZE_N), dtype=tl.float32)
+            start_state = tl.where(seq_ok, 0.0, tl.full((BLOCK_SIZE_DSTATE, BLOCK_SIZE_N),
+                                                        float("nan"), tl.float32))
         C = tl.load(C_ptr + (start + offs_m)[:, None] * stride_C_tok + group * stride_C_group
                     + offs_d[None, :] * stride_C_dstate,
                     mask=mask_m[:, None] & (offs_d < dstate)[None, :], other=0.0)
@@ -96,7 +100,7 @@ def _chunk_scan_kernel(
         dA_k_ptrs = dA_ptr + offs_k * stride_dA_pos
         dt_k_ptrs = dt_ptr + offs_k * stride_dA_pos
         x_ptrs = x_base + offs_k[:, None] * stride_x_tok + offs_n[None, :] * stride_x_dim
-        k_end = tl.minimum((pid_m + 1) * BLOCK_SIZE_M, length)
+        k_end = tl.minimum(m0 + BLOCK_SIZE_M, length)
         for k in range(0, k_end, BLOCK_SIZE_K):
             CB = tl.load(CB_ptrs)
             dA_k = tl.load(dA_k_ptrs)
@@ -125,12 +129,13 @@ def _chunk_scan_kernel(
                  + offs_n[None, :] * stride_out_dim, acc.to(out_ptr.dtype.element_ty), mask=tile)
 
 
-def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D=None,
-               z=None, initial_states=None, out=None):
+def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
+               D=None, z=None, initial_states=None, out=None):
     """CB (K, G, L, L), x (T, H, P), dt_out / dA_cumsum (H, K, L), C (T, G, N),
-    end_states (K, H, P, N), D (H,) or (H, P), z (T, H, P), initial_states
-    (Q, H, P, N) -> out (T, H, P), written in place when given."""
-    _, nheads, headdim = x.shape
+    end_states (K, H, P, N), seq_idx (K,) in [0, num_seqs), D (H,) or (H, P),
+    z (T, H, P), initial_states (Q, H, P, N) -> out (T, H, P), written in
+    place when given."""
+    num_tokens, nheads, headdim = x.shape
     ngroups, dstate = C.shape[1:]
     num_chunks, chunk_size = dA_cumsum.shape[1:]
     if out is None:
@@ -138,21 +143,20 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
     if D is not None and D.dim() == 1:
         D = D.unsqueeze(1).expand(nheads, headdim)  # stride 0 over headdim
     config = launch_config("chunk_scan", x.device)
-    block_m = clip_block(chunk_size, config["BLOCK_SIZE_M"])
-    block_n = clip_block(headdim, config["BLOCK_SIZE_N"])
-    block_k = clip_block(chunk_size, config["BLOCK_SIZE_K"])
+    block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
+    block_n = clip_block(headdim, config.BLOCK_SIZE_N)
     grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_n), num_chunks, nheads)
-    strides = lambda t, n: t.stride() if t is not None else (0,) * n  # noqa: E731
     with torch.device(x.device):
         _chunk_scan_kernel[grid](
             CB, x, dt_out, dA_cumsum, C, end_states, seq_idx, cu_chunk_seqlens,
             D, z, initial_states, out,
-            headdim, dstate, nheads // ngroups,
+            num_tokens, num_seqs, headdim, dstate, nheads // ngroups,
             *CB.stride(), *x.stride(), *dA_cumsum.stride(), *C.stride(), *end_states.stride(),
-            *strides(initial_states, 4), *strides(D, 2), *strides(z, 3), *out.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_INITIAL_STATES=initial_states is not None,
+            *platform.strides(initial_states, 4), *platform.strides(D, 2), *platform.strides(z, 3),
+            *out.stride(),
             DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
-            BLOCK_SIZE_DSTATE=clip_block(dstate),
-            num_warps=config["num_warps"], num_stages=config["num_stages"])
+            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
+            BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
+            BLOCK_SIZE_DSTATE=clip_block(dstate), CHUNK_SIZE=chunk_size,
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -9,57 +9,31 @@ group g(h):
     chunk_states[c, h] = sum_i x[s_c + i, h]^T B[s_c + i, g] * dt_out[h, c, i]
                          * exp(dA_cumsum[h, c, L-1] - dA_cumsum[h, c, i])      (P, N)
 
+A chunk whose range is malformed (``ssd_common.chunk_bounds``) gets a NaN
+``dA_cumsum``, which poisons everything computed from it.
 Mirror: ``jax_impl/ssd_chunk_state.py``.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-from bridge.spec.launch_config import SsdLaunchConfigs, clip_block
-from torch_impl import platform  # before triton: interpreter mode on CPU
+from bridge.spec.launch_config import clip_block
+from torch_impl import platform
+from torch_impl.ssd_common import (
+    chunk_bounds, dot_precision, launch_config, softplus, tile_dot, tile_offsets)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
-SSD_CONFIGS = SsdLaunchConfigs("triton", Path(__file__).parent / "configs")
-
-
-def launch_config(stage: str, device: torch.device) -> dict:
-    """The launch parameters of one chunked-scan stage on ``device``: tuned for
-    this GPU when a file exists (``bridge.spec.launch_config.SsdLaunchConfigs``)."""
-    return SSD_CONFIGS.get(stage, platform.device_name(device))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs are multiplied exactly (no TF32): the tests hold fp32 to
-    fp32 tolerances. Half-precision inputs use the tensor cores as they are."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-# Triton 3.6's CPU interpreter multiplies bfloat16 operands wrongly; there
-# they are widened to float32 first (exact products of the same values).
-_WIDEN_BF16_DOTS = tl.constexpr(platform.INTERPRET)
-
-
-@triton.jit
-def tile_dot(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b on the tensor cores, float32 accumulation."""
-    if _WIDEN_BF16_DOTS and a.dtype == tl.bfloat16:
-        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        product = tl.dot(a, b, input_precision=DOT_PRECISION)
-    return product
-
-
+@triton.heuristics({"HAS_DT_BIAS": lambda args: args["dt_bias_ptr"] is not None})
 @triton.jit
 def _chunk_cumsum_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, cu_chunk_ptr, dA_cumsum_ptr, dt_out_ptr,
-    nheads, dt_min, dt_max,
+    num_tokens, nheads, dt_min, dt_max,
     stride_dt_tok, stride_dt_head, stride_A_head, stride_dt_bias_head,
     stride_out_head, stride_out_chunk, stride_out_pos,
     DT_SOFTPLUS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
@@ -68,22 +42,22 @@ def _chunk_cumsum_kernel(
     """Grid (num_chunks, cdiv(nheads, BLOCK_SIZE_H)): the whole chunk is one tile."""
     chunk = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_SIZE_H + tl.arange(0, BLOCK_SIZE_H)
-    start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
-    length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
+    start, length, valid = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
     offs_l = tl.arange(0, CHUNK_SIZE)
     mask_h = offs_h < nheads
-    valid = (offs_l < length)[:, None] & mask_h[None, :]
+    in_chunk = (offs_l < length)[:, None] & mask_h[None, :]
     dt = tl.load(dt_ptr + (start + offs_l)[:, None] * stride_dt_tok + offs_h[None, :] * stride_dt_head,
-                 mask=valid, other=0.0).to(tl.float32)
+                 mask=in_chunk, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + offs_h * stride_dt_bias_head, mask=mask_h, other=0.0).to(tl.float32)[None, :]
     if DT_SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = softplus(dt)
     if HAS_DT_LIMIT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    dt = tl.where(valid, dt, 0.0)  # padding positions add no decay
+    dt = tl.where(in_chunk, dt, 0.0)  # padding positions add no decay
     A = tl.load(A_ptr + offs_h * stride_A_head, mask=mask_h, other=0.0).to(tl.float32)
     dA_cumsum = tl.cumsum(dt * A[None, :], axis=0)
+    dA_cumsum = tl.where(valid, dA_cumsum, float("nan"))  # poisons the chunk's state and outputs
     out_offsets = (offs_h[None, :] * stride_out_head + chunk * stride_out_chunk
                    + offs_l[:, None] * stride_out_pos)
     tl.store(dt_out_ptr + out_offsets, dt, mask=mask_h[None, :])
@@ -93,30 +67,28 @@ def _chunk_cumsum_kernel(
 def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=False,
                  dt_limit=(0.0, math.inf)):
     """dt (T, H), A (H,), dt_bias (H,) -> (dA_cumsum, dt_out), each (H, K, L) float32."""
-    nheads = dt.shape[1]
+    num_tokens, nheads = dt.shape
     num_chunks = cu_chunk_seqlens.shape[0] - 1
     dA_cumsum = torch.empty(nheads, num_chunks, chunk_size, device=dt.device, dtype=torch.float32)
     dt_out = torch.empty_like(dA_cumsum)
     config = launch_config("chunk_cumsum", dt.device)
-    block_h = clip_block(nheads, config["BLOCK_SIZE_H"])
+    block_h = clip_block(nheads, config.BLOCK_SIZE_H)
     grid = (num_chunks, triton.cdiv(nheads, block_h))
     with torch.device(dt.device):
         _chunk_cumsum_kernel[grid](
             dt, A, dt_bias, cu_chunk_seqlens, dA_cumsum, dt_out,
-            nheads, float(dt_limit[0]), float(dt_limit[1]),
-            dt.stride(0), dt.stride(1), A.stride(0), dt_bias.stride(0) if dt_bias is not None else 0,
-            *dA_cumsum.stride(),
-            DT_SOFTPLUS=bool(dt_softplus), HAS_DT_BIAS=dt_bias is not None,
-            HAS_DT_LIMIT=tuple(dt_limit) != (0.0, math.inf),
+            num_tokens, nheads, float(dt_limit[0]), float(dt_limit[1]),
+            *dt.stride(), *A.stride(), *platform.strides(dt_bias, 1), *dA_cumsum.stride(),
+            DT_SOFTPLUS=bool(dt_softplus), HAS_DT_LIMIT=tuple(dt_limit) != (0.0, math.inf),
             BLOCK_SIZE_H=block_h, CHUNK_SIZE=chunk_size,
-            num_warps=config["num_warps"], num_stages=config["num_stages"])
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return dA_cumsum, dt_out
 
 
 @triton.jit
 def _chunk_state_kernel(
     x_ptr, B_ptr, dt_out_ptr, dA_cumsum_ptr, cu_chunk_ptr, states_ptr,
-    headdim, dstate, heads_per_group,
+    num_tokens, headdim, dstate, heads_per_group,
     stride_x_tok, stride_x_head, stride_x_dim,
     stride_B_tok, stride_B_group, stride_B_dstate,
     stride_dA_head, stride_dA_chunk, stride_dA_pos,
@@ -128,15 +100,9 @@ def _chunk_state_kernel(
     (M, N) tile of a chunk's state, K running over the chunk's tokens."""
     chunk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    num_n_blocks = tl.cdiv(dstate, BLOCK_SIZE_N)
-    pid_m = tl.program_id(2) // num_n_blocks
-    pid_n = tl.program_id(2) % num_n_blocks
+    offs_m, offs_n = tile_offsets(tl.program_id(2), dstate, BLOCK_SIZE_M, BLOCK_SIZE_N)
     group = head // heads_per_group
-    start = tl.load(cu_chunk_ptr + chunk).to(tl.int64)
-    length = tl.load(cu_chunk_ptr + chunk + 1).to(tl.int64) - start
-
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
     dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
@@ -165,21 +131,21 @@ def _chunk_state_kernel(
 def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
     """B (T, G, N), x (T, H, P), dt_out / dA_cumsum (H, K, L) -> chunk_states
     (K, H, P, N) float32: each chunk's state from a zero start."""
-    _, nheads, headdim = x.shape
+    num_tokens, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1:]
     _, num_chunks, chunk_size = dA_cumsum.shape
     states = torch.empty(num_chunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     config = launch_config("chunk_state", x.device)
-    block_m = clip_block(headdim, config["BLOCK_SIZE_M"])
-    block_n = clip_block(dstate, config["BLOCK_SIZE_N"])
-    block_k = clip_block(chunk_size, config["BLOCK_SIZE_K"])
+    block_m = clip_block(headdim, config.BLOCK_SIZE_M)
+    block_n = clip_block(dstate, config.BLOCK_SIZE_N)
     grid = (num_chunks, nheads, triton.cdiv(headdim, block_m) * triton.cdiv(dstate, block_n))
     with torch.device(x.device):
         _chunk_state_kernel[grid](
             x, B, dt_out, dA_cumsum, cu_chunk_seqlens, states,
-            headdim, dstate, nheads // ngroups,
+            num_tokens, headdim, dstate, nheads // ngroups,
             *x.stride(), *B.stride(), *dA_cumsum.stride(), *states.stride(),
             CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=block_k,
-            num_warps=config["num_warps"], num_stages=config["num_stages"])
+            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
+            BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return states

@@ -8,6 +8,8 @@ Mamba-2 API, ``mamba_chunk_scan_combined``: five Triton kernel stages.
     4. bmm_chunk      C B^T per chunk and group (tensor cores)
     5. chunk_scan     outputs from the start state and the chunk (tensor cores)
 
+The stages run inside one torch custom op (``mamba_twin::mamba_chunk_scan_combined_varlen``), so that
+``torch.compile(fullgraph=True)`` and CUDA-graph capture see one opaque call.
 Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
 ``jax_impl/ssd_combined.py``.
 """
@@ -15,10 +17,11 @@ Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from bridge.spec import ssd_contract
+from bridge.spec import checks, ssd_contract
 from torch_impl import platform
 from torch_impl.ssd_bmm import bmm_chunk
 from torch_impl.ssd_chunk_scan import chunk_scan
@@ -26,52 +29,86 @@ from torch_impl.ssd_chunk_state import chunk_cumsum, chunk_state
 from torch_impl.ssd_state_passing import state_passing
 
 
-def _dtype_name(tensor):
-    return str(tensor.dtype).removeprefix("torch.") if tensor is not None else None
+def _states_shape(x, B, num_rows):
+    return (num_rows, x.shape[1], x.shape[2], B.shape[2])
+
+
+@torch.library.custom_op(f"mamba_twin::{ssd_contract.OP}", mutates_args=("out",))
+def _chunk_scan_op(
+        x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        chunk_size: int, cu_chunk_seqlens: torch.Tensor, seq_idx: torch.Tensor, num_seqs: int,
+        out: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+        dt_bias: Optional[torch.Tensor], initial_states: Optional[torch.Tensor],
+        dt_softplus: bool, dt_min: float, dt_max: float, return_intermediate_states: bool,
+        state_dtype: torch.dtype) -> torch.Tensor:
+    """The five stages on checked shapes: writes ``out``, returns the states."""
+    num_chunks = cu_chunk_seqlens.shape[0] - 1
+    if 0 in (x.shape[0], num_chunks, num_seqs):  # nothing to launch (see the unchecked contract)
+        out.fill_(math.nan)
+        rows = num_chunks if return_intermediate_states else num_seqs
+        return torch.full(_states_shape(x, B, rows), math.nan, dtype=state_dtype, device=x.device)
+    dt_limit = (dt_min, dt_max)
+    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias, dt_softplus, dt_limit)
+    chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
+    end_states, states = state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs, initial_states,
+                                       return_intermediate_states, state_dtype,
+                                       end_states_dtype=C.dtype)
+    CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
+    chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
+               D=D, z=z, initial_states=initial_states, out=out)
+    return states
+
+
+@_chunk_scan_op.register_fake
+def _(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, out, D, z, dt_bias,
+      initial_states, dt_softplus, dt_min, dt_max, return_intermediate_states, state_dtype):
+    rows = cu_chunk_seqlens.shape[0] - 1 if return_intermediate_states else num_seqs
+    return x.new_empty(_states_shape(x, B, rows), dtype=state_dtype)
 
 
 def mamba_chunk_scan_combined_varlen(
         x, dt, A, B, C, chunk_size, cu_seqlens, cu_chunk_seqlens, last_chunk_indices, seq_idx,
         out, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
         dt_limit=(0.0, math.inf), return_intermediate_states=False, state_dtype=None, *,
-        validate_metadata=True):
+        validate_metadata=None):
     """Prefill over packed sequences. Writes ``out (T, H, P)`` in place and
     returns the states: ``(Q, H, P, N)`` final states, or ``(K, H, P, N)``
     end-of-chunk states with ``return_intermediate_states``, in
-    ``state_dtype`` (default: C's dtype).
+    ``state_dtype`` (default: C's dtype). Shapes: ``bridge.spec.ssd_contract``.
 
-    ``validate_metadata`` checks the chunk metadata's values on the host (one
-    device sync; skipped automatically during CUDA-graph capture).
+    Shapes and dtypes are always checked. The metadata's values are checked
+    on the host (one device sync, clear errors) only in the debug mode:
+    ``validate_metadata=True`` or ``$MAMBA_TWIN_CHECK_INDICES=1``; never
+    under CUDA-graph capture or torch.compile.
+
+    Unchecked contract (any metadata values): nothing is read or written
+    outside the tensors given. A chunk's token range is clipped to [0, T)
+    and to ``chunk_size`` tokens; a chunk whose range needed clipping gets
+    NaN outputs and a NaN end state (which its sequence's later chunks and
+    final state inherit); a ``seq_idx`` outside [0, Q) starts its chunk
+    from NaN and writes no final state; final-state rows that no chunk
+    ends are NaN. With no tokens, chunks or sequences no kernel runs and
+    ``out`` and the states are NaN.
     """
-    args = dict(x=x, dt=dt, A=A, B=B, C=C, out=out, D=D, z=z, dt_bias=dt_bias,
-                initial_states=initial_states, cu_seqlens=cu_seqlens,
-                cu_chunk_seqlens=cu_chunk_seqlens, last_chunk_indices=last_chunk_indices,
-                seq_idx=seq_idx)
     if out is None:
-        raise ValueError("mamba_chunk_scan_combined_varlen: `out` is required "
-                         "(the output is written into it in place)")
+        checks.fail(ssd_contract.OP, "out", "is required (the output is written into it in place)")
+    tensors = dict(x=x, dt=dt, A=A, B=B, C=C, out=out, D=D, z=z, dt_bias=dt_bias,
+                   initial_states=initial_states, cu_seqlens=cu_seqlens,
+                   cu_chunk_seqlens=cu_chunk_seqlens, last_chunk_indices=last_chunk_indices,
+                   seq_idx=seq_idx)
     layout = ssd_contract.check_ssd_args(
-        {k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
-        {k: _dtype_name(v) for k, v in args.items()},
-        chunk_size=chunk_size, dt_limit=dt_limit,
-        state_dtype=str(state_dtype).removeprefix("torch.") if state_dtype is not None else None)
-    device = platform.check_kernel_device(args)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if validate_metadata and not capturing:
-        ssd_contract.check_chunk_metadata_values(
-            layout, **{k: args[k].cpu().numpy() for k in (
-                "cu_seqlens", "cu_chunk_seqlens", "seq_idx", "last_chunk_indices")})
-    state_dtype = state_dtype or C.dtype
-
-    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias, dt_softplus, dt_limit)
-    chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
-    end_states, states = state_passing(chunk_states, dA_cumsum, seq_idx, layout.num_seqs,
-                                       initial_states, return_intermediate_states, state_dtype,
-                                       end_states_dtype=C.dtype)
-    CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
-    chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D, z,
-               initial_states, out)
-    return states
+        **tensors, chunk_size=chunk_size, dt_limit=dt_limit,
+        state_dtype=None if state_dtype is None else str(state_dtype).removeprefix("torch."))
+    device = platform.check_kernel_device(tensors)
+    host = platform.host_index_values(
+        validate_metadata, device, cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens,
+        seq_idx=seq_idx, last_chunk_indices=last_chunk_indices)
+    if host is not None:
+        ssd_contract.check_chunk_metadata_values(layout, **host)
+    return _chunk_scan_op(
+        x, dt, A, B, C, layout.chunk_size, cu_chunk_seqlens, seq_idx, layout.num_seqs, out,
+        D, z, dt_bias, initial_states, bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
+        bool(return_intermediate_states), state_dtype or C.dtype)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,

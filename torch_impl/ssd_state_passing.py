@@ -7,7 +7,9 @@ each sequence.
 
 The call also writes the states it returns, in ``state_dtype``: every
 chunk's end state (``return_intermediate_states``) or each sequence's final
-one. Mirror: ``jax_impl/ssd_state_passing.py``.
+one. A ``seq_idx`` outside [0, Q) starts its chunk from NaN and writes no
+final state; final-state rows that no chunk ends are NaN. Mirror:
+``jax_impl/ssd_state_passing.py``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,27 @@ from __future__ import annotations
 import torch
 
 from bridge.spec.launch_config import clip_block
-from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_chunk_state import launch_config
+from torch_impl import platform
+from torch_impl.ssd_common import launch_config, sequence_of
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
 @triton.jit
+def _poison_rows(states_ptr, first, end, num_seqs, stride_row, tile, mask,
+                 BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
+    """NaN into the final-state rows [first, end) that lie in [0, num_seqs)."""
+    nan = tl.full((BLOCK_SIZE_M, BLOCK_SIZE_N), float("nan"), states_ptr.dtype.element_ty)
+    for row in range(tl.maximum(first, 0), tl.minimum(end, num_seqs)):
+        tl.store(states_ptr + row * stride_row + tile, nan, mask=mask)
+
+
+@triton.heuristics({"HAS_INITIAL_STATES": lambda args: args["initial_states_ptr"] is not None})
+@triton.jit
 def _state_passing_kernel(
     chunk_states_ptr, dA_cumsum_ptr, seq_idx_ptr, initial_states_ptr, end_states_ptr, states_ptr,
-    num_chunks, headdim, dstate,
+    num_chunks, num_seqs, headdim, dstate,
     stride_cs_chunk, stride_cs_head, stride_cs_dim, stride_cs_dstate,
     stride_dA_head, stride_dA_chunk, stride_dA_pos,
     stride_init_seq, stride_init_head, stride_init_dim, stride_init_dstate,
@@ -51,15 +63,19 @@ def _state_passing_kernel(
     intermediate_ptrs = states_ptr + out_tile
     dA_last_ptr = dA_cumsum_ptr + head * stride_dA_head + (CHUNK_SIZE - 1) * stride_dA_pos
     state = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    previous_seq = tl.load(seq_idx_ptr).to(tl.int64) - 1  # chunk 0 starts a sequence
+    previous_seq = tl.full((), -1, tl.int64)
     for chunk in range(num_chunks):
-        seq = tl.load(seq_idx_ptr + chunk).to(tl.int64)
-        if seq != previous_seq:
+        seq, row, seq_ok = sequence_of(seq_idx_ptr, chunk, num_seqs)
+        if (chunk == 0) | (seq != previous_seq):  # the chunk starts a sequence
+            if not INTERMEDIATE:  # rows of sequences skipped over get no final state
+                _poison_rows(states_ptr, previous_seq + 1, seq, num_seqs, stride_states_row,
+                             out_tile, mask, BLOCK_SIZE_M, BLOCK_SIZE_N)
             if HAS_INITIAL_STATES:
-                state = tl.load(initial_states_ptr + seq * stride_init_seq + init_tile,
-                                mask=mask, other=0.0).to(tl.float32)
+                state = tl.load(initial_states_ptr + row * stride_init_seq + init_tile,
+                                mask=mask & seq_ok, other=float("nan")).to(tl.float32)
             else:
-                state = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+                state = tl.where(seq_ok, 0.0, tl.full((BLOCK_SIZE_M, BLOCK_SIZE_N), float("nan"),
+                                                      tl.float32))
         state = tl.exp(tl.load(dA_last_ptr)) * state + tl.load(chunk_states_ptrs, mask=mask, other=0.0)
         tl.store(end_states_ptrs, state.to(end_states_ptr.dtype.element_ty), mask=mask)
         if INTERMEDIATE:
@@ -67,13 +83,16 @@ def _state_passing_kernel(
         else:
             next_seq = tl.load(seq_idx_ptr + tl.minimum(chunk + 1, num_chunks - 1)).to(tl.int64)
             if (chunk == num_chunks - 1) | (next_seq != seq):  # the sequence's last chunk
-                tl.store(states_ptr + seq * stride_states_row + out_tile,
-                         state.to(states_ptr.dtype.element_ty), mask=mask)
+                tl.store(states_ptr + row * stride_states_row + out_tile,
+                         state.to(states_ptr.dtype.element_ty), mask=mask & seq_ok)
         previous_seq = seq
         chunk_states_ptrs += stride_cs_chunk
         end_states_ptrs += stride_cs_chunk
         intermediate_ptrs += stride_states_row
         dA_last_ptr += stride_dA_chunk
+    if not INTERMEDIATE:
+        _poison_rows(states_ptr, previous_seq + 1, num_seqs, num_seqs, stride_states_row,
+                     out_tile, mask, BLOCK_SIZE_M, BLOCK_SIZE_N)
 
 
 def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
@@ -91,17 +110,16 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
     rows = num_chunks if return_intermediate_states else num_seqs
     states = torch.empty(rows, nheads, headdim, dstate, device=chunk_states.device, dtype=state_dtype)
     config = launch_config("state_passing", chunk_states.device)
-    block_m = clip_block(headdim, config["BLOCK_SIZE_M"])
-    block_n = clip_block(dstate, config["BLOCK_SIZE_N"])
+    block_m = clip_block(headdim, config.BLOCK_SIZE_M)
+    block_n = clip_block(dstate, config.BLOCK_SIZE_N)
     grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
-    init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
     with torch.device(chunk_states.device):
         _state_passing_kernel[grid](
             chunk_states, dA_cumsum, seq_idx, initial_states, end_states, states,
-            num_chunks, headdim, dstate,
-            *chunk_states.stride(), *dA_cumsum.stride(), *init_strides, *states.stride(),
-            HAS_INITIAL_STATES=initial_states is not None,
+            num_chunks, num_seqs, headdim, dstate,
+            *chunk_states.stride(), *dA_cumsum.stride(), *platform.strides(initial_states, 4),
+            *states.stride(),
             INTERMEDIATE=bool(return_intermediate_states), CHUNK_SIZE=chunk_size,
             BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
-            num_warps=config["num_warps"], num_stages=config["num_stages"])
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return end_states, states

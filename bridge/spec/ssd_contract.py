@@ -28,16 +28,20 @@ prefix caching stores).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
+from bridge.spec import checks
+
+OP = "mamba_chunk_scan_combined_varlen"
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
 MIN_CHUNK_SIZE = 16  # the smallest tile a tensor-core product takes
-
-Shape = Optional[Sequence[int]]
+FLOAT_ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "z", "out", "initial_states")
+INDEX_ARGS = ("cu_seqlens", "cu_chunk_seqlens", "seq_idx", "last_chunk_indices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,72 +74,71 @@ class ChunkMetadata:
 
 
 def _fail(arg: str, message: str):
-    raise ValueError(f"mamba_chunk_scan_combined_varlen: `{arg}` {message}")
+    checks.fail(OP, arg, message)
 
 
-def _expect(arg: str, shape: Shape, *allowed: tuple[int, ...]) -> None:
-    if shape is None:
-        _fail(arg, "is required")
-    if tuple(shape) not in allowed:
-        _fail(arg, f"has shape {tuple(shape)}, expected {' or '.join(str(a) for a in allowed)}")
+def _shape(arg: str, array) -> Optional[tuple[int, ...]]:
+    if array is not None and not hasattr(array, "shape"):
+        _fail(arg, f"must be an array, got {type(array).__name__}")
+    return checks.shape_of(array)
 
 
-def check_ssd_args(shapes: Mapping[str, Shape], dtypes: Mapping[str, Optional[str]], *,
-                   chunk_size: int, dt_limit=(0.0, float("inf")),
-                   state_dtype: Optional[str] = None) -> SsdLayout:
-    """Check every shape and dtype; return the call's sizes. ``shapes`` and
-    ``dtypes`` map argument names to a shape tuple / dtype name, or None for
-    an argument that was not given. Raises ValueError naming the argument."""
-    if not isinstance(chunk_size, int) or chunk_size < MIN_CHUNK_SIZE or chunk_size & (chunk_size - 1):
-        _fail("chunk_size", f"must be a power of two >= {MIN_CHUNK_SIZE}, got {chunk_size!r}")
-    x = shapes.get("x")
-    if x is None or len(x) != 3:
-        _fail("x", f"must be 3-D (num_tokens, nheads, headdim), got shape {x}")
-    T, H, P = x
-    B = shapes.get("B")
-    if B is None or len(B) != 3:
-        _fail("B", f"must be 3-D (num_tokens, ngroups, dstate), got shape {B}")
-    G, N = B[1], B[2]
-    _expect("B", B, (T, G, N))
+def _rank(arg: str, array, ndim: int, names: str) -> tuple[int, ...]:
+    shape = _shape(arg, array)
+    if shape is None or len(shape) != ndim:
+        _fail(arg, f"must be {ndim}-D ({names}), got shape {shape}")
+    return shape
+
+
+def check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, last_chunk_indices,
+                   out=None, D=None, z=None, dt_bias=None, initial_states=None, chunk_size,
+                   dt_limit=(0.0, float("inf")), state_dtype: Optional[str] = None) -> SsdLayout:
+    """Check every shape and dtype (read from the arrays; None for an absent
+    one) and the options; return the call's sizes. ``state_dtype`` is a
+    dtype name. Raises ValueError naming the argument."""
+    chunk_size = checks.as_int(OP, "chunk_size", chunk_size, minimum=MIN_CHUNK_SIZE)
+    if chunk_size & (chunk_size - 1):
+        _fail("chunk_size", f"must be a power of two >= {MIN_CHUNK_SIZE}, got {chunk_size}")
+    T, H, P = _rank("x", x, 3, "num_tokens, nheads, headdim")
+    _, G, N = _rank("B", B, 3, "num_tokens, ngroups, dstate")
+    expect = functools.partial(checks.expect_shape, OP)
+    expect("B", _shape("B", B), (T, G, N))
     if G < 1 or H % G:
         _fail("B", f"has ngroups={G}, which must divide nheads={H}")
-    _expect("C", shapes.get("C"), (T, G, N))
-    _expect("dt", shapes.get("dt"), (T, H))
-    _expect("A", shapes.get("A"), (H,))
-    if shapes.get("dt_bias") is not None:
-        _expect("dt_bias", shapes["dt_bias"], (H,))
-    D = shapes.get("D")
+    expect("C", _shape("C", C), (T, G, N))
+    expect("dt", _shape("dt", dt), (T, H))
+    expect("A", _shape("A", A), (H,))
+    if dt_bias is not None:
+        expect("dt_bias", _shape("dt_bias", dt_bias), (H,))
     if D is not None:
-        _expect("D", D, (H,), (H, P))
-    for arg in ("z", "out"):
-        if shapes.get(arg) is not None:
-            _expect(arg, shapes[arg], (T, H, P))
+        expect("D", _shape("D", D), (H,), (H, P))
+    for arg, array in (("z", z), ("out", out)):
+        if array is not None:
+            expect(arg, _shape(arg, array), (T, H, P))
 
-    cu_seqlens = shapes.get("cu_seqlens")
-    if cu_seqlens is None or len(cu_seqlens) != 1 or cu_seqlens[0] < 2:
-        _fail("cu_seqlens", f"must be 1-D of length num_seqs + 1 >= 2, got shape {cu_seqlens}")
-    Q = cu_seqlens[0] - 1
-    cu_chunks = shapes.get("cu_chunk_seqlens")
-    if cu_chunks is None or len(cu_chunks) != 1 or cu_chunks[0] < 2:
-        _fail("cu_chunk_seqlens", f"must be 1-D of length num_chunks + 1 >= 2, got shape {cu_chunks}")
-    K = cu_chunks[0] - 1
-    _expect("seq_idx", shapes.get("seq_idx"), (K,))
-    _expect("last_chunk_indices", shapes.get("last_chunk_indices"), (Q,))
-    if shapes.get("initial_states") is not None:
-        _expect("initial_states", shapes["initial_states"], (Q, H, P, N))
+    Q = _rank("cu_seqlens", cu_seqlens, 1, "num_seqs + 1")[0] - 1
+    if Q < 0:
+        _fail("cu_seqlens", "must hold num_seqs + 1 >= 1 offsets, got none")
+    K = _rank("cu_chunk_seqlens", cu_chunk_seqlens, 1, "num_chunks + 1")[0] - 1
+    if K < 0:
+        _fail("cu_chunk_seqlens", "must hold num_chunks + 1 >= 1 offsets, got none")
+    expect("seq_idx", _shape("seq_idx", seq_idx), (K,))
+    expect("last_chunk_indices", _shape("last_chunk_indices", last_chunk_indices), (Q,))
+    if initial_states is not None:
+        expect("initial_states", _shape("initial_states", initial_states), (Q, H, P, N))
 
-    for arg in ("x", "dt", "A", "B", "C", "D", "dt_bias", "z", "out", "initial_states"):
-        dtype = dtypes.get(arg)
-        if dtype is not None and dtype not in FLOAT_DTYPES:
-            _fail(arg, f"has dtype {dtype}; supported: {', '.join(FLOAT_DTYPES)}")
-    for arg in ("cu_seqlens", "cu_chunk_seqlens", "seq_idx", "last_chunk_indices"):
-        dtype = dtypes.get(arg)
-        if dtype is not None and dtype not in INDEX_DTYPES:
-            _fail(arg, f"has dtype {dtype}; supported: {', '.join(INDEX_DTYPES)}")
-    if dtypes.get("B") is not None and dtypes.get("C") != dtypes["B"]:
-        _fail("C", f"has dtype {dtypes.get('C')} but `B` has {dtypes['B']}")
-    if state_dtype is not None and state_dtype not in FLOAT_DTYPES:
-        _fail("state_dtype", f"is {state_dtype}; supported: {', '.join(FLOAT_DTYPES)}")
+    arrays = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
+                  initial_states=initial_states, cu_seqlens=cu_seqlens,
+                  cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,
+                  last_chunk_indices=last_chunk_indices)
+    for arg in FLOAT_ARGS:
+        checks.expect_dtype(OP, arg, checks.dtype_name(arrays[arg]), FLOAT_DTYPES)
+    for arg in INDEX_ARGS:
+        checks.expect_dtype(OP, arg, checks.dtype_name(arrays[arg]), INDEX_DTYPES)
+    if checks.dtype_name(C) != checks.dtype_name(B):
+        _fail("C", f"has dtype {checks.dtype_name(C)} but `B` has {checks.dtype_name(B)}")
+    if state_dtype is not None:
+        checks.expect_dtype(OP, "state_dtype", state_dtype, FLOAT_DTYPES)
     try:
         low, high = (float(v) for v in dt_limit)
     except (TypeError, ValueError):
@@ -145,7 +148,7 @@ def check_ssd_args(shapes: Mapping[str, Shape], dtypes: Mapping[str, Optional[st
 
     return SsdLayout(num_tokens=T, nheads=H, headdim=P, ngroups=G, dstate=N, num_seqs=Q,
                      num_chunks=K, chunk_size=chunk_size,
-                     D_per_head=D is not None and len(D) == 1)
+                     D_per_head=D is not None and len(D.shape) == 1)
 
 
 def check_chunk_metadata_values(layout: SsdLayout, *, cu_seqlens, cu_chunk_seqlens, seq_idx,
@@ -193,8 +196,7 @@ def chunk_metadata(cu_seqlens, chunk_size: int, num_computed_tokens=None) -> Chu
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     if cu.ndim != 1 or len(cu) < 2 or cu[0] != 0 or (np.diff(cu) < 1).any():
         raise ValueError(f"chunk_metadata: `cu_seqlens` must rise strictly from 0, got {_head(cu)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_metadata: `chunk_size` must be a positive int, got {chunk_size!r}")
+    chunk_size = checks.as_int("chunk_metadata", "chunk_size", chunk_size, minimum=1)
     num_seqs = len(cu) - 1
     computed = (np.zeros(num_seqs, np.int64) if num_computed_tokens is None
                 else np.asarray(num_computed_tokens, dtype=np.int64))

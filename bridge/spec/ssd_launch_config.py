@@ -1,0 +1,165 @@
+"""The chunked scan's launch configs: one frozen config per kernel stage.
+
+Stages, numbered the same in both packages:
+
+    1. chunk_cumsum   2. chunk_state   3. state_passing   4. bmm_chunk   5. chunk_scan
+
+A tuned file for one GPU, ``<folder>/mamba_chunk_scan_combined/device_name=<dev>.json``
+(``{stage: {field: value}}``), replaces a stage's default; folders are looked
+up as for the state update (``$MAMBA_TWIN_TUNED_CONFIG_FOLDER/<backend>`` first,
+then the package's ``configs``). Files are read once per (device, folder).
+The block sizes are caps: each launcher clips them to the problem (and to
+>= 16, the smallest tensor-core tile) so that small shapes still launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Mapping, Union
+
+from bridge.spec.launch_config import TUNED_CONFIG_FOLDER_ENV, device_name_key
+
+logger = logging.getLogger(__name__)
+
+SSD_OP = "mamba_chunk_scan_combined"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkCumsumConfig:
+    """Heads per program; the whole chunk is one tile along the tokens."""
+    BLOCK_SIZE_H: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkStateConfig:
+    """A (headdim, dstate) tile of a chunk's state; K runs over the chunk's tokens."""
+    BLOCK_SIZE_M: int = 64
+    BLOCK_SIZE_N: int = 128
+    BLOCK_SIZE_K: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePassingConfig:
+    """A (headdim, dstate) tile carried across the chunks of one head: small
+    tiles, many programs, so that enough loads are in flight."""
+    BLOCK_SIZE_M: int = 32
+    BLOCK_SIZE_N: int = 32
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BmmChunkConfig:
+    """A (chunk, chunk) tile of C B^T; K runs over dstate."""
+    BLOCK_SIZE_M: int = 64
+    BLOCK_SIZE_N: int = 64
+    BLOCK_SIZE_K: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkScanConfig:
+    """A (tokens, headdim) tile of the output; K runs over the chunk's earlier tokens."""
+    BLOCK_SIZE_M: int = 64
+    BLOCK_SIZE_N: int = 64
+    BLOCK_SIZE_K: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+StageConfig = Union[ChunkCumsumConfig, ChunkStateConfig, StatePassingConfig, BmmChunkConfig,
+                    ChunkScanConfig]
+
+# In stage order.
+STAGE_CONFIG_TYPES: Mapping[str, type] = {
+    "chunk_cumsum": ChunkCumsumConfig,
+    "chunk_state": ChunkStateConfig,
+    "state_passing": StatePassingConfig,
+    "bmm_chunk": BmmChunkConfig,
+    "chunk_scan": ChunkScanConfig,
+}
+STAGES = tuple(STAGE_CONFIG_TYPES)
+
+
+def ssd_config_file_name(device_name: str) -> str:
+    return f"device_name={device_name_key(device_name)}.json"
+
+
+def stage_config(stage: str, config: Union[StageConfig, Mapping[str, int]]) -> StageConfig:
+    """``config`` (a stage config or a ``{field: value}`` dict) as the stage's
+    frozen config; ValueError naming what is wrong."""
+    if stage not in STAGE_CONFIG_TYPES:
+        raise ValueError(f"stage: unknown chunked-scan stage {stage!r}; stages: {', '.join(STAGES)}")
+    config_type = STAGE_CONFIG_TYPES[stage]
+    if isinstance(config, config_type):
+        return config
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    given = dict(config)
+    missing, unknown = fields - set(given), set(given) - fields
+    if missing or unknown:
+        raise ValueError(f"config: stage {stage!r} takes {', '.join(sorted(fields))}; "
+                         f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return config_type(**{k: int(v) for k, v in given.items()})
+
+
+class SsdLaunchConfigs:
+    """The per-stage launch configs of one backend (``"triton"`` or ``"pallas"``)."""
+
+    def __init__(self, backend: str, bundled_dir: Path):
+        self.backend = backend
+        self.bundled_dir = Path(bundled_dir)
+        self._overrides: dict[str, StageConfig] = {}
+
+    def get(self, stage: str, device_name: str) -> StageConfig:
+        """The override, else the tuned entry for this GPU, else the default."""
+        override = self._overrides.get(stage)
+        if override is not None:
+            return override
+        return _stage_configs(self.backend, self.bundled_dir, device_name,
+                              os.environ.get(TUNED_CONFIG_FOLDER_ENV) or None)[stage]
+
+    def file_path(self, device_name: str, folder: Path | None = None) -> Path:
+        """Where the tuned file for this GPU lives under ``folder`` (the
+        package's by default), as the tuner writes it."""
+        return Path(folder or self.bundled_dir) / SSD_OP / ssd_config_file_name(device_name)
+
+    @contextlib.contextmanager
+    def override(self, stage: str, config: Union[StageConfig, Mapping[str, int]]) -> Iterator[None]:
+        """Pin ``get(stage, ...)`` to ``config`` inside the context (the tuner's hook)."""
+        pinned = stage_config(stage, config)
+        previous = self._overrides.get(stage)
+        self._overrides[stage] = pinned
+        try:
+            yield
+        finally:
+            if previous is None:
+                del self._overrides[stage]
+            else:
+                self._overrides[stage] = previous
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_configs(backend: str, bundled_dir: Path, device_name: str,
+                   user_folder: str | None) -> dict[str, StageConfig]:
+    """Every stage's config for one GPU: the first tuned file found, over the defaults."""
+    folders = ([Path(user_folder) / backend] if user_folder else []) + [bundled_dir]
+    configs = {stage: config_type() for stage, config_type in STAGE_CONFIG_TYPES.items()}
+    for folder in folders:
+        path = folder / SSD_OP / ssd_config_file_name(device_name)
+        if path.exists():
+            logger.info("Using chunked-scan launch configs from %s", path)
+            tuned = json.loads(path.read_text())
+            configs.update({stage: stage_config(stage, tuned[stage]) for stage in STAGES if stage in tuned})
+            break
+    return configs

@@ -1,0 +1,69 @@
+"""What the chunked scan's Pallas stages share: the launch-config lookup,
+the tile product, softplus and the bounds of a chunk. Mirror:
+``torch_impl/ssd_common.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bridge.spec.ssd_launch_config import SsdLaunchConfigs, StageConfig
+from jax_impl import platform
+
+
+SSD_CONFIGS = SsdLaunchConfigs("pallas", Path(__file__).parent / "configs")
+
+
+def launch_config(stage: str) -> StageConfig:
+    """The launch parameters of one chunked-scan stage on the default device
+    (``bridge.spec.ssd_launch_config``; files read once per GPU)."""
+    return SSD_CONFIGS.get(stage, platform.device_name())
+
+
+def compiler_params(config: StageConfig) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def tile_dot(a, b):
+    """(M, K) @ (K, N) on the tensor cores with float32 accumulation; float32
+    inputs take the exact (IEEE) path rather than TF32."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def softplus(x):
+    """log(1 + e^x), x itself past 20 (where they agree in float32)."""
+    return jnp.where(x <= 20.0, jnp.log1p(jnp.exp(x)), x)
+
+
+def tile_origin(pid, size_n: int, block_size_m: int, block_size_n: int):
+    """The (M, N) origin of tile ``pid`` of a grid axis flattened as
+    ``pid_m * cdiv(size_n, block_size_n) + pid_n``."""
+    num_blocks_n = pl.cdiv(size_n, block_size_n)
+    return (pid // num_blocks_n) * block_size_m, (pid % num_blocks_n) * block_size_n
+
+
+def chunk_bounds(cu_chunk_ref, chunk, num_tokens: int, chunk_size: int):
+    """``(start, length, valid)`` of chunk ``chunk``: its token range clipped
+    to [0, num_tokens) and to ``chunk_size`` tokens (int32), so that no
+    metadata value leads a load or store outside the token rows; ``valid``
+    is False when clipping changed the range. Compared in the metadata's own
+    dtype, so that no int64 value wraps into range."""
+    raw_start, raw_end = cu_chunk_ref[chunk], cu_chunk_ref[chunk + 1]
+    start = jnp.clip(raw_start, 0, num_tokens)
+    end = jnp.clip(raw_end, start, jnp.minimum(start + chunk_size, num_tokens))
+    valid = (raw_start == start) & (raw_end == end)
+    return start.astype(jnp.int32), (end - start).astype(jnp.int32), valid
+
+
+def sequence_of(seq_idx_ref, chunk, num_seqs: int):
+    """``(seq, row, valid)`` of chunk ``chunk``: its ``seq_idx`` value, that
+    value clamped to a row in [0, num_seqs) (int32; no negative wraparound),
+    and whether it was in range."""
+    seq = seq_idx_ref[chunk]
+    row = jnp.clip(seq, 0, max(num_seqs - 1, 0)).astype(jnp.int32)
+    return seq, row, (seq >= 0) & (seq < num_seqs)
