@@ -15,7 +15,6 @@ rules: ``bridge.spec.mixer_sharding``). Mirror: ``torch_impl/mamba_mixer2.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Mapping
@@ -25,14 +24,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge.spec.mixer_metadata import Mamba2Metadata, check_checkpoint, checkpoint_shapes
-from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.mixer_layout import MixerLayout
+from bridge.spec.mixer_metadata import Mamba2Metadata, check_checkpoint
+from bridge.spec.ssd_contract import ChunkMetadata
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
-from bridge.spec.state_shapes import MambaStateShapeCalculator, is_conv_state_dim_first
+from bridge.spec.state_shapes import is_conv_state_dim_first
+from jax_impl import platform
 from jax_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from jax_impl.gated_rms_norm import rms_norm_gated
 from jax_impl.selective_state_update import selective_state_update
 from jax_impl.ssd_combined import mamba_chunk_scan_combined_varlen
+
+# The metadata as jit arguments: arrays are leaves, the counts that shape
+# them (and switch code paths) static aux data.
+jax.tree_util.register_dataclass(
+    Mamba2Metadata, data_fields=list(Mamba2Metadata.ARRAY_FIELDS),
+    meta_fields=["num_prefills", "num_prefill_tokens", "num_decodes", "num_decode_tokens",
+                 "chunk_size", "prep_initial_states", "mamba_block_size"])
+jax.tree_util.register_dataclass(
+    ChunkMetadata, data_fields=["cu_chunk_seqlens", "seq_idx", "last_chunk_indices"], meta_fields=[])
 
 
 def _linear(x, weight, bias):
@@ -43,38 +53,75 @@ def _linear(x, weight, bias):
     return y + bias[...] if bias is not None else y
 
 
-def _scatter_states(ssm_state, slots, states):
-    """ssm_state with ``[slots] = states``, skipping padding (null-block) slots
-    (sent out of range, where the scatter drops them)."""
-    rows = jnp.where(slots != NULL_BLOCK_ID, slots, ssm_state.shape[0])
-    return ssm_state.at[rows].set(states, mode="drop")
+def _scatter_states(ssm_state, slots, states, rows=None):
+    """``ssm_state`` with ``[slots] = states[rows]`` (``states`` when ``rows``
+    is None); null-block and out-of-range slots skipped (no wraparound: sent
+    past the end, where the scatter drops them), an out-of-range row gives NaN."""
+    if rows is not None:
+        inside = (rows >= 0) & (rows < states.shape[0])
+        states = jnp.where(inside[:, None, None, None], states[jnp.clip(rows, 0, states.shape[0] - 1)],
+                           jnp.nan)
+    keep = (slots != NULL_BLOCK_ID) & (slots >= 0) & (slots < ssm_state.shape[0])
+    target = jnp.where(keep, slots, ssm_state.shape[0])
+    return ssm_state.at[target].set(states.astype(ssm_state.dtype), mode="drop")
 
 
-class MambaMixer2(nnx.Module):
+def _gather_states(ssm_state, slots, use):
+    """``ssm_state[slots]`` where ``use`` (NaN for a slot outside the cache), zeros elsewhere."""
+    inside = (slots >= 0) & (slots < ssm_state.shape[0])
+    rows = jnp.where(inside[:, None, None, None], ssm_state[jnp.clip(slots, 0, ssm_state.shape[0] - 1)],
+                     jnp.nan)
+    return jnp.where(use[:, None, None, None], rows, 0).astype(ssm_state.dtype)
+
+
+def _pick(table, columns):
+    """``table[r, columns[r]]`` per row; -1 (out of range: skipped) for a column outside the table."""
+    inside = (columns >= 0) & (columns < table.shape[1])
+    picked = jnp.take_along_axis(table, jnp.clip(columns, 0, table.shape[1] - 1)[:, None], axis=1)[:, 0]
+    return jnp.where(inside, picked, -1)
+
+
+class MambaMixer2(MixerLayout, nnx.Module):
     """vLLM's constructor arguments less its config objects; ``chunk_size``
     (the model's mamba chunk size) and ``num_spec`` (speculative tokens)
     come from those in vLLM. Parameters (torch layout, as in the mirror):
     ``in_proj_weight (I + conv_dim + H, hidden)``, ``in_proj_bias``,
     ``conv_weight (conv_dim, W)``, ``conv_bias``, ``A (H,)`` (= -exp(A_log),
     float32), ``D``, ``dt_bias (H,)``, ``norm_weight (I,)``,
-    ``out_proj_weight (hidden, I)``, ``out_proj_bias``."""
+    ``out_proj_weight (hidden, I)``, ``out_proj_bias``.
+
+    ``validate_indices`` (attribute, default None): concrete metadata
+    (numpy, or jax arrays outside jit) is checked on the host before
+    anything is written, with errors naming the metadata field: slots
+    outside the cache and two requests on one slot (a slot written twice, or
+    read by one request and written by another) are refused; False skips
+    those checks. Unchecked (False, or traced metadata): slots outside the
+    cache and the null block are skipped, the outputs of such requests are
+    NaN, nothing outside the scheduled slots is written; colliding requests
+    leave their slots unspecified (one of the updates wins).
+
+    Recompiles: a jitted step (``forward_on_cache``, or ``jax.jit`` of
+    ``__call__`` with the metadata as an argument, a pytree) compiles once per
+    token count, metadata counts and array shapes (the number of chunks
+    among them). To bound them, pad ``hidden_states`` to a few token buckets
+    (padding tokens follow the scheduled ones) and the decode batch to a few
+    batch-size buckets with padding requests (null block,
+    ``build_mamba2_metadata(..., padding=...)``); batches that differ only in
+    their lengths, slots and chunk boundaries reuse one compilation."""
 
     def __init__(self, hidden_size: int, ssm_state_size: int, conv_kernel_size: int,
                  intermediate_size: int, use_conv_bias: bool, use_bias: bool, n_groups: int = 1,
                  num_heads: int = 128, head_dim: int = 64, rms_norm_eps: float = 1e-5,
                  activation: str = "silu", use_rms_norm: bool = True, chunk_size: int = 256,
                  num_spec: int = 0, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        self.dims = MixerDims(intermediate_size, n_groups, num_heads, head_dim, ssm_state_size)
-        if activation not in ("silu", "swish"):
-            raise ValueError(f"MambaMixer2: `activation` must be 'silu' or 'swish', got {activation!r}")
-        self.hidden_size, self.ssm_state_size, self.conv_kernel_size = (
-            hidden_size, ssm_state_size, conv_kernel_size)
-        self.intermediate_size, self.n_groups, self.num_heads, self.head_dim = (
-            intermediate_size, n_groups, num_heads, head_dim)
-        self.use_bias, self.use_conv_bias, self.use_rms_norm = use_bias, use_conv_bias, use_rms_norm
-        self.rms_norm_eps, self.activation, self.chunk_size, self.num_spec = (
-            rms_norm_eps, activation, chunk_size, num_spec)
-        conv_dim, I, H = self.dims.conv_dim, intermediate_size, num_heads
+        self._configure(hidden_size=hidden_size, ssm_state_size=ssm_state_size,
+                        conv_kernel_size=conv_kernel_size, intermediate_size=intermediate_size,
+                        use_conv_bias=use_conv_bias, use_bias=use_bias, n_groups=n_groups,
+                        num_heads=num_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
+                        activation=activation, use_rms_norm=use_rms_norm, chunk_size=chunk_size,
+                        num_spec=num_spec)
+        self.validate_indices = None
+        I, conv_dim, H = self.projection_sizes
         rngs = rngs or nnx.Rngs(0)
 
         def uniform(shape, bound, low=None):
@@ -95,25 +142,7 @@ class MambaMixer2(nnx.Module):
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(dtype))  # softplus^-1(dt)
         self.norm_weight = nnx.Param(jnp.ones((I,), dtype)) if use_rms_norm else None
 
-    def get_state_shape(self):
-        """Per-block (conv, ssm) state shapes for a ``bridge.MambaStateCache``."""
-        return MambaStateShapeCalculator.mamba2_state_shape(
-            tp_world_size=1, intermediate_size=self.intermediate_size, n_groups=self.n_groups,
-            num_heads=self.num_heads, head_dim=self.head_dim, state_size=self.ssm_state_size,
-            conv_kernel=self.conv_kernel_size, num_spec=self.num_spec)
-
     # --- weights ---------------------------------------------------------------
-
-    def _checkpoint_shapes(self):
-        return checkpoint_shapes(self.dims, self.hidden_size, self.conv_kernel_size,
-                                 use_bias=self.use_bias, use_conv_bias=self.use_conv_bias,
-                                 use_rms_norm=self.use_rms_norm)
-
-    def _params_by_key(self) -> dict:
-        return {"in_proj.weight": self.in_proj_weight, "in_proj.bias": self.in_proj_bias,
-                "conv1d.weight": self.conv_weight, "conv1d.bias": self.conv_bias,
-                "dt_bias": self.dt_bias, "D": self.D, "norm.weight": self.norm_weight,
-                "out_proj.weight": self.out_proj_weight, "out_proj.bias": self.out_proj_bias}
 
     def load_weights(self, weights: Mapping, prefix: str = "") -> None:
         """Set a checkpoint: Hugging Face / mamba_ssm key names (after
@@ -122,7 +151,7 @@ class MambaMixer2(nnx.Module):
         becomes ``A = -exp(A_log)``."""
         from bridge.dlpack import to_jax
 
-        check_checkpoint({k: tuple(v.shape) for k, v in weights.items()}, self._checkpoint_shapes(), prefix)
+        check_checkpoint(weights, self._checkpoint_shapes(), prefix)
 
         def array(value):
             if isinstance(value, (jax.Array, np.ndarray)):
@@ -153,18 +182,20 @@ class MambaMixer2(nnx.Module):
         """``hidden_states (T, hidden)``, one layer's cache states ``conv_state
         (S, L, conv_dim)`` (SD; DS: ``(S, conv_dim, L)``) and ``ssm_state (S,
         H, P, N)`` -> ``(out (T, hidden), new_conv_state, new_ssm_state)``.
-        The metadata's arrays must be concrete (closed over under jit)."""
+        Jittable with ``metadata`` as an argument (see the class docstring)."""
+        self._check_batch(metadata, hidden_states.shape[0], ssm_state.shape[0],
+                          platform.host_index_values(self.validate_indices, **metadata.arrays()))
         meta = metadata.map_arrays(jnp.asarray)
-        dims, P, N = self.dims, self.head_dim, self.ssm_state_size
-        I, H, G = self.intermediate_size, self.num_heads, dims.padded_groups
-        projected = _linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
-        gate, xBC, dt = jnp.split(projected, [I, I + dims.conv_dim], axis=-1)
+        P, N = self.head_dim, self.ssm_state_size
+        H, G = self.num_heads, self.dims.padded_groups
+        split = lambda v, sizes: jnp.split(v, np.cumsum(sizes)[:-1].tolist(), axis=-1)  # noqa: E731
+        gate, xBC, dt = split(_linear(hidden_states, self.in_proj_weight, self.in_proj_bias),
+                              self.projection_sizes)
         dim_first = is_conv_state_dim_first()
         conv = conv_state if dim_first else conv_state.swapaxes(1, 2)  # (S, conv_dim, L)
         nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
         weight, bias = self.conv_weight[...], (self.conv_bias[...] if self.conv_bias is not None else None)
         A, D, dt_bias = self.A[...], self.D[...], self.dt_bias[...]
-        split_xbc = lambda v: jnp.split(v, [I, I + G * N], axis=-1)  # noqa: E731
         parts = []
 
         # Prefix caching ("all" mode): the state is read from the block of the
@@ -173,25 +204,23 @@ class MambaMixer2(nnx.Module):
         if cache_all:
             read_col_d, read_col_p = jnp.split(meta.block_idx_last_computed_token, [meta.num_decodes])
             write_col_d, write_col_p = jnp.split(meta.block_idx_last_scheduled_token, [meta.num_decodes])
-            pick = lambda table, cols: jnp.take_along_axis(table, cols[:, None], axis=1)[:, 0]  # noqa: E731
 
         if meta.num_decodes:
+            table_d = meta.state_indices_tensor_d
             conv_d, conv = causal_conv1d_update(
-                xBC[:nd], conv, weight, bias, self.activation,
-                conv_state_indices=meta.state_indices_tensor_d,
-                num_accepted_tokens=meta.num_accepted_tokens, query_start_loc=meta.query_start_loc_d,
-                max_query_len=meta.max_decode_query_len,
+                x=xBC[:nd], conv_state=conv, weight=weight, bias=bias, activation=self.activation,
+                conv_state_indices=table_d, num_accepted_tokens=meta.num_accepted_tokens,
+                query_start_loc=meta.query_start_loc_d, max_query_len=meta.max_decode_query_len,
                 block_idx_last_scheduled_token=write_col_d if cache_all else None,
                 initial_state_idx=read_col_d if cache_all else None)
-            x_d, B_d, C_d = split_xbc(conv_d)
-            table_d = meta.state_indices_tensor_d
+            x_d, B_d, C_d = split(conv_d, self.xbc_sizes)
             y_d, ssm_state = selective_state_update(
-                ssm_state, x_d.reshape(nd, H, P), dt[:nd], A, B_d.reshape(nd, G, N),
-                C_d.reshape(nd, G, N), D, dt_bias, dt_softplus=True,
-                state_batch_indices=pick(table_d, read_col_d) if cache_all else table_d,
-                dst_state_batch_indices=pick(table_d, write_col_d) if cache_all else None,
+                state=ssm_state, x=x_d.reshape(nd, H, P), dt=dt[:nd], A=A, B=B_d.reshape(nd, G, N),
+                C=C_d.reshape(nd, G, N), D=D, dt_bias=dt_bias, dt_softplus=True,
+                state_batch_indices=_pick(table_d, read_col_d) if cache_all else table_d,
+                dst_state_batch_indices=_pick(table_d, write_col_d) if cache_all else None,
                 num_accepted_tokens=meta.num_accepted_tokens, cu_seqlens=meta.query_start_loc_d)
-            parts.append(y_d.reshape(nd, I))
+            parts.append(y_d.reshape(nd, self.intermediate_size))
 
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p
@@ -201,37 +230,38 @@ class MambaMixer2(nnx.Module):
                               block_idx_last_scheduled_token=write_col_p, initial_state_idx=read_col_p,
                               num_computed_tokens=meta.num_computed_tokens_p,
                               block_size_to_align=meta.mamba_block_size)
-            conv_p, conv = causal_conv1d_fn(xBC[nd:nd + npf].T, weight, bias, conv,
-                                            meta.query_start_loc_p, table_p, meta.has_initial_states_p,
-                                            self.activation, **prefix)
-            x_p, B_p, C_p = split_xbc(conv_p.T)
+            conv_p, conv = causal_conv1d_fn(
+                x=xBC[nd:nd + npf].T, weight=weight, bias=bias, conv_states=conv,
+                query_start_loc=meta.query_start_loc_p, cache_indices=table_p,
+                has_initial_state=meta.has_initial_states_p, activation=self.activation, **prefix)
+            x_p, B_p, C_p = split(conv_p.T, self.xbc_sizes)
             initial_states = None
             if meta.prep_initial_states:
-                read_slots = pick(table_p, read_col_p) if cache_all else table_p
-                initial_states = jnp.where(meta.has_initial_states_p[:, None, None, None],
-                                           ssm_state[read_slots], 0).astype(ssm_state.dtype)
+                initial_states = _gather_states(ssm_state, _pick(table_p, read_col_p) if cache_all
+                                                else table_p, meta.has_initial_states_p)
             y_p, states = mamba_chunk_scan_combined_varlen(
-                x_p.reshape(npf, H, P), dt[nd:nd + npf], A, B_p.reshape(npf, G, N),
-                C_p.reshape(npf, G, N), self.chunk_size, meta.query_start_loc_p,
-                meta.cu_chunk_seqlen_p, meta.last_chunk_indices_p, meta.seq_idx_p, D=D,
-                dt_bias=dt_bias, initial_states=initial_states, dt_softplus=True,
-                return_intermediate_states=cache_all, state_dtype=ssm_state.dtype)
-            write_slots, final_states = table_p, states
+                x=x_p.reshape(npf, H, P), dt=dt[nd:nd + npf], A=A, B=B_p.reshape(npf, G, N),
+                C=C_p.reshape(npf, G, N), chunk_size=self.chunk_size, cu_seqlens=meta.query_start_loc_p,
+                cu_chunk_seqlens=meta.cu_chunk_seqlen_p, last_chunk_indices=meta.last_chunk_indices_p,
+                seq_idx=meta.seq_idx_p, D=D, dt_bias=dt_bias, initial_states=initial_states,
+                dt_softplus=True, return_intermediate_states=cache_all, state_dtype=ssm_state.dtype)
             if cache_all:
                 # The states at the block boundaries crossed, then the last state.
-                ssm_state = _scatter_states(ssm_state, meta.block_state_slots_p,
-                                            states[meta.block_state_chunks_p])
-                write_slots = pick(table_p, write_col_p)
-                final_states = states[meta.last_chunk_indices_p]
-            ssm_state = _scatter_states(ssm_state, write_slots, final_states)
-            parts.append(y_p.reshape(npf, I))
+                ssm_state = _scatter_states(ssm_state, meta.block_state_slots_p, states,
+                                            meta.block_state_chunks_p)
+                ssm_state = _scatter_states(ssm_state, _pick(table_p, write_col_p), states,
+                                            meta.last_chunk_indices_p)
+            else:
+                ssm_state = _scatter_states(ssm_state, table_p, states)
+            parts.append(y_p.reshape(npf, self.intermediate_size))
 
         # Rows of padding tokens stay 0.
-        parts.append(jnp.zeros((hidden_states.shape[0] - nd - npf, I), hidden_states.dtype))
+        parts.append(jnp.zeros((hidden_states.shape[0] - nd - npf, self.intermediate_size),
+                               hidden_states.dtype))
         ssm_out = jnp.concatenate([p.astype(hidden_states.dtype) for p in parts])
         if self.use_rms_norm:
-            gated = rms_norm_gated(ssm_out, self.norm_weight[...], z=gate, eps=self.rms_norm_eps,
-                                   group_size=dims.norm_group_size)
+            gated = rms_norm_gated(x=ssm_out, weight=self.norm_weight[...], z=gate, eps=self.rms_norm_eps,
+                                   group_size=self.dims.norm_group_size)
         else:
             gated = ssm_out * jax.nn.silu(gate)
         out = _linear(gated, self.out_proj_weight, self.out_proj_bias)
@@ -240,30 +270,26 @@ class MambaMixer2(nnx.Module):
     def forward_on_cache(self, hidden_states, cache, metadata: Mamba2Metadata, layer: int = 0,
                          allow_writeback: bool | None = None):
         """``__call__`` on layer ``layer`` of ``cache`` (a
-        ``bridge.MambaStateCache``), jitted with both states donated; the
-        cache holds the new states afterwards. Returns ``out (T, hidden)``.
-        The weights and the metadata's arrays are arguments of the jitted
-        step, so batches of the same shapes reuse one compilation; inside it
-        index values are not checked (the kernels leave memory alone for
-        out-of-range slots), call ``__call__`` eagerly to have them checked.
+        ``bridge.MambaStateCache``), jitted with both states donated and the
+        weights and ``metadata`` as arguments; the cache holds the new states
+        afterwards. Returns ``out (T, hidden)``. The metadata is checked
+        before the jitted step, on the host (see the class docstring).
         ``allow_writeback``: as in ``bridge.jax_step_into`` (default: copy
         back on CPU, raise ``AliasLostError`` on CUDA if XLA did not alias)."""
+        self._check_batch(metadata, hidden_states.shape[0], cache.num_blocks,
+                          platform.host_index_values(self.validate_indices, **metadata.arrays()))
         graphdef, params = nnx.split(self)
-        static = tuple((f.name, getattr(metadata, f.name)) for f in dataclasses.fields(metadata)
-                       if f.name not in Mamba2Metadata.ARRAY_FIELDS)
-        arrays = {name: jnp.asarray(getattr(metadata, name)) for name in Mamba2Metadata.ARRAY_FIELDS
-                  if getattr(metadata, name) is not None}
-        result = cache.run_jax_inplace(_jitted_step(graphdef, static), hidden_states, params, arrays,
+        result = cache.run_jax_inplace(_jitted_step(graphdef), hidden_states, params, metadata,
                                        layer=layer, states=("conv", "ssm"), state_outputs=(1, 2),
                                        allow_writeback=allow_writeback)
         return result.outputs[0]
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_step(graphdef, static):
-    """One jitted mixer step per module structure and metadata counts."""
-    def step(conv_state, ssm_state, hidden_states, params, arrays):
-        mixer = nnx.merge(graphdef, params)
-        return mixer(hidden_states, conv_state, ssm_state, Mamba2Metadata(**dict(static), **arrays))
+def _jitted_step(graphdef):
+    """One jitted mixer step per module structure (jit itself keys on the
+    metadata's counts and shapes)."""
+    def step(conv_state, ssm_state, hidden_states, params, metadata):
+        return nnx.merge(graphdef, params)(hidden_states, conv_state, ssm_state, metadata)
 
     return jax.jit(step, donate_argnums=(0, 1))

@@ -4,6 +4,10 @@ padding tokens; weights from a safetensors checkpoint the test writes), the
 PyTorch and Flax mixers on the same weights, sequences continued across
 frameworks on one shared cache, and bad configs."""
 
+import dataclasses
+import importlib
+import re
+
 import numpy as np
 import pytest
 
@@ -69,7 +73,8 @@ def test_mixer_matches_float64_reference(side, batch, rng, tmp_path):
     mixer = _mixer(side, weights, tmp_path if batch == "mixed" else None)
     cache = _cache(mixer, rng)
     conv_before, ssm_before = (TorchSide().numpy(cache.torch(n)) for n in ("conv", "ssm"))
-    metadata = build_mamba2_metadata(query_lens, computed, slots, num_decodes, CONFIG["chunk_size"])
+    metadata = build_mamba2_metadata(query_lens, computed, slots, num_decodes, CONFIG["chunk_size"],
+                                     padding=np.array(slots) == PAD)
     tokens = sum(query_lens) + padding
     hidden = rng.standard_normal((tokens, CONFIG["hidden_size"]))
     got = side.run_mixer(mixer, hidden, cache, metadata)
@@ -147,7 +152,7 @@ def test_speculative_decoding_matches_reference(side, rng):
     got = []
     for step, accepted in enumerate(([1, 1, 1], [2, 1, 1])):
         metadata = build_mamba2_metadata([2, 2, 2], [5, 5, 5], slots, 3, CONFIG["chunk_size"],
-                                         num_accepted_tokens=accepted)
+                                         num_accepted_tokens=accepted, padding=[False, False, True])
         got.append(side.run_mixer(mixer, hidden[step], cache, metadata))
 
     def reference(q, tokens):
@@ -209,3 +214,118 @@ def test_prefix_caching_all_mode_matches_reference(side, rng):
                                    err_msg=f"{side.name}: conv state of block {k}")
         np.testing.assert_allclose(ssm[slot], want_ssm[0], rtol=0, atol=2e-5 * np.abs(want_ssm).max(),
                                    err_msg=f"{side.name}: ssm state of block {k}")
+
+
+def _cache_numpy(cache):
+    return [TorchSide().numpy(cache.torch(n)).copy() for n in ("conv", "ssm")]
+
+
+def _checking(side, mixer, value=True):
+    """The mixer with its host value checks switched on (or off)."""
+    mixer.validate_indices = value
+    return mixer
+
+
+MIXED = build_mamba2_metadata([1, 1, 5, 20], [6, 2, 0, 7], [5, 3, 1, 2], 2, CONFIG["chunk_size"])
+BAD_CALLS = {  # name: (metadata changes, hidden rows, the error names)
+    "prefill slot past the cache": (dict(state_indices_tensor_p=np.array([1, NUM_BLOCKS], np.int32)), 27,
+                                    "metadata.state_indices_tensor_p"),
+    "negative decode slot": (dict(state_indices_tensor_d=np.array([5, -1], np.int32)), 27,
+                             "metadata.state_indices_tensor_d"),
+    "two decodes on one slot": (dict(state_indices_tensor_d=np.array([3, 3], np.int32)), 27,
+                                "metadata.state_indices_tensor_d"),
+    "a decode and a prefill on one slot": (dict(state_indices_tensor_p=np.array([5, 2], np.int32)), 27,
+                                           "metadata.state_indices_tensor_p"),
+    "fewer tokens than scheduled": ({}, 26, "hidden_states"),
+    "another chunk size": (dict(chunk_size=32), 27, "metadata.chunk_size"),
+    "chunks past the tokens": (dict(cu_chunk_seqlen_p=MIXED.cu_chunk_seqlen_p + 1), 27,
+                               "metadata.cu_chunk_seqlen_p"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CALLS))
+def test_a_refused_call_leaves_every_cache_slot_unchanged(side, bad, rng):
+    """Checked mode: everything is checked before the first write; the error
+    names the metadata field (or argument) the caller passed."""
+    changes, tokens, name = BAD_CALLS[bad]
+    mixer = _checking(side, _new_mixer(side))
+    cache = _cache(mixer, rng)
+    before = _cache_numpy(cache)
+    metadata = dataclasses.replace(MIXED, **changes)
+    with pytest.raises(ValueError, match=f"MambaMixer2: `{re.escape(name)}`"):
+        side.run_mixer(mixer, rng.standard_normal((tokens, CONFIG["hidden_size"])), cache, metadata)
+    for got, want in zip(_cache_numpy(cache), before):
+        np.testing.assert_array_equal(got, want)  # NaN in the null block compares equal
+
+
+def test_unchecked_slots_outside_the_cache_touch_no_other_slot(side, rng):
+    """Unchecked mode: a decode on slot -1 (no wraparound to the last slot)
+    and a prefill past the cache are skipped, with NaN outputs; the other
+    requests run as usual and every unscheduled slot is bitwise unchanged."""
+    mixer = _checking(side, _new_mixer(side), False)
+    cache = _cache(mixer, rng)
+    before = _cache_numpy(cache)
+    metadata = dataclasses.replace(MIXED, state_indices_tensor_d=np.array([-1, 3], np.int32),
+                                   state_indices_tensor_p=np.array([NUM_BLOCKS + 2, 2], np.int32))
+    out = side.run_mixer(mixer, rng.standard_normal((27, CONFIG["hidden_size"])), cache, metadata)
+    assert np.isnan(out[0]).all() and np.isnan(out[2:7]).all(), "skipped requests must give NaN"
+    assert np.isfinite(out[1]).all() and np.isfinite(out[7:27]).all()
+    untouched = [s for s in range(NUM_BLOCKS) if s not in (3, 2)]
+    for got, want in zip(_cache_numpy(cache), before):
+        np.testing.assert_array_equal(got[untouched], want[untouched])
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_scatter_states_skips_padding_and_out_of_range_slots(side, rows, rng):
+    """-1 and past-the-end slots and the null block are never written; an
+    out-of-range source row writes NaN."""
+    module = importlib.import_module(f"{side.impl.__name__}.mamba_mixer2")
+    state = rng.standard_normal((6, 2, 3, 4))
+    states = rng.standard_normal((5, 2, 3, 4))
+    slots = np.array([-1, PAD, 6, 2, 4], np.int32)
+    source = np.array([0, 1, 2, 4, 7], np.int32) if rows else None
+    args = [side.array(state, "float32"), side.array(slots, "int32"), side.array(states, "float32")]
+    args.append(None if source is None else side.array(source, "int32"))
+    result = module._scatter_states(*args)
+    got = side.numpy(args[0] if result is None else result)
+    want = state.astype(np.float32).astype(np.float64)
+    want[2] = states[4 if rows else 3].astype(np.float32)
+    want[4] = np.nan if rows else states[4].astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_build_metadata_refuses_the_null_block_for_a_real_request():
+    with pytest.raises(ValueError, match=r"requests \[1\] use the null block"):
+        build_mamba2_metadata([1, 1], [3, 3], [2, PAD], 2, CONFIG["chunk_size"])
+    build_mamba2_metadata([1, 1], [3, 3], [2, PAD], 2, CONFIG["chunk_size"], padding=[False, True])
+    with pytest.raises(ValueError, match=r"requests \[0\] use the null block"):  # a block it spans
+        build_mamba2_metadata([20], [0], [[PAD, 3]], 0, 16, mamba_block_size=16)
+
+
+def test_complex_checkpoint_tensors_are_refused(side, rng):
+    mixer = _new_mixer(side)
+    weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
+    with pytest.raises(ValueError, match="`D` is complex"):
+        mixer.load_weights(dict(weights, D=weights["D"].astype(np.complex64)))
+
+
+def test_jitted_step_takes_the_metadata_and_reuses_one_compilation(rng):
+    """Two prefill batches with the same counts and chunk count but other
+    lengths: one trace of the jitted step (the metadata is a pytree whose
+    counts are static)."""
+    jax_side = JaxSide()
+    mixer = _new_mixer(jax_side)
+    cache = _cache(mixer, rng)
+    traces = []
+    step = jax_side.jax.jit(lambda meta: traces.append(1) or meta.query_start_loc_p[1:] * 2)
+    outputs = []
+    for lens in ([3, 22], [6, 19]):  # 1 + 2 chunks of 16 either way
+        metadata = build_mamba2_metadata(lens, [0, 0], [1, 2], 0, CONFIG["chunk_size"])
+        np.testing.assert_array_equal(step(metadata), np.cumsum(lens) * 2)
+        outputs.append(jax_side.run_mixer(mixer, rng.standard_normal((25, CONFIG["hidden_size"])), cache,
+                                          metadata))
+    assert len(traces) == 1
+    from flax import nnx
+    from jax_impl.mamba_mixer2 import _jitted_step
+    assert _jitted_step(nnx.split(mixer)[0])._cache_size() == 1  # forward_on_cache's step
+    assert all(np.isfinite(o).all() for o in outputs)

@@ -19,31 +19,96 @@ from typing import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import nn
 
-from bridge.spec.mixer_metadata import Mamba2Metadata, check_checkpoint, checkpoint_shapes
-from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.mixer_layout import MixerLayout
+from bridge.spec.checks import expect_shape, fail, shape_of
+from bridge.spec.mixer_metadata import Mamba2Metadata, build_mamba2_metadata, check_checkpoint
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
-from bridge.spec.state_shapes import MambaStateShapeCalculator, is_conv_state_dim_first
+from bridge.spec.state_shapes import is_conv_state_dim_first
+from torch_impl import platform
 from torch_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from torch_impl.gated_rms_norm import rms_norm_gated
 from torch_impl.selective_state_update import selective_state_update
 from torch_impl.ssd_combined import mamba_chunk_scan_combined_varlen
 
 
-def _scatter_states(ssm_state, slots, states):
-    """ssm_state[slots] = states, in place, skipping padding (null-block) slots."""
-    keep = slots != NULL_BLOCK_ID
-    ssm_state[slots[keep].long()] = states[keep]
+def metadata_to_device(metadata: Mamba2Metadata, device) -> Mamba2Metadata:
+    """The metadata with its arrays as tensors on ``device``: once per batch,
+    for every layer (``forward`` then copies nothing; a CUDA graph needs it)."""
+    return metadata.map_arrays(lambda array: torch.as_tensor(array, device=device))
 
 
-class MambaMixer2(nn.Module):
+@triton.heuristics({"HAS_SRC_ROWS": lambda args: args["src_rows_ptr"] is not None})
+@triton.jit
+def _scatter_states_kernel(dst_ptr, src_ptr, dst_rows_ptr, src_rows_ptr, num_dst, num_src, row_size,
+                           stride_dst, stride_src, null_id, BLOCK: tl.constexpr,
+                           HAS_SRC_ROWS: tl.constexpr):
+    """dst[dst_rows[i]] = src[src_rows[i]] (src[i] without src_rows), one
+    program per entry and BLOCK elements of a row; entries on the null
+    block or outside dst are skipped, an out-of-range src row writes NaN."""
+    i = tl.program_id(0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    dst_row = tl.load(dst_rows_ptr + i).to(tl.int64)
+    if HAS_SRC_ROWS:
+        src_row = tl.load(src_rows_ptr + i).to(tl.int64)
+    else:
+        src_row = i.to(tl.int64)
+    write = (dst_row != null_id) & (dst_row >= 0) & (dst_row < num_dst)
+    read = write & (src_row >= 0) & (src_row < num_src)
+    in_row = cols < row_size
+    values = tl.load(src_ptr + src_row * stride_src + cols, mask=in_row & read, other=float("nan"))
+    tl.store(dst_ptr + dst_row * stride_dst + cols, values, mask=in_row & write)
+
+
+def _scatter_states(ssm_state, slots, states, rows=None):
+    """``ssm_state[slots] = states[rows]`` (``states`` when ``rows`` is None),
+    in place, without a host sync; null-block and out-of-range slots skipped
+    (no wraparound), an out-of-range row writes NaN."""
+    if not len(slots):
+        return
+    target, source = ssm_state.view(ssm_state.shape[0], -1), states.reshape(states.shape[0], -1)
+    block = triton.next_power_of_2(min(target.shape[1], 1024))
+    _scatter_states_kernel[(len(slots), triton.cdiv(target.shape[1], block))](
+        target, source, slots, rows, target.shape[0], source.shape[0], target.shape[1],
+        target.stride(0), source.stride(0), NULL_BLOCK_ID, BLOCK=block)
+
+
+def _gather_states(ssm_state, slots, use):
+    """``ssm_state[slots]`` where ``use`` (NaN for a slot outside the cache), zeros elsewhere."""
+    inside = (slots >= 0) & (slots < ssm_state.shape[0])
+    rows = ssm_state[slots.clamp(0, ssm_state.shape[0] - 1).long()]
+    rows = torch.where(inside[:, None, None, None], rows, math.nan)
+    return torch.where(use[:, None, None, None], rows, 0).to(ssm_state.dtype)
+
+
+def _pick(table, columns):
+    """``table[r, columns[r]]`` per row; -1 (out of range: skipped) for a column outside the table."""
+    inside = (columns >= 0) & (columns < table.shape[1])
+    picked = table.gather(1, columns.clamp(0, table.shape[1] - 1)[:, None].long())[:, 0]
+    return torch.where(inside, picked, -1)
+
+
+class MambaMixer2(MixerLayout, nn.Module):
     """vLLM's constructor arguments less its config objects; ``chunk_size``
     (the model's mamba chunk size) and ``num_spec`` (speculative tokens)
     come from those in vLLM. Parameters: ``in_proj_weight (I + conv_dim + H,
     hidden)``, ``in_proj_bias``, ``conv_weight (conv_dim, W)``, ``conv_bias``,
     ``A (H,)`` (= -exp(A_log), float32), ``D``, ``dt_bias (H,)``,
-    ``norm_weight (I,)``, ``out_proj_weight (hidden, I)``, ``out_proj_bias``."""
+    ``norm_weight (I,)``, ``out_proj_weight (hidden, I)``, ``out_proj_bias``.
+
+    ``validate_indices`` (attribute, default None: ``$MAMBA_TWIN_CHECK_INDICES``,
+    off by default): True checks the metadata's values on the host before
+    anything is written (one device sync), with errors naming the metadata
+    field; it refuses a slot outside the cache and two requests on one slot
+    (a slot written twice, or read by one request and written by another).
+    Unchecked (the default, and under CUDA-graph capture): the kernels skip
+    slots outside the cache and the null block, and poison the outputs of
+    such requests with NaN; nothing outside the scheduled slots is written.
+    Colliding requests then leave their slots unspecified (either update
+    may win, or the updates chain)."""
 
     def __init__(self, hidden_size: int, ssm_state_size: int, conv_kernel_size: int,
                  intermediate_size: int, use_conv_bias: bool, use_bias: bool, n_groups: int = 1,
@@ -51,18 +116,14 @@ class MambaMixer2(nn.Module):
                  activation: str = "silu", use_rms_norm: bool = True, chunk_size: int = 256,
                  num_spec: int = 0, *, dtype=torch.float32, device=None):
         super().__init__()
-        self.dims = MixerDims(intermediate_size, n_groups, num_heads, head_dim, ssm_state_size)
-        if activation not in ("silu", "swish"):
-            raise ValueError(f"MambaMixer2: `activation` must be 'silu' or 'swish', got {activation!r}")
-        self.hidden_size, self.ssm_state_size, self.conv_kernel_size = (
-            hidden_size, ssm_state_size, conv_kernel_size)
-        self.intermediate_size, self.n_groups, self.num_heads, self.head_dim = (
-            intermediate_size, n_groups, num_heads, head_dim)
-        self.use_bias, self.use_conv_bias, self.use_rms_norm = use_bias, use_conv_bias, use_rms_norm
-        self.rms_norm_eps, self.activation, self.chunk_size, self.num_spec = (
-            rms_norm_eps, activation, chunk_size, num_spec)
-        self.validate_indices = True  # host checks of index values in every kernel call
-        conv_dim, I, H = self.dims.conv_dim, intermediate_size, num_heads
+        self._configure(hidden_size=hidden_size, ssm_state_size=ssm_state_size,
+                        conv_kernel_size=conv_kernel_size, intermediate_size=intermediate_size,
+                        use_conv_bias=use_conv_bias, use_bias=use_bias, n_groups=n_groups,
+                        num_heads=num_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
+                        activation=activation, use_rms_norm=use_rms_norm, chunk_size=chunk_size,
+                        num_spec=num_spec)
+        self.validate_indices = None
+        (I, conv_dim, H) = self.projection_sizes
         factory = dict(dtype=dtype, device=device)
         param = lambda *shape, **kw: nn.Parameter(torch.empty(*shape, **{**factory, **kw}))  # noqa: E731
         self.in_proj_weight = param(I + conv_dim + H, hidden_size)
@@ -94,25 +155,7 @@ class MambaMixer2(nn.Module):
             if self.norm_weight is not None:
                 self.norm_weight.fill_(1.0)
 
-    def get_state_shape(self):
-        """Per-block (conv, ssm) state shapes for a ``bridge.MambaStateCache``."""
-        return MambaStateShapeCalculator.mamba2_state_shape(
-            tp_world_size=1, intermediate_size=self.intermediate_size, n_groups=self.n_groups,
-            num_heads=self.num_heads, head_dim=self.head_dim, state_size=self.ssm_state_size,
-            conv_kernel=self.conv_kernel_size, num_spec=self.num_spec)
-
     # --- weights ---------------------------------------------------------------
-
-    def _checkpoint_shapes(self):
-        return checkpoint_shapes(self.dims, self.hidden_size, self.conv_kernel_size,
-                                 use_bias=self.use_bias, use_conv_bias=self.use_conv_bias,
-                                 use_rms_norm=self.use_rms_norm)
-
-    def _params_by_key(self) -> dict:
-        return {"in_proj.weight": self.in_proj_weight, "in_proj.bias": self.in_proj_bias,
-                "conv1d.weight": self.conv_weight, "conv1d.bias": self.conv_bias,
-                "dt_bias": self.dt_bias, "D": self.D, "norm.weight": self.norm_weight,
-                "out_proj.weight": self.out_proj_weight, "out_proj.bias": self.out_proj_bias}
 
     def load_weights(self, weights: Mapping, prefix: str = "") -> None:
         """Copy a checkpoint in: Hugging Face / mamba_ssm key names (after
@@ -121,7 +164,7 @@ class MambaMixer2(nn.Module):
         becomes ``A = -exp(A_log)``."""
         from bridge.dlpack import to_torch
 
-        check_checkpoint({k: tuple(v.shape) for k, v in weights.items()}, self._checkpoint_shapes(), prefix)
+        check_checkpoint(weights, self._checkpoint_shapes(), prefix)
 
         def tensor(value):
             if isinstance(value, torch.Tensor):
@@ -156,23 +199,30 @@ class MambaMixer2(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         """``hidden_states (T, hidden)`` -> ``(T, hidden)``; the states of
         ``cache`` (``bridge.MambaStateCache``, layer ``layer``) are read and
-        updated in place at the metadata's slots."""
-        meta = metadata.map_arrays(lambda a: torch.as_tensor(a, device=hidden_states.device))
-        dims, P, N = self.dims, self.head_dim, self.ssm_state_size
-        I, H, G = self.intermediate_size, self.num_heads, dims.padded_groups
-        projected = F.linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
-        gate, xBC, dt = torch.split(projected, [I, dims.conv_dim, H], dim=-1)
-        conv_state = cache.torch("conv", layer)
+        updated in place at the metadata's slots. ``metadata``: from
+        ``metadata_to_device`` (numpy arrays are copied to the device each
+        call, which a CUDA graph cannot capture). Everything is checked
+        before the first write (see the class docstring)."""
+        device = hidden_states.device
+        conv_state, ssm_state = cache.torch("conv", layer), cache.torch("ssm", layer)
+        if platform.is_capturing(device) and any(
+                not isinstance(a, torch.Tensor) or a.device != device for a in metadata.arrays().values()):
+            raise ValueError(f"MambaMixer2: `metadata` must hold tensors on {device} to be captured "
+                             "(torch_impl.metadata_to_device, once per batch)")
+        meta = metadata_to_device(metadata, device)
+        self._check_batch(meta, hidden_states.shape[0], ssm_state.shape[0],
+                          platform.host_index_values(self.validate_indices, device, **meta.arrays()))
         if not is_conv_state_dim_first():
             conv_state = conv_state.transpose(1, 2)  # (S, conv_dim, L) as the conv kernels take it
-        ssm_state = cache.torch("ssm", layer)
+        P, N = self.head_dim, self.ssm_state_size
+        H, G = self.num_heads, self.dims.padded_groups
+        gate, xBC, dt = torch.split(F.linear(hidden_states, self.in_proj_weight, self.in_proj_bias),
+                                    self.projection_sizes, dim=-1)
         # Rows of padding tokens and padding requests stay 0.
-        ssm_out = torch.zeros(hidden_states.shape[0], I, dtype=hidden_states.dtype,
-                              device=hidden_states.device)
+        ssm_out = torch.zeros(hidden_states.shape[0], self.intermediate_size, dtype=hidden_states.dtype,
+                              device=device)
         nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
-        activation = self.activation
-        check = dict(validate_indices=self.validate_indices)
-        split_xbc = lambda v: torch.split(v, [I, G * N, G * N], dim=-1)  # noqa: E731
+        kernel_args = dict(activation=self.activation, validate_indices=self.validate_indices)
 
         # Prefix caching ("all" mode): the state is read from the block of the
         # last computed token and written to the block of the last scheduled one.
@@ -181,63 +231,132 @@ class MambaMixer2(nn.Module):
             counts = [meta.num_decodes, meta.num_prefills]
             read_col_d, read_col_p = torch.split(meta.block_idx_last_computed_token, counts)
             write_col_d, write_col_p = torch.split(meta.block_idx_last_scheduled_token, counts)
-            pick = lambda table, cols: table.gather(1, cols[:, None].long()).squeeze(1)  # noqa: E731
 
         if meta.num_decodes:
-            conv_d = causal_conv1d_update(
-                xBC[:nd], conv_state, self.conv_weight, self.conv_bias, activation,
-                conv_state_indices=meta.state_indices_tensor_d,
-                num_accepted_tokens=meta.num_accepted_tokens, query_start_loc=meta.query_start_loc_d,
-                max_query_len=meta.max_decode_query_len,
-                block_idx_last_scheduled_token=write_col_d if cache_all else None,
-                initial_state_idx=read_col_d if cache_all else None, **check)
-            x_d, B_d, C_d = split_xbc(conv_d)
             table_d = meta.state_indices_tensor_d
+            conv_d = causal_conv1d_update(
+                x=xBC[:nd], conv_state=conv_state, weight=self.conv_weight, bias=self.conv_bias,
+                conv_state_indices=table_d, num_accepted_tokens=meta.num_accepted_tokens,
+                query_start_loc=meta.query_start_loc_d, max_query_len=meta.max_decode_query_len,
+                block_idx_last_scheduled_token=write_col_d if cache_all else None,
+                initial_state_idx=read_col_d if cache_all else None, **kernel_args)
+            x_d, B_d, C_d = torch.split(conv_d, self.xbc_sizes, dim=-1)
             selective_state_update(
-                ssm_state, x_d.view(nd, H, P), dt[:nd], self.A, B_d.view(nd, G, N),
-                C_d.view(nd, G, N), self.D, self.dt_bias, dt_softplus=True,
-                state_batch_indices=pick(table_d, read_col_d) if cache_all else table_d,
-                dst_state_batch_indices=pick(table_d, write_col_d) if cache_all else None,
+                state=ssm_state, x=x_d.view(nd, H, P), dt=dt[:nd], A=self.A, B=B_d.view(nd, G, N),
+                C=C_d.view(nd, G, N), D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                state_batch_indices=_pick(table_d, read_col_d) if cache_all else table_d,
+                dst_state_batch_indices=_pick(table_d, write_col_d) if cache_all else None,
                 out=ssm_out[:nd].view(nd, H, P), num_accepted_tokens=meta.num_accepted_tokens,
-                cu_seqlens=meta.query_start_loc_d, **check)
+                cu_seqlens=meta.query_start_loc_d, validate_indices=self.validate_indices)
 
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p
-            conv_p = torch.empty(npf, dims.conv_dim, dtype=xBC.dtype, device=xBC.device)
+            conv_p = torch.empty(npf, self.dims.conv_dim, dtype=xBC.dtype, device=device)
             prefix = {}
             if cache_all:
                 prefix = dict(block_idx_first_scheduled_token=meta.block_idx_first_scheduled_token_p,
                               block_idx_last_scheduled_token=write_col_p, initial_state_idx=read_col_p,
                               num_computed_tokens=meta.num_computed_tokens_p,
                               block_size_to_align=meta.mamba_block_size)
-            causal_conv1d_fn(xBC[nd:nd + npf].T, self.conv_weight, self.conv_bias, conv_state,
-                             meta.query_start_loc_p, table_p, meta.has_initial_states_p,
-                             activation, **prefix, out=conv_p.T, **check)
-            x_p, B_p, C_p = split_xbc(conv_p)
+            causal_conv1d_fn(x=xBC[nd:nd + npf].T, weight=self.conv_weight, bias=self.conv_bias,
+                             conv_states=conv_state, query_start_loc=meta.query_start_loc_p,
+                             cache_indices=table_p, has_initial_state=meta.has_initial_states_p,
+                             out=conv_p.T, **prefix, **kernel_args)
+            x_p, B_p, C_p = torch.split(conv_p, self.xbc_sizes, dim=-1)
             initial_states = None
             if meta.prep_initial_states:
-                read_slots = pick(table_p, read_col_p) if cache_all else table_p
-                initial_states = torch.where(meta.has_initial_states_p[:, None, None, None],
-                                             ssm_state[read_slots.long()], 0)
+                initial_states = _gather_states(ssm_state, _pick(table_p, read_col_p) if cache_all
+                                                else table_p, meta.has_initial_states_p)
             states = mamba_chunk_scan_combined_varlen(
-                x_p.view(npf, H, P), dt[nd:nd + npf], self.A, B_p.view(npf, G, N),
-                C_p.view(npf, G, N), self.chunk_size, meta.query_start_loc_p,
-                meta.cu_chunk_seqlen_p, meta.last_chunk_indices_p, meta.seq_idx_p,
-                ssm_out[nd:nd + npf].view(npf, H, P), D=self.D, dt_bias=self.dt_bias,
-                initial_states=initial_states, dt_softplus=True,
+                x=x_p.view(npf, H, P), dt=dt[nd:nd + npf], A=self.A, B=B_p.view(npf, G, N),
+                C=C_p.view(npf, G, N), chunk_size=self.chunk_size, cu_seqlens=meta.query_start_loc_p,
+                cu_chunk_seqlens=meta.cu_chunk_seqlen_p, last_chunk_indices=meta.last_chunk_indices_p,
+                seq_idx=meta.seq_idx_p, out=ssm_out[nd:nd + npf].view(npf, H, P), D=self.D,
+                dt_bias=self.dt_bias, initial_states=initial_states, dt_softplus=True,
                 return_intermediate_states=cache_all, state_dtype=ssm_state.dtype,
                 validate_metadata=self.validate_indices)
-            write_slots, final_states = table_p, states
             if cache_all:
                 # The states at the block boundaries crossed, then the last state.
-                _scatter_states(ssm_state, meta.block_state_slots_p, states[meta.block_state_chunks_p.long()])
-                write_slots = pick(table_p, write_col_p)
-                final_states = states[meta.last_chunk_indices_p.long()]
-            _scatter_states(ssm_state, write_slots, final_states)
+                _scatter_states(ssm_state, meta.block_state_slots_p, states, meta.block_state_chunks_p)
+                _scatter_states(ssm_state, _pick(table_p, write_col_p), states, meta.last_chunk_indices_p)
+            else:
+                _scatter_states(ssm_state, table_p, states)
 
         if self.use_rms_norm:
-            gated = rms_norm_gated(ssm_out, self.norm_weight, z=gate, eps=self.rms_norm_eps,
-                                   group_size=dims.norm_group_size)
+            gated = rms_norm_gated(x=ssm_out, weight=self.norm_weight, z=gate, eps=self.rms_norm_eps,
+                                   group_size=self.dims.norm_group_size)
         else:
             gated = ssm_out * F.silu(gate)
         return F.linear(gated, self.out_proj_weight, self.out_proj_bias)
+
+
+class CapturedDecodeStep:
+    """A decode step of ``mixer`` on layer ``layer`` of ``cache`` for a fixed
+    batch of ``batch_size`` requests (``1 + mixer.num_spec`` tokens each),
+    captured once in a CUDA graph (on the CPU: run eagerly on the same static
+    buffers). vLLM captures one per batch-size bucket: fill a smaller batch
+    with padding requests (null block). Prefix caching is not captured.
+
+    ``run(hidden_states, metadata)`` copies the inputs into the static
+    buffers and replays; ``replay()`` replays on the inputs copied last."""
+
+    def __init__(self, mixer: MambaMixer2, cache, batch_size: int, layer: int = 0):
+        self.mixer, self.cache, self.layer = mixer, cache, layer
+        self.device = mixer.in_proj_weight.device
+        width = 1 + mixer.num_spec
+        slots = np.full((batch_size, width) if mixer.num_spec else (batch_size,), NULL_BLOCK_ID)
+        spec = dict(num_accepted_tokens=np.ones(batch_size, np.int32)) if mixer.num_spec else {}
+        # Padding requests only: the warm-up runs write no cache slot.
+        self.metadata = metadata_to_device(build_mamba2_metadata(
+            [width] * batch_size, [1] * batch_size, slots, batch_size, mixer.chunk_size,
+            padding=[True] * batch_size, **spec), self.device)
+        self.hidden_states = torch.zeros(batch_size * width, mixer.hidden_size,
+                                         dtype=mixer.in_proj_weight.dtype, device=self.device)
+        self.graph = None
+        if self.device.type != "cuda":
+            self.out = self._step()
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # compiles the kernels, outside the capture
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step()
+
+    def _step(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.mixer(self.hidden_states, self.cache, self.metadata, self.layer)
+
+    def replay(self) -> torch.Tensor:
+        """The step on the static inputs; returns the static ``out`` (overwritten by the next step)."""
+        if self.graph is None:
+            self.out = self._step()
+            return self.out
+        self.cache.torch("ssm", self.layer)  # orders torch after JAX steps on the cache
+        self.cache.torch("conv", self.layer)
+        self.graph.replay()
+        return self.out
+
+    def run(self, hidden_states: torch.Tensor, metadata: Mamba2Metadata) -> torch.Tensor:
+        """``hidden_states (batch_size * (1 + num_spec), hidden)`` and a decode
+        ``metadata`` of this batch size (numpy or tensors) copied in, then
+        ``replay()``. The metadata is checked as ``mixer.forward`` checks it."""
+        op = "CapturedDecodeStep.run"
+        static = self.metadata
+        if (metadata.num_decodes, metadata.num_prefills, sorted(metadata.arrays())) != (
+                static.num_decodes, 0, sorted(static.arrays())):
+            fail(op, "metadata", f"must be a decode batch of {static.num_decodes} requests of "
+                                 f"{static.max_decode_query_len} tokens without prefix caching, got "
+                                 f"{metadata.num_decodes} decodes and {metadata.num_prefills} prefills "
+                                 f"with arrays {sorted(metadata.arrays())}")
+        expect_shape(op, "hidden_states", shape_of(hidden_states), tuple(self.hidden_states.shape))
+        arrays = {name: torch.as_tensor(array) for name, array in metadata.arrays().items()}
+        self.mixer._check_batch(metadata, hidden_states.shape[0], self.cache.num_blocks,
+                                platform.host_index_values(self.mixer.validate_indices, self.device, **arrays))
+        self.hidden_states.copy_(hidden_states)
+        for name, buffer in static.arrays().items():
+            buffer.copy_(arrays[name])
+        return self.replay()
