@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import bridge  # noqa: E402
 import jax_impl  # noqa: E402
 from experiments.report import RESULTS, environment  # noqa: E402
+from experiments.shapes import CPU_HEADS, MAMBA2_2P7B_HEADS  # noqa: E402
 from experiments.timing import event_seconds, wall_samples  # noqa: E402
 
 MB = 1 << 20
@@ -185,11 +186,11 @@ def run(quick: bool) -> list[dict]:
     """All rows; ``quick`` keeps the sizes small (two share sizes, a small step)."""
     if _on_gpu():
         sizes = [MB, 64 * MB] if quick else [MB, 64 * MB, 1024 * MB, 8192 * MB]
-        step = dict(batch=64 if quick else 256, nheads=80, headdim=64, dstate=128, ngroups=1)
+        step = dict(MAMBA2_2P7B_HEADS, batch=64 if quick else 256)
         runs, warmup, step_runs = (50, 5, 20) if quick else (200, 20, 100)
     else:
         sizes = [64 * 1024, MB]
-        step = dict(batch=2, nheads=2, headdim=16, dstate=16, ngroups=1)  # interpreted Pallas
+        step = dict(CPU_HEADS, batch=2)  # interpreted Pallas
         runs, warmup, step_runs = (20, 3, 3) if quick else (100, 10, 10)
     return bench_share(sizes, runs, warmup) + bench_inplace_step(**step, runs=step_runs,
                                                                  warmup=max(1, step_runs // 10))

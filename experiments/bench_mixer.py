@@ -34,22 +34,18 @@ import jax.numpy as jnp  # noqa: E402
 
 import bridge  # noqa: E402
 import jax_impl  # noqa: E402
+from experiments.shapes import (CPU_MIXER, MAMBA2_2P7B_MIXER, MIXER_DECODE_BATCHES,  # noqa: E402
+                                PREFILL_TOKENS)
 from experiments.timing import rel_error, time_jax, time_torch  # noqa: E402
 
 ON_GPU = torch_impl.platform.ON_GPU
-MAMBA2_2P7B = dict(hidden_size=2560, ssm_state_size=128, conv_kernel_size=4, intermediate_size=5120,
-                   use_conv_bias=True, use_bias=False, n_groups=1, num_heads=80, head_dim=64,
-                   chunk_size=256)
-CPU_MIXER = dict(hidden_size=32, ssm_state_size=16, conv_kernel_size=4, intermediate_size=64,
-                 use_conv_bias=True, use_bias=False, n_groups=1, num_heads=4, head_dim=16,
-                 chunk_size=16)
 
 
 def cases(quick: bool):
     """(mode, query_lens, num_computed_tokens)."""
     if ON_GPU and not quick:
-        return ([("prefill", [n], [0]) for n in (4096, 16384)]
-                + [("decode", [1] * b, [100] * b) for b in (1, 64, 256)])
+        return ([("prefill", [n], [0]) for n in PREFILL_TOKENS[:2]]
+                + [("decode", [1] * b, [100] * b) for b in MIXER_DECODE_BATCHES])
     return [("prefill", [40], [0]), ("decode", [1] * 3, [5] * 3)]
 
 
@@ -85,7 +81,7 @@ def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repea
 
 def run(quick: bool) -> list[dict]:
     """Rows of the mixer comparison (see the module docstring)."""
-    config = MAMBA2_2P7B if ON_GPU and not quick else CPU_MIXER
+    config = MAMBA2_2P7B_MIXER if ON_GPU and not quick else CPU_MIXER
     repeats = 20 if ON_GPU and not quick else 1
     torch_mixer = torch_impl.MambaMixer2(**config, device=torch_impl.platform.default_device())
     jax_mixer = jax_impl.MambaMixer2(**config)

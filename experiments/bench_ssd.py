@@ -29,6 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import jax_impl  # noqa: E402
 from bridge.spec.ssd_contract import chunk_metadata  # noqa: E402
+from experiments.shapes import (CPU_SSD, MAMBA2_2P7B_SSD, MIXED_SEQUENCES, PREFILL_TOKENS,  # noqa: E402
+                                PROFILE_TOKENS)
 from experiments.timing import rel_error, time_jax, time_torch  # noqa: E402
 from jax_impl import reference as jax_reference  # noqa: E402
 from torch_impl import reference as torch_reference  # noqa: E402
@@ -203,8 +205,8 @@ def time_stage(framework, call, arrays, repeats) -> float:
 def stage_shape(quick: bool):
     """(seqlens, shape, repeats) of the per-stage profile and tuning."""
     if ON_GPU and not quick:
-        return [16384], dict(nheads=80, headdim=64, dstate=128, ngroups=1, chunk_size=256), 20
-    return [48], dict(nheads=2, headdim=16, dstate=16, ngroups=1, chunk_size=16), 1
+        return [PROFILE_TOKENS], MAMBA2_2P7B_SSD, 20
+    return [48], CPU_SSD, 1
 
 
 def print_stage_times(quick: bool):
@@ -221,14 +223,13 @@ def run(quick: bool) -> list[dict]:
     """Rows of the chunked-scan comparison (see the module docstring)."""
     rng = np.random.default_rng(0)
     if ON_GPU and not quick:
-        shape = dict(nheads=80, headdim=64, dstate=128, ngroups=1, chunk_size=256)
-        totals, repeats = (4096, 16384, 65536), 20
+        shape, totals, repeats = MAMBA2_2P7B_SSD, PREFILL_TOKENS, 20
     else:
-        shape = dict(nheads=2, headdim=16, dstate=16, ngroups=1, chunk_size=16)
+        shape = CPU_SSD
         totals, repeats = (48,), 1
     rows = []
     for total in totals:
-        for num_seqs in (1, 64 if ON_GPU and not quick else 3):
+        for num_seqs in (1, MIXED_SEQUENCES if ON_GPU and not quick else 3):
             seqlens = [total] if num_seqs == 1 else random_seqlens(total, num_seqs, rng)
             layout = "1 sequence" if num_seqs == 1 else f"{num_seqs} mixed"
             rows += bench_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats)

@@ -29,6 +29,7 @@ import jax  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from experiments import bench_ssd, ssu_case  # noqa: E402
+from experiments.shapes import MAMBA2_2P7B_SSD  # noqa: E402
 from experiments.timing import l2_cache_bytes  # noqa: E402
 
 DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -79,7 +80,7 @@ def state_update_calls(batch: int) -> dict:
 
 
 def chunked_scan_calls(tokens: int) -> dict:
-    shape = dict(nheads=80, headdim=64, dstate=128, ngroups=1, chunk_size=256)
+    shape = MAMBA2_2P7B_SSD
     arrays, index = bench_ssd.make_inputs([tokens], **shape)
     return bench_ssd.scan_calls(arrays, index, shape["chunk_size"], "bfloat16")
 

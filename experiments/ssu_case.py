@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 
 import jax_impl
+from experiments.shapes import MAMBA2_2P7B_HEADS as MAMBA2_2P7B
 from experiments.timing import rel_error, time_jax, time_torch
 from jax_impl import reference as jax_reference
 from torch_impl import reference as torch_reference
 
-MAMBA2_2P7B = dict(nheads=80, headdim=64, dstate=128, ngroups=1)
 OPTIONS = dict(dt_softplus=True)
 
 # name -> (function, framework, whether the torch step can be captured in a CUDA graph)

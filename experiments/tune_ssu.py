@@ -38,6 +38,7 @@ from pathlib import Path
 from bridge.spec import launch_config as lc
 from experiments import ssu_case
 from experiments.report import Progress, default_output, environment, markdown_table
+from experiments.shapes import CPU_HEADS as CPU_SHAPE, DECODE_BATCHES
 from experiments.timing import ON_GPU, copy_bandwidth_GBps, l2_cache_bytes
 
 # backend -> (implementation in ssu_case, module holding its SSU_CONFIGS table)
@@ -45,8 +46,6 @@ BACKENDS = {"triton": ("triton", "torch_impl.selective_state_update"),
             "pallas": ("pallas", "jax_impl.selective_state_update")}
 BLOCK_SIZES_M = (1, 2, 4, 8, 16, 32, 64)
 NUM_WARPS = (1, 2, 4, 8)
-DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-CPU_SHAPE = dict(nheads=2, headdim=16, dstate=16, ngroups=1)
 # A candidate's result must match float64 as the heuristic's does.
 ERROR_LIMITS = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
 
@@ -147,7 +146,7 @@ def main(argv=None):
 
     shape = dict(ssu_case.MAMBA2_2P7B if ON_GPU else CPU_SHAPE)
     shape.update({k: getattr(args, k) for k in ("nheads", "headdim", "dstate") if getattr(args, k)})
-    batches = args.batches or ([1, 64] if ON_GPU and args.quick else [1] if args.quick else DEFAULT_BATCHES)
+    batches = args.batches or ([1, 64] if ON_GPU and args.quick else [1] if args.quick else list(DECODE_BATCHES))
     state_dtypes = args.state_dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     repeats = 10 if ON_GPU else 1
