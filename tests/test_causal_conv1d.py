@@ -213,7 +213,8 @@ def test_jax_state_updated_in_place_under_donation(rng):
 def test_bad_input_raises_naming_the_argument(side, rng):
     inputs = _fn_inputs(side, rng, seqlens=(3, 4, 2), width=4, dtype="float32", bias=True,
                         layout="DS")
-    fn = lambda **changes: side.run_conv("causal_conv1d_fn", dict(inputs, **changes))  # noqa: E731
+    fn = lambda **changes: side.run_conv("causal_conv1d_fn", dict(inputs, **changes),  # noqa: E731
+                                         validate_indices=True)
     with pytest.raises(ValueError, match="`weight`"):
         fn(weight=side.array(np.zeros((23, 4)), "float32"))
     with pytest.raises(ValueError, match="`weight`"):
@@ -230,7 +231,8 @@ def test_bad_input_raises_naming_the_argument(side, rng):
         side.run_conv("causal_conv1d_fn", inputs, activation="relu")
     update = _update_inputs(side, rng, dtype="float32", spec=False, columns=False)
     with pytest.raises(ValueError, match="`num_accepted_tokens`"):
-        side.run_conv("causal_conv1d_update", dict(update, num_accepted_tokens=update["conv_state_indices"]))
+        side.run_conv("causal_conv1d_update", dict(update, num_accepted_tokens=update["conv_state_indices"]),
+                      validate_indices=True)
     with pytest.raises(ValueError, match="`bias`"):
         side.run_conv("causal_conv1d_update", dict(update, bias=side.array(np.zeros(5), "float32")))
 

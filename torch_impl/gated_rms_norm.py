@@ -1,10 +1,12 @@
 """Gated RMSNorm of a Mamba-2 layer (norm(x * silu(z)) per group of
-channels, scaled by ``weight``) as a Triton kernel with its launcher. The
+channels, scaled by ``weight``) as a Triton kernel behind a torch op. The
 math and the argument rules: ``bridge.spec.norm_contract``. Mirror:
 ``jax_impl/gated_rms_norm.py``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -15,12 +17,14 @@ import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
 import triton.language as tl  # noqa: E402
 
 
+@triton.heuristics({"HAS_Z": lambda args: args["z_ptr"] is not None,
+                    "HAS_WEIGHT": lambda args: args["w_ptr"] is not None})
 @triton.jit
 def _rms_norm_gated_kernel(
     x_ptr, z_ptr, w_ptr, out_ptr, group_size, eps,
     stride_x_tok, stride_z_tok, stride_o_tok,
-    HAS_Z: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     """Grid (num_tokens, num_groups): one group of one token per program."""
     token = tl.program_id(0).to(tl.int64)
@@ -39,31 +43,41 @@ def _rms_norm_gated_kernel(
     tl.store(out_ptr + token * stride_o_tok + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# (``output``, not ``out``: torch.compile reads an ``out=`` argument as an out-variant's.)
+@torch.library.custom_op("mamba_twin::rms_norm_gated", mutates_args=("output",))
+def _rms_norm_gated_op(x: torch.Tensor, weight: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                       output: torch.Tensor, eps: float, group_size: int,
+                       norm_before_gate: bool) -> None:
+    num_tokens, hidden = x.shape
+    if num_tokens == 0:
+        return
+    block = triton.next_power_of_2(group_size)
+    with torch.device(x.device):
+        _rms_norm_gated_kernel[(num_tokens, hidden // group_size)](
+            x, z, weight, output, group_size, eps,
+            x.stride(0), platform.strides(z, 2)[0], output.stride(0),
+            NORM_BEFORE_GATE=norm_before_gate, BLOCK=block, num_warps=norm_num_warps(block))
+
+
+@_rms_norm_gated_op.register_fake
+def _writes_in_place(*args, **kwargs) -> None:
+    """The op only writes ``output``."""
+
+
 def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False, *,
                    out=None):
     """``x, z (T, hidden)``, ``weight (hidden,)`` or None -> ``out (T,
     hidden)`` (written into ``out`` when given, else allocated like ``x``).
     Normalised per group of ``group_size`` channels (default: all)."""
-    args = dict(x=x, z=z, weight=weight, out=out)
-    num_tokens, hidden, group_size = check_norm_args(
-        {k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
-        {k: (str(v.dtype).removeprefix("torch.") if v is not None else None) for k, v in args.items()},
-        group_size=group_size, eps=eps)
-    platform.check_kernel_device(args)
-    for name, tensor in args.items():
+    arrays = dict(x=x, z=z, weight=weight, out=out)
+    _, _, group_size = check_norm_args(**arrays, group_size=group_size, eps=eps)
+    platform.check_kernel_device(arrays)
+    for name, tensor in arrays.items():
         if tensor is not None and tensor.stride(-1) != 1:
             raise ValueError(f"rms_norm_gated: `{name}` must have unit stride over hidden, "
                              f"got strides {tuple(tensor.stride())}")
-    if out is None:
-        out = torch.empty_like(x)
-    if num_tokens == 0:
-        return out
-    block = triton.next_power_of_2(group_size)
-    with torch.device(x.device):
-        _rms_norm_gated_kernel[(num_tokens, hidden // group_size)](
-            x, z, weight, out, group_size, float(eps),
-            x.stride(0), z.stride(0) if z is not None else 0, out.stride(0),
-            HAS_Z=z is not None, HAS_WEIGHT=weight is not None,
-            NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK=block,
-            num_warps=norm_num_warps(block))
+    out = torch.empty_like(x) if out is None else out
+    torch.ops.mamba_twin.rms_norm_gated(x=x, weight=weight, z=z, output=out, eps=float(eps),
+                                        group_size=group_size,
+                                        norm_before_gate=bool(norm_before_gate))
     return out

@@ -28,17 +28,27 @@ prefill sequence has no initial state):
 with R the columns written: W - 1 in prefill (the last W - 1 inputs), L in
 decode. In decode ``offset = 0`` and ``shift = n``; in speculative decoding
 the state keeps every drafted input and ``offset = num_accepted - 1``,
-``shift = num_accepted``. A sequence whose slot is ``pad_slot_id`` is
+``shift = num_accepted``. A sequence whose (read) slot is ``pad_slot_id`` is
 skipped: its output and every cache slot stay untouched.
+
+Unchecked contract (the kernels, whatever the index values): a sequence
+whose ``query_start_loc`` range, slots, block-table columns or
+``num_accepted_tokens`` break the rules of ``check_conv_index_values`` is
+skipped, no cache slot written for it, and its outputs (the tokens of its
+range clipped to ``[0, T)``) are NaN; no value makes a kernel read or write
+outside the arrays given. Sequences sharing a slot (collisions, refused by
+the checks) leave that slot's contents unspecified.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import numpy as np
 
+from bridge.spec.checks import as_int, dtype_name, expect_dtype, expect_shape, fail, shape_of
+from bridge.spec.launch_config import clip_block
 from bridge.spec.ssu_contract import NULL_BLOCK_ID  # noqa: F401  (re-exported default pad slot)
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -52,15 +62,15 @@ MAX_WIDTH = 8
 # final state to the last scheduled token's.
 PREFIX_CACHING_ARGS = ("block_idx_first_scheduled_token", "block_idx_last_scheduled_token",
                        "initial_state_idx", "num_computed_tokens")
+INDEX_ARGS = ("query_start_loc", "cache_indices", "conv_state_indices", "num_accepted_tokens",
+              *PREFIX_CACHING_ARGS)
 # Tiles (tokens, channels) of both kernels: no tensor-core products, so any power of two.
 PREFILL_BLOCK_T, DECODE_BLOCK_T, BLOCK_D = 32, 16, 64
-
-Shape = Optional[Sequence[int]]
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvLayout:
-    """Sizes of one conv call."""
+    """Sizes of one conv call (hashable: a static argument of the Pallas kernel)."""
 
     dim: int
     width: int
@@ -70,166 +80,238 @@ class ConvLayout:
     num_seqs: int
     index_columns: int  # columns of the cache-index array (1 when 1-D)
     silu: bool
+    decode: bool
+
+    @property
+    def write_len(self) -> int:
+        """State columns written per sequence: the last W - 1 inputs in
+        prefill, the whole state in decode."""
+        return self.state_len if self.decode else self.width - 1
+
+    @property
+    def max_accepted(self) -> int:
+        """Largest ``num_accepted_tokens``: 1 + the drafted columns the state keeps."""
+        return self.state_len - self.width + 2
 
 
-def _fail(function: str, arg: str, message: str):
-    raise ValueError(f"{function}: `{arg}` {message}")
+@dataclasses.dataclass(frozen=True)
+class ConvTiles:
+    block_t: int  # tokens
+    block_d: int  # channels
+    block_r: int  # state columns written (a power of two >= write_len)
 
 
-def _check_common(function: str, shapes, dtypes, activation, dim: int) -> tuple[int, int, int]:
-    weight = shapes.get("weight")
-    if weight is None or len(weight) != 2 or weight[0] != dim:
-        _fail(function, "weight", f"must be (dim={dim}, width), got shape {weight}")
-    width = weight[1]
-    if not 2 <= width <= MAX_WIDTH:
-        _fail(function, "weight", f"has width {width}; supported: 2 to {MAX_WIDTH}")
-    if shapes.get("bias") is not None and tuple(shapes["bias"]) != (dim,):
-        _fail(function, "bias", f"has shape {tuple(shapes['bias'])}, expected ({dim},)")
-    state_name = "conv_states" if "conv_states" in shapes else "conv_state"
-    state = shapes.get(state_name)
-    if state is None or len(state) != 3 or state[1] != dim or state[2] < width - 1:
-        _fail(function, state_name, f"must be (num_slots, dim={dim}, state_len >= width - 1 = "
-                                    f"{width - 1}), got shape {state}")
+def conv_layout(num_tokens: int, weight, state, query_start_loc, indices, *, silu: bool,
+                decode: bool) -> ConvLayout:
+    """The sizes of a call from its (checked) arrays."""
+    dim, width = shape_of(weight)
+    index_shape = shape_of(indices) or ()
+    num_seqs = num_tokens if query_start_loc is None else shape_of(query_start_loc)[0] - 1
+    return ConvLayout(dim, width, state.shape[0], state.shape[2], num_tokens, num_seqs,
+                      index_shape[1] if len(index_shape) == 2 else 1, silu, decode)
+
+
+def conv_tiles(layout: ConvLayout, *, varlen: bool = True, max_query_len: int = -1) -> ConvTiles:
+    """The tiles of one launch. A decode launch's token tile: 2 (the smallest)
+    with one token per sequence (not ``varlen``), else enough for
+    ``max_query_len`` tokens (-1: unknown), at most ``DECODE_BLOCK_T``."""
+    block_t = PREFILL_BLOCK_T
+    if layout.decode:
+        wanted, block_t = (max_query_len if varlen and max_query_len > 0 else DECODE_BLOCK_T), 2
+        while varlen and block_t < min(wanted, DECODE_BLOCK_T):
+            block_t *= 2
+    block_r = 2
+    while block_r < layout.write_len:
+        block_r *= 2
+    return ConvTiles(block_t, clip_block(layout.dim, BLOCK_D), block_r)
+
+
+def _check_arrays(function: str, arrays: Mapping, activation) -> None:
+    """Arrays (not lists), float / index / bool dtypes, a known activation."""
+    for arg, value in arrays.items():
+        if value is not None and not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            fail(function, arg, f"must be an array (a tensor), got {type(value).__name__}")
+        expected = (INDEX_DTYPES if arg in INDEX_ARGS else ("bool",) if arg == "has_initial_state"
+                    else FLOAT_DTYPES)
+        expect_dtype(function, arg, dtype_name(value), expected)
     if activation not in ACTIVATIONS:
-        _fail(function, "activation", f"is {activation!r}; supported: {ACTIVATIONS}")
-    for arg in ("x", "weight", "bias", state_name, "out"):
-        if dtypes.get(arg) is not None and dtypes[arg] not in FLOAT_DTYPES:
-            _fail(function, arg, f"has dtype {dtypes[arg]}; supported: {', '.join(FLOAT_DTYPES)}")
-    for arg in ("query_start_loc", "cache_indices", "conv_state_indices", "num_accepted_tokens",
-                *PREFIX_CACHING_ARGS):
-        if dtypes.get(arg) is not None and dtypes[arg] not in INDEX_DTYPES:
-            _fail(function, arg, f"has dtype {dtypes[arg]}; supported: {', '.join(INDEX_DTYPES)}")
-    if dtypes.get("has_initial_state") not in (None, "bool"):
-        _fail(function, "has_initial_state", f"has dtype {dtypes['has_initial_state']}; expected bool")
-    return width, state[0], state[2]
+        fail(function, "activation", f"is {activation!r}; supported: {ACTIVATIONS}")
 
 
-def _expect_seq(function: str, shapes, arg: str, num_seqs: int) -> None:
-    if shapes.get(arg) is not None and tuple(shapes[arg]) != (num_seqs,):
-        _fail(function, arg, f"has shape {tuple(shapes[arg])}, expected ({num_seqs},)")
+def _check_weights(function: str, weight, bias, state_arg: str, state, dim: int) -> None:
+    shape = shape_of(weight)
+    if len(shape) != 2 or shape[0] != dim:
+        fail(function, "weight", f"must be (dim={dim}, width), got shape {shape}")
+    width = shape[1]
+    if not 2 <= width <= MAX_WIDTH:
+        fail(function, "weight", f"has width {width}; supported: 2 to {MAX_WIDTH}")
+    if bias is not None:
+        expect_shape(function, "bias", shape_of(bias), (dim,))
+    shape = shape_of(state)
+    if shape is None or len(shape) != 3 or shape[1] != dim or shape[2] < width - 1:
+        fail(function, state_arg, f"must be (num_slots, dim={dim}, state_len >= width - 1 = "
+                                  f"{width - 1}), got shape {shape}")
 
 
-def check_conv_fn_args(shapes: Mapping[str, Shape], dtypes: Mapping[str, Optional[str]], *,
-                       activation, block_size_to_align: int = 0) -> ConvLayout:
-    """Check ``causal_conv1d_fn``'s arguments (shape tuples / dtype names or
-    None by name); return the call's sizes. Raises ValueError naming the argument."""
+def _check_x(function: str, x, out, form: str) -> tuple[int, int]:
+    """x and out 2-D of one shape ``form`` (e.g. '(dim, num_tokens)')."""
+    shape = shape_of(x)
+    if shape is None or len(shape) != 2:
+        fail(function, "x", f"must be 2-D {form}, got shape {shape}")
+    if out is not None:
+        expect_shape(function, "out", shape_of(out), shape)
+    return shape
+
+
+def _check_per_seq(function: str, arrays: Mapping, num_seqs: int) -> None:
+    for arg, value in arrays.items():
+        if value is not None:
+            expect_shape(function, arg, shape_of(value), (num_seqs,))
+
+
+def check_conv_fn_args(*, x, weight, bias, conv_states, query_start_loc, cache_indices,
+                       has_initial_state, block_idx_first_scheduled_token,
+                       block_idx_last_scheduled_token, initial_state_idx, num_computed_tokens,
+                       out, activation, pad_slot_id, block_size_to_align) -> ConvLayout:
+    """Check ``causal_conv1d_fn``'s arguments (arrays of either framework);
+    return the call's sizes. Raises ValueError naming the argument."""
     function = "causal_conv1d_fn"
-    x = shapes.get("x")
-    if x is None or len(x) != 2:
-        _fail(function, "x", f"must be 2-D (dim, num_tokens), got shape {x}")
-    dim, num_tokens = x
-    width, num_slots, state_len = _check_common(function, shapes, dtypes, activation, dim)
-    qsl = shapes.get("query_start_loc")
+    arrays = dict(x=x, weight=weight, bias=bias, conv_states=conv_states, out=out,
+                  query_start_loc=query_start_loc, cache_indices=cache_indices,
+                  has_initial_state=has_initial_state,
+                  block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+                  block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+                  initial_state_idx=initial_state_idx, num_computed_tokens=num_computed_tokens)
+    _check_arrays(function, arrays, activation)
+    as_int(function, "pad_slot_id", pad_slot_id)
+    dim, num_tokens = _check_x(function, x, out, "(dim, num_tokens)")
+    _check_weights(function, weight, bias, "conv_states", conv_states, dim)
+    qsl = shape_of(query_start_loc)
     if qsl is None or len(qsl) != 1 or qsl[0] < 2:
-        _fail(function, "query_start_loc", f"must be 1-D of length num_seqs + 1 >= 2, got shape {qsl}")
+        fail(function, "query_start_loc", f"must be 1-D of length num_seqs + 1 >= 2, got shape {qsl}")
     num_seqs = qsl[0] - 1
-    _expect_seq(function, shapes, "has_initial_state", num_seqs)
-    prefix_args = [a for a in PREFIX_CACHING_ARGS if shapes.get(a) is not None]
-    indices = shapes.get("cache_indices")
-    columns = 1
-    if prefix_args:
-        if len(prefix_args) != len(PREFIX_CACHING_ARGS):
-            missing = sorted(set(PREFIX_CACHING_ARGS) - set(prefix_args))
-            _fail(function, missing[0], f"is required with {prefix_args[0]} (prefix caching)")
-        for arg in PREFIX_CACHING_ARGS:
-            _expect_seq(function, shapes, arg, num_seqs)
+    _check_per_seq(function, {"has_initial_state": has_initial_state}, num_seqs)
+    prefix = {arg: arrays[arg] for arg in PREFIX_CACHING_ARGS}
+    given = [arg for arg, value in prefix.items() if value is not None]
+    indices = shape_of(cache_indices)
+    if given:
+        if len(given) != len(PREFIX_CACHING_ARGS):
+            missing = sorted(set(PREFIX_CACHING_ARGS) - set(given))
+            fail(function, missing[0], f"is required with {given[0]} (prefix caching)")
+        _check_per_seq(function, prefix, num_seqs)
         if indices is None or len(indices) != 2 or indices[0] != num_seqs:
-            _fail(function, "cache_indices", f"must be a block table ({num_seqs}, max_blocks) with "
-                                             f"prefix caching, got shape {indices}")
-        columns = indices[1]
-        if not isinstance(block_size_to_align, int) or block_size_to_align < 1:
-            _fail(function, "block_size_to_align", f"must be the mamba block size (>= 1) with prefix "
-                                                   f"caching, got {block_size_to_align!r}")
-    elif indices is not None:
-        _expect_seq(function, shapes, "cache_indices", num_seqs)
-    if shapes.get("out") is not None and tuple(shapes["out"]) != (dim, num_tokens):
-        _fail(function, "out", f"has shape {tuple(shapes['out'])}, expected {(dim, num_tokens)}")
-    return ConvLayout(dim, width, num_slots, state_len, num_tokens, num_seqs, columns,
-                      activation is not None)
+            fail(function, "cache_indices", f"must be a block table ({num_seqs}, max_blocks) with "
+                                            f"prefix caching, got shape {indices}")
+        as_int(function, "block_size_to_align", block_size_to_align, minimum=1)
+    else:
+        _check_per_seq(function, {"cache_indices": cache_indices}, num_seqs)
+    return conv_layout(num_tokens, weight, conv_states, query_start_loc, cache_indices,
+                       silu=activation is not None, decode=False)
 
 
-def check_conv_update_args(shapes: Mapping[str, Shape], dtypes: Mapping[str, Optional[str]], *,
-                           activation) -> ConvLayout:
+def check_conv_update_args(*, x, conv_state, weight, bias, conv_state_indices,
+                           num_accepted_tokens, query_start_loc, initial_state_idx,
+                           block_idx_last_scheduled_token, out, activation, pad_slot_id,
+                           max_query_len) -> ConvLayout:
     """Check ``causal_conv1d_update``'s arguments; return the call's sizes."""
     function = "causal_conv1d_update"
-    x = shapes.get("x")
-    if x is None or len(x) != 2:
-        _fail(function, "x", f"must be 2-D (batch, dim) or (num_tokens, dim), got shape {x}")
-    num_tokens, dim = x
-    width, num_slots, state_len = _check_common(function, shapes, dtypes, activation, dim)
-    qsl = shapes.get("query_start_loc")
+    arrays = dict(x=x, conv_state=conv_state, weight=weight, bias=bias, out=out,
+                  conv_state_indices=conv_state_indices, num_accepted_tokens=num_accepted_tokens,
+                  query_start_loc=query_start_loc, initial_state_idx=initial_state_idx,
+                  block_idx_last_scheduled_token=block_idx_last_scheduled_token)
+    _check_arrays(function, arrays, activation)
+    as_int(function, "pad_slot_id", pad_slot_id)
+    as_int(function, "max_query_len", max_query_len, minimum=-1)
+    num_tokens, dim = _check_x(function, x, out, "(batch, dim) or (num_tokens, dim)")
+    _check_weights(function, weight, bias, "conv_state", conv_state, dim)
+    qsl = shape_of(query_start_loc)
     if qsl is not None:
         if len(qsl) != 1 or qsl[0] < 1:
-            _fail(function, "query_start_loc", f"must be 1-D of length batch + 1, got shape {qsl}")
+            fail(function, "query_start_loc", f"must be 1-D of length batch + 1, got shape {qsl}")
         num_seqs = qsl[0] - 1
     else:
         num_seqs = num_tokens
-    indices = shapes.get("conv_state_indices")
-    columns = 1
+    indices = shape_of(conv_state_indices)
     if indices is not None:
         if len(indices) not in (1, 2) or indices[0] != num_seqs or (len(indices) == 2 and indices[1] < 1):
-            _fail(function, "conv_state_indices", f"has shape {tuple(indices)}, expected ({num_seqs},) "
-                                                  f"or ({num_seqs}, columns)")
-        columns = indices[1] if len(indices) == 2 else 1
-    for arg in ("num_accepted_tokens", "initial_state_idx", "block_idx_last_scheduled_token"):
-        _expect_seq(function, shapes, arg, num_seqs)
-        if shapes.get(arg) is not None and arg != "num_accepted_tokens" and indices is None:
-            _fail(function, arg, "needs `conv_state_indices` (it picks one of its columns)")
-    if shapes.get("num_accepted_tokens") is not None and qsl is None:
-        _fail(function, "num_accepted_tokens", "needs `query_start_loc` (speculative decoding "
-                                               "feeds several tokens per sequence)")
-    if shapes.get("out") is not None and tuple(shapes["out"]) != tuple(x):
-        _fail(function, "out", f"has shape {tuple(shapes['out'])}, expected {tuple(x)}")
-    return ConvLayout(dim, width, num_slots, state_len, num_tokens, num_seqs, columns,
-                      activation is not None)
+            fail(function, "conv_state_indices", f"has shape {indices}, expected ({num_seqs},) "
+                                                 f"or ({num_seqs}, columns)")
+    picks = dict(initial_state_idx=initial_state_idx,
+                 block_idx_last_scheduled_token=block_idx_last_scheduled_token)
+    _check_per_seq(function, dict(picks, num_accepted_tokens=num_accepted_tokens), num_seqs)
+    for arg, value in picks.items():
+        if value is not None and indices is None:
+            fail(function, arg, "needs `conv_state_indices` (it picks one of its columns)")
+    if num_accepted_tokens is not None and qsl is None:
+        fail(function, "num_accepted_tokens", "needs `query_start_loc` (speculative decoding "
+                                              "feeds several tokens per sequence)")
+    return conv_layout(num_tokens, weight, conv_state, query_start_loc, conv_state_indices,
+                       silu=activation is not None, decode=True)
 
 
-def decode_block_t(varlen: bool, max_query_len: int) -> int:
-    """Token tile of a decode launch: one token per sequence without
-    ``query_start_loc`` (2, the smallest tile), else enough for
-    ``max_query_len`` tokens (-1: unknown), at most ``DECODE_BLOCK_T``."""
-    if not varlen:
-        return 2
-    wanted, tile = (max_query_len if max_query_len > 0 else DECODE_BLOCK_T), 2
-    while tile < min(wanted, DECODE_BLOCK_T):
-        tile *= 2
-    return tile
+def _rows(values, num_seqs: int) -> Optional[np.ndarray]:
+    return None if values is None else np.asarray(values, np.int64).reshape(num_seqs, -1)
 
 
-def check_conv_index_values(function: str, layout: ConvLayout, *, pad_slot_id: int,
-                            query_start_loc=None, slot_indices=None, slot_arg="cache_indices",
-                            num_accepted_tokens=None, columns=None) -> None:
-    """Value checks on host copies (numpy) of the index arguments: a kernel
-    given bad indices would read or write out of bounds. ``columns`` maps the
-    names of column-picking arguments to their values."""
-    if query_start_loc is not None:
-        qsl = np.asarray(query_start_loc, dtype=np.int64)
+def check_conv_index_values(function: str, layout: ConvLayout, values: Mapping[str, np.ndarray],
+                            *, pad_slot_id: int) -> None:
+    """Value checks on host copies (numpy, by public argument name) of the
+    index arguments: what the kernels would skip and poison (see the
+    unchecked contract above), and slots shared by two sequences."""
+    num_seqs = layout.num_seqs
+    qsl = values.get("query_start_loc")
+    lengths = np.ones(num_seqs, np.int64)
+    if qsl is not None:
+        qsl = np.asarray(qsl, np.int64)
         if qsl[0] != 0 or qsl[-1] != layout.num_tokens or (np.diff(qsl) < 0).any():
-            _fail(function, "query_start_loc", f"must rise from 0 to the {layout.num_tokens} "
-                                               f"tokens, got {qsl.tolist()[:8]}")
+            fail(function, "query_start_loc", f"must rise from 0 to the {layout.num_tokens} "
+                                              f"tokens, got {qsl.tolist()[:8]}")
         lengths = np.diff(qsl)
-        if num_accepted_tokens is not None:
-            accepted = np.asarray(num_accepted_tokens, dtype=np.int64)
-            if ((accepted < 1) | (accepted > np.maximum(lengths, 1))).any():
-                _fail(function, "num_accepted_tokens", f"must lie in [1, tokens of the sequence], "
-                                                       f"got {accepted.tolist()[:8]}")
-            # The state window starts at num_accepted - 1 and must fit the cache columns.
-            if (accepted - 1 + layout.width - 1 > layout.state_len).any():
-                _fail(function, "num_accepted_tokens", f"reads past state_len={layout.state_len}")
-    if slot_indices is not None:
-        slots = np.asarray(slot_indices, dtype=np.int64)
-        bad = (slots != pad_slot_id) & ((slots < 0) | (slots >= layout.num_slots))
-        if bad.any():
-            _fail(function, slot_arg, f"holds slots outside [0, {layout.num_slots}) that are not "
-                                      f"pad_slot_id={pad_slot_id}: {slots[bad].tolist()[:8]}")
-    for arg, values in (columns or {}).items():
-        if values is not None:
-            cols = np.asarray(values, dtype=np.int64)
-            if ((cols < 0) | (cols >= layout.index_columns)).any():
-                _fail(function, arg, f"must pick a column in [0, {layout.index_columns}) of the "
-                                     f"index array, got {cols.tolist()[:8]}")
-    first = (columns or {}).get("block_idx_first_scheduled_token")
-    last = (columns or {}).get("block_idx_last_scheduled_token")
-    if first is not None and last is not None and (np.asarray(first) > np.asarray(last)).any():
-        _fail(function, "block_idx_first_scheduled_token", "must not exceed "
-                                                           "block_idx_last_scheduled_token")
+    accepted = values.get("num_accepted_tokens")
+    if accepted is not None:
+        accepted = np.asarray(accepted, np.int64)
+        upper = np.minimum(layout.max_accepted, np.maximum(lengths, 1))
+        if ((accepted < 1) | (accepted > upper)).any():
+            fail(function, "num_accepted_tokens",
+                 f"must lie in [1, min(state_len - width + 2 = {layout.max_accepted}, tokens of "
+                 f"the sequence)], got {accepted.tolist()[:8]}")
+    picks = {arg: np.zeros(num_seqs, np.int64) if values.get(arg) is None
+             else np.asarray(values[arg], np.int64)
+             for arg in ("initial_state_idx", "block_idx_last_scheduled_token",
+                         "block_idx_first_scheduled_token")}
+    for arg, cols in picks.items():
+        if ((cols < 0) | (cols >= layout.index_columns)).any():
+            fail(function, arg, f"must pick a column in [0, {layout.index_columns}) of the "
+                                f"index array, got {cols.tolist()[:8]}")
+    first, last = picks["block_idx_first_scheduled_token"], picks["block_idx_last_scheduled_token"]
+    boundaries = values.get("block_idx_first_scheduled_token") is not None
+    if boundaries and (first > last).any():
+        fail(function, "block_idx_first_scheduled_token", "must not exceed "
+                                                          "block_idx_last_scheduled_token")
+    computed = values.get("num_computed_tokens")
+    if computed is not None and (np.asarray(computed) < 0).any():
+        fail(function, "num_computed_tokens", f"must be >= 0, got {np.asarray(computed).tolist()[:8]}")
+    slot_arg = "conv_state_indices" if layout.decode else "cache_indices"
+    table = _rows(values.get(slot_arg), num_seqs)
+    if table is None:
+        return
+    rows = np.arange(num_seqs)
+    read, write = table[rows, picks["initial_state_idx"]], table[rows, last]
+    # Every slot a sequence touches: read, written, and the block boundaries' (prefix caching).
+    touched = [[r, w, *(table[q, first[q]:last[q]] if boundaries else ())]
+               for q, (r, w) in enumerate(zip(read, write))]
+    used = np.array([s for row in touched for s in row], np.int64)
+    bad = (used != pad_slot_id) & ((used < 0) | (used >= layout.num_slots))
+    if bad.any():
+        fail(function, slot_arg, f"holds slots outside [0, {layout.num_slots}) that are not "
+                                 f"pad_slot_id={pad_slot_id}: {used[bad].tolist()[:8]}")
+    owners: dict = {}
+    for q, row in enumerate(touched):
+        if read[q] != pad_slot_id:  # padding sequences touch nothing
+            for slot in set(row) - {pad_slot_id}:
+                owners.setdefault(int(slot), []).append(q)
+    shared = {slot: seqs for slot, seqs in owners.items() if len(seqs) > 1}
+    if shared:
+        listed = ", ".join(f"slot {s} by sequences {q}" for s, q in sorted(shared.items())[:4])
+        fail(function, slot_arg, f"gives one slot to several sequences ({listed}); each sequence "
+                                 f"needs its own slots")

@@ -11,45 +11,45 @@ float32:
     norm_before_gate=False (the mixer):  v = x * silu(z);  y = v / sqrt(mean(v^2) + eps) * weight
     norm_before_gate=True:               y = x / sqrt(mean(x^2) + eps) * weight * silu(z)
 
-Without ``z`` there is no gate.
+Without ``z`` there is no gate. T = 0 is a no-op.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+import numbers
+
+from bridge.spec.checks import as_int, dtype_name, expect_dtype, expect_shape, fail, shape_of
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 MAX_GROUP_SIZE = 16384  # one group is one tile of registers
-
-Shape = Optional[Sequence[int]]
-
-
-def _fail(arg: str, message: str):
-    raise ValueError(f"rms_norm_gated: `{arg}` {message}")
+FUNCTION = "rms_norm_gated"
 
 
-def check_norm_args(shapes: Mapping[str, Shape], dtypes: Mapping[str, Optional[str]], *,
-                    group_size: Optional[int], eps: float) -> tuple[int, int, int]:
-    """Check the arguments; return ``(num_tokens, hidden, group_size)``."""
-    x = shapes.get("x")
-    if x is None or len(x) != 2:
-        _fail("x", f"must be 2-D (num_tokens, hidden), got shape {x}")
-    num_tokens, hidden = x
+def check_norm_args(*, x, z, weight, out, group_size, eps) -> tuple[int, int, int]:
+    """Check the arguments (arrays of either framework); return
+    ``(num_tokens, hidden, group_size)``. Raises ValueError naming the argument."""
+    arrays = dict(x=x, z=z, weight=weight, out=out)
+    for arg, value in arrays.items():
+        if value is not None and not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            fail(FUNCTION, arg, f"must be an array (a tensor), got {type(value).__name__}")
+        expect_dtype(FUNCTION, arg, dtype_name(value), FLOAT_DTYPES)
+    shape = shape_of(x)
+    if shape is None or len(shape) != 2:
+        fail(FUNCTION, "x", f"must be 2-D (num_tokens, hidden), got shape {shape}")
+    num_tokens, hidden = shape
     for arg in ("z", "out"):
-        if shapes.get(arg) is not None and tuple(shapes[arg]) != tuple(x):
-            _fail(arg, f"has shape {tuple(shapes[arg])}, expected {tuple(x)}")
-    if shapes.get("weight") is not None and tuple(shapes["weight"]) != (hidden,):
-        _fail("weight", f"has shape {tuple(shapes['weight'])}, expected ({hidden},)")
-    group_size = hidden if group_size is None else group_size
-    if not isinstance(group_size, int) or group_size < 1 or hidden % group_size:
-        _fail("group_size", f"must divide hidden={hidden}, got {group_size!r}")
+        if arrays[arg] is not None:
+            expect_shape(FUNCTION, arg, shape_of(arrays[arg]), shape)
+    if weight is not None:
+        expect_shape(FUNCTION, "weight", shape_of(weight), (hidden,))
+    group_size = hidden if group_size is None else as_int(FUNCTION, "group_size", group_size,
+                                                          minimum=1)
+    if hidden % group_size:
+        fail(FUNCTION, "group_size", f"must divide hidden={hidden}, got {group_size}")
     if group_size > MAX_GROUP_SIZE:
-        _fail("group_size", f"is {group_size}; at most {MAX_GROUP_SIZE} (one tile per group)")
-    if not eps >= 0:
-        _fail("eps", f"must be >= 0, got {eps!r}")
-    for arg in ("x", "z", "weight", "out"):
-        if dtypes.get(arg) is not None and dtypes[arg] not in FLOAT_DTYPES:
-            _fail(arg, f"has dtype {dtypes[arg]}; supported: {', '.join(FLOAT_DTYPES)}")
+        fail(FUNCTION, "group_size", f"is {group_size}; at most {MAX_GROUP_SIZE} (one tile per group)")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        fail(FUNCTION, "eps", f"must be a number >= 0, got {eps!r}")
     return num_tokens, hidden, group_size
 
 
