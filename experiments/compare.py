@@ -35,6 +35,7 @@ import torch
 from experiments import plots, ssu_case
 from experiments.report import (
     RESULTS, Progress, default_output, environment, format_value, markdown_table)
+from experiments.shapes import CPU_HEADS as CPU_SHAPE
 from experiments.timing import ON_GPU, copy_bandwidth_GBps, l2_cache_bytes, matmul_TFLOPs
 
 __all__ = ["RESULTS", "environment", "main"]
@@ -51,7 +52,6 @@ SETTINGS = {
     (False, False): ([1, 2, 4], 3, 16 << 20, 256),
     (False, True): ([2], 1, 1 << 20, 64),
 }
-CPU_SHAPE = dict(nheads=4, headdim=16, dstate=16, ngroups=1)
 
 # Column headers and formats of the tables; other keys print as they are.
 COLUMN_FORMATS = {
