@@ -329,3 +329,74 @@ def test_jitted_step_takes_the_metadata_and_reuses_one_compilation(rng):
     from jax_impl.mamba_mixer2 import _jitted_step
     assert _jitted_step(nnx.split(mixer)[0])._cache_size() == 1  # forward_on_cache's step
     assert all(np.isfinite(o).all() for o in outputs)
+
+
+def _torch_decode_inputs(rng, mixer, cache, batch, slots):
+    torch_side = TorchSide()
+    metadata = build_mamba2_metadata([1] * batch, [4] * batch, slots, batch, CONFIG["chunk_size"],
+                                     padding=np.array(slots) == PAD)
+    hidden = torch_side.array(rng.standard_normal((batch, CONFIG["hidden_size"])), "float32")
+    return hidden, metadata
+
+
+def test_torch_forward_on_device_metadata_makes_no_host_copy_or_sync(rng):
+    """Metadata moved once (metadata_to_device): forward creates no tensor
+    from host data and calls no op that syncs (item, nonzero, masked
+    indexing), so a CUDA graph can capture it."""
+    torch_side = TorchSide()
+    torch = torch_side.torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    forbidden = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                 torch.ops.aten.masked_select.default, torch.ops.aten.lift_fresh.default}
+
+    class NoHostWork(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func not in forbidden, f"forward called {func}"
+            return func(*args, **(kwargs or {}))
+
+    mixer = _new_mixer(torch_side)
+    cache, reference = _cache(mixer, rng), _new_cache(mixer)
+    _copy_cache(cache, reference)
+    hidden = torch_side.array(rng.standard_normal((27, CONFIG["hidden_size"])), "float32")
+    metadata = MIXED
+    on_device = torch_side.impl.metadata_to_device(metadata, hidden.device)
+    with torch.no_grad():
+        want = mixer(hidden, reference, metadata)
+        with NoHostWork():
+            got = mixer(hidden, cache, on_device)
+    assert torch.equal(got, want)
+    with pytest.raises(AssertionError, match="lift_fresh"), torch.no_grad(), NoHostWork():
+        mixer(hidden, cache, metadata)  # numpy metadata: copied in every call
+
+
+def _copy_cache(source, target):
+    for name in ("conv", "ssm"):
+        target.torch(name).copy_(source.torch(name))
+
+
+def test_captured_decode_step_matches_forward(rng):
+    """CapturedDecodeStep (a CUDA graph on a GPU; on the CPU the same static
+    buffers run eagerly): steps with other slots and inputs equal plain
+    forward calls, padding requests included; the warm-up writes nothing."""
+    torch_side = TorchSide()
+    torch = torch_side.torch
+    mixer = _new_mixer(torch_side)
+    cache, reference = _cache(mixer, rng), _new_cache(mixer)
+    _copy_cache(cache, reference)
+    before = _cache_numpy(cache)
+    step = torch_side.impl.CapturedDecodeStep(mixer, cache, batch_size=3)
+    for got, want in zip(_cache_numpy(cache), before):
+        np.testing.assert_array_equal(got, want)
+    for slots in ([1, 4, PAD], [6, PAD, 2], [1, 4, 6]):
+        hidden, metadata = _torch_decode_inputs(rng, mixer, cache, 3, slots)
+        with torch.no_grad():
+            want = torch_side.numpy(mixer(hidden, reference, metadata))
+        got = torch_side.numpy(step.run(hidden, metadata))
+        real = np.array(slots) != PAD
+        np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-6 * np.abs(want).max())
+        for got_state, want_state in zip(_cache_numpy(cache), _cache_numpy(reference)):
+            np.testing.assert_array_equal(got_state, want_state)
+    _, two = _torch_decode_inputs(rng, mixer, cache, 2, [1, 4])
+    with pytest.raises(ValueError, match="CapturedDecodeStep.run: `metadata` must be a decode batch of 3"):
+        step.run(hidden, two)
