@@ -1,0 +1,316 @@
+"""Mamba-1's prefill scan ``selective_scan_fn`` (vLLM's signature and in-place
+contract) as a Triton kernel. The math, shapes, prefix-caching writes and
+the unchecked contract: ``bridge.spec.selective_scan_contract``. Mirror:
+``jax_impl/selective_scan.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bridge.spec.selective_scan_contract import (
+    NULL_BLOCK_ID, ScanLayout, check_selective_scan_args, check_selective_scan_index_values)
+from torch_impl import platform
+
+import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
+import triton.language as tl  # noqa: E402
+
+BLOCK_D, NUM_WARPS = 64, 4
+MAX_GRID_Y = 2**16 - 1  # sequences are the grid's y axis
+
+
+def block_d(layout: ScanLayout, target: int = BLOCK_D) -> int:
+    """Channels per program: a block never spans two groups (B and C are
+    then one vector per token), so with ngroups > 1 the largest power of two
+    dividing dim // ngroups, at most ``target``."""
+    if layout.ngroups == 1:
+        return min(target, triton.next_power_of_2(layout.dim))
+    per_group = layout.channels_per_group
+    return min(target, per_group & -per_group)
+
+
+@triton.heuristics({
+    "HAS_D": lambda args: args["D_ptr"] is not None,
+    "HAS_Z": lambda args: args["z_ptr"] is not None,
+    "HAS_DELTA_BIAS": lambda args: args["delta_bias_ptr"] is not None,
+    "IS_VARLEN": lambda args: args["query_start_loc_ptr"] is not None,
+    "HAS_CACHE_INDICES": lambda args: args["cache_indices_ptr"] is not None,
+    "HAS_INITIAL_STATE": lambda args: args["has_initial_state_ptr"] is not None,
+    "IS_APC": lambda args: args["block_idx_first_ptr"] is not None,
+    "HAS_CHUNKS": lambda args: args["cu_chunk_seqlen_ptr"] is not None,
+    "BLOCK_N": lambda args: triton.next_power_of_2(args["dstate"]),
+})
+@triton.jit
+def _selective_scan_kernel(
+    # pointers
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, out_ptr, states_ptr,
+    query_start_loc_ptr, cache_indices_ptr, has_initial_state_ptr, block_idx_first_ptr,
+    block_idx_last_ptr, initial_state_idx_ptr, cu_chunk_seqlen_ptr, last_chunk_indices_ptr,
+    # sizes
+    null_block_id, block_size, num_tokens, num_slots, index_columns, num_chunks, dim, dstate,
+    channels_per_group,
+    # strides ((seq, dim, token) for u, delta, z, out; (seq, group, dstate, token) for B, C)
+    stride_u_seq, stride_u_dim, stride_u_tok,
+    stride_delta_seq, stride_delta_dim, stride_delta_tok,
+    stride_z_seq, stride_z_dim, stride_z_tok,
+    stride_out_seq, stride_out_dim, stride_out_tok,
+    stride_B_seq, stride_B_group, stride_B_dstate, stride_B_tok,
+    stride_C_seq, stride_C_group, stride_C_dstate, stride_C_tok,
+    stride_A_dim, stride_A_dstate, stride_D_dim, stride_delta_bias_dim,
+    stride_states_slot, stride_states_dim, stride_states_dstate,
+    stride_cache_seq, stride_cache_col,
+    # meta-parameters
+    DELTA_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_CACHE_INDICES: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
+    IS_APC: tl.constexpr, HAS_CHUNKS: tl.constexpr,
+):
+    """Grid (cdiv(dim, BLOCK_D), num_seqs): one program holds a (BLOCK_D,
+    dstate) float32 state of one sequence in registers while it walks the
+    sequence's tokens. Every load and store is masked against the real
+    extents; a sequence breaking the contract writes no state and NaN outputs."""
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+        eos = tl.load(query_start_loc_ptr + seq + 1).to(tl.int64)
+    else:
+        bos = seq * 0
+        eos = bos + num_tokens
+    ok = (bos >= 0) & (bos <= eos) & (eos <= num_tokens)
+    first_tok = tl.minimum(tl.maximum(bos, 0), num_tokens)
+    end_tok = tl.minimum(tl.maximum(eos, first_tok), num_tokens)
+    seqlen = end_tok - first_tok
+
+    padding = seq < 0  # False, as a tensor
+    read_slot = seq
+    write_slot = seq
+    if HAS_CACHE_INDICES:
+        row = cache_indices_ptr + seq * stride_cache_seq
+        if IS_APC:
+            init_col = tl.load(initial_state_idx_ptr + seq).to(tl.int64)
+            first_col = tl.load(block_idx_first_ptr + seq).to(tl.int64)
+            last_col = tl.load(block_idx_last_ptr + seq).to(tl.int64)
+            cols_ok = ((init_col >= 0) & (init_col < index_columns) & (first_col >= 0)
+                       & (first_col <= last_col) & (last_col < index_columns))
+            read_slot = tl.load(row + tl.where(cols_ok, init_col, 0) * stride_cache_col).to(tl.int64)
+            write_slot = tl.load(row + tl.where(cols_ok, last_col, 0) * stride_cache_col).to(tl.int64)
+            padding = cols_ok & (read_slot == null_block_id)
+            ok = ok & cols_ok
+        else:
+            read_slot = tl.load(row).to(tl.int64)
+            write_slot = read_slot
+            padding = read_slot == null_block_id
+    in_cache_write = (write_slot >= 0) & (write_slot < num_slots)
+    if HAS_CACHE_INDICES:
+        in_cache_write = in_cache_write | (write_slot == null_block_id)  # not kept
+    ok = ok & (read_slot >= 0) & (read_slot < num_slots) & in_cache_write
+
+    offset = seq * 0  # of the first scheduled token in its block (APC)
+    if IS_APC:
+        if HAS_CHUNKS:
+            last_chunk = tl.load(last_chunk_indices_ptr + seq).to(tl.int64)
+            prev = tl.load(last_chunk_indices_ptr + seq - 1, mask=seq > 0, other=-1).to(tl.int64)
+            first_chunk = prev + 1
+            chunks_ok = (first_chunk >= 0) & (first_chunk <= last_chunk) & (last_chunk < num_chunks)
+            chunk = tl.where(chunks_ok, first_chunk, 0)
+            first_len = (tl.load(cu_chunk_seqlen_ptr + chunk + 1, mask=chunks_ok, other=0)
+                         - tl.load(cu_chunk_seqlen_ptr + chunk, mask=chunks_ok, other=0)).to(tl.int64)
+            partial = chunks_ok & (last_chunk > first_chunk) & (first_len > 0) & (first_len < block_size)
+            offset = tl.where(partial, block_size - first_len, 0)
+            ok = ok & chunks_ok
+        boundaries = (offset + tl.maximum(seqlen, 1) - 1) // block_size
+        ok = ok & (last_col == first_col + boundaries)
+        bad_slots = tl.full([], 0, tl.int32)
+        for col in range(first_col, tl.where(ok & ~padding, last_col, first_col)):
+            slot = tl.load(row + col * stride_cache_col).to(tl.int64)
+            bad_slots += ((slot != null_block_id) & ((slot < 0) | (slot >= num_slots))).to(tl.int32)
+        ok = ok & (bad_slots == 0)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    tile_mask = mask_d[:, None] & mask_n[None, :]
+    tile = offs_d[:, None] * stride_states_dim + offs_n[None, :] * stride_states_dstate
+    group = (pid_d * BLOCK_D) // channels_per_group
+
+    if HAS_INITIAL_STATE:
+        load_state = ok & ~padding & (tl.load(has_initial_state_ptr + seq) != 0)
+        h = tl.load(states_ptr + tl.where(load_state, read_slot, 0) * stride_states_slot + tile,
+                    mask=tile_mask & load_state, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_dim + offs_n[None, :] * stride_A_dstate,
+                mask=tile_mask, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d * stride_D_dim, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        delta_bias = tl.load(delta_bias_ptr + offs_d * stride_delta_bias_dim, mask=mask_d,
+                             other=0.0).to(tl.float32)
+
+    u_row = u_ptr + seq * stride_u_seq + offs_d * stride_u_dim
+    delta_row = delta_ptr + seq * stride_delta_seq + offs_d * stride_delta_dim
+    out_row = out_ptr + seq * stride_out_seq + offs_d * stride_out_dim
+    B_row = B_ptr + seq * stride_B_seq + group * stride_B_group + offs_n * stride_B_dstate
+    C_row = C_ptr + seq * stride_C_seq + group * stride_C_group + offs_n * stride_C_dstate
+    for t in range(first_tok, tl.where(padding, first_tok, end_tok)):
+        u = tl.load(u_row + t * stride_u_tok, mask=mask_d, other=0.0).to(tl.float32)
+        dt = tl.load(delta_row + t * stride_delta_tok, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            dt += delta_bias
+        if DELTA_SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        B = tl.load(B_row + t * stride_B_tok, mask=mask_n, other=0.0).to(tl.float32)
+        C = tl.load(C_row + t * stride_C_tok, mask=mask_n, other=0.0).to(tl.float32)
+        h = h * tl.exp(dt[:, None] * A) + (dt * u)[:, None] * B[None, :]
+        y = tl.sum(h * C[None, :], axis=1)
+        if HAS_D:
+            y += D * u
+        if HAS_Z:
+            z = tl.load(z_ptr + seq * stride_z_seq + offs_d * stride_z_dim + t * stride_z_tok, mask=mask_d, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        y = tl.where(ok, y, float("nan"))
+        tl.store(out_row + t * stride_out_tok, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+        if IS_APC:
+            # The state after a token that completes a block (not the last token).
+            i = t - first_tok
+            boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
+            col = first_col + (offset + i) // block_size
+            slot = tl.load(row + col * stride_cache_col, mask=boundary, other=null_block_id).to(tl.int64)
+            keep = boundary & (slot != null_block_id)
+            tl.store(states_ptr + tl.where(keep, slot, 0) * stride_states_slot + tile,
+                     h.to(states_ptr.dtype.element_ty), mask=tile_mask & keep)
+
+    keep = ok & ~padding & (seqlen > 0)
+    if HAS_CACHE_INDICES:
+        keep = keep & (write_slot != null_block_id)
+    tl.store(states_ptr + tl.where(keep, write_slot, 0) * stride_states_slot + tile,
+             h.to(states_ptr.dtype.element_ty), mask=tile_mask & keep)
+
+
+def _seq_strides(tensor, varlen: bool, ndim: int) -> tuple:
+    """Strides with a leading sequence axis (0 for the packed varlen form)
+    and, for B / C given without a group axis, a group stride of 0."""
+    if tensor is None:
+        return platform.strides(None, ndim)
+    strides = list(tensor.stride())
+    if varlen:
+        strides.insert(0, 0)
+    if len(strides) < ndim:
+        strides.insert(1, 0)
+    return tuple(strides)
+
+
+def _on_device(device):
+    """Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, cache_indices,
+            has_initial_state, block_idx_first_scheduled_token, block_idx_last_scheduled_token,
+            initial_state_idx, cu_chunk_seqlen, last_chunk_indices, delta_softplus: bool,
+            null_block_id: int, block_size: int):
+    """The kernel launch on checked arguments; the output goes into ``z``
+    when given, else into ``delta``."""
+    layout = check_selective_scan_args(  # cached per signature
+        u=u, ssm_states=ssm_states, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+        query_start_loc=query_start_loc, cache_indices=cache_indices,
+        has_initial_state=has_initial_state,
+        block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+        block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+        initial_state_idx=initial_state_idx, cu_chunk_seqlen=cu_chunk_seqlen,
+        last_chunk_indices=last_chunk_indices)
+    states = ssm_states.view(ssm_states.shape[0], layout.dim, layout.dstate)
+    out = delta if z is None else z
+    varlen = layout.varlen
+    cache_strides = (0, 0) if cache_indices is None else (
+        cache_indices.stride(0), cache_indices.stride(1) if cache_indices.dim() == 2 else 0)
+    bd = block_d(layout)
+    grid = (triton.cdiv(layout.dim, bd), layout.num_seqs)
+    with _on_device(u.device):
+        _selective_scan_kernel[grid](
+            u, delta, A, B, C, D, z, delta_bias, out, states,
+            query_start_loc, cache_indices, has_initial_state, block_idx_first_scheduled_token,
+            block_idx_last_scheduled_token, initial_state_idx, cu_chunk_seqlen, last_chunk_indices,
+            null_block_id, block_size, layout.num_tokens, layout.num_slots, layout.index_columns,
+            layout.num_chunks, layout.dim, layout.dstate, layout.channels_per_group,
+            *_seq_strides(u, varlen, 3), *_seq_strides(delta, varlen, 3), *_seq_strides(z, varlen, 3),
+            *_seq_strides(out, varlen, 3), *_seq_strides(B, varlen, 4), *_seq_strides(C, varlen, 4),
+            *A.stride(), *platform.strides(D, 1), *platform.strides(delta_bias, 1),
+            *states.stride(), *cache_strides,
+            DELTA_SOFTPLUS=delta_softplus, BLOCK_D=bd, num_warps=NUM_WARPS)
+
+
+# The launch as a torch op (opaque to torch.compile, safe in a CUDA graph);
+# registered like ``mamba_twin::selective_state_update``.
+_LIB = torch.library.Library("mamba_twin", "FRAGMENT")
+_LIB.define(
+    "selective_scan_fwd(Tensor(a!) ssm_states, Tensor(b!) delta, Tensor(c!)? z, Tensor u, "
+    "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, Tensor? query_start_loc, "
+    "Tensor? cache_indices, Tensor? has_initial_state, Tensor? block_idx_first_scheduled_token, "
+    "Tensor? block_idx_last_scheduled_token, Tensor? initial_state_idx, Tensor? cu_chunk_seqlen, "
+    "Tensor? last_chunk_indices, bool delta_softplus, int null_block_id, int block_size) -> ()")
+_LIB.impl("selective_scan_fwd", _launch, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mamba_twin::selective_scan_fwd", lib=_LIB)
+def _launch_fake(*args):
+    return None
+
+
+_OP = torch.ops.mamba_twin.selective_scan_fwd.default
+
+
+def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=None,
+                      delta_softplus=False, query_start_loc=None, cache_indices=None,
+                      has_initial_state=None, null_block_id=NULL_BLOCK_ID, block_size=1024,
+                      block_idx_first_scheduled_token=None, block_idx_last_scheduled_token=None,
+                      initial_state_idx=None, cu_chunk_seqlen=None, last_chunk_indices=None, *,
+                      validate_indices=None):
+    """Mamba-1 prefill: ``u, delta, z (dim, T)`` packed by ``query_start_loc``
+    (or ``(batch, dim, seqlen)``), ``B, C (ngroups, dstate, T)``; reads and
+    writes ``ssm_states (slots, dim, dstate)`` in place at ``cache_indices``
+    (a block table with prefix caching). Writes the output into ``z`` when
+    given, else into ``delta``, and returns that tensor.
+
+    Shapes, the prefix-caching writes and the unchecked contract (bad index
+    values: no state written, NaN outputs, never an access outside the
+    tensors): ``bridge.spec.selective_scan_contract``. ``validate_indices``
+    (default ``$MAMBA_TWIN_CHECK_INDICES``, off) checks index values on the
+    host (a device sync; skipped under CUDA-graph capture / torch.compile).
+    """
+    index_args = dict(query_start_loc=query_start_loc, cache_indices=cache_indices,
+                      has_initial_state=has_initial_state,
+                      block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+                      block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+                      initial_state_idx=initial_state_idx, cu_chunk_seqlen=cu_chunk_seqlen,
+                      last_chunk_indices=last_chunk_indices)
+    float_args = dict(u=u, ssm_states=ssm_states, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                      delta_bias=delta_bias)
+    layout = check_selective_scan_args(**float_args, **index_args, null_block_id=null_block_id,
+                                       block_size=block_size, delta_softplus=delta_softplus)
+    device = platform.check_kernel_device({**float_args, **index_args})
+    host = platform.host_index_values(validate_indices, device, **index_args)
+    if host is not None:
+        check_selective_scan_index_values(layout, null_block_id=int(null_block_id),
+                                          block_size=int(block_size), **host)
+    if layout.num_seqs > MAX_GRID_Y:
+        raise ValueError(f"selective_scan_fn: {layout.num_seqs} sequences; the Triton kernel takes "
+                         f"at most {MAX_GRID_Y} per call (CUDA's grid limit)")
+    if ssm_states.dim() == 4 and not _viewable(ssm_states, layout):
+        raise ValueError("selective_scan_fn: `ssm_states` (slots, nheads, dim // nheads, dstate) must "
+                         "be viewable as (slots, dim, dstate) (heads contiguous over dim)")
+    out = delta if z is None else z
+    if layout.num_seqs == 0 or layout.num_tokens == 0 or layout.dim == 0:
+        return out
+    _OP(ssm_states=ssm_states, delta=delta, z=z, u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+        **index_args, delta_softplus=bool(delta_softplus), null_block_id=int(null_block_id),
+        block_size=int(block_size))
+    return out
+
+
+def _viewable(states, layout: ScanLayout) -> bool:
+    return states.stride(1) == states.shape[2] * states.stride(2) or states.shape[1] == 1
