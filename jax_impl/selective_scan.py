@@ -1,0 +1,243 @@
+"""Mamba-1's prefill scan ``selective_scan_fn`` as a Pallas kernel (Triton
+backend on GPU). The math, shapes, prefix-caching writes and the unchecked
+contract: ``bridge.spec.selective_scan_contract``. Mirror:
+``torch_impl/selective_scan.py``.
+
+JAX is functional: the call returns ``(out, new_ssm_states)``. ``out`` is
+the new value of the buffer vLLM writes in place (``z`` when given, else
+``delta``: padding sequences keep its values) and both outputs alias their
+inputs (``input_output_aliases``), so under ``jax.jit`` with ``ssm_states``
+(and that buffer) donated, the update is in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bridge.spec.selective_scan_contract import (
+    NULL_BLOCK_ID, ScanLayout, check_selective_scan_args, check_selective_scan_index_values)
+from jax_impl import platform
+
+BLOCK_D, NUM_WARPS = 64, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanTiles:
+    block_d: int  # channels per program (never spanning two groups)
+    block_n: int  # dstate, padded to a power of two
+
+
+def scan_tiles(layout: ScanLayout, target: int = BLOCK_D) -> ScanTiles:
+    if layout.ngroups == 1:
+        block_d = min(target, pl.next_power_of_2(layout.dim))
+    else:
+        per_group = layout.channels_per_group
+        block_d = min(target, per_group & -per_group)
+    return ScanTiles(block_d=block_d, block_n=pl.next_power_of_2(layout.dstate))
+
+
+def _selective_scan_kernel(
+        u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, z_ref, delta_bias_ref, qsl_ref, cache_ref,
+        has_init_ref, first_col_ref, last_col_ref, init_col_ref, cu_chunk_ref, last_chunk_ref,
+        states_in_ref, out_ref, states_ref, *, layout: ScanLayout, tiles: ScanTiles,
+        delta_softplus: bool, null_block_id: int, block_size: int):
+    """Grid (cdiv(dim, block_d), num_seqs): one program holds a (block_d,
+    dstate) float32 state of one sequence while it walks the sequence's
+    tokens. Index arithmetic is int32 (x64 mode included); table reads are
+    clamped into their arrays; a sequence breaking the contract writes no
+    state and NaN outputs."""
+    i32 = jnp.int32
+    zero = jnp.zeros((), i32)
+    num_tokens, num_slots = layout.num_tokens, layout.num_slots
+    pid_d, seq = pl.program_id(0), pl.program_id(1)
+    if qsl_ref is not None:
+        bos, eos = qsl_ref[seq], qsl_ref[seq + 1]
+        b = zero  # the packed arrays have one (batch) row
+    else:
+        bos, eos, b = zero, zero + num_tokens, seq
+    ok = (bos >= 0) & (bos <= eos) & (eos <= num_tokens)
+    first_tok = jnp.clip(bos, 0, num_tokens)
+    end_tok = jnp.clip(eos, first_tok, num_tokens)
+    seqlen = end_tok - first_tok
+
+    padding = jnp.zeros((), bool)
+    read_slot = write_slot = seq
+    if cache_ref is not None:
+        if first_col_ref is not None:
+            init_col, first_col, last_col = init_col_ref[seq], first_col_ref[seq], last_col_ref[seq]
+            cols_ok = ((init_col >= 0) & (init_col < layout.index_columns) & (first_col >= 0)
+                       & (first_col <= last_col) & (last_col < layout.index_columns))
+            read_slot = cache_ref[seq, jnp.where(cols_ok, init_col, zero)]
+            write_slot = cache_ref[seq, jnp.where(cols_ok, last_col, zero)]
+            padding = cols_ok & (read_slot == null_block_id)
+            ok = ok & cols_ok
+        else:
+            read_slot = write_slot = cache_ref[seq, 0]
+            padding = read_slot == null_block_id
+    write_ok = (write_slot >= 0) & (write_slot < num_slots)
+    if cache_ref is not None:
+        write_ok = write_ok | (write_slot == null_block_id)  # not kept
+    ok = ok & (read_slot >= 0) & (read_slot < num_slots) & write_ok
+
+    offset = zero  # of the first scheduled token in its block (APC)
+    if first_col_ref is not None:
+        if cu_chunk_ref is not None:
+            last_chunk = last_chunk_ref[seq]
+            first_chunk = jnp.where(seq > 0, last_chunk_ref[jnp.maximum(seq - 1, 0)] + 1, zero)
+            chunks_ok = (first_chunk >= 0) & (first_chunk <= last_chunk) & (last_chunk < layout.num_chunks)
+            chunk = jnp.where(chunks_ok, first_chunk, zero)
+            first_len = cu_chunk_ref[chunk + 1] - cu_chunk_ref[chunk]
+            partial = chunks_ok & (last_chunk > first_chunk) & (first_len > 0) & (first_len < block_size)
+            offset = jnp.where(partial, block_size - first_len, zero)
+            ok = ok & chunks_ok
+        boundaries = (offset + jnp.maximum(seqlen, 1) - 1) // block_size
+        ok = ok & (last_col == first_col + boundaries)
+
+        def count_bad_slot(col, bad):
+            slot = cache_ref[seq, col]
+            slot_bad = (slot != null_block_id) & ((slot < 0) | (slot >= num_slots))
+            return bad + jnp.where(slot_bad, jnp.ones((), i32), zero)
+
+        ok = ok & (jax.lax.fori_loop(first_col, jnp.where(ok & ~padding, last_col, first_col),
+                                     count_bad_slot, zero) == 0)
+
+    offs_d = pid_d * tiles.block_d + jnp.arange(tiles.block_d, dtype=i32)
+    offs_n = jnp.arange(tiles.block_n, dtype=i32)
+    mask_d, mask_n = offs_d < layout.dim, offs_n < layout.dstate
+    tile_mask = mask_d[:, None] & mask_n[None, :]
+    rows, cols = offs_d[:, None], offs_n[None, :]
+    group = (pid_d * tiles.block_d) // layout.channels_per_group
+
+    if has_init_ref is not None:
+        load_state = ok & ~padding & (has_init_ref[seq] != 0)
+        h = plgpu.load(states_in_ref.at[jnp.where(load_state, read_slot, zero), rows, cols],
+                       mask=tile_mask & load_state, other=0.0).astype(jnp.float32)
+    else:
+        h = jnp.zeros((tiles.block_d, tiles.block_n), jnp.float32)
+    A = plgpu.load(A_ref.at[rows, cols], mask=tile_mask, other=0.0).astype(jnp.float32)
+    vector = lambda ref: plgpu.load(ref.at[offs_d], mask=mask_d, other=0.0).astype(jnp.float32)  # noqa: E731
+    D = None if D_ref is None else vector(D_ref)
+    delta_bias = None if delta_bias_ref is None else vector(delta_bias_ref)
+
+    def store_state(slot, keep, h):
+        plgpu.store(states_ref.at[jnp.where(keep, slot, zero), rows, cols],
+                    h.astype(states_ref.dtype), mask=tile_mask & keep)
+
+    def token_step(t, h):
+        channel = lambda ref: plgpu.load(ref.at[b, offs_d, t], mask=mask_d, other=0.0).astype(jnp.float32)  # noqa: E731
+        state_vector = lambda ref: plgpu.load(ref.at[b, group, offs_n, t], mask=mask_n,  # noqa: E731
+                                              other=0.0).astype(jnp.float32)
+        u, dt = channel(u_ref), channel(delta_ref)
+        if delta_bias is not None:
+            dt = dt + delta_bias
+        if delta_softplus:
+            dt = jnp.where(dt <= 20.0, jnp.log(1.0 + jnp.exp(dt)), dt)
+        h = h * jnp.exp(dt[:, None] * A) + (dt * u)[:, None] * state_vector(B_ref)[None, :]
+        y = jnp.sum(h * state_vector(C_ref)[None, :], axis=1)
+        if D is not None:
+            y = y + D * u
+        if z_ref is not None:
+            z = channel(z_ref)
+            y = y * z * jax.nn.sigmoid(z)
+        y = jnp.where(ok, y, jnp.nan)
+        plgpu.store(out_ref.at[b, offs_d, t], y.astype(out_ref.dtype), mask=mask_d)
+        if first_col_ref is not None:
+            # The state after a token that completes a block (not the last token).
+            i = t - first_tok
+            boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
+            slot = cache_ref[seq, jnp.where(boundary, first_col + (offset + i) // block_size, zero)]
+            store_state(slot, boundary & (slot != null_block_id), h)
+        return h
+
+    h = jax.lax.fori_loop(first_tok, jnp.where(padding, first_tok, end_tok), token_step, h)
+    keep = ok & ~padding & (seqlen > 0)
+    if cache_ref is not None:
+        keep = keep & (write_slot != null_block_id)
+    store_state(write_slot, keep, h)
+
+
+def _int32(array):
+    """Index values as int32, the kernel's index type (x64 mode included);
+    int64 values saturate, so one out of range stays out of range."""
+    if array is None:
+        return None
+    if array.dtype == jnp.int64:
+        info = jnp.iinfo(jnp.int32)
+        array = jnp.clip(array, info.min, info.max)
+    return array.astype(jnp.int32)
+
+
+def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=None,
+                      delta_softplus=False, query_start_loc=None, cache_indices=None,
+                      has_initial_state=None, null_block_id=NULL_BLOCK_ID, block_size=1024,
+                      block_idx_first_scheduled_token=None, block_idx_last_scheduled_token=None,
+                      initial_state_idx=None, cu_chunk_seqlen=None, last_chunk_indices=None, *,
+                      validate_indices=None):
+    """Mamba-1 prefill: ``u, delta, z (dim, T)`` packed by ``query_start_loc``
+    (or ``(batch, dim, seqlen)``), ``B, C (ngroups, dstate, T)``, the cache
+    ``ssm_states (slots, dim, dstate)`` read and written at ``cache_indices``
+    (a block table with prefix caching). Returns ``(out, new_ssm_states)``,
+    ``out`` shaped like ``delta`` (see the module docstring).
+
+    Jittable with ``delta_softplus``, ``null_block_id`` and ``block_size``
+    static. Concrete index values are checked (``validate_indices=False``:
+    not); traced ones follow the unchecked contract of
+    ``bridge.spec.selective_scan_contract`` (skipped, NaN outputs).
+    """
+    index_args = dict(query_start_loc=query_start_loc, cache_indices=cache_indices,
+                      has_initial_state=has_initial_state,
+                      block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+                      block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+                      initial_state_idx=initial_state_idx, cu_chunk_seqlen=cu_chunk_seqlen,
+                      last_chunk_indices=last_chunk_indices)
+    layout = check_selective_scan_args(
+        u=u, ssm_states=ssm_states, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+        **index_args, null_block_id=null_block_id, block_size=block_size,
+        delta_softplus=delta_softplus)
+    host = platform.host_index_values(validate_indices, **index_args)
+    if host is not None:
+        check_selective_scan_index_values(layout, null_block_id=int(null_block_id),
+                                          block_size=int(block_size), **host)
+    target = delta if z is None else z
+    if layout.num_seqs == 0 or layout.num_tokens == 0 or layout.dim == 0:
+        return target, ssm_states
+
+    # Everything with a leading batch axis (one row for the packed form) and
+    # B, C with a group axis; the state as (slots, dim, dstate).
+    lead = (lambda a: a[None]) if layout.varlen else (lambda a: a)
+    grouped = lambda a: a if a.ndim == (3 if layout.varlen else 4) else jnp.expand_dims(  # noqa: E731
+        a, -3)
+    states = ssm_states.reshape(layout.num_slots, layout.dim, layout.dstate)
+    operands = [
+        lead(u), lead(delta), A, lead(grouped(B)), lead(grouped(C)), D,
+        None if z is None else lead(z), delta_bias,
+        *map(_int32, (query_start_loc,
+                      None if cache_indices is None else cache_indices.reshape(len(cache_indices), -1),
+                      has_initial_state, block_idx_first_scheduled_token,
+                      block_idx_last_scheduled_token, initial_state_idx, cu_chunk_seqlen,
+                      last_chunk_indices)),
+        states]
+    present = [i for i, a in enumerate(operands) if a is not None]  # flat operand numbers
+    out_operand = 6 if z is not None else 1
+    aliases = {present.index(out_operand): 0, present.index(len(operands) - 1): 1}
+    tiles = scan_tiles(layout)
+    kernel = functools.partial(
+        _selective_scan_kernel, layout=layout, tiles=tiles, delta_softplus=bool(delta_softplus),
+        null_block_id=int(null_block_id), block_size=int(block_size))
+    out, new_states = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(operands[out_operand].shape, target.dtype),
+                   jax.ShapeDtypeStruct(states.shape, states.dtype)),
+        grid=(pl.cdiv(layout.dim, tiles.block_d), layout.num_seqs),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=platform.INTERPRET,
+        name="selective_scan",
+    )(*operands)
+    return out.reshape(target.shape), new_states.reshape(ssm_states.shape)
