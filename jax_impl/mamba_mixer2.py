@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from bridge.spec.mixer_layout import MixerLayout
-from bridge.spec.mixer_metadata import Mamba2Metadata, check_checkpoint
+from bridge.spec.mixer_metadata import Mamba2Metadata
 from bridge.spec.ssd_contract import ChunkMetadata
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
 from bridge.spec.state_shapes import is_conv_state_dim_first
@@ -82,9 +81,7 @@ def _pick(table, columns):
 
 
 class MambaMixer2(MixerLayout, nnx.Module):
-    """vLLM's constructor arguments less its config objects; ``chunk_size``
-    (the model's mamba chunk size) and ``num_spec`` (speculative tokens)
-    come from those in vLLM. Parameters (torch layout, as in the mirror):
+    """Arguments: ``bridge.spec.mixer_layout.MixerLayout``'s. Parameters (torch layout, as in the mirror):
     ``in_proj_weight (I + conv_dim + H, hidden)``, ``in_proj_bias``,
     ``conv_weight (conv_dim, W)``, ``conv_bias``, ``A (H,)`` (= -exp(A_log),
     float32), ``D``, ``dt_bias (H,)``, ``norm_weight (I,)``,
@@ -109,17 +106,11 @@ class MambaMixer2(MixerLayout, nnx.Module):
     ``build_mamba2_metadata(..., padding=...)``); batches that differ only in
     their lengths, slots and chunk boundaries reuse one compilation."""
 
-    def __init__(self, hidden_size: int, ssm_state_size: int, conv_kernel_size: int,
-                 intermediate_size: int, use_conv_bias: bool, use_bias: bool, n_groups: int = 1,
-                 num_heads: int = 128, head_dim: int = 64, rms_norm_eps: float = 1e-5,
-                 activation: str = "silu", use_rms_norm: bool = True, chunk_size: int = 256,
-                 num_spec: int = 0, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        self._configure(hidden_size=hidden_size, ssm_state_size=ssm_state_size,
-                        conv_kernel_size=conv_kernel_size, intermediate_size=intermediate_size,
-                        use_conv_bias=use_conv_bias, use_bias=use_bias, n_groups=n_groups,
-                        num_heads=num_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
-                        activation=activation, use_rms_norm=use_rms_norm, chunk_size=chunk_size,
-                        num_spec=num_spec)
+    SAFETENSORS = "safetensors.numpy"
+
+    def __init__(self, *args, dtype=jnp.float32, rngs: nnx.Rngs | None = None, **kwargs):
+        """``MixerLayout``'s arguments (vLLM's), then the parameters' ``dtype`` and ``rngs``."""
+        MixerLayout.__init__(self, *args, **kwargs)
         self.validate_indices = None
         I, conv_dim, H = self.projection_sizes
         rngs = rngs or nnx.Rngs(0)
@@ -133,41 +124,30 @@ class MambaMixer2(MixerLayout, nnx.Module):
             return (nnx.Param(uniform(shape, bound).astype(dtype)),
                     nnx.Param(uniform(shape[:1], bound).astype(dtype)) if bias else None)
 
-        self.in_proj_weight, self.in_proj_bias = linear((I + conv_dim + H, hidden_size), use_bias)
-        self.conv_weight, self.conv_bias = linear((conv_dim, conv_kernel_size), use_conv_bias)
-        self.out_proj_weight, self.out_proj_bias = linear((hidden_size, I), use_bias)
+        self.in_proj_weight, self.in_proj_bias = linear((I + conv_dim + H, self.hidden_size), self.use_bias)
+        self.conv_weight, self.conv_bias = linear((conv_dim, self.conv_kernel_size), self.use_conv_bias)
+        self.out_proj_weight, self.out_proj_bias = linear((self.hidden_size, I), self.use_bias)
         self.A = nnx.Param(-uniform((H,), 16.0, 1.0))
         self.D = nnx.Param(jnp.ones((H,), dtype))
         dt = jnp.exp(uniform((H,), math.log(0.1), math.log(1e-3)))
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(dtype))  # softplus^-1(dt)
-        self.norm_weight = nnx.Param(jnp.ones((I,), dtype)) if use_rms_norm else None
+        self.norm_weight = nnx.Param(jnp.ones((I,), dtype)) if self.use_rms_norm else None
 
     # --- weights ---------------------------------------------------------------
 
-    def load_weights(self, weights: Mapping, prefix: str = "") -> None:
-        """Set a checkpoint: Hugging Face / mamba_ssm key names (after
-        ``prefix``) mapping to jax arrays, numpy arrays or torch tensors
-        (shared through DLPack without a copy where possible). ``A_log``
-        becomes ``A = -exp(A_log)``."""
+    def _load(self, params: dict, a_log) -> None:
+        """``load_weights``' framework half: values by parameter attribute."""
         from bridge.dlpack import to_jax
-
-        check_checkpoint(weights, self._checkpoint_shapes(), prefix)
 
         def array(value):
             if isinstance(value, (jax.Array, np.ndarray)):
                 return jnp.asarray(value)
             return to_jax(value, copy_ok=True, name="weight")
 
-        for key, target in self._params_by_key().items():
-            if target is not None:
-                target.set_value(array(weights[prefix + key]).reshape(target.shape).astype(target.dtype))
-        self.A.set_value(-jnp.exp(array(weights[prefix + "A_log"]).astype(jnp.float32)))
-
-    def load_safetensors(self, path: str, prefix: str = "") -> None:
-        """``load_weights`` from a safetensors file."""
-        from safetensors.numpy import load_file
-
-        self.load_weights(load_file(path), prefix)
+        for attr, value in params.items():
+            target = getattr(self, attr)
+            target.set_value(array(value).reshape(target.shape).astype(target.dtype))
+        self.A.set_value(-jnp.exp(array(a_log).astype(jnp.float32)))
 
     def checkpoint_weights(self) -> dict:
         """The weights under checkpoint names (``conv1d.weight`` 3-D as saved, ``A_log``)."""
@@ -224,12 +204,7 @@ class MambaMixer2(MixerLayout, nnx.Module):
 
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p
-            prefix = {}
-            if cache_all:
-                prefix = dict(block_idx_first_scheduled_token=meta.block_idx_first_scheduled_token_p,
-                              block_idx_last_scheduled_token=write_col_p, initial_state_idx=read_col_p,
-                              num_computed_tokens=meta.num_computed_tokens_p,
-                              block_size_to_align=meta.mamba_block_size)
+            prefix = self._prefix_caching_conv_args(meta, read_col_p, write_col_p) if cache_all else {}
             conv_p, conv = causal_conv1d_fn(
                 x=xBC[nd:nd + npf].T, weight=weight, bias=bias, conv_states=conv,
                 query_start_loc=meta.query_start_loc_p, cache_indices=table_p,

@@ -14,7 +14,6 @@ weights can continue. Tensor-parallel size 1 (the sharding rules:
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 
 from bridge.spec.mixer_layout import MixerLayout
 from bridge.spec.checks import expect_shape, fail, shape_of
-from bridge.spec.mixer_metadata import Mamba2Metadata, build_mamba2_metadata, check_checkpoint
+from bridge.spec.mixer_metadata import Mamba2Metadata, build_mamba2_metadata
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
 from bridge.spec.state_shapes import is_conv_state_dim_first
 from torch_impl import platform
@@ -92,9 +91,7 @@ def _pick(table, columns):
 
 
 class MambaMixer2(MixerLayout, nn.Module):
-    """vLLM's constructor arguments less its config objects; ``chunk_size``
-    (the model's mamba chunk size) and ``num_spec`` (speculative tokens)
-    come from those in vLLM. Parameters: ``in_proj_weight (I + conv_dim + H,
+    """Arguments: ``bridge.spec.mixer_layout.MixerLayout``'s. Parameters: ``in_proj_weight (I + conv_dim + H,
     hidden)``, ``in_proj_bias``, ``conv_weight (conv_dim, W)``, ``conv_bias``,
     ``A (H,)`` (= -exp(A_log), float32), ``D``, ``dt_bias (H,)``,
     ``norm_weight (I,)``, ``out_proj_weight (hidden, I)``, ``out_proj_bias``.
@@ -110,32 +107,26 @@ class MambaMixer2(MixerLayout, nn.Module):
     Colliding requests then leave their slots unspecified (either update
     may win, or the updates chain)."""
 
-    def __init__(self, hidden_size: int, ssm_state_size: int, conv_kernel_size: int,
-                 intermediate_size: int, use_conv_bias: bool, use_bias: bool, n_groups: int = 1,
-                 num_heads: int = 128, head_dim: int = 64, rms_norm_eps: float = 1e-5,
-                 activation: str = "silu", use_rms_norm: bool = True, chunk_size: int = 256,
-                 num_spec: int = 0, *, dtype=torch.float32, device=None):
-        super().__init__()
-        self._configure(hidden_size=hidden_size, ssm_state_size=ssm_state_size,
-                        conv_kernel_size=conv_kernel_size, intermediate_size=intermediate_size,
-                        use_conv_bias=use_conv_bias, use_bias=use_bias, n_groups=n_groups,
-                        num_heads=num_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
-                        activation=activation, use_rms_norm=use_rms_norm, chunk_size=chunk_size,
-                        num_spec=num_spec)
+    SAFETENSORS = "safetensors.torch"
+
+    def __init__(self, *args, dtype=torch.float32, device=None, **kwargs):
+        """``MixerLayout``'s arguments (vLLM's), then the parameters' ``dtype`` and ``device``."""
+        nn.Module.__init__(self)
+        MixerLayout.__init__(self, *args, **kwargs)
         self.validate_indices = None
-        (I, conv_dim, H) = self.projection_sizes
+        I, conv_dim, H = self.projection_sizes
         factory = dict(dtype=dtype, device=device)
         param = lambda *shape, **kw: nn.Parameter(torch.empty(*shape, **{**factory, **kw}))  # noqa: E731
-        self.in_proj_weight = param(I + conv_dim + H, hidden_size)
-        self.in_proj_bias = param(I + conv_dim + H) if use_bias else None
-        self.conv_weight = param(conv_dim, conv_kernel_size)
-        self.conv_bias = param(conv_dim) if use_conv_bias else None
+        self.in_proj_weight = param(I + conv_dim + H, self.hidden_size)
+        self.in_proj_bias = param(I + conv_dim + H) if self.use_bias else None
+        self.conv_weight = param(conv_dim, self.conv_kernel_size)
+        self.conv_bias = param(conv_dim) if self.use_conv_bias else None
         self.A = param(H, dtype=torch.float32)
         self.D = param(H)
         self.dt_bias = param(H)
-        self.norm_weight = param(I) if use_rms_norm else None
-        self.out_proj_weight = param(hidden_size, I)
-        self.out_proj_bias = param(hidden_size) if use_bias else None
+        self.norm_weight = param(I) if self.use_rms_norm else None
+        self.out_proj_weight = param(self.hidden_size, I)
+        self.out_proj_bias = param(self.hidden_size) if self.use_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,14 +148,9 @@ class MambaMixer2(MixerLayout, nn.Module):
 
     # --- weights ---------------------------------------------------------------
 
-    def load_weights(self, weights: Mapping, prefix: str = "") -> None:
-        """Copy a checkpoint in: Hugging Face / mamba_ssm key names (after
-        ``prefix``) mapping to torch tensors, numpy arrays or jax arrays
-        (shared through DLPack without a copy where possible). ``A_log``
-        becomes ``A = -exp(A_log)``."""
+    def _load(self, params: dict, a_log) -> None:
+        """``load_weights``' framework half: values by parameter attribute."""
         from bridge.dlpack import to_torch
-
-        check_checkpoint(weights, self._checkpoint_shapes(), prefix)
 
         def tensor(value):
             if isinstance(value, torch.Tensor):
@@ -174,16 +160,10 @@ class MambaMixer2(MixerLayout, nn.Module):
             return to_torch(value, copy_ok=True, name="weight")
 
         with torch.no_grad():
-            for key, target in self._params_by_key().items():
-                if target is not None:
-                    target.copy_(tensor(weights[prefix + key]).reshape(target.shape))
-            self.A.copy_(-torch.exp(tensor(weights[prefix + "A_log"]).float()))
-
-    def load_safetensors(self, path: str, prefix: str = "") -> None:
-        """``load_weights`` from a safetensors file."""
-        from safetensors.torch import load_file
-
-        self.load_weights(load_file(path), prefix)
+            for attr, value in params.items():
+                target = getattr(self, attr)
+                target.copy_(tensor(value).reshape(target.shape))
+            self.A.copy_(-torch.exp(tensor(a_log).float()))
 
     def checkpoint_weights(self) -> dict:
         """The weights under checkpoint names (``conv1d.weight`` 3-D as saved,
@@ -252,12 +232,7 @@ class MambaMixer2(MixerLayout, nn.Module):
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p
             conv_p = torch.empty(npf, self.dims.conv_dim, dtype=xBC.dtype, device=device)
-            prefix = {}
-            if cache_all:
-                prefix = dict(block_idx_first_scheduled_token=meta.block_idx_first_scheduled_token_p,
-                              block_idx_last_scheduled_token=write_col_p, initial_state_idx=read_col_p,
-                              num_computed_tokens=meta.num_computed_tokens_p,
-                              block_size_to_align=meta.mamba_block_size)
+            prefix = self._prefix_caching_conv_args(meta, read_col_p, write_col_p) if cache_all else {}
             causal_conv1d_fn(x=xBC[nd:nd + npf].T, weight=self.conv_weight, bias=self.conv_bias,
                              conv_states=conv_state, query_start_loc=meta.query_start_loc_p,
                              cache_indices=table_p, has_initial_state=meta.has_initial_states_p,
