@@ -7,6 +7,8 @@ Triton vs Pallas, refusals by name and guard regions on the unchecked path."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,187 @@ def test_matches_float64(side, rng, variant):
     assert_close(got_states, want_states, "float32", "ssm_states")
     untouched = np.setdiff1d(np.arange(len(want_states)), slots[slots != NULL])
     np.testing.assert_array_equal(got_states[untouched], inputs["ssm_states"][untouched])
+
+
+def apc_case(rng, block_size=4, computed=(0, 6, 4, 9, 3), seqlens=(7, 9, 3, 2, 2), slots=28, columns=5,
+             padding=(4,)):
+    """Prefix-caching inputs: block tables, the scheduled-block columns and
+    block-aligned chunks built as vLLM's builder does, from each sequence's
+    ``computed`` tokens; sequences in ``padding`` are null entries."""
+    inputs = random_inputs(rng, seqlens=seqlens, slots=slots)
+    Q, bs = len(seqlens), block_size
+    computed, seqlens = np.array(computed), np.array(seqlens)
+    table = (1 + rng.permutation(slots - 1)[:Q * columns]).reshape(Q, columns).astype(np.int32)
+    for q in padding:
+        table[q] = NULL
+    first, last = computed // bs, (computed + seqlens - 1) // bs
+    chunks = []
+    for c, n in zip(computed, seqlens):
+        lens = [min(n, bs - c % bs)]
+        while sum(lens) < n:
+            lens.append(min(bs, n - sum(lens)))
+        chunks.append(lens)
+    inputs.update(
+        cache_indices=table, has_initial_state=computed > 0,
+        block_idx_first_scheduled_token=first.astype(np.int32),
+        block_idx_last_scheduled_token=last.astype(np.int32),
+        initial_state_idx=(np.maximum(computed - 1, 0) // bs).astype(np.int32),
+        cu_chunk_seqlen=np.concatenate([[0], np.cumsum(np.concatenate(chunks))]).astype(np.int32),
+        last_chunk_indices=(np.cumsum([len(c) for c in chunks]) - 1).astype(np.int32))
+    return inputs, computed
+
+
+APC_ONLY = ("block_idx_first_scheduled_token", "block_idx_last_scheduled_token", "initial_state_idx",
+            "cu_chunk_seqlen", "last_chunk_indices")
+
+
+def test_prefix_caching_block_writes(side, rng):
+    """The state at every block boundary crossed goes to its block, the final
+    state to the last scheduled block, the initial state comes from the block
+    of the last computed token; every other slot bitwise unchanged."""
+    inputs, computed = apc_case(rng)
+    options = dict(delta_softplus=True, block_size=4)
+    ref_inputs = {k: v for k, v in inputs.items() if k not in APC_ONLY}
+    want_out, want_states = scan_ref(**ref_inputs, **options, num_computed_tokens=computed)
+    got_out, got_states = run(side, native(side, inputs), **options, validate_indices=True)
+    assert_close(got_out, want_out, "float32", "out")
+    assert_close(got_states, want_states, "float32", "ssm_states")
+    written = np.flatnonzero((want_states != inputs["ssm_states"]).any(axis=(1, 2)))
+    assert len(written) == 7, "3 boundary states and 4 final states"
+    untouched = np.setdiff1d(np.arange(len(want_states)), written)
+    np.testing.assert_array_equal(got_states[untouched], inputs["ssm_states"][untouched])
+
+
+def test_decode_continues_prefill(side, rng):
+    """Prefill with selective_scan_fn, then two decode steps with the 3-D
+    selective_state_update, equals one longer prefill."""
+    prefill, decode = (3, 5), 2
+    full = random_inputs(rng, seqlens=tuple(n + decode for n in prefill), with_z=True)
+    Q = len(prefill)
+    slots = np.array([3, 5], np.int32)
+    full.update(cache_indices=slots, has_initial_state=np.array([True, False]))
+    options = dict(delta_softplus=True)
+    want_out, want_states = scan_ref(**full, **options)
+
+    starts = full["query_start_loc"][:-1]
+    keep = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, prefill)])
+    part = dict(full, query_start_loc=np.concatenate([[0], np.cumsum(prefill)]).astype(np.int32))
+    for k in ("u", "delta", "z", "B", "C"):
+        part[k] = full[k][..., keep]
+    out, states = run(side, native(side, part), **options)
+    outs = [out]
+    states = side.array(states, "float32")
+    for step in range(decode):
+        tokens = starts + np.array(prefill) + step
+        args = native(side, dict(x=full["u"][:, tokens].T, dt=full["delta"][:, tokens].T,
+                                 z=full["z"][:, tokens].T, B=full["B"][0][:, tokens].T,
+                                 C=full["C"][0][:, tokens].T, A=full["A"], D=full["D"],
+                                 dt_bias=full["delta_bias"], state_batch_indices=slots))
+        args = {k: v for k, v in args.items()}
+        y, states = side.decode_step(states, **args, dt_softplus=True)
+        outs.append(side.numpy(y).T)
+    got = np.zeros_like(want_out)
+    got[:, keep] = outs[0]
+    for step in range(decode):
+        got[:, starts + np.array(prefill) + step] = outs[1 + step]
+    assert_close(got, want_out, "float32", "out")
+    assert_close(side.numpy(states), want_states, "float32", "ssm_states")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_matches_pallas(rng, dtype):
+    """Both kernels on the same inputs (prefix caching, groups absent, z / D on)."""
+    from frameworks import JaxSide, TorchSide
+    inputs, _ = apc_case(rng)
+    options = dict(delta_softplus=True, block_size=4)
+    outs = [run(s, native(s, inputs, dtype=dtype), **options) for s in (TorchSide(), JaxSide())]
+    for i, what in enumerate(("out", "ssm_states")):
+        assert_close(outs[0][i], outs[1][i], "float32" if dtype == "float32" else dtype, what)
+
+
+def _bad_calls(inputs):
+    """(arguments changed, argument named in the error)."""
+    apc, _ = inputs
+    return [
+        (dict(delta=apc["delta"][:, :-1]), "delta"),
+        (dict(B=np.zeros((5,) + apc["B"].shape[1:], np.float32),
+              C=np.zeros((5,) + apc["B"].shape[1:], np.float32)), "B"),
+        (dict(block_idx_first_scheduled_token=None, cu_chunk_seqlen=None, last_chunk_indices=None,
+              block_idx_last_scheduled_token=None, initial_state_idx=None), "cache_indices"),
+        (dict(block_idx_last_scheduled_token=apc["block_idx_last_scheduled_token"] + 1),
+         "block_idx_last_scheduled_token"),
+        (dict(initial_state_idx=apc["initial_state_idx"] - 9), "initial_state_idx"),
+        (dict(cache_indices=np.where(apc["cache_indices"] == apc["cache_indices"][0, 0], 99,
+                                     apc["cache_indices"]).astype(np.int32)), "cache_indices"),
+        (dict(cache_indices=np.where(apc["cache_indices"] == apc["cache_indices"][1, 2],
+                                     apc["cache_indices"][0, 0], apc["cache_indices"]).astype(np.int32)),
+         "cache_indices"),
+        (dict(query_start_loc=apc["query_start_loc"] + 1), "query_start_loc"),
+        (dict(cu_chunk_seqlen=apc["cu_chunk_seqlen"] * 2), "cu_chunk_seqlen"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_bad_inputs_refused_by_name(side, rng, case):
+    apc = apc_case(rng)
+    changes, arg = _bad_calls(apc)[case]
+    inputs = native(side, dict(apc[0], **changes))
+    with pytest.raises(ValueError, match=f"selective_scan_fn: `{arg}`"):
+        run(side, inputs, delta_softplus=True, block_size=4, validate_indices=True)
+
+
+def test_list_indices_refused_by_name(side, rng):
+    inputs = native(side, random_inputs(rng))
+    inputs["cache_indices"] = [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="`cache_indices` must be an array"):
+        run(side, inputs)
+
+
+def _malformed(rng):
+    """Varlen case (T = 12, 8 slots) whose sequences break the contract in
+    different ways: 0 a negative slot, 1 a slot past the cache, 2 valid,
+    3 padding, 4 tokens past T."""
+    inputs = random_inputs(rng, seqlens=(2, 3, 2, 3, 2), slots=8)
+    inputs.update(cache_indices=np.array([-1, 8, 2, NULL, 4], np.int32),
+                  query_start_loc=np.array([0, 2, 5, 7, 10, 15], np.int32),
+                  has_initial_state=np.ones(5, bool))
+    return inputs
+
+
+def test_unchecked_malformed_indices_touch_nothing_outside(side, rng):
+    """Unchecked path: bad sequences write no state and NaN outputs (inside
+    [0, T)); the padding sequence's columns keep their values; every slot but
+    the valid sequence's bitwise unchanged. torch: guard regions around the
+    state and output buffers bitwise unchanged; JAX: under jit."""
+    inputs = _malformed(rng)
+    T = inputs["u"].shape[1]
+    valid = dict(inputs, cache_indices=np.array([1, 5, 2, NULL, 4], np.int32),
+                 query_start_loc=np.array([0, 2, 5, 7, 10, T], np.int32))
+    want_out, ref_states = scan_ref(**valid, delta_softplus=True)
+    want_out[:, 0:5] = want_out[:, 10:T] = np.nan
+    want_states = inputs["ssm_states"].astype(np.float64)
+    want_states[2] = ref_states[2]
+    args = native(side, inputs)
+    if side.name == "torch":
+        torch = side.torch
+        sentinel = -12345.0
+        guard_states = torch.full((12, 6, 5), sentinel, device=side.device)
+        guard_states[2:10] = args["ssm_states"]
+        guard_z = torch.full((10, T + 8), sentinel, device=side.device)
+        guard_z[2:8, 4:T + 4] = args["z"]
+        args.update(ssm_states=guard_states[2:10], z=guard_z[2:8, 4:T + 4])
+        side.impl.selective_scan.selective_scan_fn(**args, delta_softplus=True, validate_indices=False)
+        got_out, got_states = side.numpy(args["z"]), side.numpy(args["ssm_states"])
+        for buffer, inner in ((guard_states, (slice(2, 10),)), (guard_z, (slice(2, 8), slice(4, T + 4)))):
+            outside = torch.ones(buffer.shape, dtype=torch.bool, device=side.device)
+            outside[inner] = False
+            assert (buffer[outside] == sentinel).all(), "a write outside the given tensors"
+    else:
+        import jax
+        from jax_impl.selective_scan import selective_scan_fn
+        got_out, got_states = map(side.numpy, jax.jit(
+            functools.partial(selective_scan_fn, delta_softplus=True))(**args))
+    assert_close(got_out, want_out, "float32", "out")
+    untouched = [0, 1, 3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(got_states[untouched], want_states[untouched])
+    assert_close(got_states[2], want_states[2], "float32", "the valid sequence's state")
