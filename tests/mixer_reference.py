@@ -36,13 +36,13 @@ def random_weights(rng, dims: MixerDims, hidden_size: int, conv_kernel: int, *, 
 
 
 def ssm_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, conv_init=None, ssm_init=None):
-    """The mixer up to the norm, for one rank's weights (``dims.local_*``
+    """The mixer up to the norm, for one rank's weights (``dims.local``
     sizes): returns ``(y (T, I), gate (T, I), conv_final (Q, W-1, conv_dim),
     ssm_final (Q, H, P, N))``. ``conv_init`` / ``ssm_init`` per sequence
     (None or entries None: zeros)."""
-    H, P, N = dims.local_heads, dims.head_dim, dims.ssm_state_size
-    I, G = dims.local_intermediate, dims.local_groups
-    conv_dim = dims.local_conv_dim
+    H, P, N = dims.local("num_heads"), dims.head_dim, dims.ssm_state_size
+    I, G = dims.local("intermediate_size"), dims.local("padded_groups")
+    conv_dim = dims.local("conv_dim")
     proj = hidden_states @ weights["in_proj.weight"].T
     if "in_proj.bias" in weights:
         proj = proj + weights["in_proj.bias"]

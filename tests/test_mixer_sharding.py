@@ -27,16 +27,17 @@ def test_sharded_ranks_recombine_to_the_unsharded_mixer(n_groups, tp_size, rng):
     # Each rank's conv history: its x channels, then its B and C groups (a
     # replicated group: the one group).
     I, GN = full.intermediate_size, n_groups * state
+    channels = dims.local("intermediate_size")
     ys, gates = [], []
     for rank, shard in enumerate(shards):
-        x_rows = np.arange(rank * dims.local_intermediate, (rank + 1) * dims.local_intermediate)
-        g_local = dims.local_groups * state
+        x_rows = np.arange(rank * channels, (rank + 1) * channels)
+        g_local = dims.local("padded_groups") * state
         g_rows = np.arange(g_local) if n_groups == 1 else np.arange(rank * g_local, (rank + 1) * g_local)
         rank_init = [None, conv_init[1][:, np.concatenate([x_rows, I + g_rows, I + GN + g_rows])]]
         y, gate, conv_final, ssm_final = ssm_ref(shard, dims, tokens, cu, rank_init)
-        heads = slice(rank * dims.local_heads, (rank + 1) * dims.local_heads)
+        heads = slice(rank * dims.local("num_heads"), (rank + 1) * dims.local("num_heads"))
         np.testing.assert_allclose(ssm_final, want_ssm[:, heads])
-        np.testing.assert_allclose(conv_final[:, :, :dims.local_intermediate], want_conv[:, :, x_rows])
+        np.testing.assert_allclose(conv_final[:, :, :channels], want_conv[:, :, x_rows])
         ys.append(y)
         gates.append(gate)
     if dims.norm_is_local:

@@ -69,21 +69,10 @@ class MixerDims:
         """Channels of the conv, all ranks: x, then B, then C."""
         return self.intermediate_size + 2 * self.padded_groups * self.ssm_state_size
 
-    @property
-    def local_heads(self) -> int:
-        return self.num_heads // self.tp_size
-
-    @property
-    def local_intermediate(self) -> int:
-        return self.intermediate_size // self.tp_size
-
-    @property
-    def local_groups(self) -> int:
-        return self.padded_groups // self.tp_size
-
-    @property
-    def local_conv_dim(self) -> int:
-        return self.conv_dim // self.tp_size
+    def local(self, size: str) -> int:
+        """One rank's share of ``num_heads``, ``intermediate_size``,
+        ``padded_groups`` or ``conv_dim`` (all divisible by ``tp_size``)."""
+        return getattr(self, size) // self.tp_size
 
     @property
     def norm_group_size(self) -> int:
@@ -93,7 +82,7 @@ class MixerDims:
     @property
     def norm_is_local(self) -> bool:
         """True when every norm group lies inside one rank's channels."""
-        return self.norm_group_size <= self.local_intermediate
+        return self.norm_group_size <= self.local("intermediate_size")
 
     def conv_shard_spec(self) -> list[tuple[int, int, bool]]:
         """Parts of ``conv1d`` (x, B, C) for ``mamba_v2_sharded_weight_loader``."""
@@ -165,11 +154,12 @@ def shard_mixer_weights(weights: Mapping[str, np.ndarray], dims: MixerDims,
         if key in weights:
             shard[key] = merged(key, spec)
     for key in ("dt_bias", "A_log", "D"):
-        shard[key] = rows(key, dims.local_heads)
+        shard[key] = rows(key, dims.local("num_heads"))
+    channels = dims.local("intermediate_size")
     if "norm.weight" in weights:
-        shard["norm.weight"] = rows("norm.weight", dims.local_intermediate)
+        shard["norm.weight"] = rows("norm.weight", channels)
     shard["out_proj.weight"] = np.asarray(weights["out_proj.weight"])[
-        :, tp_rank * dims.local_intermediate:(tp_rank + 1) * dims.local_intermediate]
+        :, tp_rank * channels:(tp_rank + 1) * channels]
     if "out_proj.bias" in weights and tp_rank == 0:
         shard["out_proj.bias"] = np.asarray(weights["out_proj.bias"])
     return shard
