@@ -131,7 +131,8 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     # An int32 operand on both sides: with a Python int, JAX folds the select
     # into a bool -> int cast that the Triton lowering leaves as i1.
     run_len = jnp.where(padding, zero, seqlen)
-    jax.lax.fori_loop(0, pl.cdiv(run_len, tiles.block_t), token_block, 0)
+    # (Not pl.cdiv: its lax.div sees an int64 divisor in x64 mode.)
+    jax.lax.fori_loop(0, (run_len + tiles.block_t - 1) // tiles.block_t, token_block, 0)
 
     # The new state: the newest inputs at the end, older history shifted in
     # front. Loaded before any state is written (it may read the slot).

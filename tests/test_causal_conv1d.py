@@ -2,7 +2,9 @@
 with and without initial states, shorter than width - 1, padding) and
 decode (plain, speculative, prefix-cache columns) vs the float64
 references; prefill then decode equals one longer prefill; Triton vs Pallas
-on the same memory; in-place update under donation (JAX); bad input."""
+on the same memory; in-place update under donation (JAX); bad input (the
+checked path's errors, the unchecked path's skipped work and untouched
+guard regions, slot collisions); x64 mode; no tokens; torch.compile tracing."""
 
 import numpy as np
 import pytest
@@ -264,3 +266,261 @@ def test_prefill_writes_block_boundary_states(side, rng):
     assert (last - first).sum() >= 4, "the case must cross several boundaries"
     with pytest.raises(ValueError, match="`block_size_to_align`"):
         side.run_conv("causal_conv1d_fn", inputs)
+
+
+# --- Unchecked path: malformed indices touch nothing outside their own work ---
+
+SENTINEL = -7.25  # exact in every float dtype
+MARGIN = 2
+
+
+def _guarded(side, array):
+    """torch: ``array`` copied into the interior of a SENTINEL-filled buffer
+    (an offset view with padded strides) -> (view, buffer). JAX has no views:
+    (array, None), the slots a call must not touch are its guard."""
+    if side.name != "torch":
+        return array, None
+    torch = side.torch
+    buffer = torch.full([n + 2 * MARGIN for n in array.shape], SENTINEL, dtype=array.dtype)
+    view = buffer[tuple(slice(MARGIN, MARGIN + n) for n in array.shape)]
+    view.copy_(array)
+    return view, buffer
+
+
+def _assert_guard_intact(buffer, what):
+    torch = pytest.importorskip("torch")
+    outside = torch.ones(buffer.shape, dtype=torch.bool)
+    outside[tuple(slice(MARGIN, n - MARGIN) for n in buffer.shape)] = False
+    bits = {2: torch.int16, 4: torch.int32}[buffer.element_size()]
+    guard = buffer[outside]
+    assert torch.equal(guard.view(bits), torch.full_like(guard, SENTINEL).view(bits)), \
+        f"{what}: written outside the view"
+
+
+def _run_unchecked(side, function, inputs, **options):
+    """``function`` with the index checks off; the cache and ``out`` (filled
+    with SENTINEL) interior views of guarded buffers on torch: (out, state) as
+    float64 numpy, the guards asserted bitwise unchanged."""
+    state_arg = "conv_states" if function == "causal_conv1d_fn" else "conv_state"
+    inputs = dict(inputs, out=side.array(np.full(inputs["out"].shape, SENTINEL), "float32"))
+    views, buffers = {}, {}
+    for arg in (state_arg, "out"):
+        views[arg], buffers[arg] = _guarded(side, inputs[arg])
+    result = getattr(side.impl, function)(**dict(inputs, **views), validate_indices=False, **options)
+    if side.name == "jax":
+        return tuple(map(side.numpy, result))
+    for arg, buffer in buffers.items():
+        _assert_guard_intact(buffer, f"{function} {arg}")
+    return side.numpy(views["out"]), side.numpy(views[state_arg])
+
+
+def _assert_skipped(got, want, *, bad_rows, pad_rows, good_slots, initial, what):
+    """Outputs (token-major rows): bad sequences' rows NaN, padding rows
+    untouched (SENTINEL), the rest as ``want``; every slot outside
+    ``good_slots`` bitwise as ``initial``."""
+    (got_out, got_state), (want_out, want_state) = got, want
+    want_out = want_out.copy()
+    want_out[bad_rows] = np.nan
+    want_out[pad_rows] = SENTINEL
+    _close(got_out, want_out, "float32", f"{what} out")
+    _close(got_state, want_state, "float32", f"{what} state")
+    others = np.setdiff1d(np.arange(len(initial)), good_slots)
+    np.testing.assert_array_equal(got_state[others], initial[others], err_msg=f"{what}: other slots")
+
+
+def _index(side, values, dtype="int32"):
+    return side.array(np.asarray(values), dtype)
+
+
+def test_prefill_unchecked_bad_slots_skipped(side, rng):
+    """Slots past the cache or negative (not the pad id) are skipped: NaN
+    outputs, no slot written but the good sequences' own. Sequence 2 is padding."""
+    lens = (3, 2, 5, 4, 1)
+    inputs = _fn_inputs(side, rng, seqlens=lens, width=4, dtype="float32", bias=True, layout="SD")
+    slots = side.numpy(inputs["cache_indices"]).astype(np.int64)
+    bad = {0: 8 + 1, 3: -1}  # sequence -> slot (the cache has 8; both land in the guards)
+    rows = np.split(np.arange(sum(lens)), np.cumsum(lens)[:-1])
+    fixed = slots.copy()
+    fixed[list(bad)] = PAD
+    want = side.conv_reference("causal_conv1d_fn", dict(inputs, cache_indices=_index(side, fixed)))
+    slots[list(bad)] = list(bad.values())
+    got_out, got_state = _run_unchecked(side, "causal_conv1d_fn",
+                                        dict(inputs, cache_indices=_index(side, slots)))
+    _assert_skipped((got_out.T, got_state), (want[0].T, want[1]),
+                    bad_rows=np.concatenate([rows[q] for q in bad]), pad_rows=rows[2],
+                    good_slots=fixed[[1, 4]], initial=side.numpy(inputs["conv_states"]),
+                    what=f"{side.name} prefill")
+
+
+def test_prefill_unchecked_bad_query_start_loc_skipped(side, rng):
+    """A sequence starting before token 0 or ending past the last token is
+    skipped; its tokens clipped to [0, T) are NaN."""
+    inputs = _fn_inputs(side, rng, seqlens=(3, 2, 1, 4), width=3, dtype="float32", bias=False,
+                        layout="DS")  # sequence 2 is padding
+    T = 10
+    fixed = _index(side, [0, 3, 5, 6, T])
+    slots = side.numpy(inputs["cache_indices"]).astype(np.int32)
+    keep = slots.copy()
+    keep[[0, 3]] = PAD
+    want = side.conv_reference("causal_conv1d_fn", dict(inputs, query_start_loc=fixed,
+                                                         cache_indices=_index(side, keep)))
+    got_out, got_state = _run_unchecked(side, "causal_conv1d_fn",
+                                        dict(inputs, query_start_loc=_index(side, [-4, 3, 5, 6, T + 40])))
+    _assert_skipped((got_out.T, got_state), (want[0].T, want[1]), bad_rows=[0, 1, 2, 6, 7, 8, 9],
+                    pad_rows=[5], good_slots=keep[[1]], initial=side.numpy(inputs["conv_states"]),
+                    what=f"{side.name} prefill")
+
+
+@pytest.mark.parametrize("spec", [True, False], ids=["accepted", "columns"])
+def test_decode_unchecked_bad_indices_skipped(side, spec, rng):
+    """num_accepted_tokens outside [1, 1 + drafted columns] and block-table
+    columns outside the table are skipped: NaN rows, no slot written."""
+    inputs = _update_inputs(side, rng, dtype="float32", spec=spec, columns=not spec)
+    options = dict(activation="silu", max_query_len=3) if spec else dict(activation="silu")
+    table = side.numpy(inputs["conv_state_indices"]).astype(np.int32)
+    if spec:
+        arg, good = "num_accepted_tokens", 1
+        values = side.numpy(inputs[arg]).astype(np.int32)
+        values[[0, 1]] = (0, 4)  # 3 = 1 + the two drafted columns at most
+        per_seq = 3
+    else:
+        arg, good = "initial_state_idx", 0
+        values = side.numpy(inputs[arg]).astype(np.int32)
+        values[[0, 1]] = (3, -1)  # the table has 3 columns
+        per_seq = 1
+    fixed_values, fixed_table = values.copy(), table.copy()
+    fixed_values[[0, 1]], fixed_table[[0, 1]] = good, PAD
+    want = side.conv_reference("causal_conv1d_update", dict(
+        inputs, conv_state_indices=_index(side, fixed_table), **{arg: _index(side, fixed_values)}),
+        activation="silu")
+    got = _run_unchecked(side, "causal_conv1d_update", dict(inputs, **{arg: _index(side, values)}),
+                         **options)
+    rows = np.arange(4 * per_seq).reshape(4, per_seq)
+    written = (fixed_table[3] if spec else
+               fixed_table[3, side.numpy(inputs["block_idx_last_scheduled_token"]).astype(int)[3]])
+    _assert_skipped(got, want, bad_rows=rows[[0, 1]].ravel(), pad_rows=rows[2],
+                    good_slots=np.ravel(written)[:1], initial=side.numpy(inputs["conv_state"]),
+                    what=f"{side.name} decode")
+
+
+# --- Checked path: collisions, argument types, the debug switch ---
+
+def test_slot_shared_by_two_sequences_refused(side, rng):
+    """Two prefills on one slot, or a decode writing the slot another one
+    reads, are refused naming the slot; padding entries may repeat."""
+    inputs = _fn_inputs(side, rng, seqlens=(2, 3, 1), width=4, dtype="float32", bias=True,
+                        layout="DS")
+    with pytest.raises(ValueError, match=r"`cache_indices`.*slot 5 by sequences \[0, 1\]"):
+        side.run_conv("causal_conv1d_fn", dict(inputs, cache_indices=_index(side, [5, 5, 3])),
+                      validate_indices=True)
+    side.run_conv("causal_conv1d_fn", dict(inputs, cache_indices=_index(side, [PAD, PAD, 3])),
+                  validate_indices=True)
+    update = _update_inputs(side, rng, dtype="float32", spec=False, columns=True)
+    chained = dict(update, conv_state_indices=_index(side, [[1, 2, 3], [2, 4, 5], [PAD] * 3, [6, 7, 8]]),
+                   initial_state_idx=_index(side, [0, 0, 0, 0]),
+                   block_idx_last_scheduled_token=_index(side, [1, 1, 0, 2]))
+    with pytest.raises(ValueError, match=r"`conv_state_indices`.*slot 2 by sequences \[0, 1\]"):
+        side.run_conv("causal_conv1d_update", chained, activation="silu", validate_indices=True)
+
+
+def test_non_array_indices_and_pad_id_refused(side, rng):
+    inputs = _fn_inputs(side, rng, seqlens=(2, 3, 1), width=4, dtype="float32", bias=True,
+                        layout="DS")
+    with pytest.raises(ValueError, match="`cache_indices` must be an array"):
+        side.run_conv("causal_conv1d_fn", dict(inputs, cache_indices=[1, 2, 3]))
+    for pad in (None, 2.5, True):
+        with pytest.raises(ValueError, match="`pad_slot_id` must be an integer"):
+            side.run_conv("causal_conv1d_fn", inputs, pad_slot_id=pad)
+    side.run_conv("causal_conv1d_fn", inputs, pad_slot_id=np.int64(PAD))
+
+
+def test_debug_mode_from_the_environment(side, rng, monkeypatch):
+    """$MAMBA_TWIN_CHECK_INDICES=1 turns the host checks on (torch's default
+    is off; JAX checks concrete values by default); ``validate_indices=False`` wins."""
+    from bridge.spec.checks import CHECK_INDICES_ENV
+    update = _update_inputs(side, rng, dtype="float32", spec=False, columns=False)
+    bad = dict(update, conv_state_indices=_index(side, [1, 99, PAD, 2]))
+    monkeypatch.setenv(CHECK_INDICES_ENV, "1")
+    with pytest.raises(ValueError, match=r"`conv_state_indices` holds slots outside \[0, 14\).*\[99\]"):
+        side.run_conv("causal_conv1d_update", bad)
+    out, _ = side.run_conv("causal_conv1d_update", bad, validate_indices=False)
+    assert np.isnan(out[1]).all() and not np.isnan(out[[0, 3]]).any()
+
+
+def test_no_tokens_is_a_no_op(side, rng):
+    dim, width = 8, 4
+    state = side.array(rng.standard_normal((3, dim, width - 1)), "float32")
+    weight = side.array(rng.standard_normal((dim, width)), "float32")
+    empty = side.array(np.zeros((0, dim)), "float32")
+    out, new_state = side.run_conv("causal_conv1d_fn", dict(
+        x=empty.T, weight=weight, conv_states=state, query_start_loc=_index(side, [0, 0]),
+        cache_indices=_index(side, [1]), out=empty.T), validate_indices=True)
+    assert out.shape == (dim, 0)
+    np.testing.assert_array_equal(new_state, side.numpy(state))
+    for qsl in (None, _index(side, [0])):
+        out, new_state = side.run_conv("causal_conv1d_update", dict(
+            x=empty, conv_state=state, weight=weight, query_start_loc=qsl,
+            conv_state_indices=_index(side, np.zeros(0)), out=empty), validate_indices=True)
+        assert out.shape == (0, dim)
+        np.testing.assert_array_equal(new_state, side.numpy(state))
+
+
+@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+def test_jax_x64_mode(index_dtype, rng):
+    """With jax_enable_x64 on, int32 and int64 indices work, eager and
+    jitted; an int64 slot past the int32 range stays out of range (skipped),
+    it does not wrap onto a real slot."""
+    jax = pytest.importorskip("jax")
+    side = JaxSide()
+    with jax.enable_x64(True):
+        inputs = _fn_inputs(side, rng, seqlens=(2, 3, 4), width=4, dtype="float32", bias=True,
+                            layout="SD")
+        inputs.update({k: inputs[k].astype(index_dtype) for k in ("query_start_loc", "cache_indices")})
+        want_out, want_state = side.conv_reference("causal_conv1d_fn", inputs)
+        prefill = jax.jit(lambda arrays: side.impl.causal_conv1d_fn(**arrays))
+        for got_out, got_state in (side.run_conv("causal_conv1d_fn", inputs), prefill(inputs)):
+            _close(side.numpy(got_out), want_out, "float32", f"x64 {index_dtype} prefill out")
+            _close(side.numpy(got_state), want_state, "float32", f"x64 {index_dtype} prefill state")
+        update = _update_inputs(side, rng, dtype="float32", spec=True, columns=False)
+        update.update({k: update[k].astype(index_dtype)
+                       for k in ("query_start_loc", "conv_state_indices", "num_accepted_tokens")})
+        want = side.conv_reference("causal_conv1d_update", update, activation="silu")
+        got = side.run_conv("causal_conv1d_update", update, activation="silu", max_query_len=3)
+        for g, w, what in zip(got, want, ("out", "state")):
+            _close(g, w, "float32", f"x64 {index_dtype} decode {what}")
+        if index_dtype == "int64":
+            slots = np.asarray(inputs["cache_indices"])
+            wrapped = dict(inputs, cache_indices=side.jnp.asarray(
+                np.where(np.arange(3) == 0, slots + 2**32, slots)))
+            got_out, got_state = map(side.numpy, prefill(wrapped))
+            assert np.isnan(got_out[:, :2]).all(), "the sequence on slot 2**32 + s is not poisoned"
+            np.testing.assert_array_equal(got_state[slots[0]], side.numpy(inputs["conv_states"])[slots[0]])
+
+
+def test_torch_ops_trace_without_graph_breaks(rng):
+    """torch.compile(fullgraph=True) over causal_conv1d_fn, _update and
+    rms_norm_gated: the host checks are skipped while tracing and the kernels
+    are custom ops with fake implementations (backend aot_eager, so on the
+    CPU; the compiled GPU run is tests/test_torch_compile.py). Matches eager,
+    the conv state written in place."""
+    torch = pytest.importorskip("torch")
+    side = TorchSide()
+    inputs = _fn_inputs(side, rng, seqlens=(2, 3, 1), width=4, dtype="float32", bias=True,
+                        layout="SD")
+    norm_weight = side.array(rng.standard_normal(24), "float32")
+
+    def step(x, conv_states):
+        conv = side.impl.causal_conv1d_fn(x, inputs["weight"], inputs["bias"], conv_states,
+                                          inputs["query_start_loc"], inputs["cache_indices"],
+                                          inputs["has_initial_state"])
+        last = side.impl.causal_conv1d_update(conv.t()[:2].contiguous(), conv_states,
+                                              inputs["weight"], activation="silu",
+                                              conv_state_indices=inputs["cache_indices"][:2])
+        return side.impl.rms_norm_gated(last, norm_weight, z=last, group_size=8)
+
+    eager_state, compiled_state = inputs["conv_states"].clone(), inputs["conv_states"].clone()
+    want = step(inputs["x"], eager_state)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(inputs["x"], compiled_state)
+    assert not torch.isnan(want).any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_state, eager_state, rtol=0, atol=0, equal_nan=True)

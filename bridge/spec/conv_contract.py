@@ -43,7 +43,7 @@ the checks) leave that slot's contents unspecified.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+from typing import Mapping
 
 import numpy as np
 
@@ -249,10 +249,6 @@ def check_conv_update_args(*, x, conv_state, weight, bias, conv_state_indices,
                        silu=activation is not None, decode=True)
 
 
-def _rows(values, num_seqs: int) -> Optional[np.ndarray]:
-    return None if values is None else np.asarray(values, np.int64).reshape(num_seqs, -1)
-
-
 def check_conv_index_values(function: str, layout: ConvLayout, values: Mapping[str, np.ndarray],
                             *, pad_slot_id: int) -> None:
     """Value checks on host copies (numpy, by public argument name) of the
@@ -292,9 +288,9 @@ def check_conv_index_values(function: str, layout: ConvLayout, values: Mapping[s
     if computed is not None and (np.asarray(computed) < 0).any():
         fail(function, "num_computed_tokens", f"must be >= 0, got {np.asarray(computed).tolist()[:8]}")
     slot_arg = "conv_state_indices" if layout.decode else "cache_indices"
-    table = _rows(values.get(slot_arg), num_seqs)
-    if table is None:
+    if values.get(slot_arg) is None:
         return
+    table = np.asarray(values[slot_arg], np.int64).reshape(num_seqs, layout.index_columns)
     rows = np.arange(num_seqs)
     read, write = table[rows, picks["initial_state_idx"]], table[rows, last]
     # Every slot a sequence touches: read, written, and the block boundaries' (prefix caching).
@@ -304,7 +300,7 @@ def check_conv_index_values(function: str, layout: ConvLayout, values: Mapping[s
     bad = (used != pad_slot_id) & ((used < 0) | (used >= layout.num_slots))
     if bad.any():
         fail(function, slot_arg, f"holds slots outside [0, {layout.num_slots}) that are not "
-                                 f"pad_slot_id={pad_slot_id}: {used[bad].tolist()[:8]}")
+                                 f"pad_slot_id={pad_slot_id}: {np.unique(used[bad]).tolist()[:8]}")
     owners: dict = {}
     for q, row in enumerate(touched):
         if read[q] != pad_slot_id:  # padding sequences touch nothing
