@@ -329,8 +329,8 @@ class CapturedDecodeStep:
                                  f"with arrays {sorted(metadata.arrays())}")
         expect_shape(op, "hidden_states", shape_of(hidden_states), tuple(self.hidden_states.shape))
         arrays = {name: torch.as_tensor(array) for name, array in metadata.arrays().items()}
-        self.mixer._check_batch(metadata, hidden_states.shape[0], self.cache.num_blocks,
-                                platform.host_index_values(self.mixer.validate_indices, self.device, **arrays))
+        host = platform.host_index_values(self.mixer.validate_indices, self.device, **arrays)
+        self.mixer._check_batch(metadata, hidden_states.shape[0], self.cache.num_blocks, host)
         self.hidden_states.copy_(hidden_states)
         for name, buffer in static.arrays().items():
             buffer.copy_(arrays[name])
