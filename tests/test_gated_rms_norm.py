@@ -1,6 +1,6 @@
 """Gated RMSNorm in each framework vs the float64 reference (grouped or
 not, gate before or after the norm, with and without weight and gate),
-Triton vs Pallas on the same memory, and bad input."""
+Triton vs Pallas on the same memory, bad input, no tokens, JAX x64 mode."""
 
 import numpy as np
 import pytest
@@ -60,3 +60,30 @@ def test_bad_input_raises_naming_the_argument(side, rng):
         _run(side, dict(inputs, weight=side.array(np.ones(47), "float32")))
     with pytest.raises(ValueError, match="`z`"):
         _run(side, dict(inputs, z=side.array(np.ones((5, 47)), "float32")))
+    with pytest.raises(ValueError, match="`z` must be an array"):
+        _run(side, dict(inputs, z=np.ones((5, 48)).tolist()))
+    for eps in (-1.0, float("nan"), "1e-5"):
+        with pytest.raises(ValueError, match="`eps`"):
+            _run(side, inputs, eps=eps)
+    with pytest.raises(ValueError, match="`group_size` must be an integer"):
+        _run(side, inputs, group_size=12.0)
+    got = _run(side, inputs, group_size=np.int64(12))
+    assert not np.isnan(got).any()
+
+
+def test_no_tokens_is_a_no_op(side):
+    x = side.array(np.zeros((0, 16)), "float32")
+    assert _run(side, dict(x=x, z=x, weight=side.array(np.ones(16), "float32"), out=x)).shape == (0, 16)
+
+
+def test_jax_x64_mode(rng):
+    jax = pytest.importorskip("jax")
+    side = JaxSide()
+    with jax.enable_x64(True):
+        inputs = _inputs(side, rng, CASES[1])
+        options = dict(group_size=12, norm_before_gate=True)
+        want = side.reference.rms_norm_gated_ref(**{k: v for k, v in inputs.items() if k != "out"},
+                                                 **options)
+        got = jax.jit(lambda arrays: side.impl.rms_norm_gated(**arrays, **options))(inputs)
+        np.testing.assert_allclose(side.numpy(got), side.numpy(want), rtol=0,
+                                   atol=1e-5 * np.abs(side.numpy(want)).max())

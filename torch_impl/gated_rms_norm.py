@@ -73,7 +73,7 @@ def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gat
     _, _, group_size = check_norm_args(**arrays, group_size=group_size, eps=eps)
     platform.check_kernel_device(arrays)
     for name, tensor in arrays.items():
-        if tensor is not None and tensor.stride(-1) != 1:
+        if tensor is not None and tensor.numel() and tensor.stride(-1) != 1:
             raise ValueError(f"rms_norm_gated: `{name}` must have unit stride over hidden, "
                              f"got strides {tuple(tensor.stride())}")
     out = torch.empty_like(x) if out is None else out
