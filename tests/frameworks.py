@@ -1,32 +1,91 @@
 """One adapter per framework so that each test is written once and run for
 both: native arrays from numpy case inputs, the kernel, the float64
-reference, and results back as float64 numpy."""
+reference, and results back as float64 numpy; and the one closeness check
+of the tests, ``assert_close``."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import pytest
 
+# Per dtype of the computation, relative to the largest finite |expected|.
+TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 2e-2}
 
-class TorchSide:
+
+def as_float64(array) -> np.ndarray:
+    """A torch tensor, jax array or numpy array (any real dtype) as float64 numpy."""
+    if hasattr(array, "detach"):  # torch: bfloat16 has no numpy dtype
+        array = array.detach().cpu().double()
+    return np.asarray(array).astype(np.float64)
+
+
+def assert_close(actual, expected, dtype: str, what: str = "", *, tol: Optional[float] = None) -> None:
+    """``actual`` equals ``expected`` (torch, jax or numpy arrays) within
+    ``tol`` (default ``TOLERANCE[dtype]``, ``dtype`` naming the precision of
+    the computation) times the largest finite ``|expected|``, elementwise;
+    NaN exactly where ``expected`` is NaN, so a poisoned element left
+    unwritten, or one written that should stay poisoned, fails."""
+    actual, expected = as_float64(actual), as_float64(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern")
+    finite = np.isfinite(expected)
+    scale = np.abs(expected[finite]).max() if finite.any() else 1.0
+    tol = TOLERANCE[dtype] if tol is None else tol
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale, equal_nan=True, err_msg=what)
+
+
+class _Side:
+    """What both adapters do alike; ``xp`` is the framework's array module."""
+
+    name: str
+
+    def native(self, arrays, dtypes):
+        return {k: self.array(v, dtypes[k]) for k, v in arrays.items()}
+
+    @staticmethod
+    def numpy(array) -> np.ndarray:
+        return as_float64(array)
+
+    def zeros_like(self, array):
+        return self.xp.zeros_like(array)
+
+    def run_reference(self, inputs, **options):
+        return tuple(map(self.numpy, self.reference.selective_state_update_ref(**inputs, **options)))
+
+    def ssd_references(self, inputs, **options):
+        """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
+        common = {k: inputs.get(k) for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias",
+                                              "initial_states")}
+        common.update(dt_softplus=options["dt_softplus"], dt_limit=options["dt_limit"])
+        sequential = self.reference.ssd_sequential_ref(**common, cu_seqlens=inputs["cu_seqlens"])
+        chunked = self.reference.ssd_chunked_ref(
+            **common, chunk_size=options["chunk_size"], cu_chunk_seqlens=inputs["cu_chunk_seqlens"],
+            seq_idx=inputs["seq_idx"], last_chunk_indices=inputs["last_chunk_indices"],
+            return_intermediate_states=options["return_intermediate_states"])
+        return {"sequential": tuple(map(self.numpy, sequential)),
+                "chunked": tuple(map(self.numpy, chunked))}
+
+    def conv_reference(self, function, inputs, **options):
+        """The float64 reference of ``function``: (out, new_state) as numpy."""
+        inputs = {k: v for k, v in inputs.items() if k != "out"}
+        return tuple(map(self.numpy, getattr(self.reference, f"{function}_ref")(**inputs, **options)))
+
+
+class TorchSide(_Side):
     name = "torch"
 
     def __init__(self):
         torch = pytest.importorskip("torch")
         torch_impl = pytest.importorskip("torch_impl")  # before triton: sets interpreter mode
         from torch_impl import reference
-        self.torch, self.impl, self.reference = torch, torch_impl, reference
+        self.torch, self.xp, self.impl, self.reference = torch, torch, torch_impl, reference
         self.device = torch_impl.platform.default_device()
 
     def array(self, values: np.ndarray, dtype: str):
         dtype = getattr(self.torch, dtype)
         return self.torch.from_numpy(np.ascontiguousarray(values)).to(self.device, dtype)
-
-    def native(self, arrays, dtypes):
-        return {k: self.array(v, dtypes[k]) for k, v in arrays.items()}
-
-    def numpy(self, tensor) -> np.ndarray:
-        return tensor.detach().to("cpu", self.torch.float64).numpy()
 
     def run_kernel(self, inputs, **options):
         """Kernel on copies: returns (out, new_state) as float64 numpy."""
@@ -34,13 +93,6 @@ class TorchSide:
         out = self.impl.selective_state_update(**inputs, **options)
         assert out is inputs["out"], "torch kernel must return the `out` it wrote"
         return self.numpy(out), self.numpy(inputs["state"])
-
-    def run_reference(self, inputs, **options):
-        out, state = self.reference.selective_state_update_ref(**inputs, **options)
-        return self.numpy(out), self.numpy(state)
-
-    def zeros_like(self, tensor):
-        return self.torch.zeros_like(tensor)
 
     def decode_step(self, state, **args):
         """One selective_state_update on a copy of ``state``: (out, new_state)."""
@@ -53,10 +105,6 @@ class TorchSide:
         options = dict(options, state_dtype=getattr(self.torch, options["state_dtype"]))
         states = self.impl.mamba_chunk_scan_combined_varlen(**inputs, **options)
         return self.numpy(inputs["out"]), self.numpy(states)
-
-    def ssd_references(self, inputs, **options):
-        """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
-        return _ssd_references(self.reference, self.numpy, inputs, options)
 
     def run_conv(self, function, inputs, **options):
         """``causal_conv1d_fn`` / ``_update`` on copies of the state and
@@ -72,13 +120,8 @@ class TorchSide:
         with self.torch.no_grad():
             return self.numpy(mixer(self.array(hidden_states, "float32"), cache, metadata))
 
-    def conv_reference(self, function, inputs, **options):
-        """The float64 reference of ``function``: (out, new_state) as numpy."""
-        inputs = {k: v for k, v in inputs.items() if k != "out"}
-        return tuple(map(self.numpy, getattr(self.reference, f"{function}_ref")(**inputs, **options)))
 
-
-class JaxSide:
+class JaxSide(_Side):
     name = "jax"
 
     def __init__(self):
@@ -86,29 +129,14 @@ class JaxSide:
         import jax.numpy as jnp
         import jax_impl
         from jax_impl import reference
-        self.jax, self.jnp, self.impl, self.reference = jax, jnp, jax_impl, reference
+        self.jax, self.jnp, self.xp, self.impl, self.reference = jax, jnp, jnp, jax_impl, reference
 
     def array(self, values: np.ndarray, dtype: str):
         return self.jnp.asarray(values.astype(np.float32) if values.dtype.kind == "f" else values,
                                 dtype=getattr(self.jnp, dtype))
 
-    def native(self, arrays, dtypes):
-        return {k: self.array(v, dtypes[k]) for k, v in arrays.items()}
-
-    def numpy(self, array) -> np.ndarray:
-        return np.asarray(array.astype(self.jnp.float32) if array.dtype != np.float64 else array,
-                          dtype=np.float64)
-
     def run_kernel(self, inputs, **options):
-        out, state = self.impl.selective_state_update(**inputs, **options)
-        return self.numpy(out), self.numpy(state)
-
-    def run_reference(self, inputs, **options):
-        out, state = self.reference.selective_state_update_ref(**inputs, **options)
-        return self.numpy(out), self.numpy(state)
-
-    def zeros_like(self, array):
-        return self.jnp.zeros_like(array)
+        return tuple(map(self.numpy, self.impl.selective_state_update(**inputs, **options)))
 
     def decode_step(self, state, **args):
         """One selective_state_update: (out, new_state)."""
@@ -117,38 +145,15 @@ class JaxSide:
     def run_ssd(self, inputs, **options):
         """Chunked-scan kernel: (out, states) as float64 numpy."""
         options = dict(options, state_dtype=getattr(self.jnp, options["state_dtype"]))
-        out, states = self.impl.mamba_chunk_scan_combined_varlen(**inputs, **options)
-        return self.numpy(out), self.numpy(states)
-
-    def ssd_references(self, inputs, **options):
-        """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
-        return _ssd_references(self.reference, self.numpy, inputs, options)
+        return tuple(map(self.numpy, self.impl.mamba_chunk_scan_combined_varlen(**inputs, **options)))
 
     def run_conv(self, function, inputs, **options):
         """``causal_conv1d_fn`` / ``_update``: (out, new_state) as float64 numpy."""
-        out, state = getattr(self.impl, function)(**inputs, **options)
-        return self.numpy(out), self.numpy(state)
+        return tuple(map(self.numpy, getattr(self.impl, function)(**inputs, **options)))
 
     def run_mixer(self, mixer, hidden_states: np.ndarray, cache, metadata) -> np.ndarray:
         """One mixer forward on ``cache`` (updated in place): out as float64 numpy."""
         return self.numpy(mixer.forward_on_cache(self.array(hidden_states, "float32"), cache, metadata))
-
-    def conv_reference(self, function, inputs, **options):
-        """The float64 reference of ``function``: (out, new_state) as numpy."""
-        inputs = {k: v for k, v in inputs.items() if k != "out"}
-        return getattr(self.reference, f"{function}_ref")(**inputs, **options)
-
-
-def _ssd_references(reference, numpy, inputs, options):
-    common = {k: inputs.get(k) for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias",
-                                          "initial_states")}
-    common.update(dt_softplus=options["dt_softplus"], dt_limit=options["dt_limit"])
-    sequential = reference.ssd_sequential_ref(**common, cu_seqlens=inputs["cu_seqlens"])
-    chunked = reference.ssd_chunked_ref(
-        **common, chunk_size=options["chunk_size"], cu_chunk_seqlens=inputs["cu_chunk_seqlens"],
-        seq_idx=inputs["seq_idx"], last_chunk_indices=inputs["last_chunk_indices"],
-        return_intermediate_states=options["return_intermediate_states"])
-    return {"sequential": tuple(map(numpy, sequential)), "chunked": tuple(map(numpy, chunked))}
 
 
 SIDES = {"torch": TorchSide, "jax": JaxSide}

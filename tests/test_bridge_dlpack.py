@@ -11,6 +11,7 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 import bridge  # noqa: E402
+from frameworks import as_float64, assert_close  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and jax.default_backend() == "gpu"
 DEVICES = ["cpu"] + (["cuda"] if ON_GPU else [])
@@ -28,11 +29,6 @@ def x64_for(dtype):
     return jax.enable_x64(True) if dtype == "int64" else jax.enable_x64(jax.config.jax_enable_x64)
 
 
-def as_numpy(value):
-    tensor = value if isinstance(value, torch.Tensor) else torch.from_dlpack(value)
-    return tensor.cpu().to(torch.float64).numpy()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -46,7 +42,7 @@ def test_torch_to_jax_and_back_share_memory(rng, device, shape, dtype):
         back = bridge.to_torch(array)
     assert back.data_ptr() == tensor.data_ptr() and back.dtype == tensor.dtype
     assert torch.equal(back, before)  # the round trip changes nothing
-    np.testing.assert_array_equal(as_numpy(array), as_numpy(before))
+    np.testing.assert_array_equal(as_float64(array), as_float64(before))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -61,7 +57,7 @@ def test_jax_to_torch_shares_memory(rng, device, shape, dtype):
         assert tensor.data_ptr() == array.unsafe_buffer_pointer()
         assert tuple(tensor.shape) == shape and str(tensor.dtype) == f"torch.{dtype}"
         assert bridge.to_jax(tensor).unsafe_buffer_pointer() == tensor.data_ptr()
-    np.testing.assert_array_equal(as_numpy(tensor), as_numpy(array))
+    np.testing.assert_array_equal(as_float64(tensor), as_float64(array))
 
 
 def test_mutations_are_visible_both_ways(rng):
@@ -179,7 +175,7 @@ def test_jax_step_into_updates_the_torch_tensor(rng, dtype):
     pointer = state.data_ptr()
     step = bridge.jax_step_into([state], DOUBLE, 3.0, state_outputs=(1,))
     assert state.data_ptr() == pointer
-    torch.testing.assert_close(state.float(), want, rtol=1e-2 if dtype == "bfloat16" else 1e-6, atol=0)
+    assert_close(state, want, dtype, "state after the step")
     new_state = step.outputs[1]
     # Whichever path ran, the returned state is a view of the torch memory.
     assert new_state.unsafe_buffer_pointer() == pointer

@@ -13,7 +13,8 @@ jax_impl = pytest.importorskip("jax_impl")
 import bridge  # noqa: E402
 from bridge import MambaStateCache, MambaStateShapeCalculator  # noqa: E402
 from bridge.spec.state_shapes import CONV_STATE_LAYOUT_ENV  # noqa: E402
-from ssu_cases import SsuCase, assert_close, make_inputs  # noqa: E402
+from frameworks import assert_close  # noqa: E402
+from ssu_cases import SsuCase, make_inputs  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and jax.default_backend() == "gpu"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -178,10 +179,8 @@ def test_jax_inplace_step_on_the_shared_cache(rng, owner):
     jax_inputs = {k: bridge.to_jax(v) for k, v in inputs.items()}
     step = cache.run_jax_inplace(SSU_STEP, **jax_inputs, **options)
     assert cache.torch("ssm").data_ptr() == pointer
-    assert_close(cache.torch("ssm").cpu().double().numpy(), want_state.cpu().double().numpy(),
-                 "float32", "cache after the JAX step")
-    assert_close(np.asarray(step.outputs[0], np.float64), want_out.cpu().double().numpy(),
-                 "float32", "out of the JAX step")
+    assert_close(cache.torch("ssm"), want_state, "float32", "cache after the JAX step")
+    assert_close(step.outputs[0], want_out, "float32", "out of the JAX step")
     assert step.outputs[1].unsafe_buffer_pointer() == pointer
     if ON_GPU:  # XLA wrote into the torch memory: no copy
         assert step.aliased == (True,) and (cache.steps_aliased, cache.steps_written_back) == (1, 0)
@@ -289,10 +288,8 @@ def test_decode_hands_over_between_frameworks(rng, owner, state_dtype):
                                          **options)
             shared_out = bridge.to_torch(step.outputs[0])
         assert cache.torch("ssm").data_ptr() == pointer
-        assert_close(shared_out.cpu().double().numpy(), solo_out.cpu().double().numpy(),
-                     state_dtype, f"out of step {t}")
-    assert_close(cache.torch("ssm").cpu().double().numpy(), solo_state.cpu().double().numpy(),
-                 state_dtype, "final state")
+        assert_close(shared_out, solo_out, state_dtype, f"out of step {t}")
+    assert_close(cache.torch("ssm"), solo_state, state_dtype, "final state")
     assert cache.steps_aliased + cache.steps_written_back == num_steps // 2
 
 
@@ -379,6 +376,26 @@ def test_block_ids_are_checked_never_wrapped(rng, framework, call, match):
     assert torch.equal(cache.torch("conv"), before)
 
 
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_block_copies_stay_inside_an_interior_state(rng, framework):
+    """A state that is an interior slice of a larger buffer: specs that
+    address the guard blocks around it, or run past its end, are refused;
+    a valid copy leaves the guards bitwise unchanged."""
+    values = rng.standard_normal((8, 3, 5)).astype(np.float32)
+    buffer = torch.from_numpy(values.copy()) if framework == "torch" else values.copy()
+    state = buffer[2:6]  # 4 blocks; blocks 0-1 and 6-7 of the buffer are guards
+    end = bridge.get_temporal_copy_spec(state, [3], 0, 1)
+    for spec in (bridge.get_temporal_copy_spec(buffer, [1], 0, 1),
+                 bridge.get_temporal_copy_spec(buffer, [6], 0, 1),
+                 bridge.MambaCopySpec(end.start_addr + 4, end.num_elements)):
+        with pytest.raises(ValueError, match=r"`specs\[0\]`.*does not lie inside `state`"):
+            bridge.copy_blocks(state, [spec], [0])
+    bridge.copy_blocks(state, [bridge.get_temporal_copy_spec(state, [0], 0, 1)], [3])
+    want = values.copy()
+    want[5] = values[2]
+    np.testing.assert_array_equal(np.asarray(buffer), want)
+
+
 def state_address(state):
     return state.data_ptr() if hasattr(state, "data_ptr") else state.unsafe_buffer_pointer()
 
@@ -435,9 +452,9 @@ def test_prefill_in_one_framework_decode_in_the_other(rng, prefill, decode):
         prefill_into(cache, run[0], arrays, lengths, slots)
         written = cache.torch("ssm").abs().amax(dim=(1, 2, 3)).cpu().numpy()
         assert (written[slots] > 0).all() and (np.delete(written, slots) == 0).all()
-        outs = [decode_on(cache, run[1], torch_inputs(a, d), o).cpu().double().numpy() for a, d, o in steps]
+        outs = [decode_on(cache, run[1], torch_inputs(a, d), o).clone() for a, d, o in steps]
         assert cache.torch("ssm").data_ptr() == pointer
-        results[run] = outs, cache.torch("ssm").cpu().double().numpy()
+        results[run] = outs, cache.torch("ssm").clone()
     (mixed_outs, mixed_state), (solo_outs, solo_state) = results.values()
     for t, (mixed, solo) in enumerate(zip(mixed_outs, solo_outs)):
         assert_close(mixed, solo, "float32", f"decode step {t} after {prefill} prefill")
