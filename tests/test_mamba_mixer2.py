@@ -400,3 +400,54 @@ def test_captured_decode_step_matches_forward(rng):
     _, two = _torch_decode_inputs(rng, mixer, cache, 2, [1, 4])
     with pytest.raises(ValueError, match="CapturedDecodeStep.run: `metadata` must be a decode batch of 3"):
         step.run(hidden, two)
+
+
+def test_no_tokens_is_a_no_op(side, rng):
+    mixer = _new_mixer(side)
+    cache = _cache(mixer, rng)
+    before = _cache_numpy(cache)
+    metadata = build_mamba2_metadata([], [], np.zeros((0,), np.int32), 0, CONFIG["chunk_size"])
+    assert side.run_mixer(mixer, np.zeros((0, CONFIG["hidden_size"])), cache, metadata).shape == (
+        0, CONFIG["hidden_size"])
+    for got, want in zip(_cache_numpy(cache), before):
+        np.testing.assert_array_equal(got, want)
+
+
+X64_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import jax.numpy as jnp
+import jax_impl
+from bridge.spec.mixer_metadata import build_mamba2_metadata
+from test_mamba_mixer2 import CONFIG
+mixer = jax_impl.MambaMixer2(**CONFIG)
+conv_shape, ssm_shape = mixer.get_state_shape()
+rng = np.random.default_rng({seed})
+conv = jnp.asarray(rng.standard_normal((4, *conv_shape)), jnp.float32)
+ssm = jnp.asarray(rng.standard_normal((4, *ssm_shape)), jnp.float32)
+hidden = jnp.asarray(rng.standard_normal((6, CONFIG["hidden_size"])), jnp.float32)
+outs = []
+for dtype in (np.int32, np.int64):
+    metadata = build_mamba2_metadata([1, 5], [3, 2], [1, 2], 1, CONFIG["chunk_size"]).map_arrays(
+        lambda a: a.astype(dtype) if a.dtype.kind == "i" else a)
+    outs.append(np.asarray(jax.jit(mixer.__call__)(hidden, conv, ssm, metadata)[0]))
+assert outs[0].dtype == np.float32 and np.isfinite(outs[0]).all(), outs[0]
+np.testing.assert_array_equal(outs[0], outs[1])
+"""
+
+
+def test_flax_mixer_runs_with_x64_on_int32_and_int64_metadata(rng):
+    """jax_enable_x64 (a process-wide flag: in a subprocess), jitted with
+    int32 and with int64 metadata: the same finite float32 outputs."""
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = X64_SCRIPT.format(tests=tests, seed=int(rng.integers(1 << 31)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=os.path.dirname(tests), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

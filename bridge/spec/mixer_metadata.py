@@ -354,7 +354,7 @@ def _check_null_block(slots, lens, computed, padding, mamba_block_size, num_deco
     if marked.shape != (len(lens),):
         raise ValueError(f"build_mamba2_metadata: `padding` has shape {marked.shape}, "
                          f"expected ({len(lens)},)")
-    used = slots.reshape(len(lens), -1) == NULL_BLOCK_ID
+    used = slots.reshape(len(lens), -1 if len(lens) else 1) == NULL_BLOCK_ID
     if mamba_block_size is not None:
         last_computed, _, last = prefix_block_indices(computed, lens, mamba_block_size)
         columns = np.arange(slots.shape[1])
