@@ -439,6 +439,7 @@ np.testing.assert_array_equal(outs[0], outs[1])
 """
 
 
+@pytest.mark.slow
 def test_flax_mixer_runs_with_x64_on_int32_and_int64_metadata(rng):
     """jax_enable_x64 (a process-wide flag: in a subprocess), jitted with
     int32 and with int64 metadata: the same finite float32 outputs."""
