@@ -170,17 +170,6 @@ def _barrier():
         plgpu.debug_barrier()
 
 
-def _int32(array):
-    """Index values as int32, the kernel's index type (x64 mode included);
-    int64 values saturate, so one out of range stays out of range."""
-    if array is None:
-        return None
-    if array.dtype == jnp.int64:
-        info = jnp.iinfo(jnp.int32)
-        array = jnp.clip(array, info.min, info.max)
-    return array.astype(jnp.int32)
-
-
 def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, query_start_loc,
          indices, pad_slot_id, has_initial_state=None, num_accepted_tokens=None,
          initial_state_idx=None, block_idx_last_scheduled_token=None,
@@ -205,7 +194,7 @@ def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, q
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=platform.INTERPRET,
         name="causal_conv1d",
-    )(state, out, x, weight, bias, *map(_int32, (
+    )(state, out, x, weight, bias, *map(platform.int32_indices, (
         query_start_loc, indices, has_initial_state, num_accepted_tokens, initial_state_idx,
         block_idx_last_scheduled_token, block_idx_first_scheduled_token, num_computed_tokens)))
 
@@ -225,25 +214,16 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
                      block_idx_last_scheduled_token=None, initial_state_idx=None,
                      num_computed_tokens=None, block_size_to_align=0, *, out=None,
                      validate_indices=None):
-    """Prefill: the conv over packed sequences ``x (dim, T)``, ``weight (dim,
-    width)``, ``bias (dim,)``. Reads the history of sequences with
-    ``has_initial_state`` from ``conv_states (S, dim, L)`` at
-    ``cache_indices`` (the sequence number when None) and writes each
-    sequence's last ``width - 1`` inputs there (columns ``0 .. width-2``).
-    Returns ``(out (dim, T), new_conv_states (S, dim, L))``; a given ``out``
-    keeps its values in the columns of padding sequences.
-
-    Prefix caching ("all" mode): ``cache_indices`` is a block table ``(Q,
-    max_blocks)``; the history is read at column ``initial_state_idx``, the
-    final state written at ``block_idx_last_scheduled_token``, and the state
-    at each multiple of ``block_size_to_align`` (in the sequence, which has
-    ``num_computed_tokens`` before this call) at the columns from
-    ``block_idx_first_scheduled_token`` on.
+    """Prefill over packed sequences: ``x (dim, T)``, ``weight (dim, width)``,
+    ``bias (dim,)``, ``conv_states (S, dim, L)`` read at ``cache_indices`` (or
+    a block table with prefix caching; ``bridge.spec.conv_contract``).
+    Returns ``(out (dim, T), new_conv_states)``; a given ``out`` keeps its
+    values in the columns of padding sequences.
 
     Jittable with ``activation``, ``pad_slot_id`` and ``block_size_to_align``
-    static. Concrete index values are checked (``validate_indices=False``:
-    not); traced ones follow the unchecked contract of
-    ``bridge.spec.conv_contract`` (skipped, NaN outputs).
+    static. Concrete index values are checked (not with
+    ``validate_indices=False``); traced ones follow the contract's unchecked
+    rules (skipped, NaN outputs, no stray access).
     """
     arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
                   has_initial_state=has_initial_state, initial_state_idx=initial_state_idx,
@@ -268,13 +248,12 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
                          block_idx_last_scheduled_token=None, initial_state_idx=None, *,
                          out=None, validate_indices=None):
     """Decode: ``x (batch, dim)``, or ``(T, dim)`` with ``query_start_loc
-    (batch + 1,)`` for several tokens per sequence (speculative decoding, with
-    ``num_accepted_tokens (batch,)``). ``conv_state (S, dim, L)`` is read at
-    ``conv_state_indices`` (column ``initial_state_idx``, default 0) and the
-    shifted state written at column ``block_idx_last_scheduled_token``
-    (default 0). Returns ``(out, new_conv_state)``; ``max_query_len`` (static)
-    sizes the token tile, -1: up to 16 tokens per tile. ``validate_indices``:
-    as in ``causal_conv1d_fn``.
+    (batch + 1,)`` (speculative decoding, with ``num_accepted_tokens
+    (batch,)``); ``conv_state (S, dim, L)`` read at ``conv_state_indices``
+    (column ``initial_state_idx``) and written at column
+    ``block_idx_last_scheduled_token``. Returns ``(out, new_conv_state)``;
+    ``max_query_len`` (static; -1: unknown) sizes the token tile.
+    ``validate_indices``: as in ``causal_conv1d_fn``.
     """
     arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
                   num_accepted_tokens=num_accepted_tokens, initial_state_idx=initial_state_idx,

@@ -2,6 +2,7 @@
 Pallas' interpreter on the CPU) and the prologue every wrapper shares."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -37,3 +38,15 @@ def host_index_values(validate, **indices) -> dict | None:
     if not all(is_concrete(array) for array in present.values()):
         return None
     return {name: np.asarray(array) for name, array in present.items()}
+
+
+def int32_indices(array):
+    """Index values as int32, the kernels' index type (in x64 mode too);
+    int64 values saturate, so that one out of range stays out of range
+    (a plain cast would wrap 2**32 + s onto slot s). None stays None."""
+    if array is None:
+        return None
+    if array.dtype == jnp.int64:
+        info = jnp.iinfo(jnp.int32)
+        array = jnp.clip(array, info.min, info.max)
+    return array.astype(jnp.int32)

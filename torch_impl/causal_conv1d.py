@@ -243,13 +243,21 @@ def _writes_in_place(*args, **kwargs) -> None:
     """Both ops only write their mutated arguments."""
 
 
-def _prologue(function: str, layout, arrays: dict, validate_indices, pad_slot_id) -> None:
-    """Same device for every tensor; in debug mode the index values."""
-    device = platform.check_kernel_device(arrays)
+def _call(function: str, check, arrays: dict, *, out, activation, pad_slot_id, validate_indices,
+          **sizes):
+    """The checks (in debug mode the index values too), then the op
+    ``function`` writing ``out`` (allocated like ``x`` when not given)."""
+    layout = check(**arrays, out=out, activation=activation, pad_slot_id=pad_slot_id, **sizes)
+    device = platform.check_kernel_device(dict(arrays, out=out))
     values = platform.host_index_values(
         validate_indices, device, **{k: v for k, v in arrays.items() if k in INDEX_ARGS})
     if values is not None:
         check_conv_index_values(function, layout, values, pad_slot_id=pad_slot_id)
+    out = torch.empty_like(arrays["x"]) if out is None else out
+    getattr(torch.ops.mamba_twin, function)(**arrays, output=out, silu=layout.silu,
+                                            pad_slot_id=int(pad_slot_id),
+                                            **{k: int(v) for k, v in sizes.items()})
+    return out
 
 
 def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=None,
@@ -258,40 +266,25 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
                      block_idx_last_scheduled_token=None, initial_state_idx=None,
                      num_computed_tokens=None, block_size_to_align=0, *, out=None,
                      validate_indices=None):
-    """Prefill: the conv over packed sequences ``x (dim, T)`` (a transposed
-    token-major buffer), ``weight (dim, width)``, ``bias (dim,)``. Reads the
-    history of sequences with ``has_initial_state`` from ``conv_states (S,
-    dim, L)`` at ``cache_indices`` (the sequence number when None) and writes
-    each sequence's last ``width - 1`` inputs there (columns ``0 .. width-2``),
-    in place. Returns ``out (dim, T)`` (allocated like ``x`` when not given);
-    columns of padding sequences are left as they were.
-
-    Prefix caching ("all" mode): ``cache_indices`` is a block table ``(Q,
-    max_blocks)``; the history is read at column ``initial_state_idx``, the
-    final state written at ``block_idx_last_scheduled_token``, and the state
-    at each multiple of ``block_size_to_align`` (in the sequence, which has
-    ``num_computed_tokens`` before this call) at the columns from
-    ``block_idx_first_scheduled_token`` on.
+    """Prefill over packed sequences: ``x (dim, T)`` (a transposed token-major
+    buffer), ``weight (dim, width)``, ``bias (dim,)``, ``conv_states (S, dim,
+    L)`` read and written in place at ``cache_indices`` (or a block table with
+    prefix caching; ``bridge.spec.conv_contract``). Returns ``out (dim, T)``
+    (allocated when not given; padding sequences' columns left as they were).
 
     ``validate_indices=True`` (or ``$MAMBA_TWIN_CHECK_INDICES=1``) checks the
     index values on the host first (a device sync; skipped under CUDA-graph
-    capture and torch.compile); unchecked, bad values follow the unchecked
-    contract of ``bridge.spec.conv_contract`` (skipped, NaN outputs).
+    capture and torch.compile); unchecked, bad values follow the contract's
+    unchecked rules (skipped, NaN outputs, no stray access).
     """
-    arrays = dict(x=x, weight=weight, bias=bias, conv_states=conv_states,
-                  query_start_loc=query_start_loc, cache_indices=cache_indices,
-                  has_initial_state=has_initial_state,
-                  block_idx_first_scheduled_token=block_idx_first_scheduled_token,
-                  block_idx_last_scheduled_token=block_idx_last_scheduled_token,
-                  initial_state_idx=initial_state_idx, num_computed_tokens=num_computed_tokens)
-    layout = check_conv_fn_args(**arrays, out=out, activation=activation, pad_slot_id=pad_slot_id,
-                                block_size_to_align=block_size_to_align)
-    _prologue("causal_conv1d_fn", layout, dict(arrays, out=out), validate_indices, pad_slot_id)
-    out = torch.empty_like(x) if out is None else out
-    torch.ops.mamba_twin.causal_conv1d_fn(**arrays, output=out, silu=layout.silu,
-                                          pad_slot_id=int(pad_slot_id),
-                                          block_size_to_align=int(block_size_to_align))
-    return out
+    return _call("causal_conv1d_fn", check_conv_fn_args, dict(
+        x=x, weight=weight, bias=bias, conv_states=conv_states, query_start_loc=query_start_loc,
+        cache_indices=cache_indices, has_initial_state=has_initial_state,
+        block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+        block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+        initial_state_idx=initial_state_idx, num_computed_tokens=num_computed_tokens),
+        out=out, activation=activation, pad_slot_id=pad_slot_id,
+        validate_indices=validate_indices, block_size_to_align=block_size_to_align)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
@@ -300,24 +293,18 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
                          block_idx_last_scheduled_token=None, initial_state_idx=None, *,
                          out=None, validate_indices=None):
     """Decode: ``x (batch, dim)``, or ``(T, dim)`` with ``query_start_loc
-    (batch + 1,)`` for several tokens per sequence (speculative decoding, with
-    ``num_accepted_tokens (batch,)``). ``conv_state (S, dim, L)`` is read at
-    ``conv_state_indices`` (column ``initial_state_idx``, default 0) and the
-    shifted state written at column ``block_idx_last_scheduled_token``
-    (default 0), in place. Returns ``out`` (shape of ``x``; allocated when
-    not given). ``max_query_len`` (tokens per sequence at most) sizes the
-    token tile; -1: from the batch. ``validate_indices``: as in
+    (batch + 1,)`` (speculative decoding, with ``num_accepted_tokens
+    (batch,)``); ``conv_state (S, dim, L)`` read at ``conv_state_indices``
+    (column ``initial_state_idx``) and written at column
+    ``block_idx_last_scheduled_token``, in place. Returns ``out`` (shape of
+    ``x``; allocated when not given). ``max_query_len`` (tokens per sequence
+    at most, -1: unknown) sizes the token tile. ``validate_indices``: as in
     ``causal_conv1d_fn``.
     """
-    arrays = dict(x=x, conv_state=conv_state, weight=weight, bias=bias,
-                  conv_state_indices=conv_state_indices, num_accepted_tokens=num_accepted_tokens,
-                  query_start_loc=query_start_loc, initial_state_idx=initial_state_idx,
-                  block_idx_last_scheduled_token=block_idx_last_scheduled_token)
-    layout = check_conv_update_args(**arrays, out=out, activation=activation,
-                                    pad_slot_id=pad_slot_id, max_query_len=max_query_len)
-    _prologue("causal_conv1d_update", layout, dict(arrays, out=out), validate_indices, pad_slot_id)
-    out = torch.empty_like(x) if out is None else out
-    torch.ops.mamba_twin.causal_conv1d_update(**arrays, output=out, silu=layout.silu,
-                                              max_query_len=int(max_query_len),
-                                              pad_slot_id=int(pad_slot_id))
-    return out
+    return _call("causal_conv1d_update", check_conv_update_args, dict(
+        x=x, conv_state=conv_state, weight=weight, bias=bias,
+        conv_state_indices=conv_state_indices, num_accepted_tokens=num_accepted_tokens,
+        query_start_loc=query_start_loc, initial_state_idx=initial_state_idx,
+        block_idx_last_scheduled_token=block_idx_last_scheduled_token),
+        out=out, activation=activation, pad_slot_id=pad_slot_id,
+        validate_indices=validate_indices, max_query_len=max_query_len)

@@ -26,7 +26,16 @@ prefill sequence has no initial state):
                  = old_state[i + shift]      otherwise (0 without history)
 
 with R the columns written: W - 1 in prefill (the last W - 1 inputs), L in
-decode. In decode ``offset = 0`` and ``shift = n``; in speculative decoding
+decode. Prefill reads the history only of sequences with
+``has_initial_state`` (decode always), at ``cache_indices`` (the sequence
+number when None). Prefix caching ("all" mode, prefill): ``cache_indices``
+is a block table; the history is read at column ``initial_state_idx``, the
+final state written at ``block_idx_last_scheduled_token``, and the state at
+each multiple of ``block_size_to_align`` (in the sequence, which has
+``num_computed_tokens`` before this call) at the columns from
+``block_idx_first_scheduled_token`` on. Decode reads at column
+``initial_state_idx`` and writes at ``block_idx_last_scheduled_token`` of a
+2-D ``conv_state_indices`` (column 0 by default). In decode ``offset = 0`` and ``shift = n``; in speculative decoding
 the state keeps every drafted input and ``offset = num_accepted - 1``,
 ``shift = num_accepted``. A sequence whose (read) slot is ``pad_slot_id`` is
 skipped: its output and every cache slot stay untouched.
@@ -184,6 +193,7 @@ def check_conv_fn_args(*, x, weight, bias, conv_states, query_start_loc, cache_i
                   initial_state_idx=initial_state_idx, num_computed_tokens=num_computed_tokens)
     _check_arrays(function, arrays, activation)
     as_int(function, "pad_slot_id", pad_slot_id)
+    as_int(function, "block_size_to_align", block_size_to_align, minimum=0)
     dim, num_tokens = _check_x(function, x, out, "(dim, num_tokens)")
     _check_weights(function, weight, bias, "conv_states", conv_states, dim)
     qsl = shape_of(query_start_loc)
