@@ -320,7 +320,8 @@ def test_unchecked_malformed_indices_touch_nothing_outside(side, rng):
         guard_z = torch.full((10, T + 8), sentinel, device=side.device)
         guard_z[2:8, 4:T + 4] = args["z"]
         args.update(ssm_states=guard_states[2:10], z=guard_z[2:8, 4:T + 4])
-        side.impl.selective_scan.selective_scan_fn(**args, delta_softplus=True, validate_indices=False)
+        from torch_impl.selective_scan import selective_scan_fn
+        selective_scan_fn(**args, delta_softplus=True, validate_indices=False)
         got_out, got_states = side.numpy(args["z"]), side.numpy(args["ssm_states"])
         for buffer, inner in ((guard_states, (slice(2, 10),)), (guard_z, (slice(2, 8), slice(4, T + 4)))):
             outside = torch.ones(buffer.shape, dtype=torch.bool, device=side.device)
@@ -335,3 +336,32 @@ def test_unchecked_malformed_indices_touch_nothing_outside(side, rng):
     untouched = [0, 1, 3, 4, 5, 6, 7]
     np.testing.assert_array_equal(got_states[untouched], want_states[untouched])
     assert_close(got_states[2], want_states[2], "float32", "the valid sequence's state")
+
+
+@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+def test_jax_x64_mode(rng, index_dtype):
+    """With jax_enable_x64 on, int32 and int64 indices, eager and jitted."""
+    import jax
+    from frameworks import JaxSide
+    from jax_impl.selective_scan import selective_scan_fn
+    side = JaxSide()
+    inputs, computed = apc_case(rng)
+    options = dict(delta_softplus=True, block_size=4)
+    ref_inputs = {k: v for k, v in inputs.items() if k not in APC_ONLY}
+    want_out, want_states = scan_ref(**ref_inputs, **options, num_computed_tokens=computed)
+    inputs = {k: (v.astype(index_dtype) if v is not None and v.dtype.kind == "i" else v)
+              for k, v in inputs.items()}
+    with jax.enable_x64(True):
+        args = native(side, inputs)
+        for fn in (selective_scan_fn, jax.jit(functools.partial(selective_scan_fn, **options))):
+            got_out, got_states = map(side.numpy, fn(**args, **(options if fn is selective_scan_fn else {})))
+            assert_close(got_out, want_out, "float32", "out")
+            assert_close(got_states, want_states, "float32", "ssm_states")
+
+
+def test_no_tokens_is_a_no_op(side, rng):
+    inputs = random_inputs(rng, seqlens=(0, 0))
+    inputs["cache_indices"] = np.array([1, 2], np.int32)
+    got_out, got_states = run(side, native(side, inputs), delta_softplus=True)
+    assert got_out.shape == inputs["z"].shape == (6, 0)
+    np.testing.assert_array_equal(got_states, inputs["ssm_states"])
