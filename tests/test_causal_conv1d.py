@@ -9,20 +9,9 @@ guard regions, slot collisions); x64 mode; no tokens; torch.compile tracing."""
 import numpy as np
 import pytest
 
-from frameworks import JaxSide, TorchSide
+from frameworks import JaxSide, TorchSide, assert_close
 
 PAD = 0  # the null block: padding entries point at it
-TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
-
-
-def _close(got, want, dtype, what, mask=None):
-    """Within the dtype's tolerance relative to the largest |value|; NaN where
-    ``want`` is NaN (poison left in place), nowhere else."""
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{what}: NaN pattern")
-    scale = np.nanmax(np.abs(want)) if np.isfinite(want).any() else 1.0
-    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[dtype] * scale, err_msg=what)
-
-
 def _state(rng, num_slots, dim, state_len):
     """(S, D, L) values, NaN in the padding slot: a kernel that touches it
     leaves no NaN there or spreads NaN elsewhere."""
@@ -75,8 +64,8 @@ def test_prefill_matches_reference(side, case, rng):
     options = dict(activation="silu" if case["silu"] else None)
     want_out, want_state = side.conv_reference("causal_conv1d_fn", inputs, **options)
     got_out, got_state = side.run_conv("causal_conv1d_fn", inputs, **options)
-    _close(got_out, want_out, case["dtype"], f"{side.name} prefill out")
-    _close(got_state, want_state, case["dtype"], f"{side.name} prefill conv state")
+    assert_close(got_out, want_out, case["dtype"], f"{side.name} prefill out")
+    assert_close(got_state, want_state, case["dtype"], f"{side.name} prefill conv state")
     assert np.isnan(got_state[PAD]).all(), "the padding slot was written"
 
 
@@ -121,8 +110,8 @@ def test_decode_matches_reference(side, case, rng):
     want_out, want_state = side.conv_reference("causal_conv1d_update", inputs,
                                                **{k: v for k, v in options.items() if k != "max_query_len"})
     got_out, got_state = side.run_conv("causal_conv1d_update", inputs, **options)
-    _close(got_out, want_out, case["dtype"], f"{side.name} decode out")
-    _close(got_state, want_state, case["dtype"], f"{side.name} decode conv state")
+    assert_close(got_out, want_out, case["dtype"], f"{side.name} decode out")
+    assert_close(got_state, want_state, case["dtype"], f"{side.name} decode conv state")
 
 
 def test_prefill_then_decode_equals_longer_prefill(side, rng):
@@ -145,11 +134,11 @@ def test_prefill_then_decode_equals_longer_prefill(side, rng):
 
     full_out, _ = prefill(x, width - 1)
     got, state = prefill(x[:n], width - 1)
-    np.testing.assert_allclose(got, full_out[:, :n], atol=1e-5)
+    assert_close(got, full_out[:, :n], "float32", "prefill of n")
     got, _ = side.run_conv("causal_conv1d_update", dict(
         common, x=f32(x[n:n + 1]), conv_state=f32(state), conv_state_indices=i32(1), out=nan(1, dim)),
         activation="silu")
-    np.testing.assert_allclose(got[0], full_out[:, n], atol=1e-5)
+    assert_close(got[0], full_out[:, n], "float32", "decode after prefill")
 
     _, state = prefill(x[:n], width)
     # (tokens of the step, tokens accepted of the previous step, outputs that count)
@@ -160,7 +149,7 @@ def test_prefill_then_decode_equals_longer_prefill(side, rng):
             common, x=f32(tokens), conv_state=f32(state), conv_state_indices=i32(1),
             query_start_loc=i32(0, 2), num_accepted_tokens=i32(accepted), out=nan(2, dim)),
             activation="silu")
-        np.testing.assert_allclose(got[:len(positions)], full_out[:, positions].T, atol=1e-5)
+        assert_close(got[:len(positions)], full_out[:, positions].T, "float32", "speculative step")
 
 
 # Small CPU tensors may sit off XLA's alignment; those few are copied.
@@ -184,8 +173,8 @@ def test_triton_matches_pallas(function, rng):
     t_out, t_state = torch_side.run_conv(function, inputs, activation="silu")
     j_out, j_state = jax_side.run_conv(function, shared, activation="silu")
     dtype = "bfloat16" if function == "causal_conv1d_fn" else "float32"
-    _close(t_out, j_out, dtype, f"{function}: triton vs pallas out")
-    _close(t_state, j_state, dtype, f"{function}: triton vs pallas conv state")
+    assert_close(t_out, j_out, dtype, f"{function}: triton vs pallas out")
+    assert_close(t_state, j_state, dtype, f"{function}: triton vs pallas conv state")
 
 
 def test_jax_state_updated_in_place_under_donation(rng):
@@ -261,8 +250,8 @@ def test_prefill_writes_block_boundary_states(side, rng):
                   out=side.array(np.full((dim, qsl[-1]), np.nan), "float32"))
     want_out, want_state = side.conv_reference("causal_conv1d_fn", inputs, block_size_to_align=block_size)
     got_out, got_state = side.run_conv("causal_conv1d_fn", inputs, block_size_to_align=block_size)
-    _close(got_out, want_out, "float32", f"{side.name} prefill out")
-    _close(got_state, want_state, "float32", f"{side.name} block states")
+    assert_close(got_out, want_out, "float32", f"{side.name} prefill out")
+    assert_close(got_state, want_state, "float32", f"{side.name} block states")
     assert (last - first).sum() >= 4, "the case must cross several boundaries"
     with pytest.raises(ValueError, match="`block_size_to_align`"):
         side.run_conv("causal_conv1d_fn", inputs)
@@ -281,7 +270,8 @@ def _guarded(side, array):
     if side.name != "torch":
         return array, None
     torch = side.torch
-    buffer = torch.full([n + 2 * MARGIN for n in array.shape], SENTINEL, dtype=array.dtype)
+    buffer = torch.full([n + 2 * MARGIN for n in array.shape], SENTINEL, dtype=array.dtype,
+                        device=array.device)
     view = buffer[tuple(slice(MARGIN, MARGIN + n) for n in array.shape)]
     view.copy_(array)
     return view, buffer
@@ -289,7 +279,7 @@ def _guarded(side, array):
 
 def _assert_guard_intact(buffer, what):
     torch = pytest.importorskip("torch")
-    outside = torch.ones(buffer.shape, dtype=torch.bool)
+    outside = torch.ones(buffer.shape, dtype=torch.bool, device=buffer.device)
     outside[tuple(slice(MARGIN, n - MARGIN) for n in buffer.shape)] = False
     bits = {2: torch.int16, 4: torch.int32}[buffer.element_size()]
     guard = buffer[outside]
@@ -322,8 +312,8 @@ def _assert_skipped(got, want, *, bad_rows, pad_rows, good_slots, initial, what)
     want_out = want_out.copy()
     want_out[bad_rows] = np.nan
     want_out[pad_rows] = SENTINEL
-    _close(got_out, want_out, "float32", f"{what} out")
-    _close(got_state, want_state, "float32", f"{what} state")
+    assert_close(got_out, want_out, "float32", f"{what} out")
+    assert_close(got_state, want_state, "float32", f"{what} state")
     others = np.setdiff1d(np.arange(len(initial)), good_slots)
     np.testing.assert_array_equal(got_state[others], initial[others], err_msg=f"{what}: other slots")
 
@@ -479,15 +469,15 @@ def test_jax_x64_mode(index_dtype, rng):
         want_out, want_state = side.conv_reference("causal_conv1d_fn", inputs)
         prefill = jax.jit(lambda arrays: side.impl.causal_conv1d_fn(**arrays))
         for got_out, got_state in (side.run_conv("causal_conv1d_fn", inputs), prefill(inputs)):
-            _close(side.numpy(got_out), want_out, "float32", f"x64 {index_dtype} prefill out")
-            _close(side.numpy(got_state), want_state, "float32", f"x64 {index_dtype} prefill state")
+            assert_close(side.numpy(got_out), want_out, "float32", f"x64 {index_dtype} prefill out")
+            assert_close(side.numpy(got_state), want_state, "float32", f"x64 {index_dtype} prefill state")
         update = _update_inputs(side, rng, dtype="float32", spec=True, columns=False)
         update.update({k: update[k].astype(index_dtype)
                        for k in ("query_start_loc", "conv_state_indices", "num_accepted_tokens")})
         want = side.conv_reference("causal_conv1d_update", update, activation="silu")
         got = side.run_conv("causal_conv1d_update", update, activation="silu", max_query_len=3)
         for g, w, what in zip(got, want, ("out", "state")):
-            _close(g, w, "float32", f"x64 {index_dtype} decode {what}")
+            assert_close(g, w, "float32", f"x64 {index_dtype} decode {what}")
         if index_dtype == "int64":
             slots = np.asarray(inputs["cache_indices"])
             wrapped = dict(inputs, cache_indices=side.jnp.asarray(
