@@ -26,17 +26,14 @@ def _jax_device(device: str):
     import jax
 
     kind, _, index = device.partition(":")
-    platform = {"cpu": "cpu", "cuda": "gpu"}.get(kind)
-    if platform is None:
-        raise ValueError(f"MambaStateCache: `device` {device!r} must be 'cpu' or 'cuda[:i]'")
+    platform = {"cpu": "cpu", "cuda": "gpu"}[kind]
     try:
         devices = jax.devices(platform)
     except RuntimeError:
-        raise ValueError(f"MambaStateCache: `device` {device!r} but JAX has no {platform} backend") from None
-    i = int(index or 0)
-    if i >= len(devices):
-        raise ValueError(f"MambaStateCache: `device` {device!r} but JAX sees {len(devices)} {platform} devices")
-    return devices[i]
+        checks.fail("MambaStateCache", "device", f"{device!r} but JAX has no {platform} backend")
+    if int(index or 0) >= len(devices):
+        checks.fail("MambaStateCache", "device", f"{device!r} but JAX sees {len(devices)} {platform} devices")
+    return devices[int(index or 0)]
 
 
 class MambaStateCache:
@@ -90,12 +87,11 @@ class MambaStateCache:
                                   for shape in state_shapes)
         self.names = tuple(names)
         if len(self.names) != len(self.state_shapes):
-            raise ValueError(f"MambaStateCache: `names` {self.names} does not name the "
-                             f"{len(self.state_shapes)} states of `state_shapes`")
+            checks.fail(op, "names", f"{self.names} does not name the {len(self.state_shapes)} states "
+                        "of `state_shapes`")
         self.dtypes = (dtypes,) * len(self.names) if isinstance(dtypes, str) else tuple(dtypes)
         if len(self.dtypes) != len(self.names):
-            raise ValueError(f"MambaStateCache: `dtypes` has {len(self.dtypes)} entries for "
-                             f"{len(self.names)} states")
+            checks.fail(op, "dtypes", f"has {len(self.dtypes)} entries for {len(self.names)} states")
         num_blocks = checks.as_int(op, "num_blocks", num_blocks, minimum=1)
         num_layers = checks.as_int(op, "num_layers", num_layers, minimum=1)
         if owner not in OWNERS:
@@ -106,8 +102,12 @@ class MambaStateCache:
             if owner == "jax" and dtype in X64_DTYPES and not x64_enabled():
                 checks.fail(op, "dtypes", f"holds {dtype}, which JAX allocates as 32 bits unless "
                             "jax_enable_x64 is set; enable it or use owner='torch'")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"MambaStateCache: `device` {device!r} but torch has no CUDA here")
+        device = str(device)
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or not (index or "0").isdigit():
+            checks.fail(op, "device", f"{device!r} must be 'cpu' or 'cuda[:i]'")
+        if kind == "cuda" and not torch.cuda.is_available():
+            checks.fail(op, "device", f"{device!r} but torch has no CUDA here")
         self.num_blocks, self.num_layers, self.owner = num_blocks, num_layers, owner
         self.device = torch.device(device)
         self.steps_aliased = 0  # JAX steps that wrote in place

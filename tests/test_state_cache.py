@@ -75,7 +75,9 @@ def test_views_outlive_the_cache(rng):
     (dict(dtypes=["float32"]), "`dtypes` has 1 entries"),
     (dict(dtypes="float33"), "not a dtype name"),
     (dict(owner="numpy"), "`owner`"),
-    (dict(num_blocks=0), "`num_blocks`"),
+    (dict(num_blocks=0), "`num_blocks` must be >= 1"),
+    (dict(num_blocks=2.5), "`num_blocks` must be an integer"),
+    (dict(device="tpu"), "`device` 'tpu' must be 'cpu' or 'cuda"),
     pytest.param(dict(device="cuda"), "`device` 'cuda'",
                  marks=pytest.mark.skipif(ON_GPU, reason="needs a machine without a GPU")),
 ])
