@@ -12,7 +12,6 @@ inputs (``input_output_aliases``), so under ``jax.jit`` with ``ssm_states``
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -21,26 +20,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.selective_scan_contract import (
-    NULL_BLOCK_ID, ScanLayout, check_selective_scan_args, check_selective_scan_index_values)
+    NULL_BLOCK_ID, ScanLayout, ScanTiles, check_selective_scan_args, check_selective_scan_index_values,
+    scan_tiles)
 from jax_impl import platform
-
-BLOCK_D, NUM_WARPS = 64, 4
-
-
-@dataclasses.dataclass(frozen=True)
-class ScanTiles:
-    block_d: int  # channels per program (never spanning two groups)
-    block_n: int  # dstate, padded to a power of two
-
-
-def scan_tiles(layout: ScanLayout, target: int = BLOCK_D) -> ScanTiles:
-    if layout.ngroups == 1:
-        block_d = min(target, pl.next_power_of_2(layout.dim))
-    else:
-        per_group = layout.channels_per_group
-        block_d = min(target, per_group & -per_group)
-    return ScanTiles(block_d=block_d, block_n=pl.next_power_of_2(layout.dstate))
-
 
 def _selective_scan_kernel(
         u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, z_ref, delta_bias_ref, qsl_ref, cache_ref,
@@ -49,7 +31,7 @@ def _selective_scan_kernel(
         delta_softplus: bool, null_block_id: int, block_size: int):
     """Grid (cdiv(dim, block_d), num_seqs): one program holds a (block_d,
     dstate) float32 state of one sequence while it walks the sequence's
-    tokens. Index arithmetic is int32 (x64 mode included); table reads are
+    tokens, block_t at a time. Index arithmetic is int32 (x64 mode included); table reads are
     clamped into their arrays; a sequence breaking the contract writes no
     state and NaN outputs."""
     i32 = jnp.int32
@@ -129,33 +111,51 @@ def _selective_scan_kernel(
         plgpu.store(states_ref.at[jnp.where(keep, slot, zero), rows, cols],
                     h.astype(states_ref.dtype), mask=tile_mask & keep)
 
-    def token_step(t, h):
-        channel = lambda ref: plgpu.load(ref.at[b, offs_d, t], mask=mask_d, other=0.0).astype(jnp.float32)  # noqa: E731
-        state_vector = lambda ref: plgpu.load(ref.at[b, group, offs_n, t], mask=mask_n,  # noqa: E731
-                                              other=0.0).astype(jnp.float32)
-        u, dt = channel(u_ref), channel(delta_ref)
+    # Tokens in tiles of block_t (coalesced loads), walked one by one: a
+    # column is picked out by a reduction over a one-hot mask (-0.0
+    # elsewhere, so the sum is exact).
+    offs_t = jnp.arange(tiles.block_t, dtype=i32)
+
+    def token_tile(k, h):
+        start = first_tok + k * tiles.block_t
+        toks = start + offs_t
+        valid = toks < end_tok
+        mask_dt, mask_nt = mask_d[:, None] & valid[None, :], mask_n[:, None] & valid[None, :]
+        channels = lambda ref: plgpu.load(ref.at[b, rows, toks[None, :]], mask=mask_dt,  # noqa: E731
+                                          other=0.0).astype(jnp.float32)
+        states_tile = lambda ref: plgpu.load(ref.at[b, group, offs_n[:, None], toks[None, :]],  # noqa: E731
+                                             mask=mask_nt, other=0.0).astype(jnp.float32)
+        u, dt = channels(u_ref), channels(delta_ref)
         if delta_bias is not None:
-            dt = dt + delta_bias
+            dt = dt + delta_bias[:, None]
         if delta_softplus:
             dt = jnp.where(dt <= 20.0, jnp.log(1.0 + jnp.exp(dt)), dt)
-        h = h * jnp.exp(dt[:, None] * A) + (dt * u)[:, None] * state_vector(B_ref)[None, :]
-        y = jnp.sum(h * state_vector(C_ref)[None, :], axis=1)
+        dt = jnp.where(valid[None, :], dt, 0.0)  # past the end: h unchanged
+        du = dt * u
+        B, C = states_tile(B_ref), states_tile(C_ref)
+        y = jnp.zeros((tiles.block_d, tiles.block_t), jnp.float32)
+        for j in range(tiles.block_t):
+            pick = (offs_t == j)[None, :]
+            column = lambda tile: jnp.sum(jnp.where(pick, tile, -0.0), axis=1)  # noqa: E731
+            h = h * jnp.exp(column(dt)[:, None] * A) + column(du)[:, None] * column(B)[None, :]
+            y = jnp.where(pick, jnp.sum(h * column(C)[None, :], axis=1)[:, None], y)
+            if first_col_ref is not None:
+                # The state after a token that completes a block (not the last token).
+                i = start + j - first_tok
+                boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
+                slot = cache_ref[seq, jnp.where(boundary, first_col + (offset + i) // block_size, zero)]
+                store_state(slot, boundary & (slot != null_block_id), h)
         if D is not None:
-            y = y + D * u
+            y = y + D[:, None] * u
         if z_ref is not None:
-            z = channel(z_ref)
+            z = channels(z_ref)
             y = y * z * jax.nn.sigmoid(z)
         y = jnp.where(ok, y, jnp.nan)
-        plgpu.store(out_ref.at[b, offs_d, t], y.astype(out_ref.dtype), mask=mask_d)
-        if first_col_ref is not None:
-            # The state after a token that completes a block (not the last token).
-            i = t - first_tok
-            boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
-            slot = cache_ref[seq, jnp.where(boundary, first_col + (offset + i) // block_size, zero)]
-            store_state(slot, boundary & (slot != null_block_id), h)
+        plgpu.store(out_ref.at[b, rows, toks[None, :]], y.astype(out_ref.dtype), mask=mask_dt)
         return h
 
-    h = jax.lax.fori_loop(first_tok, jnp.where(padding, first_tok, end_tok), token_step, h)
+    run_len = jnp.where(padding, zero, seqlen)
+    h = jax.lax.fori_loop(0, (run_len + tiles.block_t - 1) // tiles.block_t, token_tile, h)
     keep = ok & ~padding & (seqlen > 0)
     if cache_ref is not None:
         keep = keep & (write_slot != null_block_id)
@@ -236,7 +236,7 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
                    jax.ShapeDtypeStruct(states.shape, states.dtype)),
         grid=(pl.cdiv(layout.dim, tiles.block_d), layout.num_seqs),
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
         interpret=platform.INTERPRET,
         name="selective_scan",
     )(*operands)

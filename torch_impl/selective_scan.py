@@ -11,24 +11,13 @@ import contextlib
 import torch
 
 from bridge.spec.selective_scan_contract import (
-    NULL_BLOCK_ID, ScanLayout, check_selective_scan_args, check_selective_scan_index_values)
+    NULL_BLOCK_ID, ScanLayout, check_selective_scan_args, check_selective_scan_index_values, scan_tiles)
 from torch_impl import platform
 
 import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
 import triton.language as tl  # noqa: E402
 
-BLOCK_D, NUM_WARPS = 64, 4
 MAX_GRID_Y = 2**16 - 1  # sequences are the grid's y axis
-
-
-def block_d(layout: ScanLayout, target: int = BLOCK_D) -> int:
-    """Channels per program: a block never spans two groups (B and C are
-    then one vector per token), so with ngroups > 1 the largest power of two
-    dividing dim // ngroups, at most ``target``."""
-    if layout.ngroups == 1:
-        return min(target, triton.next_power_of_2(layout.dim))
-    per_group = layout.channels_per_group
-    return min(target, per_group & -per_group)
 
 
 @triton.heuristics({
@@ -40,7 +29,6 @@ def block_d(layout: ScanLayout, target: int = BLOCK_D) -> int:
     "HAS_INITIAL_STATE": lambda args: args["has_initial_state_ptr"] is not None,
     "IS_APC": lambda args: args["block_idx_first_ptr"] is not None,
     "HAS_CHUNKS": lambda args: args["cu_chunk_seqlen_ptr"] is not None,
-    "BLOCK_N": lambda args: triton.next_power_of_2(args["dstate"]),
 })
 @triton.jit
 def _selective_scan_kernel(
@@ -62,14 +50,14 @@ def _selective_scan_kernel(
     stride_states_slot, stride_states_dim, stride_states_dstate,
     stride_cache_seq, stride_cache_col,
     # meta-parameters
-    DELTA_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_CACHE_INDICES: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
     IS_APC: tl.constexpr, HAS_CHUNKS: tl.constexpr,
 ):
     """Grid (cdiv(dim, BLOCK_D), num_seqs): one program holds a (BLOCK_D,
     dstate) float32 state of one sequence in registers while it walks the
-    sequence's tokens. Every load and store is masked against the real
+    sequence's tokens, BLOCK_T at a time. Every load and store is masked against the real
     extents; a sequence breaking the contract writes no state and NaN outputs."""
     pid_d = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
@@ -151,38 +139,56 @@ def _selective_scan_kernel(
         delta_bias = tl.load(delta_bias_ptr + offs_d * stride_delta_bias_dim, mask=mask_d,
                              other=0.0).to(tl.float32)
 
-    u_row = u_ptr + seq * stride_u_seq + offs_d * stride_u_dim
-    delta_row = delta_ptr + seq * stride_delta_seq + offs_d * stride_delta_dim
-    out_row = out_ptr + seq * stride_out_seq + offs_d * stride_out_dim
-    B_row = B_ptr + seq * stride_B_seq + group * stride_B_group + offs_n * stride_B_dstate
-    C_row = C_ptr + seq * stride_C_seq + group * stride_C_group + offs_n * stride_C_dstate
-    for t in range(first_tok, tl.where(padding, first_tok, end_tok)):
-        u = tl.load(u_row + t * stride_u_tok, mask=mask_d, other=0.0).to(tl.float32)
-        dt = tl.load(delta_row + t * stride_delta_tok, mask=mask_d, other=0.0).to(tl.float32)
+    # Tokens in tiles of BLOCK_T (coalesced loads; one memory latency per
+    # tile), walked one by one in registers: a column is picked out by a
+    # reduction over a one-hot mask (-0.0 elsewhere, so the sum is exact).
+    offs_t = tl.arange(0, BLOCK_T)
+    u_rows = (u_ptr + seq * stride_u_seq + offs_d * stride_u_dim)[:, None]
+    delta_rows = (delta_ptr + seq * stride_delta_seq + offs_d * stride_delta_dim)[:, None]
+    out_rows = (out_ptr + seq * stride_out_seq + offs_d * stride_out_dim)[:, None]
+    B_rows = (B_ptr + seq * stride_B_seq + group * stride_B_group + offs_n * stride_B_dstate)[:, None]
+    C_rows = (C_ptr + seq * stride_C_seq + group * stride_C_group + offs_n * stride_C_dstate)[:, None]
+    for start in range(first_tok, tl.where(padding, first_tok, end_tok), BLOCK_T):
+        toks = start + offs_t
+        valid = toks < end_tok
+        mask_dt = mask_d[:, None] & valid[None, :]
+        mask_nt = mask_n[:, None] & valid[None, :]
+        u = tl.load(u_rows + toks[None, :] * stride_u_tok, mask=mask_dt, other=0.0).to(tl.float32)
+        dt = tl.load(delta_rows + toks[None, :] * stride_delta_tok, mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
-            dt += delta_bias
+            dt += delta_bias[:, None]
         if DELTA_SOFTPLUS:
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        B = tl.load(B_row + t * stride_B_tok, mask=mask_n, other=0.0).to(tl.float32)
-        C = tl.load(C_row + t * stride_C_tok, mask=mask_n, other=0.0).to(tl.float32)
-        h = h * tl.exp(dt[:, None] * A) + (dt * u)[:, None] * B[None, :]
-        y = tl.sum(h * C[None, :], axis=1)
+        dt = tl.where(valid[None, :], dt, 0.0)  # past the end: h unchanged
+        du = dt * u
+        B = tl.load(B_rows + toks[None, :] * stride_B_tok, mask=mask_nt, other=0.0).to(tl.float32)
+        C = tl.load(C_rows + toks[None, :] * stride_C_tok, mask=mask_nt, other=0.0).to(tl.float32)
+        y = tl.zeros((BLOCK_D, BLOCK_T), tl.float32)
+        for j in tl.static_range(BLOCK_T):
+            pick = (offs_t == j)[None, :]
+            dt_j = tl.sum(tl.where(pick, dt, -0.0), axis=1)
+            du_j = tl.sum(tl.where(pick, du, -0.0), axis=1)
+            B_j = tl.sum(tl.where(pick, B, -0.0), axis=1)
+            C_j = tl.sum(tl.where(pick, C, -0.0), axis=1)
+            h = h * tl.exp(dt_j[:, None] * A) + du_j[:, None] * B_j[None, :]
+            y = tl.where(pick, tl.sum(h * C_j[None, :], axis=1)[:, None], y)
+            if IS_APC:
+                # The state after a token that completes a block (not the last token).
+                i = start + j - first_tok
+                boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
+                col = first_col + (offset + i) // block_size
+                slot = tl.load(row + col * stride_cache_col, mask=boundary, other=null_block_id).to(tl.int64)
+                keep = boundary & (slot != null_block_id)
+                tl.store(states_ptr + tl.where(keep, slot, 0) * stride_states_slot + tile,
+                         h.to(states_ptr.dtype.element_ty), mask=tile_mask & keep)
         if HAS_D:
-            y += D * u
+            y += D[:, None] * u
         if HAS_Z:
-            z = tl.load(z_ptr + seq * stride_z_seq + offs_d * stride_z_dim + t * stride_z_tok, mask=mask_d, other=0.0).to(tl.float32)
+            z = tl.load((z_ptr + seq * stride_z_seq + offs_d * stride_z_dim)[:, None] + toks[None, :] * stride_z_tok,
+                        mask=mask_dt, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         y = tl.where(ok, y, float("nan"))
-        tl.store(out_row + t * stride_out_tok, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-        if IS_APC:
-            # The state after a token that completes a block (not the last token).
-            i = t - first_tok
-            boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
-            col = first_col + (offset + i) // block_size
-            slot = tl.load(row + col * stride_cache_col, mask=boundary, other=null_block_id).to(tl.int64)
-            keep = boundary & (slot != null_block_id)
-            tl.store(states_ptr + tl.where(keep, slot, 0) * stride_states_slot + tile,
-                     h.to(states_ptr.dtype.element_ty), mask=tile_mask & keep)
+        tl.store(out_rows + toks[None, :] * stride_out_tok, y.to(out_ptr.dtype.element_ty), mask=mask_dt)
 
     keep = ok & ~padding & (seqlen > 0)
     if HAS_CACHE_INDICES:
@@ -228,8 +234,8 @@ def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, ca
     varlen = layout.varlen
     cache_strides = (0, 0) if cache_indices is None else (
         cache_indices.stride(0), cache_indices.stride(1) if cache_indices.dim() == 2 else 0)
-    bd = block_d(layout)
-    grid = (triton.cdiv(layout.dim, bd), layout.num_seqs)
+    tiles = scan_tiles(layout)
+    grid = (triton.cdiv(layout.dim, tiles.block_d), layout.num_seqs)
     with _on_device(u.device):
         _selective_scan_kernel[grid](
             u, delta, A, B, C, D, z, delta_bias, out, states,
@@ -241,7 +247,8 @@ def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, ca
             *_seq_strides(out, varlen, 3), *_seq_strides(B, varlen, 4), *_seq_strides(C, varlen, 4),
             *A.stride(), *platform.strides(D, 1), *platform.strides(delta_bias, 1),
             *states.stride(), *cache_strides,
-            DELTA_SOFTPLUS=delta_softplus, BLOCK_D=bd, num_warps=NUM_WARPS)
+            DELTA_SOFTPLUS=delta_softplus, BLOCK_D=tiles.block_d, BLOCK_N=tiles.block_n,
+            BLOCK_T=tiles.block_t, num_warps=tiles.num_warps)
 
 
 # The launch as a torch op (opaque to torch.compile, safe in a CUDA graph);

@@ -86,6 +86,40 @@ class ScanLayout:
         return self.dim // self.ngroups
 
 
+@dataclasses.dataclass(frozen=True)
+class ScanTiles:
+    """The tiles of one launch (the same in both kernels)."""
+
+    block_d: int  # channels per program; never spanning two groups
+    block_n: int  # dstate, padded to a power of two
+    block_t: int  # tokens loaded per step (a 16-byte row of bf16)
+    num_warps: int
+
+
+MAX_BLOCK_D, MIN_BLOCK_D, BLOCK_T = 64, 8, 8
+MIN_PROGRAMS = 1024  # fewer channels per program until the GPU has this many
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def scan_tiles(layout: ScanLayout) -> ScanTiles:
+    """One program per (block of channels, sequence): smaller channel blocks
+    for few long sequences, so that every multiprocessor gets programs. With
+    ngroups > 1 the block is the largest power of two dividing dim // ngroups
+    (B and C are then one vector per token)."""
+    block_d = min(MAX_BLOCK_D, _power_of_two_at_least(layout.dim))
+    while block_d > MIN_BLOCK_D and -(-layout.dim // block_d) * layout.num_seqs < MIN_PROGRAMS:
+        block_d //= 2
+    if layout.ngroups > 1:
+        per_group = layout.channels_per_group
+        block_d = min(block_d, per_group & -per_group)
+    block_n = _power_of_two_at_least(layout.dstate)
+    return ScanTiles(block_d=block_d, block_n=block_n, block_t=BLOCK_T,
+                     num_warps=max(1, min(4, block_d * block_n // 128)))
+
+
 def _fail(arg: str, message: str):
     checks.fail(OP, arg, message)
 
