@@ -25,7 +25,7 @@ import numpy as np
 
 from experiments import bench_ssd
 from experiments.report import Progress
-from bridge.spec.ssd_launch_config import STAGE_CONFIG_TYPES, stage_config
+from bridge.spec.ssd_launch_config import DEFAULT_STAGE_CONFIGS, stage_config
 
 
 def _grid(stage, **choices):
@@ -71,7 +71,7 @@ def tune_backend(backend, stages, quick):
         want = _as_numpy(calls[stage](arrays))
         scale = np.abs(want).max()
         default_us = bench_ssd.time_stage(backend, calls[stage], arrays, repeats) * 1e6
-        best = (default_us, STAGE_CONFIG_TYPES[stage]())
+        best = (default_us, DEFAULT_STAGE_CONFIGS[stage])
         for config in candidates.get(stage, []):
             progress.step(f"{stage} {config}")
             with configs.override(stage, config):

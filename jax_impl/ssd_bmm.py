@@ -1,10 +1,6 @@
-"""Chunked scan, stage 4 (Pallas, Triton backend on GPU): the chunk-local
-products C B^T, once per group (every head of the group reuses them).
-
-    CB[c, g, i, j] = C[s_c + i, g] . B[s_c + j, g]     for i, j < len_c
-
-Only tiles on or below the diagonal are computed: the scan reads j <= i.
-Mirror: ``torch_impl/ssd_bmm.py``.
+"""Chunked scan, stage 4 (bmm_chunk), in Pallas (Triton backend on GPU):
+the chunk-local products C B^T, once per group; only tiles on or below the
+diagonal. Mirror: ``torch_impl/ssd_bmm.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +13,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.launch_config import clip_block
-from jax_impl import platform
-from jax_impl.ssd_common import chunk_bounds, compiler_params, launch_config, tile_dot, tile_origin
+from bridge.spec.ssd_launch_config import tile_sizes
+from jax_impl.ssd_common import chunk_bounds, launch_config, pallas_call, tile_dot, tile_origin
 
 
 def _bmm_chunk_kernel(C_ref, B_ref, cu_chunk_ref, CB_ref, *, num_tokens, dstate, chunk_size,
@@ -57,18 +53,14 @@ def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size: int):
     num_tokens, ngroups, dstate = C.shape
     num_chunks = cu_chunk_seqlens.shape[0] - 1
     config = launch_config("bmm_chunk")
-    block_size_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
-    block_size_n = clip_block(chunk_size, config.BLOCK_SIZE_N)
+    block_size_m, block_size_n, num_tiles = tile_sizes(config, chunk_size, chunk_size)
     kernel = functools.partial(
         _bmm_chunk_kernel, num_tokens=num_tokens, dstate=dstate, chunk_size=chunk_size,
         block_size_m=block_size_m, block_size_n=block_size_n,
         block_size_k=clip_block(dstate, config.BLOCK_SIZE_K))
-    return pl.pallas_call(
-        kernel,
+    return pallas_call(
+        kernel, config,
         out_shape=jax.ShapeDtypeStruct((num_chunks, ngroups, chunk_size, chunk_size), jnp.float32),
-        grid=(num_chunks, ngroups,
-              pl.cdiv(chunk_size, block_size_m) * pl.cdiv(chunk_size, block_size_n)),
-        compiler_params=compiler_params(config),
-        interpret=platform.INTERPRET,
+        grid=(num_chunks, ngroups, num_tiles),
         name="ssd_bmm_chunk",
     )(C, B, cu_chunk_seqlens)

@@ -1,15 +1,6 @@
-"""Chunked scan, stage 5 (Pallas, Triton backend on GPU): every token's
-output from its chunk's start state and the chunk's earlier tokens.
-
-    out[s_c + i, h] = exp(dA_cumsum[h, c, i]) * C[s_c + i, g] @ start(c)^T
-                    + sum_{j <= i} CB[c, g, i, j] * exp(dA_cumsum[h, c, i] - dA_cumsum[h, c, j])
-                                   * dt_out[h, c, j] * x[s_c + j, h]
-                    + D[h] * x[s_c + i, h]
-    then out *= z * sigmoid(z) when z is given
-
-``start(c)`` is the state the chunk starts from (``ssd_state_passing``); a
-chunk whose sequence (``seq_idx``) is outside [0, Q) starts from NaN.
-Mirror: ``torch_impl/ssd_chunk_scan.py``.
+"""Chunked scan, stage 5 (chunk_scan), in Pallas (Triton backend on GPU):
+every token's output from its chunk's start state and the chunk's earlier
+tokens. The formula: as in the mirror, ``torch_impl/ssd_chunk_scan.py``.
 """
 
 from __future__ import annotations
@@ -22,9 +13,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.launch_config import clip_block
-from jax_impl import platform
+from bridge.spec.ssd_launch_config import tile_sizes
 from jax_impl.ssd_common import (
-    chunk_bounds, compiler_params, launch_config, sequence_of, tile_dot, tile_origin)
+    chunk_bounds, launch_config, pallas_call, sequence_of, tile_dot, tile_origin)
 
 
 def _chunk_scan_kernel(CB_ref, x_ref, dt_out_ref, dA_cumsum_ref, C_ref, end_states_ref,
@@ -57,7 +48,7 @@ def _chunk_scan_kernel(CB_ref, x_ref, dt_out_ref, dA_cumsum_ref, C_ref, end_stat
         starts_seq = (chunk == 0) | (seq_idx_ref[jnp.maximum(chunk - 1, 0)] != seq)
         mask_d = jnp.arange(block_size_dstate) < dstate
         state_mask = mask_n[:, None] & mask_d[None, :]
-        state_cols = pl.ds(0, block_size_dstate)
+        state_cols = pl.ds(jnp.int32(0), block_size_dstate)
         start_state = plgpu.load(
             end_states_ref.at[jnp.maximum(chunk - 1, 0), head, cols, state_cols],
             mask=state_mask & ~starts_seq, other=0.0).astype(jnp.float32)  # (BN, N)
@@ -112,8 +103,7 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
     ngroups, dstate = C.shape[1:]
     num_chunks, chunk_size = dA_cumsum.shape[1:]
     config = launch_config("chunk_scan")
-    block_size_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
-    block_size_n = clip_block(headdim, config.BLOCK_SIZE_N)
+    block_size_m, block_size_n, num_tiles = tile_sizes(config, chunk_size, headdim)
     kernel = functools.partial(
         _chunk_scan_kernel, num_tokens=num_tokens, num_seqs=num_seqs,
         heads_per_group=nheads // ngroups, headdim=headdim, dstate=dstate, chunk_size=chunk_size,
@@ -122,13 +112,11 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
         block_size_dstate=clip_block(dstate))
     operands = (CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D, z,
                 initial_states, out)
-    return pl.pallas_call(
-        kernel,
+    return pallas_call(
+        kernel, config,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype if out is None else out.dtype),
-        grid=(pl.cdiv(chunk_size, block_size_m) * pl.cdiv(headdim, block_size_n), num_chunks, nheads),
+        grid=(num_tiles, num_chunks, nheads),
         # Aliases index the flattened operands, where an absent (None) one takes no place.
         input_output_aliases={} if out is None else {sum(a is not None for a in operands) - 1: 0},
-        compiler_params=compiler_params(config),
-        interpret=platform.INTERPRET,
         name="ssd_chunk_scan",
     )(*operands)

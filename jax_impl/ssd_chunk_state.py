@@ -1,17 +1,7 @@
-"""Chunked scan, stages 1 and 2 (Pallas, Triton backend on GPU): the
-per-chunk cumulative decay and each chunk's own state contribution.
-
-For chunk c (tokens s_c .. s_c + len_c, at most L = chunk_size), head h and
-group g(h):
-
-    dt_out[h, c, i]    = clamp(softplus(dt[s_c + i, h] + dt_bias[h]), dt_limit), 0 for i >= len_c
-    dA_cumsum[h, c, i] = sum_{j <= i} dt_out[h, c, j] * A[h]
-    chunk_states[c, h] = sum_i x[s_c + i, h]^T B[s_c + i, g] * dt_out[h, c, i]
-                         * exp(dA_cumsum[h, c, L-1] - dA_cumsum[h, c, i])      (P, N)
-
-A chunk whose range is malformed (``ssd_common.chunk_bounds``) gets a NaN
-``dA_cumsum``, which poisons everything computed from it.
-Mirror: ``torch_impl/ssd_chunk_state.py``.
+"""Chunked scan, stages 1 (chunk_cumsum) and 2 (chunk_state), in Pallas
+(Triton backend on GPU): the per-chunk cumulative decay and each chunk's
+own state contribution. The formulas, the poisoning of malformed chunks
+and the local names: as in the mirror, ``torch_impl/ssd_chunk_state.py``.
 """
 
 from __future__ import annotations
@@ -24,9 +14,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.launch_config import clip_block
-from jax_impl import platform
+from bridge.spec.ssd_launch_config import tile_sizes
 from jax_impl.ssd_common import (
-    chunk_bounds, compiler_params, launch_config, softplus, tile_dot, tile_origin)
+    chunk_bounds, launch_config, pallas_call, softplus, tile_dot, tile_origin)
 
 
 def _chunk_cumsum_kernel(dt_ref, A_ref, dt_bias_ref, cu_chunk_ref, dA_cumsum_ref, dt_out_ref, *,
@@ -54,8 +44,9 @@ def _chunk_cumsum_kernel(dt_ref, A_ref, dt_bias_ref, cu_chunk_ref, dA_cumsum_ref
     dA_cumsum = jnp.where(valid, dA_cumsum, jnp.nan)  # poisons the chunk's state and outputs
 
     out_mask = jnp.broadcast_to(mask_h[:, None], (block_size_h, chunk_size))
-    plgpu.store(dt_out_ref.at[heads, chunk, pl.ds(0, chunk_size)], dt.T, mask=out_mask)
-    plgpu.store(dA_cumsum_ref.at[heads, chunk, pl.ds(0, chunk_size)], dA_cumsum.T, mask=out_mask)
+    positions = pl.ds(jnp.int32(0), chunk_size)
+    plgpu.store(dt_out_ref.at[heads, chunk, positions], dt.T, mask=out_mask)
+    plgpu.store(dA_cumsum_ref.at[heads, chunk, positions], dA_cumsum.T, mask=out_mask)
 
 
 def chunk_cumsum(dt, A, chunk_size: int, cu_chunk_seqlens, dt_bias=None, dt_softplus=False,
@@ -71,12 +62,10 @@ def chunk_cumsum(dt, A, chunk_size: int, cu_chunk_seqlens, dt_bias=None, dt_soft
         dt_limit=tuple(float(v) for v in dt_limit), num_tokens=num_tokens, nheads=nheads,
         chunk_size=chunk_size, block_size_h=block_size_h)
     out_shape = jax.ShapeDtypeStruct((nheads, num_chunks, chunk_size), jnp.float32)
-    return pl.pallas_call(
-        kernel,
+    return pallas_call(
+        kernel, config,
         out_shape=(out_shape, out_shape),
         grid=(num_chunks, pl.cdiv(nheads, block_size_h)),
-        compiler_params=compiler_params(config),
-        interpret=platform.INTERPRET,
         name="ssd_chunk_cumsum",
     )(dt, A, dt_bias, cu_chunk_seqlens)
 
@@ -92,7 +81,7 @@ def _chunk_state_kernel(x_ref, B_ref, dt_out_ref, dA_cumsum_ref, cu_chunk_ref, s
     start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
     mask_m = m0 + jnp.arange(block_size_m) < headdim
     mask_n = n0 + jnp.arange(block_size_n) < dstate
-    dA_last = dA_cumsum_ref[head, chunk, chunk_size - 1]
+    dA_last = dA_cumsum_ref[head, chunk, jnp.int32(chunk_size - 1)]
 
     def token_block(k, acc):
         k0 = k * block_size_k
@@ -122,17 +111,14 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
     ngroups, dstate = B.shape[1:]
     _, num_chunks, chunk_size = dA_cumsum.shape
     config = launch_config("chunk_state")
-    block_size_m = clip_block(headdim, config.BLOCK_SIZE_M)
-    block_size_n = clip_block(dstate, config.BLOCK_SIZE_N)
+    block_size_m, block_size_n, num_tiles = tile_sizes(config, headdim, dstate)
     kernel = functools.partial(
         _chunk_state_kernel, num_tokens=num_tokens, heads_per_group=nheads // ngroups,
         headdim=headdim, dstate=dstate, chunk_size=chunk_size, block_size_m=block_size_m,
         block_size_n=block_size_n, block_size_k=clip_block(chunk_size, config.BLOCK_SIZE_K))
-    return pl.pallas_call(
-        kernel,
+    return pallas_call(
+        kernel, config,
         out_shape=jax.ShapeDtypeStruct((num_chunks, nheads, headdim, dstate), jnp.float32),
-        grid=(num_chunks, nheads, pl.cdiv(headdim, block_size_m) * pl.cdiv(dstate, block_size_n)),
-        compiler_params=compiler_params(config),
-        interpret=platform.INTERPRET,
+        grid=(num_chunks, nheads, num_tiles),
         name="ssd_chunk_state",
     )(x, B, dt_out, dA_cumsum, cu_chunk_seqlens)

@@ -1,12 +1,7 @@
 """The chunked scan (SSD prefill of a Mamba-2 layer) as vLLM calls it,
 ``mamba_chunk_scan_combined_varlen``, and the batched form of the original
-Mamba-2 API, ``mamba_chunk_scan_combined``: five Pallas kernel stages.
-
-    1. chunk_cumsum   dt -> processed dt and the cumulative decay per chunk
-    2. chunk_state    each chunk's state from a zero start (tensor cores)
-    3. state_passing  carry states across chunks and sequences
-    4. bmm_chunk      C B^T per chunk and group (tensor cores)
-    5. chunk_scan     outputs from the start state and the chunk (tensor cores)
+Mamba-2 API, ``mamba_chunk_scan_combined``: five Pallas kernel stages
+(listed in ``bridge.spec.ssd_launch_config``).
 
 Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
 ``torch_impl/ssd_combined.py``. JAX is functional: ``out`` is returned; a
@@ -23,6 +18,7 @@ from jax_impl import platform
 from jax_impl.ssd_bmm import bmm_chunk
 from jax_impl.ssd_chunk_scan import chunk_scan
 from jax_impl.ssd_chunk_state import chunk_cumsum, chunk_state
+from jax_impl.ssd_common import int32_metadata
 from jax_impl.ssd_state_passing import state_passing
 
 
@@ -72,6 +68,8 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
                 jnp.full((states_rows, layout.nheads, layout.headdim, layout.dstate), jnp.nan,
                          state_dtype))
 
+    cu_chunk_seqlens = int32_metadata(cu_chunk_seqlens, -1, layout.num_tokens + 1)
+    seq_idx = int32_metadata(seq_idx, -1, layout.num_seqs)
     dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
                                      dt_softplus=dt_softplus, dt_limit=dt_limit)
     chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)

@@ -24,8 +24,29 @@ def launch_config(stage: str) -> StageConfig:
     return SSD_CONFIGS.get(stage, platform.device_name())
 
 
-def compiler_params(config: StageConfig) -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+def pallas_call(kernel, config: StageConfig, **options):
+    """``pl.pallas_call`` of one stage with its launch parameters, the kernel
+    traced with ``jax_enable_x64`` off: program ids are int32, and under x64
+    Python ints would become int64 and clash with them in indices. The
+    operands must then hold no 64-bit values (``int32_metadata``), and the
+    kernels spell a constant index ``jnp.int32(i)``: an index left a Python
+    int is typed when the call is lowered, which under jit is outside this
+    context."""
+    call = pl.pallas_call(
+        kernel, compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                                     num_stages=config.num_stages),
+        interpret=platform.INTERPRET, **options)
+
+    def run(*operands):
+        with jax.enable_x64(False):
+            return call(*operands)
+    return run
+
+
+def int32_metadata(values, low: int, high: int):
+    """Index metadata as int32 for the kernels: int64 values are first
+    clipped to [low, high], so that none wraps into range."""
+    return values if values.dtype == jnp.int32 else jnp.clip(values, low, high).astype(jnp.int32)
 
 
 def tile_dot(a, b):

@@ -1,14 +1,6 @@
-"""Chunked scan, stage 3 (Pallas, Triton backend on GPU): carry the state
-across the chunks of each sequence.
-
-    end_states[c] = exp(dA_cumsum[h, c, L-1]) * start(c) + chunk_states[c]
-    start(c)      = end_states[c-1] when chunk c-1 belongs to the same sequence,
-                    else initial_states[seq_idx[c]] (zeros when not given)
-
-The call also returns the states, in ``state_dtype``: every chunk's end
-state (``return_intermediate_states``) or each sequence's final one. A
-``seq_idx`` outside [0, Q) starts its chunk from NaN and writes no final
-state; final-state rows that no chunk ends are NaN. Mirror:
+"""Chunked scan, stage 3 (state_passing), in Pallas (Triton backend on
+GPU): carry the state across the chunks of each sequence. The formulas and
+the rules for out-of-range ``seq_idx``: as in the mirror,
 ``torch_impl/ssd_state_passing.py``.
 """
 
@@ -22,8 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.launch_config import clip_block
-from jax_impl import platform
-from jax_impl.ssd_common import compiler_params, launch_config, sequence_of
+from jax_impl.ssd_common import launch_config, pallas_call, sequence_of
 
 
 def _state_passing_kernel(chunk_states_ref, dA_cumsum_ref, seq_idx_ref, initial_states_ref,
@@ -62,7 +53,7 @@ def _state_passing_kernel(chunk_states_ref, dA_cumsum_ref, seq_idx_ref, initial_
                                  mask=tile_mask & starts_seq & seq_ok, other=0.0).astype(jnp.float32)
         start_state = jnp.where(starts_seq, jnp.where(seq_ok, initial, jnp.nan), prev_end_state)
         own = plgpu.load(chunk_states_ref.at[chunk, head, rows, cols], mask=tile_mask, other=0.0)
-        end_state = jnp.exp(dA_cumsum_ref[head, chunk, chunk_size - 1]) * start_state + own
+        end_state = jnp.exp(dA_cumsum_ref[head, chunk, jnp.int32(chunk_size - 1)]) * start_state + own
         plgpu.store(end_states_ref.at[chunk, head, rows, cols], end_state.astype(end_states_ref.dtype),
                     mask=tile_mask)
         if return_intermediate_states:
@@ -99,12 +90,10 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs: int,
         num_chunks=num_chunks, num_seqs=num_seqs, headdim=headdim, dstate=dstate,
         chunk_size=dA_cumsum.shape[-1], block_size_m=block_size_m, block_size_n=block_size_n)
     rows = num_chunks if return_intermediate_states else num_seqs
-    return pl.pallas_call(
-        kernel,
+    return pallas_call(
+        kernel, config,
         out_shape=(jax.ShapeDtypeStruct((num_chunks, nheads, headdim, dstate), end_states_dtype),
                    jax.ShapeDtypeStruct((rows, nheads, headdim, dstate), state_dtype)),
         grid=(nheads, pl.cdiv(headdim, block_size_m), pl.cdiv(dstate, block_size_n)),
-        compiler_params=compiler_params(config),
-        interpret=platform.INTERPRET,
         name="ssd_state_passing",
     )(chunk_states, dA_cumsum, seq_idx, initial_states)

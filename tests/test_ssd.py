@@ -1,11 +1,14 @@
 """The chunked scan (SSD prefill) in each framework: kernel vs the two
 float64 references (which must agree with each other), prefill vs decode,
-split prefill vs one-shot, the batched form, and bad input."""
+split prefill vs one-shot, the batched form, bad input (checked), malformed
+metadata (unchecked: bounds-safe, NaN-poisoned), T = 0."""
 
 import numpy as np
 import pytest
 
+from bridge.spec.checks import CHECK_INDICES_ENV
 from bridge.spec.ssd_contract import SsdLayout, batched_sequences, check_chunk_metadata_values, chunk_metadata
+from frameworks import assert_close
 from ssd_cases import CASES, INDEX_ARGS, SsdCase, assert_ssd_close, make_ssd_inputs
 
 
@@ -191,11 +194,123 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("arg,mutate", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(BAD_INPUTS)])
 def test_bad_input_names_the_argument(side, arg, mutate, rng):
+    """Shapes, dtypes and options always; metadata values in the debug mode."""
     arrays, dtypes, options = make_ssd_inputs(SsdCase(), rng)
     mutate(arrays, dtypes, options)
     inputs = side.native(arrays, dtypes)
     with pytest.raises(ValueError, match=f"`{arg}`"):
+        side.run_ssd(inputs, **options, validate_metadata=True)
+
+
+def test_debug_mode_from_the_environment(side, rng, monkeypatch):
+    """``$MAMBA_TWIN_CHECK_INDICES=1`` turns the metadata value checks on
+    (torch's default is off; JAX checks concrete values by default)."""
+    arrays, dtypes, options = make_ssd_inputs(SsdCase(seqlens=(5, 20), nheads=2, ngroups=1), rng)
+    arrays["seq_idx"] = np.array([0, 1, 7])
+    inputs = side.native(arrays, dtypes)
+    monkeypatch.setenv(CHECK_INDICES_ENV, "1")
+    with pytest.raises(ValueError, match="`seq_idx` must hold sequence numbers in \\[0, 2\\)"):
         side.run_ssd(inputs, **options)
+
+
+def test_index_lists_are_refused_by_name(side, rng):
+    arrays, dtypes, options = make_ssd_inputs(SsdCase(seqlens=(5,), nheads=2, ngroups=1), rng)
+    inputs = dict(side.native(arrays, dtypes), seq_idx=arrays["seq_idx"].tolist())
+    with pytest.raises(ValueError, match="`seq_idx` must be an array, got list"):
+        side.run_ssd(inputs, **options)
+
+
+# Malformed metadata on the unchecked path, for seqlens (5, 20) and chunk 16:
+# well formed, cu_chunk_seqlens [0, 5, 21, 25], seq_idx [0, 1, 1],
+# last_chunk_indices [0, 2]. Each case: the replaced metadata, the token rows
+# whose outputs must be NaN, the final-state rows that must be NaN, and the
+# rows that must be finite (a state, but not the well-formed one).
+MALFORMED = {
+    "seq_idx past num_seqs": (dict(seq_idx=[0, 1, 7]), (21, 25), [], [1]),
+    "negative seq_idx": (dict(seq_idx=[0, 1, -1]), (21, 25), [], [1]),
+    "seq_idx skips a sequence": (dict(seq_idx=[0, 2, 2]), (5, 25), [1], []),
+    "cu_chunk_seqlens past T": (dict(cu_chunk_seqlens=[0, 5, 21, 40]), (21, 25), [1], []),
+    "negative cu_chunk_seqlens": (dict(cu_chunk_seqlens=[-4, 5, 21, 25]), (0, 5), [0], []),
+    "chunk longer than chunk_size": (dict(cu_chunk_seqlens=[0, 5, 25, 25]), (5, 25), [1], []),
+    "non-monotone cu_chunk_seqlens": (dict(cu_chunk_seqlens=[0, 21, 5, 25]), (0, 25), [0, 1], []),
+    "last_chunk_indices out of range": (dict(last_chunk_indices=[0, 9]), (0, 0), [], []),
+}
+SLOW_MALFORMED = ("negative seq_idx", "negative cu_chunk_seqlens", "chunk longer than chunk_size")
+SENTINEL = 1234.5
+
+
+def _guarded(torch, tensor, pad=3):
+    """``tensor`` copied into the interior of a larger buffer filled with a
+    sentinel (rows before and after, a column on each side): ``(view, guard)``,
+    ``guard()`` asserting every element outside the view bitwise unchanged."""
+    T, H, P = tensor.shape
+    buffer = torch.full((T + 2 * pad, H, P + 2), SENTINEL, dtype=tensor.dtype, device=tensor.device)
+    view = buffer[pad:pad + T, :, 1:P + 1]
+    view.copy_(tensor)
+    outside = torch.ones(buffer.shape, dtype=torch.bool, device=tensor.device)
+    outside[pad:pad + T, :, 1:P + 1] = False
+
+    def guard():
+        assert torch.equal(buffer[outside], torch.full_like(buffer[outside], SENTINEL)), \
+            "a write landed outside `out`"
+    return view, guard
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_MALFORMED else [])
+                                  for n in MALFORMED])
+def test_malformed_metadata_stays_in_bounds(side, name, rng):
+    """Unchecked path: no write outside `out` (torch: guard regions around an
+    interior view), NaN exactly where the unchecked contract says, the
+    well-formed reference everywhere else."""
+    replaced, nan_tokens, nan_rows, other_rows = MALFORMED[name]
+    case = SsdCase(seqlens=(5, 20), nheads=2, ngroups=1)
+    arrays, dtypes, options = make_ssd_inputs(case, rng)
+    inputs = side.native(arrays, dtypes)
+    want_out, want_states = side.ssd_references(inputs, **options)["chunked"]
+    inputs.update(side.native({k: np.asarray(v) for k, v in replaced.items()},
+                              {k: "int32" for k in replaced}))
+    guard = lambda: None  # noqa: E731
+    if side.name == "torch":
+        inputs["out"], guard = _guarded(side.torch, inputs["out"])
+    options = dict(options, state_dtype=None)
+    result = side.impl.mamba_chunk_scan_combined_varlen(**inputs, **options, validate_metadata=False)
+    out, states = (inputs["out"], result) if side.name == "torch" else result
+    guard()
+
+    want_out[slice(*nan_tokens)] = np.nan
+    want_states[nan_rows] = np.nan
+    states = side.numpy(states)
+    assert np.isfinite(states[other_rows]).all(), f"{name}: rows {other_rows} should hold a state"
+    states[other_rows] = want_states[other_rows]
+    assert_close(side.numpy(out), want_out, "float32", f"{side.name} out, {name}")
+    assert_close(states, want_states, "float32", f"{side.name} states, {name}")
+
+
+@pytest.mark.parametrize("intermediate", [False, True])
+def test_no_tokens_is_a_no_op(side, intermediate):
+    """T = 0 (no sequences, no chunks): nothing runs, empty results."""
+    H, P, N = 2, 16, 16
+    floats = {"x": (0, H, P), "dt": (0, H), "A": (H,), "B": (0, 1, N), "C": (0, 1, N),
+              "out": (0, H, P)}
+    arrays = {k: np.zeros(shape) for k, shape in floats.items()}
+    arrays.update(cu_seqlens=np.zeros(1), cu_chunk_seqlens=np.zeros(1), seq_idx=np.zeros(0),
+                  last_chunk_indices=np.zeros(0))
+    inputs = side.native(arrays, {k: "float32" if k in floats else "int32" for k in arrays})
+    out, states = side.run_ssd(inputs, chunk_size=16, return_intermediate_states=intermediate,
+                               state_dtype="float32", validate_metadata=True)
+    assert out.shape == (0, H, P) and states.shape == (0, H, P, N)
+
+
+def test_integer_like_chunk_size(side, rng):
+    case = SsdCase(seqlens=(5, 20), nheads=2, ngroups=1)
+    arrays, dtypes, options = make_ssd_inputs(case, rng)
+    inputs = side.native(arrays, dtypes)
+    want_out, want_states = side.ssd_references(inputs, **options)["chunked"]
+    out, states = side.run_ssd(inputs, **dict(options, chunk_size=np.int64(16)))
+    assert_close(out, want_out, "float32", "out")
+    assert_close(states, want_states, "float32", "states")
+    with pytest.raises(ValueError, match="`chunk_size` must be an integer"):
+        side.run_ssd(inputs, **dict(options, chunk_size=16.0))
 
 
 def test_chunk_metadata_resumes_on_chunk_multiples(rng):
@@ -213,3 +328,25 @@ def test_chunk_metadata_resumes_on_chunk_multiples(rng):
         # Every chunk but a sequence's last ends on a multiple of chunk_size.
         assert last or position % chunk == 0, (seq, position)
     assert chunk_metadata([0, 5, 40, 41], 16, [0, 7, 32]).cu_chunk_seqlens.tolist() == [0, 5, 14, 30, 40, 41]
+
+
+def test_torch_compile_fullgraph(rng):
+    """The public torch function traces without graph breaks (no host sync or
+    numpy while compiling: the stages are one custom op) and matches the
+    reference. On the CPU the graph runs through aot_eager (inductor cannot
+    call the interpreter's kernels); on a GPU through inductor."""
+    from frameworks import TorchSide
+    side = TorchSide()
+    torch = side.torch
+    arrays, dtypes, options = make_ssd_inputs(SsdCase(seqlens=(5, 20), nheads=2, ngroups=1), rng)
+    inputs = side.native(arrays, dtypes)
+    want_out, want_states = side.ssd_references(inputs, **options)["chunked"]
+    options = dict(options, state_dtype=torch.float32)
+
+    def scan(inputs):
+        return side.impl.mamba_chunk_scan_combined_varlen(**inputs, **options)
+
+    backend = "inductor" if side.device.type == "cuda" else "aot_eager"
+    states = torch.compile(scan, fullgraph=True, backend=backend)(inputs)
+    assert_close(inputs["out"], want_out, "float32", "compiled out")
+    assert_close(states, want_states, "float32", "compiled states")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bridge.spec.launch_config import clip_block
-from torch_impl import platform  # noqa: F401  (before triton: interpreter mode on CPU)
-from torch_impl.ssd_common import chunk_bounds, dot_precision, launch_config, tile_dot
+from torch_impl.ssd_common import chunk_bounds, dot_precision, launch_tiles, tile_dot
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -60,16 +58,9 @@ def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size):
     num_tokens, ngroups, dstate = C.shape
     num_chunks = cu_chunk_seqlens.shape[0] - 1
     CB = torch.empty(num_chunks, ngroups, chunk_size, chunk_size, device=C.device, dtype=torch.float32)
-    config = launch_config("bmm_chunk", C.device)
-    block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
-    block_n = clip_block(chunk_size, config.BLOCK_SIZE_N)
-    grid = (num_chunks, ngroups, triton.cdiv(chunk_size, block_m) * triton.cdiv(chunk_size, block_n))
-    with torch.device(C.device):
-        _bmm_chunk_kernel[grid](
-            C, B, cu_chunk_seqlens, CB, num_tokens, dstate,
-            *C.stride(), *B.stride(), *CB.stride(),
-            CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(C.dtype),
-            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
-            BLOCK_SIZE_K=clip_block(dstate, config.BLOCK_SIZE_K),
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    launch_tiles(
+        _bmm_chunk_kernel, "bmm_chunk", C.device, lambda tiles: (num_chunks, ngroups, tiles),
+        chunk_size, chunk_size, dstate,
+        C, B, cu_chunk_seqlens, CB, num_tokens, dstate, *C.stride(), *B.stride(), *CB.stride(),
+        CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(C.dtype))
     return CB

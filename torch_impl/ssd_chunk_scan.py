@@ -19,8 +19,7 @@ import torch
 from bridge.spec.launch_config import clip_block
 from torch_impl import platform
 from torch_impl.ssd_common import (
-    chunk_bounds, dot_precision, launch_config, sequence_of, tile_dot,
-    tile_offsets)
+    chunk_bounds, dot_precision, launch_tiles, sequence_of, tile_dot, tile_offsets)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -142,21 +141,14 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
         out = torch.empty_like(x)
     if D is not None and D.dim() == 1:
         D = D.unsqueeze(1).expand(nheads, headdim)  # stride 0 over headdim
-    config = launch_config("chunk_scan", x.device)
-    block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
-    block_n = clip_block(headdim, config.BLOCK_SIZE_N)
-    grid = (triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_n), num_chunks, nheads)
-    with torch.device(x.device):
-        _chunk_scan_kernel[grid](
-            CB, x, dt_out, dA_cumsum, C, end_states, seq_idx, cu_chunk_seqlens,
-            D, z, initial_states, out,
-            num_tokens, num_seqs, headdim, dstate, nheads // ngroups,
-            *CB.stride(), *x.stride(), *dA_cumsum.stride(), *C.stride(), *end_states.stride(),
-            *platform.strides(initial_states, 4), *platform.strides(D, 2), *platform.strides(z, 3),
-            *out.stride(),
-            DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
-            BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
-            BLOCK_SIZE_DSTATE=clip_block(dstate), CHUNK_SIZE=chunk_size,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    launch_tiles(
+        _chunk_scan_kernel, "chunk_scan", x.device, lambda tiles: (tiles, num_chunks, nheads),
+        chunk_size, headdim, chunk_size,
+        CB, x, dt_out, dA_cumsum, C, end_states, seq_idx, cu_chunk_seqlens, D, z, initial_states,
+        out, num_tokens, num_seqs, headdim, dstate, nheads // ngroups,
+        *CB.stride(), *x.stride(), *dA_cumsum.stride(), *C.stride(), *end_states.stride(),
+        *platform.strides(initial_states, 4), *platform.strides(D, 2), *platform.strides(z, 3),
+        *out.stride(),
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_SIZE_DSTATE=clip_block(dstate),
+        CHUNK_SIZE=chunk_size)
     return out

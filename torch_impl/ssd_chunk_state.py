@@ -23,7 +23,8 @@ import torch
 from bridge.spec.launch_config import clip_block
 from torch_impl import platform
 from torch_impl.ssd_common import (
-    chunk_bounds, dot_precision, launch_config, softplus, tile_dot, tile_offsets)
+    chunk_bounds, dot_precision, launch, launch_config, launch_tiles, softplus, tile_dot,
+    tile_offsets)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -74,14 +75,13 @@ def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=
     config = launch_config("chunk_cumsum", dt.device)
     block_h = clip_block(nheads, config.BLOCK_SIZE_H)
     grid = (num_chunks, triton.cdiv(nheads, block_h))
-    with torch.device(dt.device):
-        _chunk_cumsum_kernel[grid](
-            dt, A, dt_bias, cu_chunk_seqlens, dA_cumsum, dt_out,
-            num_tokens, nheads, float(dt_limit[0]), float(dt_limit[1]),
-            *dt.stride(), *A.stride(), *platform.strides(dt_bias, 1), *dA_cumsum.stride(),
-            DT_SOFTPLUS=bool(dt_softplus), HAS_DT_LIMIT=tuple(dt_limit) != (0.0, math.inf),
-            BLOCK_SIZE_H=block_h, CHUNK_SIZE=chunk_size,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    launch(
+        _chunk_cumsum_kernel, grid, config, dt.device,
+        dt, A, dt_bias, cu_chunk_seqlens, dA_cumsum, dt_out,
+        num_tokens, nheads, float(dt_limit[0]), float(dt_limit[1]),
+        *dt.stride(), *A.stride(), *platform.strides(dt_bias, 1), *dA_cumsum.stride(),
+        DT_SOFTPLUS=bool(dt_softplus), HAS_DT_LIMIT=tuple(dt_limit) != (0.0, math.inf),
+        BLOCK_SIZE_H=block_h, CHUNK_SIZE=chunk_size)
     return dA_cumsum, dt_out
 
 
@@ -135,17 +135,10 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
     ngroups, dstate = B.shape[1:]
     _, num_chunks, chunk_size = dA_cumsum.shape
     states = torch.empty(num_chunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-    config = launch_config("chunk_state", x.device)
-    block_m = clip_block(headdim, config.BLOCK_SIZE_M)
-    block_n = clip_block(dstate, config.BLOCK_SIZE_N)
-    grid = (num_chunks, nheads, triton.cdiv(headdim, block_m) * triton.cdiv(dstate, block_n))
-    with torch.device(x.device):
-        _chunk_state_kernel[grid](
-            x, B, dt_out, dA_cumsum, cu_chunk_seqlens, states,
-            num_tokens, headdim, dstate, nheads // ngroups,
-            *x.stride(), *B.stride(), *dA_cumsum.stride(), *states.stride(),
-            CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
-            BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    launch_tiles(
+        _chunk_state_kernel, "chunk_state", x.device, lambda tiles: (num_chunks, nheads, tiles),
+        headdim, dstate, chunk_size,
+        x, B, dt_out, dA_cumsum, cu_chunk_seqlens, states, num_tokens, headdim, dstate,
+        nheads // ngroups, *x.stride(), *B.stride(), *dA_cumsum.stride(), *states.stride(),
+        CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype))
     return states

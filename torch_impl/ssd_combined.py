@@ -1,15 +1,10 @@
 """The chunked scan (SSD prefill of a Mamba-2 layer) as vLLM calls it,
 ``mamba_chunk_scan_combined_varlen``, and the batched form of the original
-Mamba-2 API, ``mamba_chunk_scan_combined``: five Triton kernel stages.
-
-    1. chunk_cumsum   dt -> processed dt and the cumulative decay per chunk
-    2. chunk_state    each chunk's state from a zero start (tensor cores)
-    3. state_passing  carry states across chunks and sequences
-    4. bmm_chunk      C B^T per chunk and group (tensor cores)
-    5. chunk_scan     outputs from the start state and the chunk (tensor cores)
-
-The stages run inside one torch custom op (``mamba_twin::mamba_chunk_scan_combined_varlen``), so that
+Mamba-2 API, ``mamba_chunk_scan_combined``: five Triton kernel stages
+(listed in ``bridge.spec.ssd_launch_config``), run inside one torch custom
+op (``mamba_twin::mamba_chunk_scan_combined_varlen``) so that
 ``torch.compile(fullgraph=True)`` and CUDA-graph capture see one opaque call.
+
 Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
 ``jax_impl/ssd_combined.py``.
 """
@@ -47,12 +42,13 @@ def _chunk_scan_op(
         out.fill_(math.nan)
         rows = num_chunks if return_intermediate_states else num_seqs
         return torch.full(_states_shape(x, B, rows), math.nan, dtype=state_dtype, device=x.device)
-    dt_limit = (dt_min, dt_max)
-    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias, dt_softplus, dt_limit)
+    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
+                                     dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max))
     chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
-    end_states, states = state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs, initial_states,
-                                       return_intermediate_states, state_dtype,
-                                       end_states_dtype=C.dtype)
+    end_states, states = state_passing(
+        chunk_states, dA_cumsum, seq_idx, num_seqs, initial_states=initial_states,
+        return_intermediate_states=return_intermediate_states, state_dtype=state_dtype,
+        end_states_dtype=C.dtype)
     CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
     chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
                D=D, z=z, initial_states=initial_states, out=out)
@@ -106,9 +102,11 @@ def mamba_chunk_scan_combined_varlen(
     if host is not None:
         ssd_contract.check_chunk_metadata_values(layout, **host)
     return _chunk_scan_op(
-        x, dt, A, B, C, layout.chunk_size, cu_chunk_seqlens, seq_idx, layout.num_seqs, out,
-        D, z, dt_bias, initial_states, bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
-        bool(return_intermediate_states), state_dtype or C.dtype)
+        x=x, dt=dt, A=A, B=B, C=C, chunk_size=layout.chunk_size, cu_chunk_seqlens=cu_chunk_seqlens,
+        seq_idx=seq_idx, num_seqs=layout.num_seqs, out=out, D=D, z=z, dt_bias=dt_bias,
+        initial_states=initial_states, dt_softplus=bool(dt_softplus), dt_min=float(dt_limit[0]),
+        dt_max=float(dt_limit[1]), return_intermediate_states=bool(return_intermediate_states),
+        state_dtype=state_dtype or C.dtype)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,

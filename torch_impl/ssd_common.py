@@ -4,11 +4,13 @@ the tile product, softplus and the bounds of a chunk. Mirror:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
-from bridge.spec.ssd_launch_config import SsdLaunchConfigs, StageConfig
+from bridge.spec.launch_config import clip_block
+from bridge.spec.ssd_launch_config import SsdLaunchConfigs, StageConfig, tile_sizes
 from torch_impl import platform  # before triton: interpreter mode on CPU
 
 import triton  # noqa: E402
@@ -22,6 +24,24 @@ def launch_config(stage: str, device: torch.device) -> StageConfig:
     """The launch parameters of one chunked-scan stage on ``device``
     (``bridge.spec.ssd_launch_config``; files read once per GPU)."""
     return SSD_CONFIGS.get(stage, platform.device_name(device))
+
+
+def launch(kernel, grid, config: StageConfig, device: torch.device, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on ``device`` (made current: Triton
+    launches on the current CUDA device) with the config's warps and stages."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def launch_tiles(kernel, stage: str, device: torch.device, grid, size_m: int, size_n: int,
+                 size_k: int, *args, **meta) -> None:
+    """Launch a tile stage (2, 4 or 5: ``TileConfig``): its config's caps
+    clipped to the (size_m, size_n) output and the size_k reduction, passed
+    as BLOCK_SIZE_M/N/K; ``grid(num_tiles)`` places the tile axis."""
+    config = launch_config(stage, device)
+    block_m, block_n, num_tiles = tile_sizes(config, size_m, size_n)
+    launch(kernel, grid(num_tiles), config, device, *args, BLOCK_SIZE_M=block_m,
+           BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=clip_block(size_k, config.BLOCK_SIZE_K), **meta)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from bridge.spec.launch_config import clip_block
 from torch_impl import platform
-from torch_impl.ssd_common import launch_config, sequence_of
+from torch_impl.ssd_common import launch, launch_config, sequence_of
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -113,13 +113,12 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
     block_m = clip_block(headdim, config.BLOCK_SIZE_M)
     block_n = clip_block(dstate, config.BLOCK_SIZE_N)
     grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
-    with torch.device(chunk_states.device):
-        _state_passing_kernel[grid](
-            chunk_states, dA_cumsum, seq_idx, initial_states, end_states, states,
-            num_chunks, num_seqs, headdim, dstate,
-            *chunk_states.stride(), *dA_cumsum.stride(), *platform.strides(initial_states, 4),
-            *states.stride(),
-            INTERMEDIATE=bool(return_intermediate_states), CHUNK_SIZE=chunk_size,
-            BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    launch(
+        _state_passing_kernel, grid, config, chunk_states.device,
+        chunk_states, dA_cumsum, seq_idx, initial_states, end_states, states,
+        num_chunks, num_seqs, headdim, dstate,
+        *chunk_states.stride(), *dA_cumsum.stride(), *platform.strides(initial_states, 4),
+        *states.stride(),
+        INTERMEDIATE=bool(return_intermediate_states), CHUNK_SIZE=chunk_size,
+        BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n)
     return end_states, states

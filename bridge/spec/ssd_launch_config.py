@@ -1,8 +1,13 @@
 """The chunked scan's launch configs: one frozen config per kernel stage.
 
-Stages, numbered the same in both packages:
+The stages, numbered and named the same in both packages (files
+``torch_impl/ssd_*.py`` and their mirrors ``jax_impl/ssd_*.py``):
 
-    1. chunk_cumsum   2. chunk_state   3. state_passing   4. bmm_chunk   5. chunk_scan
+    1. chunk_cumsum   dt -> processed dt and the cumulative decay per chunk   ssd_chunk_state
+    2. chunk_state    each chunk's state from a zero start (tensor cores)     ssd_chunk_state
+    3. state_passing  carry states across chunks and sequences                ssd_state_passing
+    4. bmm_chunk      C B^T per chunk and group (tensor cores)                ssd_bmm
+    5. chunk_scan     outputs from the start state and the chunk             ssd_chunk_scan
 
 A tuned file for one GPU, ``<folder>/mamba_chunk_scan_combined/device_name=<dev>.json``
 (``{stage: {field: value}}``), replaces a stage's default; folders are looked
@@ -23,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Mapping, Union
 
-from bridge.spec.launch_config import TUNED_CONFIG_FOLDER_ENV, device_name_key
+from bridge.spec.launch_config import TUNED_CONFIG_FOLDER_ENV, clip_block, device_name_key
 
 logger = logging.getLogger(__name__)
 
@@ -32,26 +37,16 @@ SSD_OP = "mamba_chunk_scan_combined"
 
 @dataclasses.dataclass(frozen=True)
 class ChunkCumsumConfig:
-    """Heads per program; the whole chunk is one tile along the tokens."""
+    """Stage 1: heads per program; the whole chunk is one tile along the tokens."""
     BLOCK_SIZE_H: int = 16
     num_warps: int = 4
     num_stages: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkStateConfig:
-    """A (headdim, dstate) tile of a chunk's state; K runs over the chunk's tokens."""
-    BLOCK_SIZE_M: int = 64
-    BLOCK_SIZE_N: int = 128
-    BLOCK_SIZE_K: int = 32
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclasses.dataclass(frozen=True)
 class StatePassingConfig:
-    """A (headdim, dstate) tile carried across the chunks of one head: small
-    tiles, many programs, so that enough loads are in flight."""
+    """Stage 3: a (headdim, dstate) tile carried across the chunks of one
+    head; small tiles, many programs, so that enough loads are in flight."""
     BLOCK_SIZE_M: int = 32
     BLOCK_SIZE_N: int = 32
     num_warps: int = 4
@@ -59,37 +54,40 @@ class StatePassingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class BmmChunkConfig:
-    """A (chunk, chunk) tile of C B^T; K runs over dstate."""
-    BLOCK_SIZE_M: int = 64
-    BLOCK_SIZE_N: int = 64
-    BLOCK_SIZE_K: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
+class TileConfig:
+    """Stages 2, 4 and 5: an (M, N) output tile with K running over a
+    reduction (stage 2: a (headdim, dstate) tile of a chunk's state over its
+    tokens; 4: a (chunk, chunk) tile of C B^T over dstate; 5: a (tokens,
+    headdim) tile of the output over the chunk's earlier tokens)."""
+    BLOCK_SIZE_M: int
+    BLOCK_SIZE_N: int
+    BLOCK_SIZE_K: int
+    num_warps: int
+    num_stages: int
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkScanConfig:
-    """A (tokens, headdim) tile of the output; K runs over the chunk's earlier tokens."""
-    BLOCK_SIZE_M: int = 64
-    BLOCK_SIZE_N: int = 64
-    BLOCK_SIZE_K: int = 32
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-StageConfig = Union[ChunkCumsumConfig, ChunkStateConfig, StatePassingConfig, BmmChunkConfig,
-                    ChunkScanConfig]
+StageConfig = Union[ChunkCumsumConfig, StatePassingConfig, TileConfig]
 
 # In stage order.
-STAGE_CONFIG_TYPES: Mapping[str, type] = {
-    "chunk_cumsum": ChunkCumsumConfig,
-    "chunk_state": ChunkStateConfig,
-    "state_passing": StatePassingConfig,
-    "bmm_chunk": BmmChunkConfig,
-    "chunk_scan": ChunkScanConfig,
+DEFAULT_STAGE_CONFIGS: Mapping[str, StageConfig] = {
+    "chunk_cumsum": ChunkCumsumConfig(),
+    "chunk_state": TileConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=32, num_warps=4,
+                              num_stages=3),
+    "state_passing": StatePassingConfig(),
+    "bmm_chunk": TileConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, num_warps=4,
+                            num_stages=3),
+    "chunk_scan": TileConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=32, num_warps=4,
+                             num_stages=2),
 }
-STAGES = tuple(STAGE_CONFIG_TYPES)
+STAGES = tuple(DEFAULT_STAGE_CONFIGS)
+
+
+def tile_sizes(config: StageConfig, size_m: int, size_n: int) -> tuple[int, int, int]:
+    """``(block_m, block_n, num_tiles)``: the config's M and N caps clipped to
+    an (size_m, size_n) problem (``clip_block``) and how many tiles cover it."""
+    block_m = clip_block(size_m, config.BLOCK_SIZE_M)
+    block_n = clip_block(size_n, config.BLOCK_SIZE_N)
+    return block_m, block_n, -(-size_m // block_m) * -(-size_n // block_n)
 
 
 def ssd_config_file_name(device_name: str) -> str:
@@ -99,9 +97,9 @@ def ssd_config_file_name(device_name: str) -> str:
 def stage_config(stage: str, config: Union[StageConfig, Mapping[str, int]]) -> StageConfig:
     """``config`` (a stage config or a ``{field: value}`` dict) as the stage's
     frozen config; ValueError naming what is wrong."""
-    if stage not in STAGE_CONFIG_TYPES:
+    if stage not in DEFAULT_STAGE_CONFIGS:
         raise ValueError(f"stage: unknown chunked-scan stage {stage!r}; stages: {', '.join(STAGES)}")
-    config_type = STAGE_CONFIG_TYPES[stage]
+    config_type = type(DEFAULT_STAGE_CONFIGS[stage])
     if isinstance(config, config_type):
         return config
     fields = {f.name for f in dataclasses.fields(config_type)}
@@ -154,7 +152,7 @@ def _stage_configs(backend: str, bundled_dir: Path, device_name: str,
                    user_folder: str | None) -> dict[str, StageConfig]:
     """Every stage's config for one GPU: the first tuned file found, over the defaults."""
     folders = ([Path(user_folder) / backend] if user_folder else []) + [bundled_dir]
-    configs = {stage: config_type() for stage, config_type in STAGE_CONFIG_TYPES.items()}
+    configs = dict(DEFAULT_STAGE_CONFIGS)
     for folder in folders:
         path = folder / SSD_OP / ssd_config_file_name(device_name)
         if path.exists():
