@@ -11,7 +11,8 @@ in the same run.
 - chunked scan: the rows of ``experiments.bench_ssd.run(quick)``, their
   TFLOP/s shown as a fraction of the measured bf16 matmul rate;
 - bridge: the rows of ``experiments.bench_bridge.run(quick)``;
-- mixer: the rows of ``experiments.bench_mixer.run(quick)``.
+- mixer: the rows of ``experiments.bench_mixer.run(quick)``;
+- host: the torch ops' eager host cost, ``experiments.bench_host.run(quick)``.
 An op whose module is absent is skipped (and the record says so).
 
 Writes FILE.json (environment, command, ceilings, every row), FILE.md (the
@@ -42,7 +43,7 @@ __all__ = ["RESULTS", "environment", "main"]
 
 SSU_OP = "selective_state_update"
 BENCH_MODULES = {"chunked_scan": "experiments.bench_ssd", "bridge": "experiments.bench_bridge",
-                 "mixer": "experiments.bench_mixer"}
+                 "mixer": "experiments.bench_mixer", "host": "experiments.bench_host"}
 OPS = ("state_update", *BENCH_MODULES)
 
 # (batches, timing repeats, copy bytes, matmul n) per (on a GPU, quick)
