@@ -9,6 +9,11 @@ Decode requests come first in a batch (``causal_conv1d_update`` +
 ``bridge.MambaStateCache`` that a ``jax_impl.MambaMixer2`` with the same
 weights can continue. Tensor-parallel size 1 (the sharding rules:
 ``bridge.spec.mixer_sharding``). Mirror: ``jax_impl/mamba_mixer2.py``.
+
+Serving: move each batch's metadata to the device once
+(``metadata_to_device``) for all layers; ``forward`` then makes no host copy
+and no host sync, and ``CapturedDecodeStep`` captures a decode step in a
+CUDA graph per batch size.
 """
 
 from __future__ import annotations
