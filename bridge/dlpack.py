@@ -23,6 +23,8 @@ import dataclasses
 import warnings
 from typing import Any, Callable, Sequence
 
+from bridge.spec import checks
+
 # The dtypes both frameworks exchange through DLPack (jax.dlpack's list, less
 # those torch lacks). 64-bit ones need JAX's x64 mode on the JAX side.
 SHARED_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "int16", "int32",
@@ -230,10 +232,20 @@ def run_step_on_views(states: Sequence, views: Sequence, step_fn: Callable, args
     step's view). ``order_torch=False`` leaves torch's stream unordered after
     an aliased step; the caller must order it (``to_torch`` of the new
     state) before torch touches the memory."""
+    op = "jax_step_into"
     states = tuple(states)
     if len(state_outputs) != len(states):
-        raise ValueError(f"jax_step_into: `state_outputs` names {len(state_outputs)} outputs "
-                         f"for {len(states)} torch_states")
+        checks.fail(op, "state_outputs", f"names {len(state_outputs)} outputs for {len(states)} torch_states")
+    state_outputs = [checks.as_int(op, f"state_outputs[{i}]", index, minimum=0)
+                     for i, index in enumerate(state_outputs)]
+    if len(set(state_outputs)) != len(state_outputs):
+        checks.fail(op, "state_outputs", f"{state_outputs} names an output twice; each state needs its own")
+    # Two states on overlapping memory would be donated twice and written in an undefined order.
+    spans = sorted((s.data_ptr(), s.data_ptr() + s.numel() * s.element_size(), i)
+                   for i, s in enumerate(states) if s.numel())
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            checks.fail(op, "torch_states", f"entries {min(i, j)} and {max(i, j)} share memory")
     outputs = step_fn(*views, *args, **kwargs)
     results = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     new_states = []

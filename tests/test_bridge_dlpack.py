@@ -202,6 +202,21 @@ def test_jax_step_into_rejects_a_state_of_the_wrong_shape(rng):
     assert torch.equal(state, before)
 
 
+@pytest.mark.parametrize("states,state_outputs,match", [
+    (lambda s: [s, s], (0, 1), "`torch_states` entries 0 and 1 share memory"),
+    (lambda s: [s[1:], s[:2]], (0, 1), "`torch_states` entries 0 and 1 share memory"),
+    (lambda s: [s[:1], s[1:]], (1, 1), r"`state_outputs` \[1, 1\] names an output twice"),
+    (lambda s: [s], (-1,), r"`state_outputs\[0\]` must be >= 0"),
+])
+def test_jax_step_into_refuses_ambiguous_states_before_the_step(rng, states, state_outputs, match):
+    state = random_tensor(rng, (3, 16), "float32")  # 64-byte rows: every row slice is XLA-aligned
+    before = state.clone()
+    ran = []
+    with pytest.raises(ValueError, match=f"jax_step_into: {match}"):
+        bridge.jax_step_into(states(state), lambda *s: ran.append(1) or s, state_outputs=state_outputs)
+    assert not ran and torch.equal(state, before)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA streams")
 @pytest.mark.parametrize("direction", ["torch->jax", "jax->torch"])
 def test_in_flight_writes_are_seen_by_the_other_framework(direction):
