@@ -14,6 +14,7 @@ import pytest
 import bridge
 from bridge.spec.mixer_metadata import build_mamba2_metadata
 from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.ssd_contract import chunk_metadata
 from frameworks import JaxSide, TorchSide
 from mixer_reference import mixer_ref, random_weights
 
@@ -277,20 +278,23 @@ def test_unchecked_slots_outside_the_cache_touch_no_other_slot(side, rng):
 
 @pytest.mark.parametrize("rows", [False, True])
 def test_scatter_states_skips_padding_and_out_of_range_slots(side, rows, rng):
-    """-1 and past-the-end slots and the null block are never written; an
-    out-of-range source row writes NaN."""
+    """-1 and past-the-end slots and the null block are never written (the
+    cache is an interior view of a larger buffer whose guard rows must stay
+    as they were); an out-of-range source row writes NaN."""
     module = importlib.import_module(f"{side.impl.__name__}.mamba_mixer2")
-    state = rng.standard_normal((6, 2, 3, 4))
-    states = rng.standard_normal((5, 2, 3, 4))
+    buffer = rng.standard_normal((8, 2, 3, 4)).astype(np.float32)
+    states = rng.standard_normal((5, 2, 3, 4)).astype(np.float32)
     slots = np.array([-1, PAD, 6, 2, 4], np.int32)
     source = np.array([0, 1, 2, 4, 7], np.int32) if rows else None
-    args = [side.array(state, "float32"), side.array(slots, "int32"), side.array(states, "float32")]
+    native = side.array(buffer, "float32")
+    args = [native[1:7], side.array(slots, "int32"), side.array(states, "float32")]
     args.append(None if source is None else side.array(source, "int32"))
     result = module._scatter_states(*args)
-    got = side.numpy(args[0] if result is None else result)
-    want = state.astype(np.float32).astype(np.float64)
-    want[2] = states[4 if rows else 3].astype(np.float32)
-    want[4] = np.nan if rows else states[4].astype(np.float32)
+    got = side.numpy(native) if result is None else np.concatenate(
+        [buffer[:1], side.numpy(result), buffer[7:]])
+    want = buffer.astype(np.float64)
+    want[1 + 2] = states[4 if rows else 3]
+    want[1 + 4] = np.nan if rows else states[4]
     np.testing.assert_array_equal(got, want)
 
 
@@ -328,6 +332,8 @@ def test_jitted_step_takes_the_metadata_and_reuses_one_compilation(rng):
         compilations.append(_jitted_step(nnx.split(mixer)[0])._cache_size())
     assert len(traces) == 1
     assert compilations[1] == compilations[0]
+    chunks = chunk_metadata(np.array([0, 5, 30]), CONFIG["chunk_size"])
+    assert len(jax_side.jax.tree_util.tree_leaves(chunks)) == 3  # the chunk metadata: a pytree too
 
 
 def _torch_decode_inputs(rng, mixer, cache, batch, slots):
