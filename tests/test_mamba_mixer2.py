@@ -239,6 +239,8 @@ BAD_CALLS = {  # name: (metadata changes, hidden rows, the error names)
                                            "metadata.state_indices_tensor_p"),
     "fewer tokens than scheduled": ({}, 26, "hidden_states"),
     "another chunk size": (dict(chunk_size=32), 27, "metadata.chunk_size"),
+    "float slots": (dict(state_indices_tensor_p=np.array([1, 2], np.float32)), 27,
+                    "metadata.state_indices_tensor_p"),
     "chunks past the tokens": (dict(cu_chunk_seqlen_p=MIXED.cu_chunk_seqlen_p + 1), 27,
                                "metadata.cu_chunk_seqlen_p"),
 }

@@ -21,9 +21,9 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from bridge.spec.checks import as_int, dtype_name, expect_shape, fail, shape_of
+from bridge.spec.checks import as_int, dtype_name, expect_dtype, expect_shape, fail, shape_of
 from bridge.spec.mixer_sharding import MixerDims
-from bridge.spec.ssd_contract import SsdLayout, check_chunk_metadata_values, chunk_metadata
+from bridge.spec.ssd_contract import INDEX_DTYPES, SsdLayout, check_chunk_metadata_values, chunk_metadata
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
 
 OP = "MambaMixer2"
@@ -242,6 +242,8 @@ def check_batch(metadata: Mamba2Metadata, *, num_tokens: int, num_slots: int, ch
                                   f"{m.num_actual_tokens}")
     for name, shape in _expected_shapes(m, num_spec).items():
         expect_shape(OP, _field(name), shape_of(getattr(m, name)), shape)
+        expect_dtype(OP, _field(name), dtype_name(getattr(m, name)),
+                     ("bool",) if name == "has_initial_states_p" else INDEX_DTYPES)
     if host is not None:
         _check_values(m, {k: np.asarray(v) for k, v in host.items()}, num_slots, chunk_size)
 
