@@ -98,13 +98,17 @@ class MambaMixer2(MixerLayout, nnx.Module):
     leave their slots unspecified (one of the updates wins).
 
     Recompiles: a jitted step (``forward_on_cache``, or ``jax.jit`` of
-    ``__call__`` with the metadata as an argument, a pytree) compiles once per
-    token count, metadata counts and array shapes (the number of chunks
-    among them). To bound them, pad ``hidden_states`` to a few token buckets
-    (padding tokens follow the scheduled ones) and the decode batch to a few
-    batch-size buckets with padding requests (null block,
-    ``build_mamba2_metadata(..., padding=...)``); batches that differ only in
-    their lengths, slots and chunk boundaries reuse one compilation."""
+    ``__call__`` with the metadata as an argument: a pytree whose counts are
+    static) compiles once per token count, metadata counts (requests and
+    tokens of the decodes and of the prefills) and array shapes; lengths,
+    slots and chunk boundaries are values. To bound them, bucket the counts
+    with padding requests (null block, ``build_mamba2_metadata(...,
+    padding=...)``): decodes up to a batch-size bucket, prefills up to a
+    request-count bucket, the last padding prefill taking the tokens up to a
+    token bucket. The number of chunks of P prefills over T tokens lies in
+    ``[ceil(T / chunk_size), ceil(T / chunk_size) + P]``: at most P + 1
+    compilations per bucket.
+    """
 
     SAFETENSORS = "safetensors.numpy"
 
