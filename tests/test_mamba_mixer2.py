@@ -300,6 +300,15 @@ def test_scatter_states_skips_padding_and_out_of_range_slots(side, rows, rng):
     np.testing.assert_array_equal(got, want)
 
 
+def test_block_table_columns_outside_the_table_pick_no_slot(side):
+    """Prefix caching: a column past either end of a block table gives slot
+    -1 (skipped by every kernel), never a wrapped or clamped entry."""
+    module = importlib.import_module(f"{side.impl.__name__}.mamba_mixer2")
+    table = side.array(np.array([[4, 5, 6], [7, 8, 9], [1, 2, 3]], np.int32), "int32")
+    picked = module._pick(table, side.array(np.array([-1, 3, 1], np.int32), "int32"))
+    np.testing.assert_array_equal(side.numpy(picked), [-1, -1, 2])
+
+
 def test_build_metadata_refuses_the_null_block_for_a_real_request():
     with pytest.raises(ValueError, match=r"requests \[1\] use the null block"):
         build_mamba2_metadata([1, 1], [3, 3], [2, PAD], 2, CONFIG["chunk_size"])
