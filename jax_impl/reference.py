@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.spec.ssu_contract import NULL_BLOCK_ID, check_ssu_args
+from bridge.spec.ssu_contract import NULL_BLOCK_ID, REFERENCE_FLOAT_DTYPES, check_ssu_args
 
 
 def _as_4d(array, layout, full_shape, head_axis):
@@ -46,13 +46,9 @@ def selective_state_update_jnp(state, x, dt, A, B, C, D=None, dt_bias=None, z=No
                                compute_dtype=jnp.float32):
     """The decode step in jnp ops: returns ``(out, new_state)`` with the
     kernel's rules (padding entries untouched)."""
-    layout = check_ssu_args(
-        {k: (tuple(v.shape) if v is not None else None) for k, v in dict(
-            state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
-            state_batch_indices=state_batch_indices,
-            dst_state_batch_indices=dst_state_batch_indices,
-            num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens).items()},
-        {})
+    layout = check_ssu_args(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
+                            dst_state_batch_indices, num_accepted_tokens, cu_seqlens,
+                            null_block_id=null_block_id, float_dtypes=REFERENCE_FLOAT_DTYPES)
     T, H, P, N = layout.num_tokens, layout.nheads, layout.dim, layout.dstate
     S = layout.num_slots
     if out is None:

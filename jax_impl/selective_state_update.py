@@ -104,118 +104,128 @@ def _round_to_f16_stochastic(value, random_bits):
 
 
 def _selective_state_update_kernel(
-        *refs, names, null_block_id, num_slots, index_columns, nheads, dim, dstate,
-        heads_per_group, dt_softplus, tie_hdim, is_spec_decoding, stochastic_rounding,
-        rounds, block_size_m, block_size_dstate):
+        state_ref, out_in_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, dt_bias_ref, z_ref,
+        src_ref, dst_ref, num_accepted_ref, cu_seqlens_ref, seed_ref, out_ref, state_out_ref, *,
+        null_block_id, num_slots, num_tokens, index_columns, nheads, dim, dstate, heads_per_group,
+        dt_softplus, tie_hdim, rounds, block_size_m, block_size_dstate):
     """Grid (cdiv(dim, block_size_m), nheads, num_seqs): one program holds a
     (block_size_m, dstate) tile of one sequence's state for one head across
     that sequence's tokens; heads vary before sequences so that programs
-    running together stream through one cache slot. ``names`` lists the
-    input refs given."""
-    ref = dict(zip(names, refs))
-    out_ref, state_out_ref = refs[len(names):]
-    state_ref = ref["state"]
+    running together stream through one cache slot. Absent operands are
+    None refs; ``out_in_ref`` is ``out_ref``'s aliased input (unused).
+
+    Every access is bounded by the real extents: a sequence with tokens
+    outside [0, num_tokens), an accepted count outside [1, index_columns] or
+    a slot outside [0, num_slots) writes no state and NaN outputs (only for
+    its tokens inside [0, num_tokens)). Index values are compared in their
+    own dtype (int64 under x64) before the int32 cast that indexing needs."""
+    del out_in_ref
     pid_m, head, seq = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = head // heads_per_group
+    as_index = lambda value: value.astype(jnp.int32)  # noqa: E731
 
-    if "cu_seqlens" in ref:
-        bos = ref["cu_seqlens"][seq]
-        seqlen = ref["cu_seqlens"][seq + 1] - bos
+    if cu_seqlens_ref is not None:
+        bos, eos = cu_seqlens_ref[seq], cu_seqlens_ref[seq + 1]
     else:
-        bos, seqlen = seq, 1
-    has_indices = "state_batch_indices" in ref
+        bos, eos = seq, seq + 1
+    seq_ok = (bos >= 0) & (bos <= eos) & (eos <= num_tokens)
+    first_token = as_index(jnp.clip(bos, 0, num_tokens))
+    end_token = as_index(jnp.clip(eos, first_token, num_tokens))
+    has_indices = src_ref is not None
     if has_indices:
         first_col = 0
-        if is_spec_decoding:
+        if num_accepted_ref is not None:
             # The state after the last accepted token is the one to continue from.
-            first_col = jnp.maximum(ref["num_accepted_tokens"][seq] - 1, 0)
-        src_slot = ref["state_batch_indices"][seq, first_col]
-        final_dst_slot = ref["dst_state_batch_indices"][seq, 0]
+            accepted = num_accepted_ref[seq]
+            accepted_ok = (accepted >= 1) & (accepted <= index_columns)
+            seq_ok = seq_ok & accepted_ok
+            first_col = as_index(jnp.where(accepted_ok, accepted - 1, 0))
+        src_slot = src_ref[seq, first_col]
+        final_dst_slot = dst_ref[seq, 0]
         active = src_slot != null_block_id  # padding: state and output untouched
     else:
         src_slot = final_dst_slot = seq
         active = True
-    # Bad indices never touch memory; their outputs become NaN (the wrapper
-    # raises before this when it can see the indices).
     in_cache = lambda slot: (slot >= 0) & (slot < num_slots)  # noqa: E731
     src_ok = in_cache(src_slot)
     final_dst_ok = in_cache(final_dst_slot)
     if has_indices:
         final_dst_ok = final_dst_ok | (final_dst_slot == null_block_id)
+    ok = seq_ok & src_ok
+    if num_accepted_ref is None:
+        ok = ok & final_dst_ok
 
-    offs_m = pid_m * block_size_m + jnp.arange(block_size_m)
-    offs_n = jnp.arange(block_size_dstate)
+    offs_m = pid_m * block_size_m + jnp.arange(block_size_m, dtype=jnp.int32)
+    offs_n = jnp.arange(block_size_dstate, dtype=jnp.int32)
     mask_m, mask_n = offs_m < dim, offs_n < dstate
     tile_mask = mask_m[:, None] & mask_n[None, :]
-    rows, cols = pl.ds(pid_m * block_size_m, block_size_m), pl.ds(0, block_size_dstate)
+    rows, cols = pl.ds(pid_m * block_size_m, block_size_m), pl.ds(jnp.int32(0), block_size_dstate)
 
     def store_state(slot, state, keep, token):
-        if stochastic_rounding:
+        if seed_ref is not None:
             # One philox stream per (token, head) and element: counters (c0, c1).
             element = (offs_m[:, None] * dstate + offs_n[None, :]).astype(jnp.uint32)
             stream = (token * nheads + head).astype(jnp.uint32)
-            bits = _philox_first_word(ref["seed"][0], element, element * np.uint32(0) + stream, rounds)
+            bits = _philox_first_word(seed_ref[0], element, element * np.uint32(0) + stream, rounds)
             state = _round_to_f16_stochastic(state, bits)
-        plgpu.store(state_out_ref.at[jnp.where(keep, slot, 0), head, rows, cols],
+        plgpu.store(state_out_ref.at[as_index(jnp.where(keep, slot, 0)), head, rows, cols],
                     state.astype(state_out_ref.dtype), mask=tile_mask & keep)
 
     @pl.when(active)
     def _():
-        state = plgpu.load(state_ref.at[jnp.where(src_ok, src_slot, 0), head, rows, cols],
+        state = plgpu.load(state_ref.at[as_index(jnp.where(src_ok, src_slot, 0)), head, rows, cols],
                            mask=tile_mask & src_ok, other=0.0).astype(jnp.float32)
         if tie_hdim:
-            A = ref["A"][head].astype(jnp.float32)
+            A = A_ref[head].astype(jnp.float32)
         else:
-            A = plgpu.load(ref["A"].at[head, rows, cols], mask=tile_mask, other=0.0).astype(jnp.float32)
-        if "dt_bias" in ref:
-            dt_bias = (ref["dt_bias"][head] if tie_hdim else
-                       plgpu.load(ref["dt_bias"].at[head, rows], mask=mask_m, other=0.0)).astype(jnp.float32)
-        if "D" in ref:
-            D = plgpu.load(ref["D"].at[head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
+            A = plgpu.load(A_ref.at[head, rows, cols], mask=tile_mask, other=0.0).astype(jnp.float32)
+        if dt_bias_ref is not None:
+            dt_bias = (dt_bias_ref[head] if tie_hdim else
+                       plgpu.load(dt_bias_ref.at[head, rows], mask=mask_m, other=0.0)).astype(jnp.float32)
+        if D_ref is not None:
+            D = plgpu.load(D_ref.at[head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
 
-        def token_step(t, state):
-            token = bos + t
-            x = plgpu.load(ref["x"].at[token, head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
+        def token_step(token, state):
+            x = plgpu.load(x_ref.at[token, head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
             if tie_hdim:
-                dt = ref["dt"][token, head].astype(jnp.float32)
+                dt = dt_ref[token, head].astype(jnp.float32)
             else:
-                dt = plgpu.load(ref["dt"].at[token, head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
-            if "dt_bias" in ref:
+                dt = plgpu.load(dt_ref.at[token, head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
+            if dt_bias_ref is not None:
                 dt = dt + dt_bias
             if dt_softplus:
                 dt = jnp.where(dt <= 20.0, jnp.log(1.0 + jnp.exp(dt)), dt)
-            B = plgpu.load(ref["B"].at[token, group, cols], mask=mask_n, other=0.0).astype(jnp.float32)
-            C = plgpu.load(ref["C"].at[token, group, cols], mask=mask_n, other=0.0).astype(jnp.float32)
+            B = plgpu.load(B_ref.at[token, group, cols], mask=mask_n, other=0.0).astype(jnp.float32)
+            C = plgpu.load(C_ref.at[token, group, cols], mask=mask_n, other=0.0).astype(jnp.float32)
             decay = jnp.exp(A * dt) if tie_hdim else jnp.exp(A * dt[:, None])
             state = state * decay + (dt * x)[:, None] * B[None, :]
 
-            token_ok = src_ok
-            if is_spec_decoding:
+            token_ok = ok
+            if num_accepted_ref is not None:
                 # Every token's state goes to its own slot (null: not kept).
+                t = as_index(jnp.minimum(token - bos, index_columns))  # position in the sequence
                 in_columns = t < index_columns
-                dst_slot = ref["dst_state_batch_indices"][seq, jnp.minimum(t, index_columns - 1)]
+                dst_slot = dst_ref[seq, jnp.minimum(t, index_columns - 1)]
                 dst_ok = in_cache(dst_slot)
                 token_ok = token_ok & in_columns & (dst_ok | (dst_slot == null_block_id))
-                store_state(dst_slot, state, dst_ok & src_ok & in_columns, token)
-            else:
-                token_ok = token_ok & final_dst_ok
+                store_state(dst_slot, state, dst_ok & ok & in_columns, token)
 
             out = jnp.sum(state * C[None, :], axis=1)
-            if "D" in ref:
+            if D_ref is not None:
                 out = out + x * D
-            if "z" in ref:
-                z = plgpu.load(ref["z"].at[token, head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
+            if z_ref is not None:
+                z = plgpu.load(z_ref.at[token, head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
                 out = out * z * jax.nn.sigmoid(z)
             out = jnp.where(token_ok, out, jnp.nan)
             plgpu.store(out_ref.at[token, head, rows], out.astype(out_ref.dtype), mask=mask_m)
             return state
 
-        state = jax.lax.fori_loop(0, seqlen, token_step, state)
-        if not is_spec_decoding:
-            keep = (seqlen > 0) & src_ok & final_dst_ok
+        state = jax.lax.fori_loop(first_token, end_token, token_step, state)
+        if num_accepted_ref is None:
+            keep = (end_token > first_token) & ok
             if has_indices:
                 keep = keep & (final_dst_slot != null_block_id)
-            store_state(final_dst_slot, state, keep, bos + seqlen - 1)
+            store_state(final_dst_slot, state, keep, end_token - 1)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
@@ -223,95 +233,85 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
                            dst_state_batch_indices=None, null_block_id=NULL_BLOCK_ID,
                            out=None, num_accepted_tokens=None, cu_seqlens=None,
                            is_blackwell=False, enable_stochastic_rounding=False,
-                           cache_philox_rounds=0, *, rounding_seed=None):
+                           cache_philox_rounds=0, *, rounding_seed=None, validate_indices=None):
     """One decode step of a Mamba-2 layer. Returns ``(out, new_state)``.
 
     ``out`` (shape of ``x``) starts from the given ``out`` (zeros when not
     given): entries of padding sequences keep their values. ``new_state``
-    equals ``state`` except in the slots written. Shapes: see
-    ``bridge.spec.ssu_contract``; per-head ``dt (T, H)``, ``A (H,)``, ``dt_bias (H,)``
-    select the tied-head fast path. ``rounding_seed`` (int or uint32 scalar in
-    [0, 2**32)) is required with ``enable_stochastic_rounding``; the same seed
-    gives the same rounding as the torch kernel.
+    equals ``state`` except in the slots written. Shapes and the unchecked
+    contract: see ``bridge.spec.ssu_contract``; per-head ``dt (T, H)``,
+    ``A (H,)``, ``dt_bias (H,)`` select the tied-head fast path.
+    ``rounding_seed`` (int or uint32 scalar in [0, 2**32)) is required with
+    ``enable_stochastic_rounding``; the same seed gives the same rounding as
+    the torch kernel. Works with ``jax_enable_x64`` (int32 or int64 indices).
 
-    Index values are checked when they are concrete (not under ``jax.jit``);
-    under jit, bad indices leave memory alone and yield NaN outputs.
+    Index values are checked when they are concrete (not under ``jax.jit``)
+    unless ``validate_indices=False``; under jit, bad indices leave memory
+    alone and yield NaN outputs.
     """
-    args = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
-                state_batch_indices=state_batch_indices,
-                dst_state_batch_indices=dst_state_batch_indices,
-                num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens)
     layout = check_ssu_args(
-        {k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
-        {k: (str(v.dtype) if v is not None else None) for k, v in args.items()},
+        state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
+        num_accepted_tokens, cu_seqlens, null_block_id=null_block_id,
         enable_stochastic_rounding=enable_stochastic_rounding,
-        cache_philox_rounds=cache_philox_rounds)
-    index_args = {k: args[k] for k in ("state_batch_indices", "dst_state_batch_indices",
-                                      "num_accepted_tokens", "cu_seqlens") if args[k] is not None}
-    if all(platform.is_concrete(v) for v in index_args.values()):
-        check_ssu_index_values(layout, null_block_id=null_block_id,
-                               **{k: np.asarray(v) for k, v in index_args.items()})
+        cache_philox_rounds=cache_philox_rounds, rounding_seed=rounding_seed)
+    host = platform.host_index_values(
+        validate_indices, state_batch_indices=state_batch_indices,
+        dst_state_batch_indices=dst_state_batch_indices,
+        num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens)
+    if host is not None:
+        check_ssu_index_values(layout, null_block_id=null_block_id, **host)
     if enable_stochastic_rounding and rounding_seed is None:
         raise ValueError("selective_state_update: `rounding_seed` is required with "
                          "enable_stochastic_rounding (JAX has no global RNG)")
     if out is None:
         out = jnp.zeros_like(x)
+    if layout.num_seqs == 0 or layout.num_tokens == 0:
+        return out, state
 
     # Everything as 4-D (token, head, dim[, dstate]); per-head dt, A, dt_bias
     # stay per-head only when all three are (the tied fast path).
     T, H, P, N = layout.num_tokens, layout.nheads, layout.dim, layout.dstate
     four_d = layout.state_ndim == 4
     tie_hdim = four_d and layout.per_head_params
-    expand = lambda a, full: a if a.shape == full else jnp.broadcast_to(  # noqa: E731
-        a.reshape(a.shape + (1,) * (len(full) - a.ndim)), full)
-    operands = {
-        "state": state if four_d else state[:, None],
-        "x": x if four_d else x[:, None],
-        "dt": dt if tie_hdim else expand(dt if four_d else dt[:, None], (T, H, P)),
-        "A": A if tie_hdim else expand(A if four_d else A[None], (H, P, N)),
-        "B": B if four_d else B[:, None],
-        "C": C if four_d else C[:, None],
-        "out": out if four_d else out[:, None],
-    }
-    if dt_bias is not None:
-        operands["dt_bias"] = dt_bias if tie_hdim else expand(dt_bias if four_d else dt_bias[None], (H, P))
-    if D is not None:
-        operands["D"] = expand(D if four_d else D[None], (H, P))
-    if z is not None:
-        operands["z"] = z if four_d else z[:, None]
-    if state_batch_indices is not None:
-        src = state_batch_indices.reshape(state_batch_indices.shape[0], -1)
-        dst = dst_state_batch_indices if dst_state_batch_indices is not None else state_batch_indices
-        operands["state_batch_indices"] = src
-        operands["dst_state_batch_indices"] = dst.reshape(dst.shape[0], -1)
-    if num_accepted_tokens is not None:
-        operands["num_accepted_tokens"] = num_accepted_tokens
-    if cu_seqlens is not None:
-        operands["cu_seqlens"] = cu_seqlens
-    if enable_stochastic_rounding:
-        operands["seed"] = jnp.asarray(rounding_seed, dtype=jnp.uint32).reshape(1)
 
-    if layout.num_seqs == 0:
-        return out, state
+    def as_4d(array, head_axis, full=None, tied=False):
+        """The 4-D form; per-head values broadcast to ``full`` unless ``tied``."""
+        if array is None:
+            return None
+        if not four_d:
+            array = jnp.expand_dims(array, head_axis)
+        if full is None or tied or array.shape == full:
+            return array
+        return jnp.broadcast_to(array.reshape(array.shape + (1,) * (len(full) - array.ndim)), full)
+
+    def as_columns(indices):
+        return indices[:, None] if indices is not None and indices.ndim == 1 else indices
+
+    src = as_columns(state_batch_indices)
+    dst = as_columns(dst_state_batch_indices) if dst_state_batch_indices is not None else src
+    seed = (jnp.asarray(rounding_seed, dtype=jnp.uint32).reshape(1)
+            if enable_stochastic_rounding else None)
     block_size_m, num_warps = try_get_optimal_ssm_config(
         P, N, layout.num_seqs, H, str(state.dtype), is_blackwell, platform.device_name())
-    names = tuple(operands)
     kernel = functools.partial(
-        _selective_state_update_kernel, names=names, null_block_id=null_block_id,
-        num_slots=layout.num_slots, index_columns=layout.index_columns, nheads=H, dim=P,
-        dstate=N, heads_per_group=layout.heads_per_group, dt_softplus=bool(dt_softplus),
-        tie_hdim=tie_hdim, is_spec_decoding=num_accepted_tokens is not None,
-        stochastic_rounding=enable_stochastic_rounding,
+        _selective_state_update_kernel, null_block_id=null_block_id, num_slots=layout.num_slots,
+        num_tokens=T, index_columns=layout.index_columns, nheads=H, dim=P, dstate=N,
+        heads_per_group=layout.heads_per_group, dt_softplus=bool(dt_softplus), tie_hdim=tie_hdim,
         rounds=philox_rounds(cache_philox_rounds),
         block_size_m=block_size_m, block_size_dstate=pl.next_power_of_2(N))
+    state4, out4 = as_4d(state, 1), as_4d(out, 1)
     out4, state4 = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(operands["out"].shape, out.dtype),
-                   jax.ShapeDtypeStruct(operands["state"].shape, state.dtype)),
+        out_shape=(jax.ShapeDtypeStruct(out4.shape, out.dtype),
+                   jax.ShapeDtypeStruct(state4.shape, state.dtype)),
         grid=(pl.cdiv(P, block_size_m), H, layout.num_seqs),
-        input_output_aliases={names.index("out"): 0, names.index("state"): 1},
+        # state and out are the first two operands (never None, so never
+        # dropped from the flattened inputs).
+        input_output_aliases={0: 1, 1: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=platform.INTERPRET,
         name="selective_state_update",
-    )(*operands.values())
+    )(state4, out4, as_4d(x, 1), as_4d(dt, 1, (T, H, P), tie_hdim), as_4d(A, 0, (H, P, N), tie_hdim),
+      as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P)), as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
+      src, dst, num_accepted_tokens, cu_seqlens, seed)
     return out4.reshape(out.shape), state4.reshape(state.shape)

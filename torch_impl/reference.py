@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bridge.spec.ssu_contract import NULL_BLOCK_ID, check_ssu_args
+from bridge.spec.ssu_contract import NULL_BLOCK_ID, REFERENCE_FLOAT_DTYPES, check_ssu_args
 
 
 def _as_4d(tensor, layout, full_shape, head_axis):
@@ -39,13 +39,9 @@ def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None
                                      compute_dtype=torch.float32):
     """The decode step in torch ops: updates ``state`` and ``out`` in place
     (same rules as the kernel: padding entries untouched) and returns ``out``."""
-    layout = check_ssu_args(
-        {k: (tuple(v.shape) if v is not None else None) for k, v in dict(
-            state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
-            state_batch_indices=state_batch_indices,
-            dst_state_batch_indices=dst_state_batch_indices,
-            num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens).items()},
-        {})
+    layout = check_ssu_args(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
+                            dst_state_batch_indices, num_accepted_tokens, cu_seqlens,
+                            null_block_id=null_block_id, float_dtypes=REFERENCE_FLOAT_DTYPES)
     T, H, P, N = layout.num_tokens, layout.nheads, layout.dim, layout.dstate
     if out is None:
         out = torch.zeros_like(x)

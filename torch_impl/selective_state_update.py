@@ -6,12 +6,15 @@ Per (sequence q, head h, token t) with dt already biased and softplus-ed:
     state[h] = exp(A[h] * dt) * state[h] + dt * x[:, None] * B[g(h)][None, :]
     out[t, h] = state[h] @ C[g(h)] + D[h] * x, then * z * sigmoid(z) when z is given
 
-Shapes and argument rules: ``bridge.spec.ssu_contract``. The mirror of this file
-is ``jax_impl/selective_state_update.py``.
+Shapes, argument rules and the unchecked contract: ``bridge.spec.ssu_contract``.
+The launch is the torch op ``mamba_twin::selective_state_update`` (CUDA-graph
+and ``torch.compile`` safe). The mirror of this file is
+``jax_impl/selective_state_update.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -84,11 +87,24 @@ def _store_state(ptrs, state, mask, seed_ptr, token, head, nheads, offs_m, offs_
         tl.store(ptrs, state.to(ptrs.dtype.element_ty), mask=mask)
 
 
+@triton.heuristics({
+    "HAS_DT_BIAS": lambda args: args["dt_bias_ptr"] is not None,
+    "HAS_D": lambda args: args["D_ptr"] is not None,
+    "HAS_Z": lambda args: args["z_ptr"] is not None,
+    "HAS_INDICES": lambda args: args["src_idx_ptr"] is not None,
+    "IS_SPEC_DECODING": lambda args: args["num_accepted_ptr"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens_ptr"] is not None,
+    "STOCHASTIC_ROUNDING": lambda args: args["seed_ptr"] is not None,
+    "BLOCK_SIZE_DSTATE": lambda args: triton.next_power_of_2(args["dstate"]),
+})
 @triton.jit
 def _selective_state_update_kernel(
+    # pointers
     state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
     src_idx_ptr, dst_idx_ptr, num_accepted_ptr, cu_seqlens_ptr, seed_ptr,
-    null_block_id, num_slots, index_columns, nheads, dim, dstate, heads_per_group,
+    # dimensions
+    null_block_id, num_slots, num_tokens, index_columns, nheads, dim, dstate, heads_per_group,
+    # strides
     stride_state_slot, stride_state_head, stride_state_dim, stride_state_dstate,
     stride_x_tok, stride_x_head, stride_x_dim,
     stride_dt_tok, stride_dt_head, stride_dt_dim,
@@ -100,17 +116,23 @@ def _selective_state_update_kernel(
     stride_z_tok, stride_z_head, stride_z_dim,
     stride_out_tok, stride_out_head, stride_out_dim,
     stride_src_seq, stride_src_col, stride_dst_seq, stride_dst_col,
-    DT_SOFTPLUS: tl.constexpr, TIE_HDIM: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INDICES: tl.constexpr,
-    IS_SPEC_DECODING: tl.constexpr, IS_VARLEN: tl.constexpr,
-    STOCHASTIC_ROUNDING: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
+    # meta-parameters
+    DT_SOFTPLUS: tl.constexpr, TIE_HDIM: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_DSTATE: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_INDICES: tl.constexpr, IS_SPEC_DECODING: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
 ):
     """Grid (cdiv(dim, BLOCK_SIZE_M), nheads, num_seqs): one program holds a
     (BLOCK_SIZE_M, dstate) tile of one sequence's state for one head in
     registers across that sequence's tokens. Heads vary before sequences so
     that programs running together stream through one cache slot rather
-    than touching many (measured on the H100: 2370 -> 2925 GB/s at batch 256)."""
+    than touching many (measured on the H100: 2370 -> 2925 GB/s at batch 256).
+
+    Every load and store is masked against the real extents: a sequence with
+    tokens outside [0, num_tokens), an accepted count outside
+    [1, index_columns] or a slot outside [0, num_slots) writes no state and
+    NaN outputs (only for its tokens inside [0, num_tokens))."""
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2).to(tl.int64)
@@ -118,15 +140,21 @@ def _selective_state_update_kernel(
 
     if IS_VARLEN:
         bos = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-        seqlen = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64) - bos
+        eos = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
     else:
         bos = seq
-        seqlen = 1
+        eos = seq + 1
+    seq_ok = (bos >= 0) & (bos <= eos) & (eos <= num_tokens)
+    first_token = tl.minimum(tl.maximum(bos, 0), num_tokens)
+    end_token = tl.minimum(tl.maximum(eos, first_token), num_tokens)
     if HAS_INDICES:
         first_col = 0
         if IS_SPEC_DECODING:
             # The state after the last accepted token is the one to continue from.
-            first_col = tl.maximum(tl.load(num_accepted_ptr + seq).to(tl.int64) - 1, 0)
+            accepted = tl.load(num_accepted_ptr + seq).to(tl.int64)
+            accepted_ok = (accepted >= 1) & (accepted <= index_columns)
+            seq_ok = seq_ok & accepted_ok
+            first_col = tl.where(accepted_ok, accepted - 1, 0)
         src_slot = tl.load(src_idx_ptr + seq * stride_src_seq + first_col * stride_src_col).to(tl.int64)
         final_dst_slot = tl.load(dst_idx_ptr + seq * stride_dst_seq).to(tl.int64)
         active = src_slot != null_block_id  # padding: state and output untouched
@@ -134,12 +162,13 @@ def _selective_state_update_kernel(
         src_slot = seq
         final_dst_slot = seq
         active = True
-    # Bad indices never touch memory; their outputs become NaN (the launcher
-    # raises before this when it can see the indices).
     src_ok = (src_slot >= 0) & (src_slot < num_slots)
     final_dst_ok = (final_dst_slot >= 0) & (final_dst_slot < num_slots)
     if HAS_INDICES:
         final_dst_ok = final_dst_ok | (final_dst_slot == null_block_id)
+    ok = seq_ok & src_ok
+    if not IS_SPEC_DECODING:
+        ok = ok & final_dst_ok
 
     offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     offs_n = tl.arange(0, BLOCK_SIZE_DSTATE)
@@ -148,8 +177,7 @@ def _selective_state_update_kernel(
     tile_mask = mask_m[:, None] & mask_n[None, :]
     tile_offsets = (head * stride_state_head + offs_m[:, None] * stride_state_dim
                     + offs_n[None, :] * stride_state_dstate)
-    load_slot = tl.where(src_ok, src_slot, 0)
-    state = tl.load(state_ptr + load_slot * stride_state_slot + tile_offsets,
+    state = tl.load(state_ptr + tl.where(src_ok, src_slot, 0) * stride_state_slot + tile_offsets,
                     mask=tile_mask & src_ok & active, other=0.0).to(tl.float32)
 
     if HAS_DT_BIAS:
@@ -166,8 +194,7 @@ def _selective_state_update_kernel(
     if HAS_D:
         D = tl.load(D_ptr + head * stride_D_head + offs_m * stride_D_dim, mask=mask_m, other=0.0).to(tl.float32)
 
-    for t in range(seqlen):
-        token = bos + t
+    for token in range(first_token, end_token):
         x = tl.load(x_ptr + token * stride_x_tok + head * stride_x_head + offs_m * stride_x_dim,
                     mask=mask_m, other=0.0).to(tl.float32)
         if TIE_HDIM:
@@ -188,19 +215,18 @@ def _selective_state_update_kernel(
         else:
             state = state * tl.exp(A * dt[:, None]) + (dt * x)[:, None] * B[None, :]
 
-        token_ok = src_ok
+        token_ok = ok
         if IS_SPEC_DECODING:
             # Every token's state goes to its own slot (null: not kept).
+            t = token - bos
             in_columns = t < index_columns
             dst_slot = tl.load(dst_idx_ptr + seq * stride_dst_seq + t * stride_dst_col,
                                mask=in_columns, other=null_block_id).to(tl.int64)
             dst_ok = (dst_slot >= 0) & (dst_slot < num_slots)
             token_ok = token_ok & in_columns & (dst_ok | (dst_slot == null_block_id))
             _store_state(state_ptr + tl.where(dst_ok, dst_slot, 0) * stride_state_slot + tile_offsets,
-                         state, tile_mask & dst_ok & src_ok & in_columns & active, seed_ptr, token, head, nheads,
+                         state, tile_mask & dst_ok & ok & in_columns & active, seed_ptr, token, head, nheads,
                          offs_m, offs_n, dstate, STOCHASTIC_ROUNDING, PHILOX_ROUNDS)
-        else:
-            token_ok = token_ok & final_dst_ok
 
         out = tl.sum(state * C[None, :], axis=1)
         if HAS_D:
@@ -214,23 +240,90 @@ def _selective_state_update_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=mask_m & active)
 
     if not IS_SPEC_DECODING:
-        keep = active & (seqlen > 0) & src_ok & final_dst_ok
+        keep = active & ok & (end_token > first_token)
         if HAS_INDICES:
             keep = keep & (final_dst_slot != null_block_id)
         _store_state(state_ptr + tl.where(keep, final_dst_slot, 0) * stride_state_slot + tile_offsets,
-                     state, tile_mask & keep, seed_ptr, bos + seqlen - 1, head, nheads,
+                     state, tile_mask & keep, seed_ptr, end_token - 1, head, nheads,
                      offs_m, offs_n, dstate, STOCHASTIC_ROUNDING, PHILOX_ROUNDS)
 
 
-def _per_head_to_full(tensor, full_shape):
-    """(H,) or (T, H) -> a stride-0 expansion to (H, P[, N]) / (T, H, P)."""
-    while tensor.dim() < len(full_shape):
-        tensor = tensor.unsqueeze(-1)
-    return tensor.expand(full_shape)
+def _on_device(device):
+    """Triton launches on the current CUDA device. (A ``torch.device`` context
+    would also intercept every torch call inside it, a cost per call.)"""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _strides(tensor, n):
-    return tuple(tensor.stride()) if tensor is not None else (0,) * n
+def _strides(tensor, ndim: int, head_axis: int, three_d: bool) -> list:
+    """Strides of ``tensor`` in the 4-D (token|slot, head, dim[, dstate]) form
+    of ``ndim`` axes without building views: a 3-D call's missing head axis
+    and a per-head tensor's missing trailing axes get stride 0 (the kernel
+    reads dt, A, dt_bias stride-0 over dim as tied per head)."""
+    if tensor is None:
+        return platform.strides(None, ndim)
+    strides = list(tensor.stride())
+    if three_d:
+        strides.insert(head_axis, 0)
+    return strides + [0] * (ndim - len(strides))
+
+
+def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
+            dst_state_batch_indices, num_accepted_tokens, cu_seqlens, rounding_seed,
+            dt_softplus, null_block_id, philox_rounds, is_blackwell):
+    """The op's kernel launch on checked arguments (``rounding_seed``: an int64
+    tensor of one element, or None without stochastic rounding)."""
+    three_d = state.dim() == 3
+    num_slots, P, N = state.shape[0], state.shape[-2], state.shape[-1]
+    H = 1 if three_d else state.shape[1]
+    num_tokens = x.shape[0]
+    num_seqs = num_tokens if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dt_strides = _strides(dt, 3, 1, three_d)
+    A_strides = _strides(A, 3, 0, three_d)
+    dt_bias_strides = _strides(dt_bias, 2, 0, three_d)
+    tie_hdim = (A_strides[1] == 0 and A_strides[2] == 0 and dt_strides[2] == 0
+                and dt_bias_strides[1] == 0)
+    src, dst = state_batch_indices, dst_state_batch_indices
+    dst = src if dst is None else dst
+    index_columns = 1 if src is None or src.dim() == 1 else src.shape[1]
+    block_size_m, num_warps = SSU_CONFIGS.lookup(
+        P, N, num_seqs, H, _DTYPE_NAMES[state.dtype], platform.device_name(state.device), is_blackwell)
+    grid = (triton.cdiv(P, block_size_m), H, num_seqs)
+    with _on_device(state.device):
+        _selective_state_update_kernel[grid](
+            state, x, dt, dt_bias, A, B, C, D, z, out,
+            src, dst, num_accepted_tokens, cu_seqlens, rounding_seed,
+            null_block_id, num_slots, num_tokens, index_columns, H, P, N,
+            H // (1 if three_d else B.shape[1]),
+            *_strides(state, 4, 1, three_d), *_strides(x, 3, 1, three_d), *dt_strides,
+            *dt_bias_strides, *A_strides, *_strides(B, 3, 1, three_d), *_strides(C, 3, 1, three_d),
+            *_strides(D, 2, 0, three_d), *_strides(z, 3, 1, three_d),
+            *_strides(out, 3, 1, three_d), *_strides(src, 2, 1, False), *_strides(dst, 2, 1, False),
+            DT_SOFTPLUS=dt_softplus, TIE_HDIM=tie_hdim, PHILOX_ROUNDS=philox_rounds,
+            BLOCK_SIZE_M=block_size_m, num_warps=num_warps)
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# The launch as a torch op: opaque to torch.compile (which sees the fake) and
+# safe in a CUDA graph. Registered through torch.library.Library rather than
+# torch.library.custom_op: the latter's Python dispatch of mutated arguments
+# costs ~20x more per eager call (measured: 120-150 us against 7 us on CPU).
+_LIB = torch.library.Library("mamba_twin", "FRAGMENT")
+_LIB.define(
+    "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+    "Tensor? D, Tensor? dt_bias, Tensor? z, Tensor(b!) out, Tensor? state_batch_indices, "
+    "Tensor? dst_state_batch_indices, Tensor? num_accepted_tokens, Tensor? cu_seqlens, "
+    "Tensor? rounding_seed, bool dt_softplus, int null_block_id, int philox_rounds, "
+    "bool is_blackwell) -> ()")
+_LIB.impl("selective_state_update", _launch, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mamba_twin::selective_state_update", lib=_LIB)
+def _launch_fake(*args):
+    return None
+
+
+_OP = torch.ops.mamba_twin.selective_state_update.default
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
@@ -239,90 +332,47 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
                            out=None, num_accepted_tokens=None, cu_seqlens=None,
                            is_blackwell=False, enable_stochastic_rounding=False,
                            cache_philox_rounds=0, *, rounding_seed=None,
-                           validate_indices=True):
+                           validate_indices=None):
     """One decode step of a Mamba-2 layer: updates ``state`` in place, writes
     and returns ``out`` (shape of ``x``; allocated as zeros when not given).
 
-    Shapes: see ``bridge.spec.ssu_contract``. ``rounding_seed`` (int or int64
-    tensor) seeds stochastic rounding; by default it is drawn from torch's RNG.
-    ``validate_indices`` checks index values on the host (one device sync;
-    skipped automatically during CUDA-graph capture).
+    Shapes and the unchecked contract (bad index values: no state written,
+    NaN outputs, never an access outside the tensors): see
+    ``bridge.spec.ssu_contract``. ``rounding_seed`` (int in [0, 2**32) or an
+    int64 tensor) seeds stochastic rounding; by default it is drawn from
+    torch's RNG. ``validate_indices`` (default: ``$MAMBA_TWIN_CHECK_INDICES``,
+    off) checks index values on the host, a device sync; skipped under
+    CUDA-graph capture and torch.compile.
     """
-    args = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
-                state_batch_indices=state_batch_indices,
-                dst_state_batch_indices=dst_state_batch_indices,
-                num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens)
     layout = check_ssu_args(
-        {k: (tuple(v.shape) if v is not None else None) for k, v in args.items()},
-        {k: (str(v.dtype).removeprefix("torch.") if v is not None else None) for k, v in args.items()},
+        state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
+        num_accepted_tokens, cu_seqlens, null_block_id=null_block_id,
         enable_stochastic_rounding=enable_stochastic_rounding,
-        cache_philox_rounds=cache_philox_rounds)
-    device = platform.check_kernel_device(args)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if validate_indices and not capturing:
-        check_ssu_index_values(
-            layout, null_block_id=null_block_id,
-            **{k: args[k].cpu().numpy() for k in ("state_batch_indices", "dst_state_batch_indices",
-                                                  "num_accepted_tokens", "cu_seqlens")
-               if args[k] is not None})
+        cache_philox_rounds=cache_philox_rounds, rounding_seed=rounding_seed)
+    device = platform.check_kernel_device(dict(
+        state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
+        state_batch_indices=state_batch_indices, dst_state_batch_indices=dst_state_batch_indices,
+        num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens))
+    host = platform.host_index_values(
+        validate_indices, device, state_batch_indices=state_batch_indices,
+        dst_state_batch_indices=dst_state_batch_indices,
+        num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens)
+    if host is not None:
+        check_ssu_index_values(layout, null_block_id=null_block_id, **host)
+    if layout.num_seqs > MAX_GRID_Z:
+        raise ValueError(f"selective_state_update: {layout.num_seqs} sequences in `x`; the Triton "
+                         f"kernel takes at most {MAX_GRID_Z} per call (CUDA's grid limit)")
     if out is None:
         out = torch.zeros_like(x)
-
-    # Everything as 4-D (token, head, dim[, dstate]) views; per-head params as
-    # stride-0 expansions, which the kernel recognises as tied over dim.
-    T, H, P, N = layout.num_tokens, layout.nheads, layout.dim, layout.dstate
-    if layout.state_ndim == 3:
-        state4, x4, dt4, A4, B4, C4 = (state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1),
-                                       A.unsqueeze(0), B.unsqueeze(1), C.unsqueeze(1))
-        D4 = D.unsqueeze(0) if D is not None else None
-        dt_bias4 = dt_bias.unsqueeze(0) if dt_bias is not None else None
-        z4 = z.unsqueeze(1) if z is not None else None
-        out4 = out.unsqueeze(1)
-    else:
-        state4, x4, B4, C4, z4, out4 = state, x, B, C, z, out
-        dt4 = _per_head_to_full(dt, (T, H, P))
-        A4 = _per_head_to_full(A, (H, P, N))
-        D4 = _per_head_to_full(D, (H, P)) if D is not None else None
-        dt_bias4 = _per_head_to_full(dt_bias, (H, P)) if dt_bias is not None else None
-    tie_hdim = (A4.stride(-1) == 0 and A4.stride(-2) == 0 and dt4.stride(-1) == 0
-                and (dt_bias4 is None or dt_bias4.stride(-1) == 0))
-    src = state_batch_indices
-    if src is not None and src.dim() == 1:
-        src = src.unsqueeze(1)
-    dst = dst_state_batch_indices if dst_state_batch_indices is not None else state_batch_indices
-    if dst is not None and dst.dim() == 1:
-        dst = dst.unsqueeze(1)
-
+    if layout.num_seqs == 0 or layout.num_tokens == 0:
+        return out
     seed = None
     if enable_stochastic_rounding:
         if rounding_seed is None:
             seed = torch.randint(0, 2**32, (1,), device=device, dtype=torch.int64)
         else:
             seed = torch.as_tensor(rounding_seed, dtype=torch.int64, device=device).reshape(1)
-
-    if layout.num_seqs == 0:
-        return out
-    block_size_m, num_warps = try_get_optimal_ssm_config(
-        P, N, layout.num_seqs, H, str(state.dtype).removeprefix("torch."), is_blackwell,
-        platform.device_name(device))
-    if layout.num_seqs > MAX_GRID_Z:
-        raise ValueError(f"selective_state_update: {layout.num_seqs} sequences in `x`; the Triton "
-                         f"kernel takes at most {MAX_GRID_Z} per call (CUDA's grid limit)")
-    grid = (triton.cdiv(P, block_size_m), H, layout.num_seqs)
-    with torch.device(device):
-        _selective_state_update_kernel[grid](
-            state4, x4, dt4, dt_bias4, A4, B4, C4, D4, z4, out4,
-            src, dst, num_accepted_tokens, cu_seqlens, seed,
-            null_block_id, layout.num_slots, layout.index_columns, H, P, N,
-            layout.heads_per_group,
-            *state4.stride(), *x4.stride(), *dt4.stride(), *_strides(dt_bias4, 2),
-            *A4.stride(), *B4.stride(), *C4.stride(), *_strides(D4, 2), *_strides(z4, 3),
-            *out4.stride(), *_strides(src, 2), *_strides(dst, 2),
-            DT_SOFTPLUS=dt_softplus, TIE_HDIM=tie_hdim, HAS_DT_BIAS=dt_bias is not None,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_INDICES=src is not None,
-            IS_SPEC_DECODING=num_accepted_tokens is not None, IS_VARLEN=cu_seqlens is not None,
-            STOCHASTIC_ROUNDING=enable_stochastic_rounding,
-            PHILOX_ROUNDS=philox_rounds(cache_philox_rounds),
-            BLOCK_SIZE_M=block_size_m, BLOCK_SIZE_DSTATE=triton.next_power_of_2(N),
-            num_warps=num_warps)
+    _OP(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
+        num_accepted_tokens, cu_seqlens, seed, bool(dt_softplus), int(null_block_id),
+        philox_rounds(cache_philox_rounds), bool(is_blackwell))
     return out

@@ -1,7 +1,8 @@
 """Backend dispatch for the state update (vLLM's ``ssu_dispatch``):
 ``triton`` (this package's kernel), ``reference`` (torch ops, float32 math)
-and ``flashinfer`` (when that package is installed). Mirror:
-``jax_impl/ssu_dispatch.py``."""
+and ``flashinfer`` (when that package is installed). Every backend takes
+``torch_impl.selective_state_update``'s arguments, forwarded by keyword.
+Mirror: ``jax_impl/ssu_dispatch.py``."""
 
 from __future__ import annotations
 
@@ -19,35 +20,17 @@ _REGISTRY = BackendRegistry("Mamba SSU")
 class TritonSSUBackend(MambaSSUBackend):
     name = "triton"
 
-    def __call__(self, state, x, dt, A, B, C, D, dt_bias, z=None, dt_softplus=False,
-                 state_batch_indices=None, dst_state_batch_indices=None,
-                 null_block_id=NULL_BLOCK_ID, out=None, num_accepted_tokens=None,
-                 cu_seqlens=None, is_blackwell=False):
-        config = self._mamba_config
-        return triton_selective_state_update(
-            state, x, dt, A, B, C, D, dt_bias, z, dt_softplus, state_batch_indices,
-            dst_state_batch_indices, null_block_id, out, num_accepted_tokens, cu_seqlens,
-            is_blackwell, config.enable_stochastic_rounding,
-            config.stochastic_rounding_philox_rounds)
+    def __call__(self, *args, **kwargs):
+        return triton_selective_state_update(*args, **kwargs, **self.rounding)
 
 
 @_REGISTRY.register("reference")
 class ReferenceSSUBackend(MambaSSUBackend):
     name = "reference"
+    has_stochastic_rounding = False
 
-    def __init__(self, mamba_config: MambaConfig):
-        if mamba_config.enable_stochastic_rounding:
-            raise ValueError("mamba_config: the reference backend has no stochastic rounding")
-        super().__init__(mamba_config)
-
-    def __call__(self, state, x, dt, A, B, C, D, dt_bias, z=None, dt_softplus=False,
-                 state_batch_indices=None, dst_state_batch_indices=None,
-                 null_block_id=NULL_BLOCK_ID, out=None, num_accepted_tokens=None,
-                 cu_seqlens=None, is_blackwell=False):
-        return reference.selective_state_update_torch_ops(
-            state, x, dt, A, B, C, D, dt_bias, z, dt_softplus, state_batch_indices,
-            dst_state_batch_indices, null_block_id, out, num_accepted_tokens, cu_seqlens,
-            compute_dtype=torch.float32)
+    def __call__(self, *args, is_blackwell=False, validate_indices=None, **kwargs):
+        return reference.selective_state_update_torch_ops(*args, **kwargs, compute_dtype=torch.float32)
 
 
 @_REGISTRY.register("flashinfer")
@@ -64,10 +47,11 @@ class FlashInferSSUBackend(MambaSSUBackend):
         super().__init__(mamba_config)
         self._kernel = kernel
 
-    def __call__(self, state, x, dt, A, B, C, D, dt_bias, z=None, dt_softplus=False,
+    def __call__(self, state, x, dt, A, B, C, D=None, dt_bias=None, z=None, dt_softplus=False,
                  state_batch_indices=None, dst_state_batch_indices=None,
                  null_block_id=NULL_BLOCK_ID, out=None, num_accepted_tokens=None,
-                 cu_seqlens=None, is_blackwell=False):
+                 cu_seqlens=None, is_blackwell=False, validate_indices=None):
+        # flashinfer names its arguments differently: the one backend that maps them.
         config = self._mamba_config
         seed = (torch.randint(0, 2**32, (1,), device=state.device)
                 if config.enable_stochastic_rounding else None)
@@ -82,24 +66,10 @@ class FlashInferSSUBackend(MambaSSUBackend):
             philox_rounds=config.stochastic_rounding_philox_rounds or 10)
 
 
-def initialize_mamba_ssu_backend(mamba_config: MambaConfig) -> None:
-    """Select the process-wide backend; unknown names raise ValueError."""
-    _REGISTRY.initialize(mamba_config)
+initialize_mamba_ssu_backend = _REGISTRY.initialize  # unknown names raise ValueError
+get_mamba_ssu_backend = _REGISTRY.get  # RuntimeError before initialization
 
 
-def get_mamba_ssu_backend() -> MambaSSUBackend:
-    """The initialized backend; RuntimeError before initialization."""
-    return _REGISTRY.get()
-
-
-def selective_state_update(state, x, dt, A, B, C, D, dt_bias, z=None, dt_softplus=False,
-                           state_batch_indices=None, dst_state_batch_indices=None,
-                           null_block_id=NULL_BLOCK_ID, out=None, num_accepted_tokens=None,
-                           cu_seqlens=None, is_blackwell=False):
-    """Run the initialized backend (updates ``state`` and ``out`` in place)."""
-    return get_mamba_ssu_backend()(
-        state, x, dt, A, B, C, D, dt_bias, z=z, dt_softplus=dt_softplus,
-        state_batch_indices=state_batch_indices,
-        dst_state_batch_indices=dst_state_batch_indices, null_block_id=null_block_id,
-        out=out, num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens,
-        is_blackwell=is_blackwell)
+def selective_state_update(*args, **kwargs):
+    """Run the initialized backend (updates ``state`` and ``out`` in place; returns ``out``)."""
+    return _REGISTRY.get()(*args, **kwargs)

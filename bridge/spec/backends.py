@@ -19,12 +19,20 @@ class MambaConfig:
 
 class MambaSSUBackend:
     """Base of the state-update backends: called like the framework's
-    ``selective_state_update`` (torch: in place; JAX: returns ``(out, new_state)``)."""
+    ``selective_state_update`` (torch: in place; JAX: returns ``(out, new_state)``),
+    arguments forwarded as given. ``rounding`` holds the config's stochastic
+    rounding options, as that function takes them."""
 
     name = "abstract"
+    has_stochastic_rounding = True
 
     def __init__(self, mamba_config: MambaConfig):
+        if mamba_config.enable_stochastic_rounding and not self.has_stochastic_rounding:
+            raise ValueError(f"mamba_config: the {self.name} backend has no stochastic rounding")
         self._mamba_config = mamba_config
+        self.rounding = dict(
+            enable_stochastic_rounding=mamba_config.enable_stochastic_rounding,
+            cache_philox_rounds=mamba_config.stochastic_rounding_philox_rounds)
 
 
 class BackendRegistry:

@@ -75,6 +75,7 @@ class LaunchConfigTable:
         self.bundled_dir = Path(bundled_dir)
         self._default = default
         self._override: LaunchConfig | None = None
+        self._cache: dict[tuple, LaunchConfig] = {}
 
     def search_paths(self, file_name: str) -> list[Path]:
         paths = []
@@ -94,12 +95,22 @@ class LaunchConfigTable:
     def lookup(self, headdim: int, dstate: int, batch: int, nheads: int,
                cache_dtype: str, device_name: str, is_blackwell: bool = False) -> LaunchConfig:
         """(BLOCK_SIZE_M, num_warps): the override, else the tuned entry of the
-        nearest effective batch, else the heuristic."""
+        nearest effective batch, else the heuristic. Cached per shape key and
+        user folder: no file-system work after a key's first call."""
         if self._override is not None:
             return self._override
+        key = (headdim, dstate, batch * nheads, cache_dtype, device_name, is_blackwell,
+               os.environ.get(TUNED_CONFIG_FOLDER_ENV))
+        config = self._cache.get(key)
+        if config is None:
+            config = self._cache[key] = self._choose(headdim, dstate, batch * nheads, cache_dtype,
+                                                     device_name, is_blackwell)
+        return config
+
+    def _choose(self, headdim, dstate, effective_batch, cache_dtype, device_name,
+                is_blackwell) -> LaunchConfig:
         configs = self.get_configs(headdim, dstate, cache_dtype, device_name)
         if configs:
-            effective_batch = batch * nheads
             nearest = min(configs, key=lambda key: abs(key - effective_batch))
             return configs[nearest]["BLOCK_SIZE_M"], configs[nearest]["num_warps"]
         return self._default(dstate, is_blackwell)
