@@ -8,8 +8,6 @@ in place. The math, the argument rules and the unchecked contract:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from bridge.spec.conv_contract import (
@@ -191,7 +189,7 @@ def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, si
     tiles = conv_tiles(layout, varlen=query_start_loc is not None, max_query_len=max_query_len)
     indices2 = indices.reshape(indices.shape[0], -1) if indices is not None else None
     grid = (layout.num_seqs, triton.cdiv(layout.dim, tiles.block_d))
-    with torch.device(x_tok.device):
+    with platform.on_device(x_tok.device):
         _causal_conv1d_kernel[grid](
             x_tok, weight, bias, state, out_tok,
             query_start_loc, indices2, has_initial_state, num_accepted_tokens, initial_state_idx,
@@ -205,16 +203,29 @@ def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, si
             BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_R=tiles.block_r, num_warps=4)
 
 
-Tensor, OptTensor = torch.Tensor, Optional[torch.Tensor]
-# (``output``, not ``out``: torch.compile reads an ``out=`` argument as an out-variant's.)
+# The launches as torch ops: opaque to torch.compile (which sees the fakes)
+# and safe in a CUDA graph. Defined through torch.library.Library, as the
+# state update: torch.library.custom_op's Python dispatch of mutated
+# arguments costs far more per eager call. (``output``, not ``out``:
+# torch.compile reads an ``out=`` argument as an out-variant's.)
+_LIB = torch.library.Library("mamba_twin", "FRAGMENT")
+_LIB.define(
+    "causal_conv1d_fn(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_states, "
+    "Tensor query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, "
+    "Tensor? block_idx_first_scheduled_token, Tensor? block_idx_last_scheduled_token, "
+    "Tensor? initial_state_idx, Tensor? num_computed_tokens, Tensor(b!) output, bool silu, "
+    "int pad_slot_id, int block_size_to_align) -> ()")
+_LIB.define(
+    "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+    "Tensor? conv_state_indices, Tensor? num_accepted_tokens, Tensor? query_start_loc, "
+    "Tensor? initial_state_idx, Tensor? block_idx_last_scheduled_token, Tensor(b!) output, "
+    "bool silu, int max_query_len, int pad_slot_id) -> ()")
 
 
-@torch.library.custom_op("mamba_twin::causal_conv1d_fn", mutates_args=("conv_states", "output"))
-def _conv_fn_op(x: Tensor, weight: Tensor, bias: OptTensor, conv_states: Tensor,
-                query_start_loc: Tensor, cache_indices: OptTensor, has_initial_state: OptTensor,
-                block_idx_first_scheduled_token: OptTensor, block_idx_last_scheduled_token: OptTensor,
-                initial_state_idx: OptTensor, num_computed_tokens: OptTensor, output: Tensor,
-                silu: bool, pad_slot_id: int, block_size_to_align: int) -> None:
+def _conv_fn_op(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
+                block_idx_first_scheduled_token, block_idx_last_scheduled_token,
+                initial_state_idx, num_computed_tokens, output, silu, pad_slot_id,
+                block_size_to_align):
     _launch(x_tok=x.t(), out_tok=output.t(), weight=weight, bias=bias, state=conv_states,
             query_start_loc=query_start_loc, indices=cache_indices, silu=silu, decode=False,
             pad_slot_id=pad_slot_id, has_initial_state=has_initial_state,
@@ -224,12 +235,9 @@ def _conv_fn_op(x: Tensor, weight: Tensor, bias: OptTensor, conv_states: Tensor,
             num_computed_tokens=num_computed_tokens, block_size_to_align=block_size_to_align)
 
 
-@torch.library.custom_op("mamba_twin::causal_conv1d_update", mutates_args=("conv_state", "output"))
-def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: OptTensor,
-                    conv_state_indices: OptTensor, num_accepted_tokens: OptTensor,
-                    query_start_loc: OptTensor, initial_state_idx: OptTensor,
-                    block_idx_last_scheduled_token: OptTensor, output: Tensor, silu: bool,
-                    max_query_len: int, pad_slot_id: int) -> None:
+def _conv_update_op(x, conv_state, weight, bias, conv_state_indices, num_accepted_tokens,
+                    query_start_loc, initial_state_idx, block_idx_last_scheduled_token, output,
+                    silu, max_query_len, pad_slot_id):
     _launch(x_tok=x, out_tok=output, weight=weight, bias=bias, state=conv_state,
             query_start_loc=query_start_loc, indices=conv_state_indices, silu=silu, decode=True,
             max_query_len=max_query_len, pad_slot_id=pad_slot_id,
@@ -237,10 +245,13 @@ def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: OptTens
             block_idx_last_scheduled_token=block_idx_last_scheduled_token)
 
 
-@_conv_fn_op.register_fake
-@_conv_update_op.register_fake
 def _writes_in_place(*args, **kwargs) -> None:
     """Both ops only write their mutated arguments."""
+
+
+for _name, _impl in (("causal_conv1d_fn", _conv_fn_op), ("causal_conv1d_update", _conv_update_op)):
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"mamba_twin::{_name}", _writes_in_place, lib=_LIB)
 
 
 def _call(function: str, check, arrays: dict, *, out, activation, pad_slot_id, validate_indices,
@@ -254,9 +265,9 @@ def _call(function: str, check, arrays: dict, *, out, activation, pad_slot_id, v
     if values is not None:
         check_conv_index_values(function, layout, values, pad_slot_id=pad_slot_id)
     out = torch.empty_like(arrays["x"]) if out is None else out
-    getattr(torch.ops.mamba_twin, function)(**arrays, output=out, silu=layout.silu,
-                                            pad_slot_id=int(pad_slot_id),
-                                            **{k: int(v) for k, v in sizes.items()})
+    getattr(torch.ops.mamba_twin, function).default(**arrays, output=out, silu=layout.silu,
+                                                    pad_slot_id=int(pad_slot_id),
+                                                    **{k: int(v) for k, v in sizes.items()})
     return out
 
 

@@ -6,8 +6,6 @@ math and the argument rules: ``bridge.spec.norm_contract``. Mirror:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from bridge.spec.norm_contract import check_norm_args, norm_num_warps
@@ -43,23 +41,26 @@ def _rms_norm_gated_kernel(
     tl.store(out_ptr + token * stride_o_tok + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# (``output``, not ``out``: torch.compile reads an ``out=`` argument as an out-variant's.)
-@torch.library.custom_op("mamba_twin::rms_norm_gated", mutates_args=("output",))
-def _rms_norm_gated_op(x: torch.Tensor, weight: Optional[torch.Tensor], z: Optional[torch.Tensor],
-                       output: torch.Tensor, eps: float, group_size: int,
-                       norm_before_gate: bool) -> None:
+def _launch(x, weight, z, output, eps, group_size, norm_before_gate):
     num_tokens, hidden = x.shape
     if num_tokens == 0:
         return
     block = triton.next_power_of_2(group_size)
-    with torch.device(x.device):
+    with platform.on_device(x.device):
         _rms_norm_gated_kernel[(num_tokens, hidden // group_size)](
             x, z, weight, output, group_size, eps,
             x.stride(0), platform.strides(z, 2)[0], output.stride(0),
             NORM_BEFORE_GATE=norm_before_gate, BLOCK=block, num_warps=norm_num_warps(block))
 
 
-@_rms_norm_gated_op.register_fake
+# The launch as a torch op (as the conv's, see there; ``output``, not ``out``).
+_LIB = torch.library.Library("mamba_twin", "FRAGMENT")
+_LIB.define("rms_norm_gated(Tensor x, Tensor? weight, Tensor? z, Tensor(a!) output, float eps, "
+            "int group_size, bool norm_before_gate) -> ()")
+_LIB.impl("rms_norm_gated", _launch, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mamba_twin::rms_norm_gated", lib=_LIB)
 def _writes_in_place(*args, **kwargs) -> None:
     """The op only writes ``output``."""
 
@@ -77,7 +78,7 @@ def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gat
             raise ValueError(f"rms_norm_gated: `{name}` must have unit stride over hidden, "
                              f"got strides {tuple(tensor.stride())}")
     out = torch.empty_like(x) if out is None else out
-    torch.ops.mamba_twin.rms_norm_gated(x=x, weight=weight, z=z, output=out, eps=float(eps),
-                                        group_size=group_size,
-                                        norm_before_gate=bool(norm_before_gate))
+    torch.ops.mamba_twin.rms_norm_gated.default(x=x, weight=weight, z=z, output=out, eps=float(eps),
+                                                group_size=group_size,
+                                                norm_before_gate=bool(norm_before_gate))
     return out

@@ -3,6 +3,7 @@ interpreter on the CPU) and the prologue every launcher shares. Imported
 before any kernel is defined, because Triton reads TRITON_INTERPRET when a
 ``@triton.jit`` function is created."""
 
+import contextlib
 import os
 import sys
 
@@ -74,3 +75,10 @@ def host_index_values(validate, device: torch.device, **indices) -> dict | None:
 def strides(tensor, ndim: int) -> tuple:
     """``tensor.stride()``, or ``ndim`` zeros for an absent operand."""
     return (0,) * ndim if tensor is None else tuple(tensor.stride())
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: this one's, for the launch.
+    (A ``torch.device`` context would also intercept every torch call inside
+    it, a cost per call.)"""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -58,4 +58,12 @@ def shape_of(array) -> Optional[tuple[int, ...]]:
 
 def dtype_name(array) -> Optional[str]:
     """'float32', 'bfloat16', ... for a torch / jax / numpy array, None for an absent one."""
-    return None if array is None else str(array.dtype).removeprefix("torch.")
+    if array is None:
+        return None
+    name = _DTYPE_NAMES.get(array.dtype)
+    if name is None:  # str() of a torch dtype costs microseconds: once per dtype
+        name = _DTYPE_NAMES[array.dtype] = str(array.dtype).removeprefix("torch.")
+    return name
+
+
+_DTYPE_NAMES: dict = {}

@@ -138,7 +138,9 @@ def conv_tiles(layout: ConvLayout, *, varlen: bool = True, max_query_len: int = 
 def _check_arrays(function: str, arrays: Mapping, activation) -> None:
     """Arrays (not lists), float / index / bool dtypes, a known activation."""
     for arg, value in arrays.items():
-        if value is not None and not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        if value is None:
+            continue
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
             fail(function, arg, f"must be an array (a tensor), got {type(value).__name__}")
         expected = (INDEX_DTYPES if arg in INDEX_ARGS else ("bool",) if arg == "has_initial_state"
                     else FLOAT_DTYPES)
