@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
+
 from bridge.spec import checks, copy_spec
 from bridge.dlpack import X64_DTYPES, InplaceStep, run_step_on_views, to_jax, to_torch, x64_enabled
 
@@ -182,7 +184,7 @@ class MambaStateCache:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     def write(self, name: str, values, block_ids: Sequence[int], layer: int = 0) -> None:
-        """Write ``values`` (torch tensor or jax array, ``(len(block_ids),
+        """Write ``values`` (torch, jax or numpy array, ``(len(block_ids),
         *shape)``) into blocks ``block_ids`` of state ``name``, e.g. the final
         states of a prefill. ``block_ids``: distinct, in ``[0, num_blocks)``.
         Everything is checked before the first write."""
@@ -190,6 +192,8 @@ class MambaStateCache:
         target = self.torch(name, layer)
         block_ids = copy_spec.checked_block_ids(op, "block_ids", block_ids, self.num_blocks)
         want = (len(block_ids), *target.shape[1:])
+        if not hasattr(values, "shape"):
+            checks.fail(op, "values", f"must be a torch, jax or numpy array, got {type(values).__name__}")
         if tuple(values.shape) != want:
             checks.fail(op, "values", f"has shape {tuple(values.shape)}, expected {want} for "
                         f"{len(block_ids)} blocks of state {name!r}")
@@ -197,10 +201,12 @@ class MambaStateCache:
         if dtype.startswith("complex") and not target.is_complex():
             checks.fail(op, "values", f"is {dtype}; state {name!r} is {checks.dtype_name(target)} "
                         "and would drop the imaginary part")
-        if not hasattr(values, "data_ptr"):
-            values = to_torch(values, name="values")
         import torch
 
+        if hasattr(values, "unsafe_buffer_pointer"):  # jax.Array
+            values = to_torch(values, name="values")
+        elif isinstance(values, np.ndarray):
+            values = torch.from_numpy(np.ascontiguousarray(values))
         index = torch.as_tensor(block_ids, dtype=torch.long, device=target.device)
         target.index_copy_(0, index, values.to(target.device, target.dtype))
 

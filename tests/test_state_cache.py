@@ -92,6 +92,10 @@ def test_write_checks_shapes_and_takes_either_framework(rng):
     values = rng.standard_normal((2, HEADS, HEAD_DIM, DSTATE)).astype(np.float32)
     cache.write("ssm", jnp.asarray(values), block_ids=[4, 1])
     np.testing.assert_array_equal(cache.torch("ssm")[[4, 1]].cpu().numpy(), values)
+    cache.write("ssm", values[::-1], block_ids=np.array([0, 5]))  # numpy values and ids
+    np.testing.assert_array_equal(cache.torch("ssm")[[5, 0]].cpu().numpy(), values)
+    with pytest.raises(ValueError, match="`values` must be a torch, jax or numpy array, got list"):
+        cache.write("ssm", values.tolist(), block_ids=[4, 1])
     with pytest.raises(ValueError, match=r"`values` has shape \(2, 4, 16, 15\), expected \(2, 4, 16, 16\)"):
         cache.write("ssm", torch.zeros(2, HEADS, HEAD_DIM, DSTATE - 1), block_ids=[1, 2])
     with pytest.raises(ValueError, match="`name` 'ssn'"):
@@ -118,6 +122,7 @@ def test_jax_owned_64_bit_cache_needs_x64(dtype):
     ([1, -1], r"`block_ids\[1\]` = -1 is outside the state's 4 blocks"),
     ([1, 4], r"`block_ids\[1\]` = 4 is outside"),
     ([1, 2.0], r"`block_ids\[1\]` must be an integer"),
+    (np.int64(1), r"`block_ids` must be a sequence or 1-D array of integers, got 1"),
     ("complex", r"`values` is complex64; state 'ssm' is float32"),
 ])
 def test_write_refuses_bad_ids_and_complex_values_before_writing(rng, framework, block_ids, match):

@@ -77,6 +77,8 @@ def checked_block_ids(op: str, arg: str, block_ids, num_blocks: int) -> list[int
     ``[0, num_blocks)``; ValueError naming ``arg`` and the offending entries."""
     if hasattr(block_ids, "tolist"):  # numpy / torch / jax arrays
         block_ids = block_ids.tolist()
+    if not isinstance(block_ids, (list, tuple, range)):
+        checks.fail(op, arg, f"must be a sequence or 1-D array of integers, got {block_ids!r}")
     blocks = [_in_range(op, f"{arg}[{i}]", b, num_blocks) for i, b in enumerate(block_ids)]
     if len(set(blocks)) != len(blocks):
         repeated = sorted({b for b in blocks if blocks.count(b) > 1})
