@@ -68,6 +68,7 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     else:
         read_slot = write_slot = seq
         padding = jnp.zeros((), bool)
+        ok = ok & (seq < num_slots)
     offset, shift = zero, seqlen
     if accepted_ref is not None:
         accepted = accepted_ref[seq]

@@ -218,6 +218,8 @@ def test_bad_input_raises_naming_the_argument(side, rng):
         fn(cache_indices=side.array(np.array([1, 2, 99], np.int32), "int32"))
     with pytest.raises(ValueError, match="`query_start_loc`"):
         fn(query_start_loc=side.array(np.array([0, 3, 2, 9], np.int32), "int32"))
+    with pytest.raises(ValueError, match="`conv_states` has 2 slots for 3 sequences"):
+        fn(cache_indices=None, conv_states=side.array(np.zeros((2, 24, 3)), "float32"))
     with pytest.raises(ValueError, match="`activation`"):
         side.run_conv("causal_conv1d_fn", inputs, activation="relu")
     update = _update_inputs(side, rng, dtype="float32", spec=False, columns=False)

@@ -99,6 +99,7 @@ def _causal_conv1d_kernel(
         read_slot = seq
         write_slot = seq
         padding = seq < 0  # False, as a tensor
+        ok = ok & (seq < num_slots)
     offset = 0
     shift = seqlen
     if IS_SPEC:

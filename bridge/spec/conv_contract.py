@@ -41,12 +41,13 @@ the state keeps every drafted input and ``offset = num_accepted - 1``,
 skipped: its output and every cache slot stay untouched.
 
 Unchecked contract (the kernels, whatever the index values): a sequence
-whose ``query_start_loc`` range, slots, block-table columns or
-``num_accepted_tokens`` break the rules of ``check_conv_index_values`` is
-skipped, no cache slot written for it, and its outputs (the tokens of its
-range clipped to ``[0, T)``) are NaN; no value makes a kernel read or write
-outside the arrays given. Sequences sharing a slot (collisions, refused by
-the checks) leave that slot's contents unspecified.
+whose ``query_start_loc`` range, slots (its own or its block boundaries'),
+block-table columns, ``num_computed_tokens`` or ``num_accepted_tokens``
+break the rules of ``check_conv_index_values`` is skipped, no cache slot
+written for it, and its outputs (the tokens of its range clipped to
+``[0, T)``) are NaN; no value makes a kernel read or write outside the
+arrays given, and no negative value wraps around. Sequences sharing a slot
+(collisions, refused by the checks) leave that slot's contents unspecified.
 """
 
 from __future__ import annotations
@@ -180,6 +181,13 @@ def _check_per_seq(function: str, arrays: Mapping, num_seqs: int) -> None:
             expect_shape(function, arg, shape_of(value), (num_seqs,))
 
 
+def _check_slot_per_seq(function: str, state_arg: str, state, indices, num_seqs: int) -> None:
+    """Without cache indices sequence q uses slot q: the cache needs a slot each."""
+    if indices is None and shape_of(state)[0] < num_seqs:
+        fail(function, state_arg, f"has {shape_of(state)[0]} slots for {num_seqs} sequences "
+                                  f"(without cache indices sequence q uses slot q)")
+
+
 def check_conv_fn_args(*, x, weight, bias, conv_states, query_start_loc, cache_indices,
                        has_initial_state, block_idx_first_scheduled_token,
                        block_idx_last_scheduled_token, initial_state_idx, num_computed_tokens,
@@ -217,6 +225,7 @@ def check_conv_fn_args(*, x, weight, bias, conv_states, query_start_loc, cache_i
         as_int(function, "block_size_to_align", block_size_to_align, minimum=1)
     else:
         _check_per_seq(function, {"cache_indices": cache_indices}, num_seqs)
+    _check_slot_per_seq(function, "conv_states", conv_states, cache_indices, num_seqs)
     return conv_layout(num_tokens, weight, conv_states, query_start_loc, cache_indices,
                        silu=activation is not None, decode=False)
 
@@ -257,6 +266,7 @@ def check_conv_update_args(*, x, conv_state, weight, bias, conv_state_indices,
     if num_accepted_tokens is not None and qsl is None:
         fail(function, "num_accepted_tokens", "needs `query_start_loc` (speculative decoding "
                                               "feeds several tokens per sequence)")
+    _check_slot_per_seq(function, "conv_state", conv_state, conv_state_indices, num_seqs)
     return conv_layout(num_tokens, weight, conv_state, query_start_loc, conv_state_indices,
                        silu=activation is not None, decode=True)
 
