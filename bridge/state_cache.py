@@ -85,7 +85,7 @@ class MambaStateCache:
         import torch
 
         op = "MambaStateCache"
-        self.state_shapes = tuple(tuple(checks.as_int(op, "state_shapes", n, minimum=1) for n in shape)
+        self.state_shapes = tuple(tuple(checks.as_int(op, "state_shapes", n, minimum=0) for n in shape)
                                   for shape in state_shapes)
         self.names = tuple(names)
         if len(self.names) != len(self.state_shapes):
