@@ -60,6 +60,7 @@ import numpy as np
 from bridge.spec.checks import as_int, dtype_name, expect_dtype, expect_shape, fail, shape_of
 from bridge.spec.launch_config import clip_block
 from bridge.spec.ssu_contract import NULL_BLOCK_ID  # noqa: F401  (re-exported default pad slot)
+from bridge.spec.ssu_contract import check_num_accepted_tokens
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
@@ -285,14 +286,11 @@ def check_conv_index_values(function: str, layout: ConvLayout, values: Mapping[s
             fail(function, "query_start_loc", f"must rise from 0 to the {layout.num_tokens} "
                                               f"tokens, got {qsl.tolist()[:8]}")
         lengths = np.diff(qsl)
-    accepted = values.get("num_accepted_tokens")
-    if accepted is not None:
-        accepted = np.asarray(accepted, np.int64)
-        upper = np.minimum(layout.max_accepted, np.maximum(lengths, 1))
-        if ((accepted < 1) | (accepted > upper)).any():
-            fail(function, "num_accepted_tokens",
-                 f"must lie in [1, min(state_len - width + 2 = {layout.max_accepted}, tokens of "
-                 f"the sequence)], got {accepted.tolist()[:8]}")
+    if values.get("num_accepted_tokens") is not None:
+        # The history read starts at column accepted - 1 (the window must fit
+        # the state), and the state kept shifts by accepted (at most the step's tokens).
+        check_num_accepted_tokens(function, values["num_accepted_tokens"],
+                                  np.minimum(layout.max_accepted, np.maximum(lengths, 1)))
     picks = {arg: np.zeros(num_seqs, np.int64) if values.get(arg) is None
              else np.asarray(values[arg], np.int64)
              for arg in ("initial_state_idx", "block_idx_last_scheduled_token",
