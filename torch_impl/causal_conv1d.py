@@ -33,16 +33,10 @@ def _load_window(x_base, read_base, rows, columns, from_x, from_state, mask_d, s
     return tl.where(from_x[:, None], x.to(tl.float32), old.to(tl.float32))
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
-    "IS_VARLEN": lambda args: args["qsl_ptr"] is not None,
-    "HAS_INDICES": lambda args: args["idx_ptr"] is not None,
-    "HAS_INIT_FLAGS": lambda args: args["has_init_ptr"] is not None,
-    "IS_SPEC": lambda args: args["num_accepted_ptr"] is not None,
-    "HAS_READ_COL": lambda args: args["read_col_ptr"] is not None,
-    "HAS_WRITE_COL": lambda args: args["write_col_ptr"] is not None,
-    "HAS_BOUNDARIES": lambda args: args["first_block_ptr"] is not None,
-})
+@triton.heuristics(platform.given_flags(
+    HAS_BIAS="bias_ptr", IS_VARLEN="qsl_ptr", HAS_INDICES="idx_ptr", HAS_INIT_FLAGS="has_init_ptr",
+    IS_SPEC="num_accepted_ptr", HAS_READ_COL="read_col_ptr", HAS_WRITE_COL="write_col_ptr",
+    HAS_BOUNDARIES="first_block_ptr"))
 @triton.jit
 def _causal_conv1d_kernel(
     # arrays

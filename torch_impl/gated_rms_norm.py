@@ -15,8 +15,7 @@ import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
 import triton.language as tl  # noqa: E402
 
 
-@triton.heuristics({"HAS_Z": lambda args: args["z_ptr"] is not None,
-                    "HAS_WEIGHT": lambda args: args["w_ptr"] is not None})
+@triton.heuristics(platform.given_flags(HAS_Z="z_ptr", HAS_WEIGHT="w_ptr"))
 @triton.jit
 def _rms_norm_gated_kernel(
     x_ptr, z_ptr, w_ptr, out_ptr, group_size, eps,

@@ -82,3 +82,9 @@ def on_device(device: torch.device):
     (A ``torch.device`` context would also intercept every torch call inside
     it, a cost per call.)"""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def given_flags(**pointers: str) -> dict:
+    """``@triton.heuristics`` for optional operands: each flag (``HAS_Z=
+    "z_ptr"``) True when its pointer argument is given (not None)."""
+    return {flag: (lambda args, name=name: args[name] is not None) for flag, name in pointers.items()}
