@@ -162,17 +162,6 @@ def _selective_scan_kernel(
     store_state(write_slot, keep, h)
 
 
-def _int32(array):
-    """Index values as int32, the kernel's index type (x64 mode included);
-    int64 values saturate, so one out of range stays out of range."""
-    if array is None:
-        return None
-    if array.dtype == jnp.int64:
-        info = jnp.iinfo(jnp.int32)
-        array = jnp.clip(array, info.min, info.max)
-    return array.astype(jnp.int32)
-
-
 def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=None,
                       delta_softplus=False, query_start_loc=None, cache_indices=None,
                       has_initial_state=None, null_block_id=NULL_BLOCK_ID, block_size=1024,
@@ -217,7 +206,7 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
     operands = [
         lead(u), lead(delta), A, lead(grouped(B)), lead(grouped(C)), D,
         None if z is None else lead(z), delta_bias,
-        *map(_int32, (query_start_loc,
+        *map(platform.int32_indices, (query_start_loc,
                       None if cache_indices is None else cache_indices.reshape(len(cache_indices), -1),
                       has_initial_state, block_idx_first_scheduled_token,
                       block_idx_last_scheduled_token, initial_state_idx, cu_chunk_seqlen,

@@ -6,8 +6,6 @@ the unchecked contract: ``bridge.spec.selective_scan_contract``. Mirror:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from bridge.spec.selective_scan_contract import (
@@ -184,8 +182,8 @@ def _selective_scan_kernel(
         if HAS_D:
             y += D[:, None] * u
         if HAS_Z:
-            z = tl.load((z_ptr + seq * stride_z_seq + offs_d * stride_z_dim)[:, None] + toks[None, :] * stride_z_tok,
-                        mask=mask_dt, other=0.0).to(tl.float32)
+            z_rows = (z_ptr + seq * stride_z_seq + offs_d * stride_z_dim)[:, None]
+            z = tl.load(z_rows + toks[None, :] * stride_z_tok, mask=mask_dt, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         y = tl.where(ok, y, float("nan"))
         tl.store(out_rows + toks[None, :] * stride_out_tok, y.to(out_ptr.dtype.element_ty), mask=mask_dt)
@@ -210,11 +208,6 @@ def _seq_strides(tensor, varlen: bool, ndim: int) -> tuple:
     return tuple(strides)
 
 
-def _on_device(device):
-    """Triton launches on the current CUDA device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, cache_indices,
             has_initial_state, block_idx_first_scheduled_token, block_idx_last_scheduled_token,
             initial_state_idx, cu_chunk_seqlen, last_chunk_indices, delta_softplus: bool,
@@ -236,7 +229,7 @@ def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, ca
         cache_indices.stride(0), cache_indices.stride(1) if cache_indices.dim() == 2 else 0)
     tiles = scan_tiles(layout)
     grid = (triton.cdiv(layout.dim, tiles.block_d), layout.num_seqs)
-    with _on_device(u.device):
+    with platform.on_device(u.device):
         _selective_scan_kernel[grid](
             u, delta, A, B, C, D, z, delta_bias, out, states,
             query_start_loc, cache_indices, has_initial_state, block_idx_first_scheduled_token,

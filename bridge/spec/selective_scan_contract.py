@@ -239,8 +239,9 @@ def _check_arrays(signature) -> ScanLayout:
         _fail("cu_chunk_seqlen" if chunks is None else "last_chunk_indices",
               "is required with " + ("last_chunk_indices" if chunks is None else "cu_chunk_seqlen"))
     if chunks is not None:
-        if len(chunks) != 1 or chunks[0] < 1:
-            _fail("cu_chunk_seqlen", f"must be 1-D of length num_chunks + 1, got shape {chunks}")
+        if len(chunks) != 1 or chunks[0] < 2:
+            _fail("cu_chunk_seqlen", f"must be 1-D of length num_chunks + 1 (at least one chunk), "
+                                     f"got shape {chunks}")
         num_chunks = chunks[0] - 1
     return ScanLayout(varlen=varlen, num_seqs=num_seqs, num_tokens=num_tokens, dim=dim,
                       dstate=dstate, ngroups=ngroups, num_slots=num_slots, apc=apc,
