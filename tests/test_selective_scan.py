@@ -365,3 +365,34 @@ def test_no_tokens_is_a_no_op(side, rng):
     got_out, got_states = run(side, native(side, inputs), delta_softplus=True)
     assert got_out.shape == inputs["z"].shape == (6, 0)
     np.testing.assert_array_equal(got_states, inputs["ssm_states"])
+
+
+def test_per_head_state_layout(side, rng):
+    """ssm_states (slots, nheads, dim // nheads, dstate) is the (slots, dim,
+    dstate) cache seen per head."""
+    inputs = random_inputs(rng, dim=8)
+    inputs.update(cache_indices=np.array([1, 2, 3, 4], np.int32), has_initial_state=np.ones(4, bool))
+    want_out, want_states = scan_ref(**inputs, delta_softplus=True)
+    heads = dict(inputs, ssm_states=inputs["ssm_states"].reshape(9, 2, 4, 5))
+    got_out, got_states = run(side, native(side, heads), delta_softplus=True)
+    assert_close(got_out, want_out, "float32", "out")
+    assert_close(got_states.reshape(want_states.shape), want_states, "float32", "ssm_states")
+
+
+def test_torch_compile_fullgraph(rng):
+    """The torch op under torch.compile(fullgraph=True) matches eager (GPU only)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch.compile of Triton kernels needs a GPU")
+    from frameworks import TorchSide
+    from torch_impl.selective_scan import selective_scan_fn
+    side = TorchSide()
+    inputs, _ = apc_case(rng)
+    args = native(side, inputs)
+    options = dict(delta_softplus=True, block_size=4)
+    eager = run(side, args, **options)
+    compiled = torch.compile(lambda **a: selective_scan_fn(**a, **options), fullgraph=True)
+    args = {k: (v.clone() if v is not None and k in FLOAT_ARGS else v) for k, v in args.items()}
+    out = compiled(**args)
+    np.testing.assert_array_equal(side.numpy(out), eager[0])
+    np.testing.assert_array_equal(side.numpy(args["ssm_states"]), eager[1])

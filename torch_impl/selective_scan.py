@@ -18,16 +18,10 @@ import triton.language as tl  # noqa: E402
 MAX_GRID_Y = 2**16 - 1  # sequences are the grid's y axis
 
 
-@triton.heuristics({
-    "HAS_D": lambda args: args["D_ptr"] is not None,
-    "HAS_Z": lambda args: args["z_ptr"] is not None,
-    "HAS_DELTA_BIAS": lambda args: args["delta_bias_ptr"] is not None,
-    "IS_VARLEN": lambda args: args["query_start_loc_ptr"] is not None,
-    "HAS_CACHE_INDICES": lambda args: args["cache_indices_ptr"] is not None,
-    "HAS_INITIAL_STATE": lambda args: args["has_initial_state_ptr"] is not None,
-    "IS_APC": lambda args: args["block_idx_first_ptr"] is not None,
-    "HAS_CHUNKS": lambda args: args["cu_chunk_seqlen_ptr"] is not None,
-})
+@triton.heuristics(platform.given_flags(
+    HAS_D="D_ptr", HAS_Z="z_ptr", HAS_DELTA_BIAS="delta_bias_ptr", IS_VARLEN="query_start_loc_ptr",
+    HAS_CACHE_INDICES="cache_indices_ptr", HAS_INITIAL_STATE="has_initial_state_ptr",
+    IS_APC="block_idx_first_ptr", HAS_CHUNKS="cu_chunk_seqlen_ptr"))
 @triton.jit
 def _selective_scan_kernel(
     # pointers
