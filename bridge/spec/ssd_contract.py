@@ -28,7 +28,6 @@ prefix caching stores).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
@@ -83,11 +82,13 @@ def _shape(arg: str, array) -> Optional[tuple[int, ...]]:
     return checks.shape_of(array)
 
 
-def _rank(arg: str, array, ndim: int, names: str) -> tuple[int, ...]:
-    shape = _shape(arg, array)
+def _rank(arg: str, shape, ndim: int, names: str) -> tuple[int, ...]:
     if shape is None or len(shape) != ndim:
         _fail(arg, f"must be {ndim}-D ({names}), got shape {shape}")
     return shape
+
+
+REQUIRED_ARGS = ("x", "dt", "A", "B", "C") + INDEX_ARGS
 
 
 def check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, last_chunk_indices,
@@ -96,47 +97,38 @@ def check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, las
     """Check every shape and dtype (read from the arrays; None for an absent
     one) and the options; return the call's sizes. ``state_dtype`` is a
     dtype name. Raises ValueError naming the argument."""
-    chunk_size = checks.as_int(OP, "chunk_size", chunk_size, minimum=MIN_CHUNK_SIZE)
-    if chunk_size & (chunk_size - 1):
-        _fail("chunk_size", f"must be a power of two >= {MIN_CHUNK_SIZE}, got {chunk_size}")
-    T, H, P = _rank("x", x, 3, "num_tokens, nheads, headdim")
-    _, G, N = _rank("B", B, 3, "num_tokens, ngroups, dstate")
-    expect = functools.partial(checks.expect_shape, OP)
-    expect("B", _shape("B", B), (T, G, N))
-    if G < 1 or H % G:
-        _fail("B", f"has ngroups={G}, which must divide nheads={H}")
-    expect("C", _shape("C", C), (T, G, N))
-    expect("dt", _shape("dt", dt), (T, H))
-    expect("A", _shape("A", A), (H,))
-    if dt_bias is not None:
-        expect("dt_bias", _shape("dt_bias", dt_bias), (H,))
-    if D is not None:
-        expect("D", _shape("D", D), (H,), (H, P))
-    for arg, array in (("z", z), ("out", out)):
-        if array is not None:
-            expect(arg, _shape(arg, array), (T, H, P))
-
-    Q = _rank("cu_seqlens", cu_seqlens, 1, "num_seqs + 1")[0] - 1
-    if Q < 0:
-        _fail("cu_seqlens", "must hold num_seqs + 1 >= 1 offsets, got none")
-    K = _rank("cu_chunk_seqlens", cu_chunk_seqlens, 1, "num_chunks + 1")[0] - 1
-    if K < 0:
-        _fail("cu_chunk_seqlens", "must hold num_chunks + 1 >= 1 offsets, got none")
-    expect("seq_idx", _shape("seq_idx", seq_idx), (K,))
-    expect("last_chunk_indices", _shape("last_chunk_indices", last_chunk_indices), (Q,))
-    if initial_states is not None:
-        expect("initial_states", _shape("initial_states", initial_states), (Q, H, P, N))
-
     arrays = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
                   initial_states=initial_states, cu_seqlens=cu_seqlens,
                   cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,
                   last_chunk_indices=last_chunk_indices)
+    shape = {arg: _shape(arg, array) for arg, array in arrays.items()}
+    chunk_size = checks.as_int(OP, "chunk_size", chunk_size, minimum=MIN_CHUNK_SIZE)
+    if chunk_size & (chunk_size - 1):
+        _fail("chunk_size", f"must be a power of two >= {MIN_CHUNK_SIZE}, got {chunk_size}")
+    T, H, P = _rank("x", shape["x"], 3, "num_tokens, nheads, headdim")
+    _, G, N = _rank("B", shape["B"], 3, "num_tokens, ngroups, dstate")
+    if G < 1 or H % G:
+        _fail("B", f"has ngroups={G}, which must divide nheads={H}")
+    Q = _rank("cu_seqlens", shape["cu_seqlens"], 1, "num_seqs + 1")[0] - 1
+    K = _rank("cu_chunk_seqlens", shape["cu_chunk_seqlens"], 1, "num_chunks + 1")[0] - 1
+    for arg, count in (("cu_seqlens", Q), ("cu_chunk_seqlens", K)):
+        if count < 0:
+            _fail(arg, "must hold at least one offset (0), got none")
+    allowed_shapes = dict(
+        B=[(T, G, N)], C=[(T, G, N)], dt=[(T, H)], A=[(H,)], dt_bias=[(H,)], D=[(H,), (H, P)],
+        z=[(T, H, P)], out=[(T, H, P)], seq_idx=[(K,)], last_chunk_indices=[(Q,)],
+        initial_states=[(Q, H, P, N)])
+    for arg, allowed in allowed_shapes.items():
+        if shape[arg] is not None or arg in REQUIRED_ARGS:
+            checks.expect_shape(OP, arg, shape[arg], *allowed)
+
+    dtype = {arg: checks.dtype_name(array) for arg, array in arrays.items()}
     for arg in FLOAT_ARGS:
-        checks.expect_dtype(OP, arg, checks.dtype_name(arrays[arg]), FLOAT_DTYPES)
+        checks.expect_dtype(OP, arg, dtype[arg], FLOAT_DTYPES)
     for arg in INDEX_ARGS:
-        checks.expect_dtype(OP, arg, checks.dtype_name(arrays[arg]), INDEX_DTYPES)
-    if checks.dtype_name(C) != checks.dtype_name(B):
-        _fail("C", f"has dtype {checks.dtype_name(C)} but `B` has {checks.dtype_name(B)}")
+        checks.expect_dtype(OP, arg, dtype[arg], INDEX_DTYPES)
+    if dtype["C"] != dtype["B"]:
+        _fail("C", f"has dtype {dtype['C']} but `B` has {dtype['B']}")
     if state_dtype is not None:
         checks.expect_dtype(OP, "state_dtype", state_dtype, FLOAT_DTYPES)
     try:
@@ -148,7 +140,7 @@ def check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, las
 
     return SsdLayout(num_tokens=T, nheads=H, headdim=P, ngroups=G, dstate=N, num_seqs=Q,
                      num_chunks=K, chunk_size=chunk_size,
-                     D_per_head=D is not None and len(D.shape) == 1)
+                     D_per_head=shape["D"] is not None and len(shape["D"]) == 1)
 
 
 def check_chunk_metadata_values(layout: SsdLayout, *, cu_seqlens, cu_chunk_seqlens, seq_idx,
