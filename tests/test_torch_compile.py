@@ -16,7 +16,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="inductor and CUDA graphs need 
 DEVICE = torch_impl.platform.default_device()
 S, H, P, N, G = 6, 4, 16, 16, 2          # slots, heads, headdim, dstate, groups
 CONV_DIM, WIDTH, HIDDEN = 32, 4, 32
-CHUNK, PREFILL_LENS = 8, (10, 14)
+CHUNK, PREFILL_LENS = 16, (20, 28)
 
 
 def _tensors(rng):

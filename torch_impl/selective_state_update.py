@@ -95,7 +95,6 @@ def _store_state(ptrs, state, mask, seed_ptr, token, head, nheads, offs_m, offs_
     "IS_SPEC_DECODING": lambda args: args["num_accepted_ptr"] is not None,
     "IS_VARLEN": lambda args: args["cu_seqlens_ptr"] is not None,
     "STOCHASTIC_ROUNDING": lambda args: args["seed_ptr"] is not None,
-    "BLOCK_SIZE_DSTATE": lambda args: triton.next_power_of_2(args["dstate"]),
 })
 @triton.jit
 def _selective_state_update_kernel(
@@ -299,7 +298,7 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
             *_strides(D, 2, 0, three_d), *_strides(z, 3, 1, three_d),
             *_strides(out, 3, 1, three_d), *_strides(src, 2, 1, False), *_strides(dst, 2, 1, False),
             DT_SOFTPLUS=dt_softplus, TIE_HDIM=tie_hdim, PHILOX_ROUNDS=philox_rounds,
-            BLOCK_SIZE_M=block_size_m, num_warps=num_warps)
+            BLOCK_SIZE_M=block_size_m, BLOCK_SIZE_DSTATE=triton.next_power_of_2(N), num_warps=num_warps)
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
