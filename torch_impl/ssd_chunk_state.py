@@ -76,7 +76,7 @@ def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=
     block_h = clip_block(nheads, config.BLOCK_SIZE_H)
     grid = (num_chunks, triton.cdiv(nheads, block_h))
     launch(
-        _chunk_cumsum_kernel, grid, config, dt.device,
+        _chunk_cumsum_kernel, grid, config,
         dt, A, dt_bias, cu_chunk_seqlens, dA_cumsum, dt_out,
         num_tokens, nheads, float(dt_limit[0]), float(dt_limit[1]),
         *dt.stride(), *A.stride(), *platform.strides(dt_bias, 1), *dA_cumsum.stride(),

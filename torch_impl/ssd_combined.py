@@ -20,6 +20,7 @@ from torch_impl import platform
 from torch_impl.ssd_bmm import bmm_chunk
 from torch_impl.ssd_chunk_scan import chunk_scan
 from torch_impl.ssd_chunk_state import chunk_cumsum, chunk_state
+from torch_impl.ssd_common import on_device
 from torch_impl.ssd_state_passing import state_passing
 
 
@@ -48,16 +49,17 @@ def _chunk_scan_op(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_se
         out.fill_(math.nan)
         rows = num_chunks if return_intermediate_states else num_seqs
         return torch.full(_states_shape(x, B, rows), math.nan, dtype=state_dtype, device=x.device)
-    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
-                                     dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max))
-    chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
-    end_states, states = state_passing(
-        chunk_states, dA_cumsum, seq_idx, num_seqs, initial_states=initial_states,
-        return_intermediate_states=return_intermediate_states, state_dtype=state_dtype,
-        end_states_dtype=C.dtype)
-    CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
-    chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
-               D=D, z=z, initial_states=initial_states, out=out)
+    with on_device(x.device):
+        dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
+                                         dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max))
+        chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
+        end_states, states = state_passing(
+            chunk_states, dA_cumsum, seq_idx, num_seqs, initial_states=initial_states,
+            return_intermediate_states=return_intermediate_states, state_dtype=state_dtype,
+            end_states_dtype=C.dtype)
+        CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
+        chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
+                   D=D, z=z, initial_states=initial_states, out=out)
     return states
 
 

@@ -26,11 +26,14 @@ def launch_config(stage: str, device: torch.device) -> StageConfig:
     return SSD_CONFIGS.get(stage, platform.device_name(device))
 
 
-def launch(kernel, grid, config: StageConfig, device: torch.device, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)`` on ``device`` (made current: Triton
-    launches on the current CUDA device) with the config's warps and stages."""
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[grid](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+def on_device(device: torch.device):
+    """Make ``device`` current (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid, config: StageConfig, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` with the config's warps and stages."""
+    kernel[grid](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def launch_tiles(kernel, stage: str, device: torch.device, grid, size_m: int, size_n: int,
@@ -40,7 +43,7 @@ def launch_tiles(kernel, stage: str, device: torch.device, grid, size_m: int, si
     as BLOCK_SIZE_M/N/K; ``grid(num_tiles)`` places the tile axis."""
     config = launch_config(stage, device)
     block_m, block_n, num_tiles = tile_sizes(config, size_m, size_n)
-    launch(kernel, grid(num_tiles), config, device, *args, BLOCK_SIZE_M=block_m,
+    launch(kernel, grid(num_tiles), config, *args, BLOCK_SIZE_M=block_m,
            BLOCK_SIZE_N=block_n, BLOCK_SIZE_K=clip_block(size_k, config.BLOCK_SIZE_K), **meta)
 
 

@@ -114,7 +114,7 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
     block_n = clip_block(dstate, config.BLOCK_SIZE_N)
     grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
     launch(
-        _state_passing_kernel, grid, config, chunk_states.device,
+        _state_passing_kernel, grid, config,
         chunk_states, dA_cumsum, seq_idx, initial_states, end_states, states,
         num_chunks, num_seqs, headdim, dstate,
         *chunk_states.stride(), *dA_cumsum.stride(), *platform.strides(initial_states, 4),
