@@ -45,7 +45,7 @@ def metadata_to_device(metadata: Mamba2Metadata, device) -> Mamba2Metadata:
     return metadata.map_arrays(lambda array: torch.as_tensor(array, device=device))
 
 
-@triton.heuristics({"HAS_SRC_ROWS": lambda args: args["src_rows_ptr"] is not None})
+@triton.heuristics(platform.given_flags(HAS_SRC_ROWS="src_rows_ptr"))
 @triton.jit
 def _scatter_states_kernel(dst_ptr, src_ptr, dst_rows_ptr, src_rows_ptr, num_dst, num_src, row_size,
                            stride_dst, stride_src, null_id, BLOCK: tl.constexpr,
