@@ -70,21 +70,18 @@ def tile_origin(pid, size_n: int, block_size_m: int, block_size_n: int):
 
 def chunk_bounds(cu_chunk_ref, chunk, num_tokens: int, chunk_size: int):
     """``(start, length, valid)`` of chunk ``chunk``: its token range clipped
-    to [0, num_tokens) and to ``chunk_size`` tokens (int32), so that no
-    metadata value leads a load or store outside the token rows; ``valid``
-    is False when clipping changed the range. Compared in the metadata's own
-    dtype, so that no int64 value wraps into range."""
+    to [0, num_tokens) and to ``chunk_size`` tokens, so that no metadata
+    value leads a load or store outside the token rows; ``valid`` is False
+    when clipping changed the range."""
     raw_start, raw_end = cu_chunk_ref[chunk], cu_chunk_ref[chunk + 1]
     start = jnp.clip(raw_start, 0, num_tokens)
     end = jnp.clip(raw_end, start, jnp.minimum(start + chunk_size, num_tokens))
-    valid = (raw_start == start) & (raw_end == end)
-    return start.astype(jnp.int32), (end - start).astype(jnp.int32), valid
+    return start, end - start, (raw_start == start) & (raw_end == end)
 
 
 def sequence_of(seq_idx_ref, chunk, num_seqs: int):
     """``(seq, row, valid)`` of chunk ``chunk``: its ``seq_idx`` value, that
-    value clamped to a row in [0, num_seqs) (int32; no negative wraparound),
-    and whether it was in range."""
+    value clamped to a row in [0, num_seqs) (no negative wraparound), and
+    whether it was in range."""
     seq = seq_idx_ref[chunk]
-    row = jnp.clip(seq, 0, max(num_seqs - 1, 0)).astype(jnp.int32)
-    return seq, row, (seq >= 0) & (seq < num_seqs)
+    return seq, jnp.clip(seq, 0, max(num_seqs - 1, 0)), (seq >= 0) & (seq < num_seqs)
