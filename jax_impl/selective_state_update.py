@@ -31,26 +31,11 @@ from jax_impl import platform
 
 SSU_CONFIGS = lc.LaunchConfigTable(
     "pallas", "selective_state_update", Path(__file__).parent / "configs",
-    lc.default_ssu_launch_config)
-
-
-def get_ssm_config_file_name(headdim: int, dstate: int, cache_dtype: str, device_name: str) -> str:
-    return lc.config_file_name(headdim, dstate, cache_dtype, device_name)
-
-
-def get_ssm_configs(headdim: int, dstate: int, cache_dtype: str, device_name: str | None = None):
-    """Tuned {effective_batch: {"BLOCK_SIZE_M", "num_warps"}} for this GPU, or None."""
-    return SSU_CONFIGS.get_configs(headdim, dstate, cache_dtype, device_name or platform.device_name())
-
-
-def try_get_optimal_ssm_config(headdim: int, dstate: int, batch: int, nheads: int,
-                               cache_dtype: str, is_blackwell: bool = False,
-                               device_name: str | None = None) -> tuple[int, int]:
-    """(BLOCK_SIZE_M, num_warps) keyed by effective batch = batch * nheads."""
-    return SSU_CONFIGS.lookup(headdim, dstate, batch, nheads, cache_dtype,
-                              device_name or platform.device_name(), is_blackwell)
-
-
+    lc.default_ssu_launch_config, platform.device_name)
+# vLLM's names for the lookups.
+get_ssm_config_file_name = lc.config_file_name
+get_ssm_configs = SSU_CONFIGS.get_configs
+try_get_optimal_ssm_config = SSU_CONFIGS.lookup
 override_ssm_config = SSU_CONFIGS.override
 
 _PHILOX_KEY_A, _PHILOX_KEY_B = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
@@ -291,8 +276,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     dst = as_columns(dst_state_batch_indices) if dst_state_batch_indices is not None else src
     seed = (jnp.asarray(rounding_seed, dtype=jnp.uint32).reshape(1)
             if enable_stochastic_rounding else None)
-    block_size_m, num_warps = try_get_optimal_ssm_config(
-        P, N, layout.num_seqs, H, str(state.dtype), is_blackwell, platform.device_name())
+    block_size_m, num_warps = SSU_CONFIGS.lookup(P, N, layout.num_seqs, H, str(state.dtype), is_blackwell)
     kernel = functools.partial(
         _selective_state_update_kernel, null_block_id=null_block_id, num_slots=layout.num_slots,
         num_tokens=T, index_columns=layout.index_columns, nheads=H, dim=P, dstate=N,

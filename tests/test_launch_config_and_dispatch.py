@@ -49,6 +49,24 @@ def test_user_folder_nearest_effective_batch(side, monkeypatch, tmp_path):
             pass
 
 
+def test_lookup_touches_the_file_system_once_per_key(side, monkeypatch, tmp_path):
+    """The eager hot path: after a key's first lookup, no file is looked for;
+    a new user folder is a new key."""
+    import pathlib
+    monkeypatch.setenv(TUNED_CONFIG_FOLDER_ENV, str(tmp_path))
+    lookup = side.impl.try_get_optimal_ssm_config
+    first = lookup(64, 32, 3, 8, "float16", device_name="Cache GPU")
+
+    def no_file_system(self):
+        raise AssertionError(f"file-system work on a cached lookup: {self}")
+
+    monkeypatch.setattr(pathlib.Path, "exists", no_file_system)
+    assert lookup(64, 32, 3, 8, "float16", device_name="Cache GPU") == first
+    monkeypatch.setenv(TUNED_CONFIG_FOLDER_ENV, str(tmp_path / "other"))
+    with pytest.raises(AssertionError, match="file-system work"):
+        lookup(64, 32, 3, 8, "float16", device_name="Cache GPU")
+
+
 def test_pinned_config_gives_the_same_result(side, rng):
     """A non-default block size (several programs per head, masked tail)
     computes the same thing."""

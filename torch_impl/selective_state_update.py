@@ -29,27 +29,11 @@ import triton.language as tl  # noqa: E402
 
 SSU_CONFIGS = lc.LaunchConfigTable(
     "triton", "selective_state_update", Path(__file__).parent / "configs",
-    lc.default_ssu_launch_config)
-
-
-def get_ssm_config_file_name(headdim: int, dstate: int, cache_dtype: str, device_name: str) -> str:
-    return lc.config_file_name(headdim, dstate, cache_dtype, device_name)
-
-
-def get_ssm_configs(headdim: int, dstate: int, cache_dtype: str, device_name: str | None = None):
-    """Tuned {effective_batch: {"BLOCK_SIZE_M", "num_warps"}} for this GPU, or None."""
-    device_name = device_name or platform.device_name(platform.default_device())
-    return SSU_CONFIGS.get_configs(headdim, dstate, cache_dtype, device_name)
-
-
-def try_get_optimal_ssm_config(headdim: int, dstate: int, batch: int, nheads: int,
-                               cache_dtype: str, is_blackwell: bool = False,
-                               device_name: str | None = None) -> tuple[int, int]:
-    """(BLOCK_SIZE_M, num_warps) keyed by effective batch = batch * nheads."""
-    device_name = device_name or platform.device_name(platform.default_device())
-    return SSU_CONFIGS.lookup(headdim, dstate, batch, nheads, cache_dtype, device_name, is_blackwell)
-
-
+    lc.default_ssu_launch_config, lambda: platform.device_name(platform.default_device()))
+# vLLM's names for the lookups.
+get_ssm_config_file_name = lc.config_file_name
+get_ssm_configs = SSU_CONFIGS.get_configs
+try_get_optimal_ssm_config = SSU_CONFIGS.lookup
 override_ssm_config = SSU_CONFIGS.override
 MAX_GRID_Z = 2**16 - 1  # sequences are the grid's z axis
 
@@ -285,7 +269,7 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
     dst = src if dst is None else dst
     index_columns = 1 if src is None or src.dim() == 1 else src.shape[1]
     block_size_m, num_warps = SSU_CONFIGS.lookup(
-        P, N, num_seqs, H, _DTYPE_NAMES[state.dtype], platform.device_name(state.device), is_blackwell)
+        P, N, num_seqs, H, _DTYPE_NAMES[state.dtype], is_blackwell, platform.device_name(state.device))
     grid = (triton.cdiv(P, block_size_m), H, num_seqs)
     with _on_device(state.device):
         _selective_state_update_kernel[grid](

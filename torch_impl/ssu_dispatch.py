@@ -1,10 +1,12 @@
 """Backend dispatch for the state update (vLLM's ``ssu_dispatch``):
 ``triton`` (this package's kernel), ``reference`` (torch ops, float32 math)
 and ``flashinfer`` (when that package is installed). Every backend takes
-``torch_impl.selective_state_update``'s arguments, forwarded by keyword.
+``torch_impl.selective_state_update``'s arguments, forwarded as given.
 Mirror: ``jax_impl/ssu_dispatch.py``."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -14,23 +16,10 @@ from torch_impl import reference
 from torch_impl.selective_state_update import selective_state_update as triton_selective_state_update
 
 _REGISTRY = BackendRegistry("Mamba SSU")
-
-
-@_REGISTRY.register("triton")
-class TritonSSUBackend(MambaSSUBackend):
-    name = "triton"
-
-    def __call__(self, *args, **kwargs):
-        return triton_selective_state_update(*args, **kwargs, **self.rounding)
-
-
-@_REGISTRY.register("reference")
-class ReferenceSSUBackend(MambaSSUBackend):
-    name = "reference"
-    has_stochastic_rounding = False
-
-    def __call__(self, *args, is_blackwell=False, validate_indices=None, **kwargs):
-        return reference.selective_state_update_torch_ops(*args, **kwargs, compute_dtype=torch.float32)
+_REGISTRY.register_function("triton", triton_selective_state_update)
+_REGISTRY.register_function(
+    "reference", functools.partial(reference.selective_state_update_torch_ops, compute_dtype=torch.float32),
+    has_stochastic_rounding=False)
 
 
 @_REGISTRY.register("flashinfer")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 
@@ -35,6 +36,27 @@ class MambaSSUBackend:
             cache_philox_rounds=mamba_config.stochastic_rounding_philox_rounds)
 
 
+# Options of the kernels that a reference function does not take.
+KERNEL_ONLY_OPTIONS = ("is_blackwell", "validate_indices", "rounding_seed")
+
+
+class FunctionBackend(MambaSSUBackend):
+    """A backend that calls ``function``: a kernel with the config's rounding
+    options, or a reference (``has_stochastic_rounding=False``) without the
+    kernel-only options."""
+
+    def __init__(self, mamba_config: MambaConfig, *, name: str, function: Callable,
+                 has_stochastic_rounding: bool):
+        self.name, self.has_stochastic_rounding = name, has_stochastic_rounding
+        self._function = function
+        super().__init__(mamba_config)
+
+    def __call__(self, *args, **kwargs):
+        if self.has_stochastic_rounding:
+            return self._function(*args, **kwargs, **self.rounding)
+        return self._function(*args, **{k: v for k, v in kwargs.items() if k not in KERNEL_ONLY_OPTIONS})
+
+
 class BackendRegistry:
     """Maps backend names to factories ``factory(mamba_config) -> backend``
     and holds the one initialized backend of a framework."""
@@ -50,6 +72,13 @@ class BackendRegistry:
             return factory
 
         return decorate
+
+    def register_function(self, name: str, function: Callable, *,
+                          has_stochastic_rounding: bool = True) -> None:
+        """Register ``function`` as the backend ``name`` (a ``FunctionBackend``)."""
+        self._factories[name] = functools.partial(
+            FunctionBackend, name=name, function=function,
+            has_stochastic_rounding=has_stochastic_rounding)
 
     @property
     def names(self) -> list[str]:

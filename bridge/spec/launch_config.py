@@ -66,14 +66,16 @@ def default_ssu_launch_config(dstate: int, is_blackwell: bool) -> LaunchConfig:
 
 
 class LaunchConfigTable:
-    """Config lookup for one (backend, op) pair, e.g. ("triton", "selective_state_update")."""
+    """Config lookup for one (backend, op) pair, e.g. ("triton", "selective_state_update").
+    ``device_name()`` names the current GPU for lookups that name none."""
 
     def __init__(self, backend: str, op: str, bundled_dir: Path,
-                 default: Callable[[int, bool], LaunchConfig]):
+                 default: Callable[[int, bool], LaunchConfig], device_name: Callable[[], str]):
         self.backend = backend
         self.op = op
         self.bundled_dir = Path(bundled_dir)
         self._default = default
+        self._device_name = device_name
         self._override: LaunchConfig | None = None
         self._cache: dict[tuple, LaunchConfig] = {}
 
@@ -86,19 +88,22 @@ class LaunchConfigTable:
         return paths
 
     def get_configs(self, headdim: int, dstate: int, cache_dtype: str,
-                    device_name: str) -> dict[int, dict] | None:
-        """Tuned configs keyed by effective batch, or None when no file exists."""
+                    device_name: str | None = None) -> dict[int, dict] | None:
+        """Tuned {effective_batch: {"BLOCK_SIZE_M", "num_warps"}} for this GPU, or None."""
         file_name = config_file_name(
-            headdim, dstate, canonical_cache_dtype(cache_dtype), device_name_key(device_name))
+            headdim, dstate, canonical_cache_dtype(cache_dtype),
+            device_name_key(device_name or self._device_name()))
         return _read_first(tuple(self.search_paths(file_name)))
 
-    def lookup(self, headdim: int, dstate: int, batch: int, nheads: int,
-               cache_dtype: str, device_name: str, is_blackwell: bool = False) -> LaunchConfig:
-        """(BLOCK_SIZE_M, num_warps): the override, else the tuned entry of the
-        nearest effective batch, else the heuristic. Cached per shape key and
-        user folder: no file-system work after a key's first call."""
+    def lookup(self, headdim: int, dstate: int, batch: int, nheads: int, cache_dtype: str,
+               is_blackwell: bool = False, device_name: str | None = None) -> LaunchConfig:
+        """(BLOCK_SIZE_M, num_warps) keyed by effective batch = batch * nheads:
+        the override, else the tuned entry of the nearest effective batch, else
+        the heuristic. Cached per shape key and user folder: no file-system
+        work after a key's first call."""
         if self._override is not None:
             return self._override
+        device_name = device_name or self._device_name()
         key = (headdim, dstate, batch * nheads, cache_dtype, device_name, is_blackwell,
                os.environ.get(TUNED_CONFIG_FOLDER_ENV))
         config = self._cache.get(key)
