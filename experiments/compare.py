@@ -12,7 +12,8 @@ in the same run.
   TFLOP/s shown as a fraction of the measured bf16 matmul rate;
 - bridge: the rows of ``experiments.bench_bridge.run(quick)``;
 - mixer: the rows of ``experiments.bench_mixer.run(quick)``;
-- host: the torch ops' eager host cost, ``experiments.bench_host.run(quick)``.
+- host: the torch ops' eager host cost, ``experiments.bench_host.run(quick)``;
+- selective_scan: Mamba-1's prefill scan, ``experiments.bench_selective_scan.run(quick)``.
 An op whose module is absent is skipped (and the record says so).
 
 Writes FILE.json (environment, command, ceilings, every row), FILE.md (the
@@ -43,7 +44,8 @@ __all__ = ["RESULTS", "environment", "main"]
 
 SSU_OP = "selective_state_update"
 BENCH_MODULES = {"chunked_scan": "experiments.bench_ssd", "bridge": "experiments.bench_bridge",
-                 "mixer": "experiments.bench_mixer", "host": "experiments.bench_host"}
+                 "mixer": "experiments.bench_mixer", "host": "experiments.bench_host",
+                 "selective_scan": "experiments.bench_selective_scan"}
 OPS = ("state_update", *BENCH_MODULES)
 
 # (batches, timing repeats, copy bytes, matmul n) per (on a GPU, quick)
@@ -174,7 +176,8 @@ def markdown(record: dict, op_rows: dict[str, list[dict]], plot_files: list[Path
         lines += ["No GPU: the kernels ran in the Triton / Pallas interpreters; "
                   "the times are interpreter times and say nothing about GPU speed.", ""]
     titles = dict(state_update="State update", chunked_scan="Chunked scan", bridge="Bridge",
-                  mixer="Mixer forward (torch vs Flax)")
+                  mixer="Mixer forward (torch vs Flax)", host="Host cost of the eager torch ops",
+                  selective_scan="Mamba-1 selective scan")
     group_keys = dict(state_update=("batch",), chunked_scan=("tokens", "layout"))
     for op, rows in op_rows.items():
         if not rows:

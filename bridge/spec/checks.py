@@ -7,6 +7,8 @@ import numbers
 import os
 from typing import NoReturn, Optional, Sequence
 
+import numpy as np
+
 Shape = Optional[Sequence[int]]
 
 
@@ -60,10 +62,15 @@ def dtype_name(array) -> Optional[str]:
     """'float32', 'bfloat16', ... for a torch / jax / numpy array, None for an absent one."""
     if array is None:
         return None
-    name = _DTYPE_NAMES.get(array.dtype)
-    if name is None:  # str() of a torch dtype costs microseconds: once per dtype
-        name = _DTYPE_NAMES[array.dtype] = str(array.dtype).removeprefix("torch.")
+    dtype = array.dtype
+    if isinstance(dtype, np.dtype):  # numpy and JAX
+        return dtype.name
+    # torch: str() of a dtype costs microseconds, so once per dtype. The cache
+    # holds torch dtypes only: torch.compile cannot trace a dict with numpy keys.
+    name = _TORCH_DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _TORCH_DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
     return name
 
 
-_DTYPE_NAMES: dict = {}
+_TORCH_DTYPE_NAMES: dict = {}
