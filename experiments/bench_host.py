@@ -30,11 +30,13 @@ import torch_impl  # before triton: interpreter mode on CPU
 import torch
 
 from bridge.spec.ssd_contract import chunk_metadata
+from experiments.shapes import CPU_HEADS, CPU_SSD, MAMBA2_2P7B_HEADS, MAMBA2_2P7B_SSD, PREFILL_TOKENS
 from experiments.timing import ON_GPU, time_torch
 
 ANCHOR_ENV = "MAMBA_SSM_ANCHOR"
-SSU_SHAPE = dict(nheads=80, headdim=64, dstate=128) if ON_GPU else dict(nheads=2, headdim=16, dstate=16)
-SSD_TOKENS = 4096 if ON_GPU else 32
+SSU_SHAPE = MAMBA2_2P7B_HEADS if ON_GPU else CPU_HEADS
+SSD_SHAPE = MAMBA2_2P7B_SSD if ON_GPU else CPU_SSD
+SSD_TOKENS = PREFILL_TOKENS[0] if ON_GPU else 2 * CPU_SSD["chunk_size"]
 
 
 def stream_seconds(fn, calls: int, samples: int) -> float:
@@ -107,7 +109,7 @@ def ssu_rows(quick: bool) -> list[dict]:
 def ssd_rows(quick: bool) -> list[dict]:
     device = torch_impl.platform.default_device()
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    H, P, N, chunk = (80, 64, 128, 256) if ON_GPU else (2, 16, 16, 16)
+    H, P, N, chunk = (SSD_SHAPE[k] for k in ("nheads", "headdim", "dstate", "chunk_size"))
     T = SSD_TOKENS
     gen = torch.Generator().manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
