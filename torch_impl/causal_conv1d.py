@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from bridge.spec.conv_contract import (
-    INDEX_ARGS, NULL_BLOCK_ID, check_conv_fn_args, check_conv_index_values,
-    check_conv_update_args, conv_layout, conv_tiles)
+    INDEX_ARGS, NULL_BLOCK_ID, PREFIX_CACHING_ARGS, check_conv_fn_args, check_conv_fn_grad,
+    check_conv_index_values, check_conv_update_args, conv_bwd_block_w, conv_layout, conv_tiles,
+    stateless_states_shape)
 from torch_impl import platform
 
 import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
@@ -172,6 +173,155 @@ def _causal_conv1d_kernel(
              mask=(in_state & keep)[:, None] & mask_d[None, :])
 
 
+
+@triton.jit
+def _dacc(x_base, read_base, dout_base, w_ptr, bias, t, seqlen, has_history, mask_d, offs_d,
+          state_len, stride_x_tok, stride_s_pos, stride_do_tok, stride_w_dim, stride_w_tap,
+          WIDTH: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(len(t), BLOCK_D) float32: d(pre-activation) at tokens ``t`` of the
+    sequence (0 outside it), the forward's sum recomputed."""
+    in_seq = (t >= 0) & (t < seqlen)
+    dout = tl.load(dout_base[None, :] + tl.where(in_seq, t, 0)[:, None] * stride_do_tok,
+                   mask=in_seq[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    if SILU:
+        acc = tl.zeros(dout.shape, dtype=tl.float32)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        for k in tl.static_range(WIDTH):
+            pos = t + (k - (WIDTH - 1))
+            value = _load_window(x_base, read_base, pos, (WIDTH - 1) + pos,
+                                 in_seq & (pos >= 0), in_seq & (pos < 0) & has_history, mask_d,
+                                 state_len, stride_x_tok, stride_s_pos)
+            weight = tl.load(w_ptr + offs_d * stride_w_dim + k * stride_w_tap,
+                             mask=mask_d, other=0.0).to(tl.float32)
+            acc += value * weight[None, :]
+        sig = tl.sigmoid(acc)
+        dout = dout * sig * (1.0 + acc * (1.0 - sig))
+    return dout
+
+
+@triton.jit
+def _dwindow(x_base, read_base, dout_base, dnew_base, w_ptr, bias, p, seqlen, has_history, keep,
+             mask_d, offs_d, state_len, stride_x_tok, stride_s_pos, stride_do_tok, stride_dn_pos,
+             stride_w_dim, stride_w_tap, WIDTH: tl.constexpr, SILU: tl.constexpr,
+             HAS_BIAS: tl.constexpr, HAS_DNEW: tl.constexpr):
+    """(len(p), BLOCK_D) float32: the gradient of window position ``p`` (< 0:
+    history) through the outputs and, with HAS_DNEW, the new state."""
+    grad = tl.zeros((p.shape[0], offs_d.shape[0]), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        weight = tl.load(w_ptr + offs_d * stride_w_dim + k * stride_w_tap,
+                         mask=mask_d, other=0.0).to(tl.float32)
+        grad += weight[None, :] * _dacc(
+            x_base, read_base, dout_base, w_ptr, bias, p + (WIDTH - 1 - k), seqlen, has_history,
+            mask_d, offs_d, state_len, stride_x_tok, stride_s_pos, stride_do_tok, stride_w_dim,
+            stride_w_tap, WIDTH, SILU, HAS_BIAS)
+    if HAS_DNEW:
+        # new_state[r] = window[r + seqlen - (W - 1)], r < W - 1, when the state is written
+        r = p - seqlen + (WIDTH - 1)
+        in_new = keep & (r >= 0) & (r < WIDTH - 1)
+        grad += tl.load(dnew_base[None, :] + tl.where(in_new, r, 0)[:, None] * stride_dn_pos,
+                        mask=in_new[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    return grad
+
+
+@triton.heuristics(platform.given_flags(
+    HAS_BIAS="bias_ptr", HAS_INDICES="idx_ptr", HAS_INIT_FLAGS="has_init_ptr", HAS_DNEW="dnew_ptr"))
+@triton.jit
+def _causal_conv1d_fn_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, has_init_ptr, dout_ptr, dnew_ptr,
+    dx_ptr, dw_ptr, db_ptr, dstate_ptr,
+    dim, num_tokens, num_slots, state_len, pad_slot_id,
+    stride_x_tok, stride_x_dim, stride_w_dim, stride_w_tap, stride_bias,
+    stride_s_slot, stride_s_dim, stride_s_pos, stride_idx,
+    stride_do_tok, stride_do_dim, stride_dn_slot, stride_dn_dim, stride_dn_pos,
+    stride_dx_tok, stride_dx_dim, stride_ds_slot, stride_ds_dim, stride_ds_pos,
+    WIDTH: tl.constexpr, SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INDICES: tl.constexpr, HAS_INIT_FLAGS: tl.constexpr,
+    HAS_DNEW: tl.constexpr,
+):
+    """The training form's backward (no prefix caching). Grid (num_seqs,
+    cdiv(dim, BLOCK_D)): one program computes one sequence's dx and history
+    gradient for a block of channels, and its dweight (num_seqs, W, dim) and
+    dbias (num_seqs, dim) partials (zero for padding; NaN, with NaN dx, for a
+    sequence whose indices break the contract). dx starts zeroed and dstate
+    as d(new states): the state columns a sequence overwrote get the history
+    gradient (0 without initial state); columns it left pass through."""
+    seq = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    bos = tl.load(qsl_ptr + seq).to(tl.int64)
+    eos = tl.load(qsl_ptr + seq + 1).to(tl.int64)
+    ok = (bos >= 0) & (bos <= eos) & (eos <= num_tokens)
+    bos = tl.minimum(tl.maximum(bos, 0), num_tokens)
+    seqlen = tl.minimum(tl.maximum(eos, bos), num_tokens) - bos
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + seq * stride_idx).to(tl.int64)
+        padding = slot == pad_slot_id
+        ok = ok & (slot >= 0) & (slot < num_slots)
+    else:
+        slot = seq
+        padding = seq < 0  # False, as a tensor
+        ok = ok & (seq < num_slots)
+    active = ok & ~padding
+    poison = ~ok & ~padding
+    if HAS_INIT_FLAGS:
+        has_history = active & (tl.load(has_init_ptr + seq) != 0)
+    else:
+        has_history = active & False
+    slot = tl.where(active, slot, 0)
+    keep = active & (seqlen > 0)
+    read_base = state_ptr + slot * stride_s_slot + offs_d * stride_s_dim
+    x_base = x_ptr + bos * stride_x_tok + offs_d * stride_x_dim
+    dout_base = dout_ptr + bos * stride_do_tok + offs_d * stride_do_dim
+    dnew_base = dnew_ptr + slot * stride_dn_slot + offs_d * stride_dn_dim
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
+    offs_w = tl.arange(0, BLOCK_W)
+    dw = tl.zeros((BLOCK_W, BLOCK_D), dtype=tl.float32)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t0 in range(0, tl.where(active, seqlen, 0), BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        dacc = _dacc(x_base, read_base, dout_base, w_ptr, bias, offs_t, seqlen, has_history,
+                     mask_d, offs_d, state_len, stride_x_tok, stride_s_pos, stride_do_tok,
+                     stride_w_dim, stride_w_tap, WIDTH, SILU, HAS_BIAS)
+        db += tl.sum(dacc, axis=0)
+        for k in tl.static_range(WIDTH):
+            pos = offs_t + (k - (WIDTH - 1))
+            value = _load_window(x_base, read_base, pos, (WIDTH - 1) + pos,
+                                 (pos >= 0) & (pos < seqlen), (pos < 0) & has_history, mask_d,
+                                 state_len, stride_x_tok, stride_s_pos)
+            dw += tl.where(offs_w[:, None] == k, tl.sum(dacc * value, axis=0)[None, :], 0.0)
+        dx = _dwindow(x_base, read_base, dout_base, dnew_base, w_ptr, bias, offs_t, seqlen,
+                      has_history, keep, mask_d, offs_d, state_len, stride_x_tok, stride_s_pos,
+                      stride_do_tok, stride_dn_pos, stride_w_dim, stride_w_tap, WIDTH, SILU,
+                      HAS_BIAS, HAS_DNEW)
+        tl.store(dx_ptr + (bos + offs_t)[:, None] * stride_dx_tok + offs_d[None, :] * stride_dx_dim,
+                 dx.to(dx_ptr.dtype.element_ty), mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
+    for t0 in range(0, tl.where(poison, seqlen, 0), BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        tl.store(dx_ptr + (bos + offs_t)[:, None] * stride_dx_tok + offs_d[None, :] * stride_dx_dim,
+                 tl.full((BLOCK_T, BLOCK_D), float("nan"), tl.float32).to(dx_ptr.dtype.element_ty),
+                 mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
+    dw = tl.where(poison, float("nan"), dw)
+    db = tl.where(poison, float("nan"), db)
+    tl.store(dw_ptr + (seq * WIDTH + offs_w[:, None]) * dim + offs_d[None, :],
+             dw, mask=(offs_w < WIDTH)[:, None] & mask_d[None, :])
+    tl.store(db_ptr + seq * dim + offs_d, db, mask=mask_d)
+    # The history gradient: window positions -(W-1) .. -1, state columns 0 .. W-2.
+    offs_r = tl.arange(0, BLOCK_R)
+    in_hist = offs_r < WIDTH - 1
+    dhist = _dwindow(x_base, read_base, dout_base, dnew_base, w_ptr, bias, offs_r - (WIDTH - 1),
+                     seqlen, has_history, keep, mask_d, offs_d, state_len, stride_x_tok,
+                     stride_s_pos, stride_do_tok, stride_dn_pos, stride_w_dim, stride_w_tap, WIDTH,
+                     SILU, HAS_BIAS, HAS_DNEW)
+    dhist = tl.where(has_history, dhist, 0.0)
+    tl.store(dstate_ptr + slot * stride_ds_slot + offs_r[:, None] * stride_ds_pos
+             + offs_d[None, :] * stride_ds_dim, dhist.to(dstate_ptr.dtype.element_ty),
+             mask=(in_hist & keep)[:, None] & mask_d[None, :])
+
+
 def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, silu, decode,
             max_query_len=-1, pad_slot_id, has_initial_state=None, num_accepted_tokens=None,
             initial_state_idx=None, block_idx_last_scheduled_token=None,
@@ -249,16 +399,24 @@ for _name, _impl in (("causal_conv1d_fn", _conv_fn_op), ("causal_conv1d_update",
     torch.library.register_fake(f"mamba_twin::{_name}", _writes_in_place, lib=_LIB)
 
 
-def _call(function: str, check, arrays: dict, *, out, activation, pad_slot_id, validate_indices,
-          **sizes):
-    """The checks (in debug mode the index values too), then the op
-    ``function`` writing ``out`` (allocated like ``x`` when not given)."""
+def _checked(function: str, check, arrays: dict, *, out, activation, pad_slot_id,
+             validate_indices, **sizes):
+    """The checks (in debug mode the index values too): the call's layout."""
     layout = check(**arrays, out=out, activation=activation, pad_slot_id=pad_slot_id, **sizes)
     device = platform.check_kernel_device(dict(arrays, out=out))
     values = platform.host_index_values(
         validate_indices, device, **{k: v for k, v in arrays.items() if k in INDEX_ARGS})
     if values is not None:
         check_conv_index_values(function, layout, values, pad_slot_id=pad_slot_id)
+    return layout
+
+
+def _call(function: str, check, arrays: dict, *, out, activation, pad_slot_id, validate_indices,
+          **sizes):
+    """The checks, then the op ``function`` writing ``out`` (allocated like
+    ``x`` when not given)."""
+    layout = _checked(function, check, arrays, out=out, activation=activation,
+                      pad_slot_id=pad_slot_id, validate_indices=validate_indices, **sizes)
     out = torch.empty_like(arrays["x"]) if out is None else out
     getattr(torch.ops.mamba_twin, function).default(**arrays, output=out, silu=layout.silu,
                                                     pad_slot_id=int(pad_slot_id),
@@ -266,31 +424,161 @@ def _call(function: str, check, arrays: dict, *, out, activation, pad_slot_id, v
     return out
 
 
+# The training form (differentiable): a functional op returning the new
+# states (a mutating op cannot carry autograd), its backward as a second op.
+_LIB.define(
+    "causal_conv1d_fn_functional(Tensor x, Tensor weight, Tensor? bias, Tensor conv_states, "
+    "Tensor query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, bool silu, "
+    "int pad_slot_id) -> (Tensor, Tensor)")
+_LIB.define(
+    "causal_conv1d_fn_backward(Tensor x, Tensor weight, Tensor? bias, Tensor conv_states, "
+    "Tensor query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, Tensor dout, "
+    "Tensor? dnew_states, Tensor(a!) dx, Tensor(b!) dweight, Tensor(c!) dbias, "
+    "Tensor(d!) dstates, bool silu, int pad_slot_id) -> ()")
+
+
+def _conv_fn_functional(x, weight, bias, conv_states, query_start_loc, cache_indices,
+                        has_initial_state, silu, pad_slot_id):
+    """(out (dim, T) laid out like x, zero where no sequence writes; the new
+    states, a copy of ``conv_states`` with the sequences' slots rewritten)."""
+    out, new_states = torch.zeros_like(x), conv_states.clone()
+    _launch(x_tok=x.t(), out_tok=out.t(), weight=weight, bias=bias, state=new_states,
+            query_start_loc=query_start_loc, indices=cache_indices, silu=silu, decode=False,
+            pad_slot_id=pad_slot_id, has_initial_state=has_initial_state)
+    return out, new_states
+
+
+def _conv_fn_backward(x, weight, bias, conv_states, query_start_loc, cache_indices,
+                      has_initial_state, dout, dnew_states, dx, dweight, dbias, dstates, silu,
+                      pad_slot_id):
+    """dx (dim, T) zeroed, dweight (num_seqs, W, dim) / dbias (num_seqs, dim)
+    float32 partials, dstates holding d(new states) (zeros when None)."""
+    layout = conv_layout(x.shape[1], weight, conv_states, query_start_loc, cache_indices,
+                         silu=silu, decode=False)
+    if layout.num_seqs == 0 or layout.dim == 0:
+        return
+    tiles = conv_tiles(layout)
+    x_tok, dout_tok, dx_tok = x.t(), dout.t(), dx.t()
+    grid = (layout.num_seqs, triton.cdiv(layout.dim, tiles.block_d))
+    with platform.on_device(x.device):
+        _causal_conv1d_fn_bwd_kernel[grid](
+            x_tok, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
+            dout_tok, dnew_states, dx_tok, dweight, dbias, dstates,
+            layout.dim, layout.num_tokens, layout.num_slots, layout.state_len, pad_slot_id,
+            *x_tok.stride(), *weight.stride(), *platform.strides(bias, 1), *conv_states.stride(),
+            *platform.strides(cache_indices, 1), *dout_tok.stride(),
+            *platform.strides(dnew_states, 3), *dx_tok.stride(), *dstates.stride(),
+            WIDTH=layout.width, SILU=silu, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
+            BLOCK_R=tiles.block_r, BLOCK_W=conv_bwd_block_w(layout.width), num_warps=4)
+
+
+_LIB.impl("causal_conv1d_fn_functional", _conv_fn_functional, "CompositeExplicitAutograd")
+_LIB.impl("causal_conv1d_fn_backward", _conv_fn_backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mamba_twin::causal_conv1d_fn_functional", lib=_LIB)
+def _conv_fn_functional_fake(x, weight, bias, conv_states, *args):
+    return torch.empty_like(x), torch.empty_like(conv_states)
+
+
+torch.library.register_fake("mamba_twin::causal_conv1d_fn_backward", _writes_in_place, lib=_LIB)
+
+_FN_SAVED = ("x", "weight", "bias", "conv_states", "query_start_loc", "cache_indices",
+             "has_initial_state")
+
+
+def _conv_fn_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:len(_FN_SAVED)])
+    ctx.silu, ctx.pad_slot_id = inputs[len(_FN_SAVED):]
+
+
+def _conv_fn_autograd_backward(ctx, dout, dnew_states):
+    x, weight, bias, conv_states, qsl, indices, has_init = ctx.saved_tensors
+    num_seqs = qsl.shape[0] - 1
+    dout = torch.zeros_like(x) if dout is None else dout
+    dx = torch.zeros_like(x)
+    dweight = weight.new_zeros((num_seqs, weight.shape[1], weight.shape[0]), dtype=torch.float32)
+    dbias = weight.new_zeros((num_seqs, weight.shape[0]), dtype=torch.float32)
+    dstates = (torch.zeros_like(conv_states) if dnew_states is None
+               else dnew_states.to(conv_states.dtype, copy=True))
+    torch.ops.mamba_twin.causal_conv1d_fn_backward.default(
+        x, weight, bias, conv_states, qsl, indices, has_init, dout, dnew_states, dx, dweight,
+        dbias, dstates, ctx.silu, ctx.pad_slot_id)
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, dweight.sum(0).t().to(weight.dtype) if needs[1] else None,
+            dbias.sum(0).to(bias.dtype) if bias is not None and needs[2] else None,
+            dstates if needs[3] else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("mamba_twin::causal_conv1d_fn_functional",
+                                _conv_fn_autograd_backward, setup_context=_conv_fn_setup_context,
+                                lib=_LIB)
+
+
+def _requires_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=None,
                      cache_indices=None, has_initial_state=None, activation="silu",
                      pad_slot_id=NULL_BLOCK_ID, block_idx_first_scheduled_token=None,
                      block_idx_last_scheduled_token=None, initial_state_idx=None,
                      num_computed_tokens=None, block_size_to_align=0, *, out=None,
-                     validate_indices=None):
+                     validate_indices=None, return_states=False):
     """Prefill over packed sequences: ``x (dim, T)`` (a transposed token-major
     buffer), ``weight (dim, width)``, ``bias (dim,)``, ``conv_states (S, dim,
     L)`` read and written in place at ``cache_indices`` (or a block table with
     prefix caching; ``bridge.spec.conv_contract``). Returns ``out (dim, T)``
     (allocated when not given; padding sequences' columns left as they were).
 
+    Training: with ``return_states=True`` the call is functional and
+    differentiable (x, weight, bias, conv_states): ``conv_states`` is not
+    written, ``(out, new_conv_states)`` is returned. ``conv_states=None``: no
+    initial states (the new states are ``(num_seqs, dim, width - 1)``).
+    Inputs that require grad without ``return_states`` take the same path and
+    write the new states into ``conv_states`` afterwards (no gradient flows
+    through that write); refused when ``conv_states`` itself requires grad,
+    with ``out`` given, or with prefix caching.
+
     ``validate_indices=True`` (or ``$MAMBA_TWIN_CHECK_INDICES=1``) checks the
     index values on the host first (a device sync; skipped under CUDA-graph
     capture and torch.compile); unchecked, bad values follow the contract's
     unchecked rules (skipped, NaN outputs, no stray access).
     """
-    return _call("causal_conv1d_fn", check_conv_fn_args, dict(
-        x=x, weight=weight, bias=bias, conv_states=conv_states, query_start_loc=query_start_loc,
-        cache_indices=cache_indices, has_initial_state=has_initial_state,
-        block_idx_first_scheduled_token=block_idx_first_scheduled_token,
-        block_idx_last_scheduled_token=block_idx_last_scheduled_token,
-        initial_state_idx=initial_state_idx, num_computed_tokens=num_computed_tokens),
-        out=out, activation=activation, pad_slot_id=pad_slot_id,
-        validate_indices=validate_indices, block_size_to_align=block_size_to_align)
+    prefix = dict(block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+                  block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+                  initial_state_idx=initial_state_idx, num_computed_tokens=num_computed_tokens)
+    states = conv_states
+    if conv_states is None:
+        states = torch.zeros(stateless_states_shape(
+            x=x, weight=weight, query_start_loc=query_start_loc, cache_indices=cache_indices,
+            has_initial_state=has_initial_state, **prefix), dtype=x.dtype, device=x.device)
+    arrays = dict(x=x, weight=weight, bias=bias, conv_states=states,
+                  query_start_loc=query_start_loc, cache_indices=cache_indices,
+                  has_initial_state=has_initial_state, **prefix)
+    options = dict(out=out, activation=activation, pad_slot_id=pad_slot_id,
+                   validate_indices=validate_indices, block_size_to_align=block_size_to_align)
+    grad = _requires_grad(x, weight, bias, conv_states)
+    if not (grad or return_states):
+        out = _call("causal_conv1d_fn", check_conv_fn_args, arrays, **options)
+        return out
+    check_conv_fn_grad(out=out, **prefix)
+    if grad and not return_states and conv_states is not None and conv_states.requires_grad:
+        raise ValueError("causal_conv1d_fn: `conv_states` requires grad, but the call writes it in "
+                         "place, which cannot carry a gradient: pass return_states=True (the "
+                         "functional form returns the new states)")
+    layout = _checked("causal_conv1d_fn", check_conv_fn_args, arrays, **options)
+    # In place afterwards: the op must not keep (for its backward) the tensor it overwrites.
+    source = states if return_states or conv_states is None else states.detach().clone()
+    out, new_states = torch.ops.mamba_twin.causal_conv1d_fn_functional.default(
+        x, weight, bias, source, query_start_loc, cache_indices, has_initial_state,
+        layout.silu, int(pad_slot_id))
+    if return_states:
+        return out, new_states
+    if conv_states is not None:
+        with torch.no_grad():
+            conv_states.copy_(new_states)
+    return out
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
@@ -305,8 +593,13 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
     ``block_idx_last_scheduled_token``, in place. Returns ``out`` (shape of
     ``x``; allocated when not given). ``max_query_len`` (tokens per sequence
     at most, -1: unknown) sizes the token tile. ``validate_indices``: as in
-    ``causal_conv1d_fn``.
+    ``causal_conv1d_fn``. Inference only: refused (RuntimeError) when an input
+    requires grad with grad mode on.
     """
+    if _requires_grad(x, conv_state, weight, bias):
+        raise RuntimeError("causal_conv1d_update is an inference-only (decode) op: it has no "
+                           "gradient and writes `conv_state` in place; call it under "
+                           "torch.no_grad() or torch.inference_mode() (to train: causal_conv1d_fn)")
     return _call("causal_conv1d_update", check_conv_update_args, dict(
         x=x, conv_state=conv_state, weight=weight, bias=bias,
         conv_state_indices=conv_state_indices, num_accepted_tokens=num_accepted_tokens,

@@ -331,3 +331,51 @@ def check_conv_index_values(function: str, layout: ConvLayout, values: Mapping[s
         listed = ", ".join(f"slot {s} by sequences {q}" for s, q in sorted(shared.items())[:4])
         fail(function, slot_arg, f"gives one slot to several sequences ({listed}); each sequence "
                                  f"needs its own slots")
+
+
+# Training (differentiable) form of ``causal_conv1d_fn``: x, weight, bias and
+# the initial states read from ``conv_states`` (at ``cache_indices``, where
+# ``has_initial_state``) get gradients, from ``out`` and from the new states
+# (the cache with each sequence's slot rewritten: its columns < W - 1 hold the
+# last W - 1 inputs, the history shifted in front of them). Not with prefix
+# caching, nor into a given ``out``. Without ``conv_states`` every sequence
+# starts from zero history and the new states are (num_seqs, dim, W - 1).
+
+
+def stateless_states_shape(*, x, weight, query_start_loc, cache_indices, has_initial_state,
+                           **prefix_caching) -> tuple[int, int, int]:
+    """``conv_states=None``: the shape (num_seqs, dim, width - 1) of the states
+    a call returns; refuses the arguments that need a cache."""
+    function = "causal_conv1d_fn"
+    for arg, value in dict(cache_indices=cache_indices, has_initial_state=has_initial_state,
+                           **prefix_caching).items():
+        if value is not None:
+            fail(function, arg, "needs `conv_states` (without it every sequence starts from "
+                                "zero history)")
+    qsl, shape = shape_of(query_start_loc), shape_of(weight)
+    if qsl is None or len(qsl) != 1 or qsl[0] < 2:
+        fail(function, "query_start_loc", f"must be 1-D of length num_seqs + 1 >= 2, got shape {qsl}")
+    if shape is None or len(shape) != 2 or shape[1] < 2:
+        fail(function, "weight", f"must be (dim, width >= 2), got shape {shape}")
+    return qsl[0] - 1, shape[0], shape[1] - 1
+
+
+def check_conv_fn_grad(*, out, **prefix_caching) -> None:
+    """The differentiable form: no prefix caching, no ``out`` to write into."""
+    function = "causal_conv1d_fn"
+    if out is not None:
+        fail(function, "out", "is written in place, which cannot carry a gradient: leave it None "
+                              "when inputs require grad")
+    for arg, value in prefix_caching.items():
+        if value is not None:
+            fail(function, arg, "(prefix caching) is an inference feature: the gradient is "
+                                "defined for the training form only (x, weight, bias, "
+                                "conv_states, query_start_loc, cache_indices, has_initial_state)")
+
+
+def conv_bwd_block_w(width: int) -> int:
+    """The backward's dweight tile over taps: a power of two >= width."""
+    block = 2
+    while block < width:
+        block *= 2
+    return block
