@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bridge.spec.launch_config import TUNED_CONFIG_FOLDER_ENV
-from ssu_cases import SsuCase, assert_close, make_inputs
+from frameworks import assert_close
+from ssu_cases import SsuCase, make_inputs
 
 BACKENDS = {"torch": ("triton", "reference"), "jax": ("pallas", "xla")}
 

@@ -4,7 +4,8 @@ option of the contract (see ssu_cases.CASES)."""
 import numpy as np
 import pytest
 
-from ssu_cases import CASES, assert_close, make_inputs
+from frameworks import assert_close
+from ssu_cases import CASES, make_inputs
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -4,8 +4,8 @@ shared with JAX through DLPack (no copy), so both kernels read identical bits.""
 import numpy as np
 import pytest
 
-from frameworks import JaxSide, TorchSide
-from ssu_cases import CASES, SsuCase, assert_close, make_inputs
+from frameworks import JaxSide, TorchSide, assert_close
+from ssu_cases import SsuCase, case_params, make_inputs
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def share(jax, torch_inputs):
     return {k: jax.dlpack.from_dlpack(v) for k, v in torch_inputs.items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", case_params())
 def test_triton_matches_pallas(sides, case, rng):
     torch_side, jax_side = sides
     arrays, dtypes, options = make_inputs(case, rng)

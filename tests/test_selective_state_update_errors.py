@@ -6,7 +6,8 @@ memory outside the arrays given: no state written, NaN outputs."""
 import numpy as np
 import pytest
 
-from ssu_cases import SsuCase, assert_close, make_inputs
+from frameworks import assert_close
+from ssu_cases import SsuCase, make_inputs
 
 CASE = SsuCase(indices="dst")
 SPEC_CASE = SsuCase(spec=True)
