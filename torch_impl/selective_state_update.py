@@ -14,7 +14,6 @@ and ``torch.compile`` safe). The mirror of this file is
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -71,15 +70,9 @@ def _store_state(ptrs, state, mask, seed_ptr, token, head, nheads, offs_m, offs_
         tl.store(ptrs, state.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.heuristics({
-    "HAS_DT_BIAS": lambda args: args["dt_bias_ptr"] is not None,
-    "HAS_D": lambda args: args["D_ptr"] is not None,
-    "HAS_Z": lambda args: args["z_ptr"] is not None,
-    "HAS_INDICES": lambda args: args["src_idx_ptr"] is not None,
-    "IS_SPEC_DECODING": lambda args: args["num_accepted_ptr"] is not None,
-    "IS_VARLEN": lambda args: args["cu_seqlens_ptr"] is not None,
-    "STOCHASTIC_ROUNDING": lambda args: args["seed_ptr"] is not None,
-})
+@triton.heuristics(platform.given_flags(
+    HAS_DT_BIAS="dt_bias_ptr", HAS_D="D_ptr", HAS_Z="z_ptr", HAS_INDICES="src_idx_ptr",
+    IS_SPEC_DECODING="num_accepted_ptr", IS_VARLEN="cu_seqlens_ptr", STOCHASTIC_ROUNDING="seed_ptr"))
 @triton.jit
 def _selective_state_update_kernel(
     # pointers
@@ -231,12 +224,6 @@ def _selective_state_update_kernel(
                      offs_m, offs_n, dstate, STOCHASTIC_ROUNDING, PHILOX_ROUNDS)
 
 
-def _on_device(device):
-    """Triton launches on the current CUDA device. (A ``torch.device`` context
-    would also intercept every torch call inside it, a cost per call.)"""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _strides(tensor, ndim: int, head_axis: int, three_d: bool) -> list:
     """Strides of ``tensor`` in the 4-D (token|slot, head, dim[, dstate]) form
     of ``ndim`` axes without building views: a 3-D call's missing head axis
@@ -271,7 +258,7 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
     block_size_m, num_warps = SSU_CONFIGS.lookup(
         P, N, num_seqs, H, _DTYPE_NAMES[state.dtype], is_blackwell, platform.device_name(state.device))
     grid = (triton.cdiv(P, block_size_m), H, num_seqs)
-    with _on_device(state.device):
+    with platform.on_device(state.device):
         _selective_state_update_kernel[grid](
             state, x, dt, dt_bias, A, B, C, D, z, out,
             src, dst, num_accepted_tokens, cu_seqlens, rounding_seed,
