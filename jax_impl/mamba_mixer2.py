@@ -83,9 +83,14 @@ def _pick(table, columns):
 class MambaMixer2(MixerLayout, nnx.Module):
     """Arguments: ``bridge.spec.mixer_layout.MixerLayout``'s. Parameters (torch layout, as in the mirror):
     ``in_proj_weight (I + conv_dim + H, hidden)``, ``in_proj_bias``,
-    ``conv_weight (conv_dim, W)``, ``conv_bias``, ``A (H,)`` (= -exp(A_log),
-    float32), ``D``, ``dt_bias (H,)``, ``norm_weight (I,)``,
-    ``out_proj_weight (hidden, I)``, ``out_proj_bias``.
+    ``conv_weight (conv_dim, W)``, ``conv_bias``, ``A_log (H,)`` (float32;
+    ``A = -exp(A_log)``, the property ``A``), ``D``, ``dt_bias (H,)``,
+    ``norm_weight (I,)``, ``out_proj_weight (hidden, I)``, ``out_proj_bias``.
+
+    Two forwards: ``mixer(hidden_states)`` (training: ``(batch, seqlen,
+    hidden)``, no cache, differentiable; returns ``out``) and
+    ``mixer(hidden_states, conv_state, ssm_state, metadata)`` (serving,
+    see ``__call__``).
 
     ``validate_indices`` (attribute, default None): concrete metadata
     (numpy, or jax arrays outside jit) is checked on the host before
@@ -131,15 +136,20 @@ class MambaMixer2(MixerLayout, nnx.Module):
         self.in_proj_weight, self.in_proj_bias = linear((I + conv_dim + H, self.hidden_size), self.use_bias)
         self.conv_weight, self.conv_bias = linear((conv_dim, self.conv_kernel_size), self.use_conv_bias)
         self.out_proj_weight, self.out_proj_bias = linear((self.hidden_size, I), self.use_bias)
-        self.A = nnx.Param(-uniform((H,), 16.0, 1.0))
+        self.A_log = nnx.Param(jnp.log(uniform((H,), 16.0, 1.0)))
         self.D = nnx.Param(jnp.ones((H,), dtype))
         dt = jnp.exp(uniform((H,), math.log(0.1), math.log(1e-3)))
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(dtype))  # softplus^-1(dt)
         self.norm_weight = nnx.Param(jnp.ones((I,), dtype)) if self.use_rms_norm else None
 
+    @property
+    def A(self):
+        """``-exp(A_log)`` (float32), differentiable in ``A_log``."""
+        return -jnp.exp(self.A_log[...])
+
     # --- weights ---------------------------------------------------------------
 
-    def _load(self, params: dict, a_log) -> None:
+    def _load(self, params: dict) -> None:
         """``load_weights``' framework half: values by parameter attribute."""
         from bridge.dlpack import to_jax
 
@@ -151,22 +161,34 @@ class MambaMixer2(MixerLayout, nnx.Module):
         for attr, value in params.items():
             target = getattr(self, attr)
             target.set_value(array(value).reshape(target.shape).astype(target.dtype))
-        self.A.set_value(-jnp.exp(array(a_log).astype(jnp.float32)))
 
     def checkpoint_weights(self) -> dict:
         """The weights under checkpoint names (``conv1d.weight`` 3-D as saved, ``A_log``)."""
         weights = {k: v[...] for k, v in self._params_by_key().items() if v is not None}
         weights["conv1d.weight"] = weights["conv1d.weight"][:, None, :]
-        weights["A_log"] = jnp.log(-self.A[...])
         return weights
 
     # --- forward ---------------------------------------------------------------
 
-    def __call__(self, hidden_states, conv_state, ssm_state, metadata: Mamba2Metadata):
-        """``hidden_states (T, hidden)``, one layer's cache states ``conv_state
+    def __call__(self, hidden_states, conv_state=None, ssm_state=None, metadata: Mamba2Metadata = None,
+                 *, seq_idx=None, cu_seqlens=None):
+        """Training (no states, no metadata): ``hidden_states (batch, seqlen,
+        hidden)`` -> ``out (batch, seqlen, hidden)``, differentiable
+        (``jax.grad`` / ``nnx.grad``) in the input and every parameter, and
+        jittable; each row is one sequence from zero state, or ``seq_idx
+        (batch, seqlen)`` splits a row where it changes, or ``cu_seqlens
+        (num_seqs + 1,)`` packs sequences into one row (batch 1). Both must
+        be concrete (numpy, or closed over under jit): the chunk layout
+        depends on their values.
+
+        Serving: ``hidden_states (T, hidden)``, one layer's cache states ``conv_state
         (S, L, conv_dim)`` (SD; DS: ``(S, conv_dim, L)``) and ``ssm_state (S,
         H, P, N)`` -> ``(out (T, hidden), new_conv_state, new_ssm_state)``.
-        Jittable with ``metadata`` as an argument (see the class docstring)."""
+        Jittable with ``metadata`` as an argument (see the class docstring).
+        ``conv_state``, ``ssm_state`` and ``metadata`` come together."""
+        if self._is_training_call(dict(conv_state=conv_state, ssm_state=ssm_state, metadata=metadata),
+                                  dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens)):
+            return self._train_forward(hidden_states, seq_idx, cu_seqlens)
         self._check_batch(metadata, hidden_states.shape[0], ssm_state.shape[0],
                           platform.host_index_values(self.validate_indices, **metadata.arrays()))
         meta = metadata.map_arrays(jnp.asarray)
@@ -179,7 +201,7 @@ class MambaMixer2(MixerLayout, nnx.Module):
         conv = conv_state if dim_first else conv_state.swapaxes(1, 2)  # (S, conv_dim, L)
         nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
         weight, bias = self.conv_weight[...], (self.conv_bias[...] if self.conv_bias is not None else None)
-        A, D, dt_bias = self.A[...], self.D[...], self.dt_bias[...]
+        A, D, dt_bias = self.A, self.D[...], self.dt_bias[...]
         parts = []
 
         # Prefix caching ("all" mode): the state is read from the block of the
@@ -238,13 +260,48 @@ class MambaMixer2(MixerLayout, nnx.Module):
         parts.append(jnp.zeros((hidden_states.shape[0] - nd - npf, self.intermediate_size),
                                hidden_states.dtype))
         ssm_out = jnp.concatenate([p.astype(hidden_states.dtype) for p in parts])
+        out = self._gated_out(ssm_out, gate)
+        return out, (conv if dim_first else conv.swapaxes(1, 2)), ssm_state
+
+    def _gated_out(self, ssm_out, gate):
         if self.use_rms_norm:
             gated = rms_norm_gated(x=ssm_out, weight=self.norm_weight[...], z=gate, eps=self.rms_norm_eps,
                                    group_size=self.dims.norm_group_size)
         else:
             gated = ssm_out * jax.nn.silu(gate)
-        out = _linear(gated, self.out_proj_weight, self.out_proj_bias)
-        return out, (conv if dim_first else conv.swapaxes(1, 2)), ssm_state
+        return _linear(gated, self.out_proj_weight, self.out_proj_bias)
+
+    def _train_forward(self, hidden_states, seq_idx, cu_seqlens):
+        """The cache-free forward (``__call__``'s training form): the packed
+        prefill path on the differentiable ops."""
+        for name, value in (("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens)):
+            if value is not None and not platform.is_concrete(value):
+                raise ValueError(f"MambaMixer2: `{name}` must be concrete (numpy, or closed over "
+                                 "under jit, not traced): the chunk layout depends on its values")
+        host = lambda v: None if v is None else np.asarray(v)  # noqa: E731
+        layout = self._training_layout(tuple(hidden_states.shape), host(seq_idx), host(cu_seqlens))
+        if layout is None:  # no tokens
+            return jnp.zeros(hidden_states.shape, hidden_states.dtype)
+        cu, chunks = layout
+        batch, seqlen, _ = hidden_states.shape
+        T, P, N = batch * seqlen, self.head_dim, self.ssm_state_size
+        H, G = self.num_heads, self.dims.padded_groups
+        split = lambda v, sizes: jnp.split(v, np.cumsum(sizes)[:-1].tolist(), axis=-1)  # noqa: E731
+        gate, xBC, dt = split(_linear(hidden_states.reshape(T, self.hidden_size), self.in_proj_weight,
+                                      self.in_proj_bias), self.projection_sizes)
+        qsl = jnp.asarray(cu)
+        conv, _ = causal_conv1d_fn(
+            x=xBC.T, weight=self.conv_weight[...],
+            bias=self.conv_bias[...] if self.conv_bias is not None else None,
+            query_start_loc=qsl, activation=self.activation, validate_indices=False)
+        x, B, C = split(conv.T, self.xbc_sizes)
+        y, _ = mamba_chunk_scan_combined_varlen(
+            x=x.reshape(T, H, P), dt=dt, A=self.A, B=B.reshape(T, G, N), C=C.reshape(T, G, N),
+            chunk_size=self.chunk_size, cu_seqlens=qsl, cu_chunk_seqlens=jnp.asarray(chunks.cu_chunk_seqlens),
+            last_chunk_indices=jnp.asarray(chunks.last_chunk_indices), seq_idx=jnp.asarray(chunks.seq_idx),
+            D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True, validate_metadata=False)
+        out = self._gated_out(y.reshape(T, self.intermediate_size).astype(hidden_states.dtype), gate)
+        return out.reshape(batch, seqlen, self.hidden_size)
 
     def forward_on_cache(self, hidden_states, cache, metadata: Mamba2Metadata, layer: int = 0,
                          allow_writeback: bool | None = None):

@@ -99,8 +99,13 @@ def _pick(table, columns):
 class MambaMixer2(MixerLayout, nn.Module):
     """Arguments: ``bridge.spec.mixer_layout.MixerLayout``'s. Parameters: ``in_proj_weight (I + conv_dim + H,
     hidden)``, ``in_proj_bias``, ``conv_weight (conv_dim, W)``, ``conv_bias``,
-    ``A (H,)`` (= -exp(A_log), float32), ``D``, ``dt_bias (H,)``,
-    ``norm_weight (I,)``, ``out_proj_weight (hidden, I)``, ``out_proj_bias``.
+    ``A_log (H,)`` (float32; ``A = -exp(A_log)``, the property ``A``), ``D``,
+    ``dt_bias (H,)``, ``norm_weight (I,)``, ``out_proj_weight (hidden, I)``,
+    ``out_proj_bias``.
+
+    Two forwards: ``mixer(hidden_states)`` (training: ``(batch, seqlen,
+    hidden)``, no cache, differentiable) and ``mixer(hidden_states, cache,
+    metadata, layer)`` (serving, see ``forward``).
 
     ``validate_indices`` (attribute, default None: ``$MAMBA_TWIN_CHECK_INDICES``,
     off by default): True checks the metadata's values on the host before
@@ -127,7 +132,7 @@ class MambaMixer2(MixerLayout, nn.Module):
         self.in_proj_bias = param(I + conv_dim + H) if self.use_bias else None
         self.conv_weight = param(conv_dim, self.conv_kernel_size)
         self.conv_bias = param(conv_dim) if self.use_conv_bias else None
-        self.A = param(H, dtype=torch.float32)
+        self.A_log = param(H, dtype=torch.float32)
         self.D = param(H)
         self.dt_bias = param(H)
         self.norm_weight = param(I) if self.use_rms_norm else None
@@ -145,16 +150,21 @@ class MambaMixer2(MixerLayout, nn.Module):
                 weight.uniform_(-bound, bound)
                 if bias is not None:
                     bias.uniform_(-bound, bound)
-            self.A.copy_(-torch.empty_like(self.A).uniform_(1.0, 16.0))
+            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1.0, 16.0)))
             self.D.fill_(1.0)
-            dt = torch.exp(torch.empty_like(self.A).uniform_(math.log(1e-3), math.log(0.1)))
+            dt = torch.exp(torch.empty_like(self.A_log).uniform_(math.log(1e-3), math.log(0.1)))
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
             if self.norm_weight is not None:
                 self.norm_weight.fill_(1.0)
 
+    @property
+    def A(self) -> torch.Tensor:
+        """``-exp(A_log)`` (float32), differentiable in ``A_log``."""
+        return -torch.exp(self.A_log)
+
     # --- weights ---------------------------------------------------------------
 
-    def _load(self, params: dict, a_log) -> None:
+    def _load(self, params: dict) -> None:
         """``load_weights``' framework half: values by parameter attribute."""
         from bridge.dlpack import to_torch
 
@@ -169,26 +179,36 @@ class MambaMixer2(MixerLayout, nn.Module):
             for attr, value in params.items():
                 target = getattr(self, attr)
                 target.copy_(tensor(value).reshape(target.shape))
-            self.A.copy_(-torch.exp(tensor(a_log).float()))
 
     def checkpoint_weights(self) -> dict:
         """The weights under checkpoint names (``conv1d.weight`` 3-D as saved,
         ``A_log``); views of the parameters where the layout allows."""
         weights = {k: v.detach() for k, v in self._params_by_key().items() if v is not None}
         weights["conv1d.weight"] = weights["conv1d.weight"].unsqueeze(1)
-        weights["A_log"] = torch.log(-self.A.detach())
         return weights
 
     # --- forward ---------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, cache, metadata: Mamba2Metadata,
-                layer: int = 0) -> torch.Tensor:
-        """``hidden_states (T, hidden)`` -> ``(T, hidden)``; the states of
+    def forward(self, hidden_states: torch.Tensor, cache=None, metadata: Mamba2Metadata = None,
+                layer: int = 0, *, seq_idx=None, cu_seqlens=None) -> torch.Tensor:
+        """Training (no ``cache``, no ``metadata``): ``hidden_states (batch,
+        seqlen, hidden)`` -> ``(batch, seqlen, hidden)``, differentiable in the
+        input and every parameter; each row is one sequence from zero state,
+        or ``seq_idx (batch, seqlen)`` splits a row where it changes, or
+        ``cu_seqlens (num_seqs + 1,)`` packs sequences into one row (batch
+        1). Their values are read on the host (a device sync for device
+        tensors); without them nothing syncs.
+
+        Serving: ``hidden_states (T, hidden)`` -> ``(T, hidden)``; the states of
         ``cache`` (``bridge.MambaStateCache``, layer ``layer``) are read and
         updated in place at the metadata's slots. ``metadata``: from
         ``metadata_to_device`` (numpy arrays are copied to the device each
         call, which a CUDA graph cannot capture). Everything is checked
-        before the first write (see the class docstring)."""
+        before the first write (see the class docstring). ``cache`` and
+        ``metadata`` come together (one without the other is refused)."""
+        if self._is_training_call(dict(cache=cache, metadata=metadata),
+                                  dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens)):
+            return self._train_forward(hidden_states, seq_idx, cu_seqlens)
         device = hidden_states.device
         conv_state, ssm_state = cache.torch("conv", layer), cache.torch("ssm", layer)
         if platform.is_capturing(device) and any(
@@ -208,6 +228,7 @@ class MambaMixer2(MixerLayout, nn.Module):
         ssm_out = torch.zeros(hidden_states.shape[0], self.intermediate_size, dtype=hidden_states.dtype,
                               device=device)
         nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
+        A = self.A
         kernel_args = dict(activation=self.activation, validate_indices=self.validate_indices)
 
         # Prefix caching ("all" mode): the state is read from the block of the
@@ -228,7 +249,7 @@ class MambaMixer2(MixerLayout, nn.Module):
                 initial_state_idx=read_col_d if cache_all else None, **kernel_args)
             x_d, B_d, C_d = torch.split(conv_d, self.xbc_sizes, dim=-1)
             selective_state_update(
-                state=ssm_state, x=x_d.view(nd, H, P), dt=dt[:nd], A=self.A, B=B_d.view(nd, G, N),
+                state=ssm_state, x=x_d.view(nd, H, P), dt=dt[:nd], A=A, B=B_d.view(nd, G, N),
                 C=C_d.view(nd, G, N), D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
                 state_batch_indices=_pick(table_d, read_col_d) if cache_all else table_d,
                 dst_state_batch_indices=_pick(table_d, write_col_d) if cache_all else None,
@@ -249,7 +270,7 @@ class MambaMixer2(MixerLayout, nn.Module):
                 initial_states = _gather_states(ssm_state, _pick(table_p, read_col_p) if cache_all
                                                 else table_p, meta.has_initial_states_p)
             states = mamba_chunk_scan_combined_varlen(
-                x=x_p.view(npf, H, P), dt=dt[nd:nd + npf], A=self.A, B=B_p.view(npf, G, N),
+                x=x_p.view(npf, H, P), dt=dt[nd:nd + npf], A=A, B=B_p.view(npf, G, N),
                 C=C_p.view(npf, G, N), chunk_size=self.chunk_size, cu_seqlens=meta.query_start_loc_p,
                 cu_chunk_seqlens=meta.cu_chunk_seqlen_p, last_chunk_indices=meta.last_chunk_indices_p,
                 seq_idx=meta.seq_idx_p, out=ssm_out[nd:nd + npf].view(npf, H, P), D=self.D,
@@ -263,12 +284,43 @@ class MambaMixer2(MixerLayout, nn.Module):
             else:
                 _scatter_states(ssm_state, table_p, states)
 
+        return self._gated_out(ssm_out, gate)
+
+    def _gated_out(self, ssm_out, gate):
         if self.use_rms_norm:
             gated = rms_norm_gated(x=ssm_out, weight=self.norm_weight, z=gate, eps=self.rms_norm_eps,
                                    group_size=self.dims.norm_group_size)
         else:
             gated = ssm_out * F.silu(gate)
         return F.linear(gated, self.out_proj_weight, self.out_proj_bias)
+
+    def _train_forward(self, hidden_states, seq_idx, cu_seqlens) -> torch.Tensor:
+        """The cache-free forward (``forward``'s training form): the packed
+        prefill path on functional, differentiable ops."""
+        host = lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        layout = self._training_layout(tuple(hidden_states.shape), host(seq_idx), host(cu_seqlens))
+        if layout is None:  # no tokens
+            return hidden_states.new_zeros(hidden_states.shape)
+        cu, chunks = layout
+        device = hidden_states.device
+        index = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+        batch, seqlen, _ = hidden_states.shape
+        T, P, N = batch * seqlen, self.head_dim, self.ssm_state_size
+        H, G = self.num_heads, self.dims.padded_groups
+        gate, xBC, dt = torch.split(
+            F.linear(hidden_states.reshape(T, self.hidden_size), self.in_proj_weight, self.in_proj_bias),
+            self.projection_sizes, dim=-1)
+        qsl = index(cu)
+        conv, _ = causal_conv1d_fn(x=xBC.T, weight=self.conv_weight, bias=self.conv_bias,
+                                   query_start_loc=qsl, activation=self.activation, return_states=True)
+        x, B, C = torch.split(conv.T, self.xbc_sizes, dim=-1)
+        y, _ = mamba_chunk_scan_combined_varlen(
+            x=x.reshape(T, H, P), dt=dt, A=self.A, B=B.reshape(T, G, N), C=C.reshape(T, G, N),
+            chunk_size=self.chunk_size, cu_seqlens=qsl, cu_chunk_seqlens=index(chunks.cu_chunk_seqlens),
+            last_chunk_indices=index(chunks.last_chunk_indices), seq_idx=index(chunks.seq_idx), out=None,
+            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, validate_metadata=False)
+        out = self._gated_out(y.reshape(T, self.intermediate_size).to(hidden_states.dtype), gate)
+        return out.reshape(batch, seqlen, self.hidden_size)
 
 
 class CapturedDecodeStep:

@@ -4,18 +4,25 @@ how the projection splits, and the up-front checks of a call."""
 
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import Mapping
+from typing import Mapping, Optional
 
+import numpy as np
+
+from bridge.spec.checks import fail
 from bridge.spec.mixer_metadata import Mamba2Metadata, check_batch, check_checkpoint, checkpoint_shapes
 from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.ssd_contract import ChunkMetadata, chunk_metadata
 from bridge.spec.state_shapes import MambaStateShapeCalculator
+
+OP = "MambaMixer2"
 
 # Checkpoint key (Hugging Face / mamba_ssm) -> the mixers' parameter attribute.
 PARAM_ATTRS = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias",
                "conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias", "dt_bias": "dt_bias",
                "D": "D", "norm.weight": "norm_weight", "out_proj.weight": "out_proj_weight",
-               "out_proj.bias": "out_proj_bias"}
+               "out_proj.bias": "out_proj_bias", "A_log": "A_log"}
 
 
 class MixerLayout:
@@ -46,11 +53,11 @@ class MixerLayout:
     def load_weights(self, weights: Mapping, prefix: str = "") -> None:
         """Copy a checkpoint in: Hugging Face / mamba_ssm key names (after
         ``prefix``) mapping to torch tensors, jax or numpy arrays (shared
-        through DLPack without a copy where possible). ``A_log`` becomes
-        ``A = -exp(A_log)``."""
+        through DLPack without a copy where possible). ``A_log`` is the
+        parameter itself (``A = -exp(A_log)``, float32)."""
         check_checkpoint(weights, self._checkpoint_shapes(), prefix)
         self._load({attr: weights[prefix + key] for key, attr in PARAM_ATTRS.items()
-                    if getattr(self, attr) is not None}, weights[prefix + "A_log"])
+                    if getattr(self, attr) is not None})
 
     def load_safetensors(self, path: str, prefix: str = "") -> None:
         """``load_weights`` from a safetensors file."""
@@ -95,3 +102,76 @@ class MixerLayout:
         """``check_batch`` for this mixer's chunk size and speculative tokens."""
         check_batch(metadata, num_tokens=num_tokens, num_slots=num_slots,
                     chunk_size=self.chunk_size, num_spec=self.num_spec, host=host)
+
+    # --- the cache-free training forward ------------------------------------------
+
+    @staticmethod
+    def _is_training_call(serving: Mapping, training: Mapping) -> bool:
+        """True for the cache-free training forward (every ``serving``
+        argument absent), False for the serving forward (all given); a
+        partial set, or a training-only argument with a cache, is refused
+        by name."""
+        given = [name for name, value in serving.items() if value is not None]
+        if given and len(given) < len(serving):
+            missing = next(name for name, value in serving.items() if value is None)
+            fail(OP, missing, f"is required with `{given[0]}` (the serving forward takes "
+                              f"{', '.join(f'`{n}`' for n in serving)} together); leave them all out "
+                              "for the cache-free training forward")
+        if given:
+            for name, value in training.items():
+                if value is not None:
+                    fail(OP, name, "is an argument of the cache-free training forward only (the "
+                                   "serving forward reads the sequences from `metadata`)")
+        return not given
+
+    def _training_layout(self, shape, seq_idx=None,
+                         cu_seqlens=None) -> Optional[tuple[np.ndarray, ChunkMetadata]]:
+        """``hidden_states (batch, seqlen, hidden)`` as packed sequences:
+        ``(cu_seqlens (Q+1,) int32, chunk metadata)`` over the ``batch *
+        seqlen`` tokens (None when there are none). Each row is one sequence, or (``seq_idx (batch,
+        seqlen)``, host values) splits where ``seq_idx`` changes, or (batch
+        1, ``cu_seqlens (Q+1,)``, host values) holds the given sequences."""
+        if len(shape) != 3 or shape[2] != self.hidden_size:
+            fail(OP, "hidden_states", f"must be (batch, seqlen, {self.hidden_size}) without a cache, "
+                                      f"got shape {tuple(shape)}")
+        batch, seqlen = int(shape[0]), int(shape[1])
+        if seq_idx is not None and cu_seqlens is not None:
+            fail(OP, "cu_seqlens", "and `seq_idx` both describe packed rows: pass one of them")
+        if batch * seqlen == 0:
+            return None
+        if cu_seqlens is not None:
+            return _packed_layout(batch, seqlen, np.asarray(cu_seqlens), self.chunk_size)
+        if seq_idx is not None:
+            return _seq_idx_layout(batch, seqlen, np.asarray(seq_idx), self.chunk_size)
+        return _rows_layout(batch, seqlen, self.chunk_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_layout(batch: int, seqlen: int, chunk_size: int) -> tuple[np.ndarray, ChunkMetadata]:
+    """One sequence per row (cached: a training loop reuses its shapes)."""
+    cu = (np.arange(batch + 1, dtype=np.int64) * seqlen).astype(np.int32)
+    return cu, chunk_metadata(cu, chunk_size)
+
+
+def _seq_idx_layout(batch: int, seqlen: int, ids: np.ndarray, chunk_size: int):
+    if ids.shape != (batch, seqlen) or ids.dtype.kind not in "iu":
+        fail(OP, "seq_idx", f"must be integer ({batch}, {seqlen}) (batch, seqlen), got {ids.dtype} "
+                            f"of shape {ids.shape}")
+    if (np.diff(ids, axis=1) < 0).any():
+        fail(OP, "seq_idx", "must not decrease along a row (a row splits where it changes)")
+    is_start = np.ones((batch, seqlen), dtype=bool)
+    is_start[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    cu = np.append(np.flatnonzero(is_start.ravel()), batch * seqlen).astype(np.int32)
+    return cu, chunk_metadata(cu, chunk_size)
+
+
+def _packed_layout(batch: int, seqlen: int, cu: np.ndarray, chunk_size: int):
+    if batch != 1:
+        fail(OP, "cu_seqlens", f"packs sequences into one row: `hidden_states` must be (1, seqlen, "
+                               f"hidden), got batch {batch}")
+    if cu.ndim != 1 or cu.dtype.kind not in "iu" or len(cu) < 2 or cu[0] != 0 or cu[-1] != seqlen \
+            or (np.diff(cu) < 1).any():
+        fail(OP, "cu_seqlens", f"must be integer (num_seqs + 1,), rising strictly from 0 to seqlen "
+                               f"{seqlen}, got {cu.dtype} {cu.tolist()[:8]}")
+    cu = cu.astype(np.int32)
+    return cu, chunk_metadata(cu, chunk_size)
