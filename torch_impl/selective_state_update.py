@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bridge.spec import launch_config as lc
+from bridge.spec import checks, launch_config as lc
 from bridge.spec.ssu_contract import (
     NULL_BLOCK_ID, check_ssu_args, check_ssu_index_values, philox_rounds)
 from torch_impl import platform
@@ -256,7 +256,7 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
     dst = src if dst is None else dst
     index_columns = 1 if src is None or src.dim() == 1 else src.shape[1]
     block_size_m, num_warps = SSU_CONFIGS.lookup(
-        P, N, num_seqs, H, _DTYPE_NAMES[state.dtype], is_blackwell, platform.device_name(state.device))
+        P, N, num_seqs, H, checks.dtype_name(state), is_blackwell, platform.device_name(state.device))
     grid = (triton.cdiv(P, block_size_m), H, num_seqs)
     with platform.on_device(state.device):
         _selective_state_update_kernel[grid](
@@ -271,8 +271,6 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
             DT_SOFTPLUS=dt_softplus, TIE_HDIM=tie_hdim, PHILOX_ROUNDS=philox_rounds,
             BLOCK_SIZE_M=block_size_m, BLOCK_SIZE_DSTATE=triton.next_power_of_2(N), num_warps=num_warps)
 
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 # The launch as a torch op: opaque to torch.compile (which sees the fake) and
 # safe in a CUDA graph. Registered through torch.library.Library rather than
