@@ -22,8 +22,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.conv_contract import (
-    INDEX_ARGS, NULL_BLOCK_ID, ConvLayout, ConvTiles, check_conv_fn_args, check_conv_index_values,
-    check_conv_update_args, conv_tiles)
+    INDEX_ARGS, NULL_BLOCK_ID, ConvLayout, ConvTiles, check_conv_fn_args, check_conv_fn_grad,
+    check_conv_index_values, check_conv_update_args, conv_bwd_block_w, conv_tiles,
+    stateless_states_shape)
 from jax_impl import platform
 
 
@@ -200,6 +201,200 @@ def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, q
         block_idx_last_scheduled_token, block_idx_first_scheduled_token, num_computed_tokens)))
 
 
+
+def _conv_fn_bwd_kernel(dx_in_ref, dstate_in_ref, x_ref, weight_ref, bias_ref, state_ref, qsl_ref,
+                        indices_ref, has_init_ref, dout_ref, dnew_ref, dx_ref, dw_ref, db_ref,
+                        dstate_ref, *, layout: ConvLayout, tiles: ConvTiles, pad_slot_id: int,
+                        block_w: int):
+    """The training form's backward (no prefix caching); the mirror of
+    ``torch_impl.causal_conv1d._causal_conv1d_fn_bwd_kernel`` (see there),
+    except that the 2W - 1 window rows around a tile are loaded once and
+    shared by the W recomputed pre-activations (traced Python lists; the
+    Triton kernel reloads them, from cache).
+    Grid (num_seqs, cdiv(dim, block_d)); dx starts zeroed, dstate as d(new
+    states); dw (num_seqs, block_w, D) and db (num_seqs, D) float32 partials."""
+    del dx_in_ref, dstate_in_ref  # the same buffers as dx_ref, dstate_ref
+    i32, f32 = jnp.int32, jnp.float32
+    zero = jnp.zeros((), i32)
+    width = layout.width
+    seq = pl.program_id(0)
+    offs_d = pl.program_id(1) * tiles.block_d + jnp.arange(tiles.block_d, dtype=i32)
+    mask_d = offs_d < layout.dim
+    cols = offs_d[None, :]
+    bos, eos = qsl_ref[seq], qsl_ref[seq + 1]
+    ok = (bos >= 0) & (bos <= eos) & (eos <= layout.num_tokens)
+    bos = jnp.clip(bos, 0, layout.num_tokens)
+    seqlen = jnp.clip(eos, bos, layout.num_tokens) - bos
+    if indices_ref is not None:
+        slot = indices_ref[seq]
+        padding = slot == pad_slot_id
+        ok = ok & (slot >= 0) & (slot < layout.num_slots)
+    else:
+        slot, padding = seq, jnp.zeros((), bool)
+        ok = ok & (seq < layout.num_slots)
+    active = ok & ~padding
+    poison = ~ok & ~padding
+    has_history = (active & (has_init_ref[seq] != 0) if has_init_ref is not None
+                   else jnp.zeros((), bool))
+    slot = jnp.where(active, slot, zero)
+    keep = active & (seqlen > 0)
+
+    def rows_of(ref, rows, valid):
+        """(len(rows), block_d) float32 of a (T, D) ref at the sequence's ``rows``."""
+        return plgpu.load(ref.at[bos + jnp.where(valid, rows, zero)[:, None], cols],
+                          mask=valid[:, None] & mask_d[None, :], other=0.0).astype(f32)
+
+    def window(pos, valid):
+        """Window position ``pos`` (< 0: history, state column W - 1 + pos)."""
+        from_x = valid & (pos >= 0) & (pos < seqlen)
+        columns = (width - 1) + pos
+        from_state = valid & (pos < 0) & has_history & (columns >= 0)
+        old = plgpu.load(state_ref.at[slot, jnp.where(from_state, columns, zero)[:, None], cols],
+                         mask=from_state[:, None] & mask_d[None, :], other=0.0).astype(f32)
+        return jnp.where(from_x[:, None], rows_of(x_ref, pos, from_x), old)
+
+    def weight_tap(k):
+        return plgpu.load(weight_ref.at[offs_d, k], mask=mask_d, other=0.0).astype(f32)
+
+    bias = (plgpu.load(bias_ref.at[offs_d], mask=mask_d, other=0.0).astype(f32)
+            if bias_ref is not None else jnp.zeros((tiles.block_d,), f32))
+
+    def dwindow(p):
+        """The gradient of window positions ``p`` through out and the new state,
+        and d(pre-activation) at tokens ``p`` and the window around them (the
+        2W - 1 window rows loaded once: row m is position p + m - (W - 1))."""
+        rows = [window(p + m - (width - 1), jnp.ones(p.shape, bool)) for m in range(2 * width - 1)]
+        taps = [weight_tap(k)[None, :] for k in range(width)]
+        grad = jnp.zeros((p.shape[0], tiles.block_d), f32)
+        dacc0 = None
+        for j in range(width):  # the outputs at tokens p + j read position p with tap W-1-j
+            t = p + j
+            in_seq = (t >= 0) & (t < seqlen)
+            dacc = rows_of(dout_ref, t, in_seq)
+            if layout.silu:
+                acc = bias[None, :] + sum(rows[j + k] * taps[k] for k in range(width))
+                sig = jax.nn.sigmoid(acc)
+                dacc = dacc * sig * (1.0 + acc * (1.0 - sig))
+            grad = grad + taps[width - 1 - j] * dacc
+            dacc0 = dacc if j == 0 else dacc0
+        if dnew_ref is not None:
+            r = p - seqlen + (width - 1)
+            in_new = keep & (r >= 0) & (r < width - 1)
+            grad = grad + plgpu.load(dnew_ref.at[slot, jnp.where(in_new, r, zero)[:, None], cols],
+                                     mask=in_new[:, None] & mask_d[None, :], other=0.0).astype(f32)
+        return grad, dacc0, rows
+
+    offs_w = jnp.arange(block_w, dtype=i32)
+
+    def token_block(i, carry):
+        dw, db = carry
+        offs_t = i * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
+        dx, dacc, rows = dwindow(offs_t)
+        db = db + jnp.sum(dacc, axis=0)
+        for k in range(width):  # the window of token t at tap k: row k (position t + k - (W-1))
+            dw = dw + jnp.where(offs_w[:, None] == k, jnp.sum(dacc * rows[k], axis=0)[None, :], 0.0)
+        plgpu.store(dx_ref.at[(bos + offs_t)[:, None], cols], dx.astype(dx_ref.dtype),
+                    mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
+        return dw, db
+
+    def poison_block(i, carry):
+        offs_t = i * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
+        plgpu.store(dx_ref.at[(bos + offs_t)[:, None], cols],
+                    jnp.full((tiles.block_t, tiles.block_d), jnp.nan, dx_ref.dtype),
+                    mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
+        return carry
+
+    blocks = lambda n: (n + tiles.block_t - 1) // tiles.block_t  # noqa: E731  (not pl.cdiv: x64)
+    dw, db = jax.lax.fori_loop(0, blocks(jnp.where(active, seqlen, zero)), token_block,
+                               (jnp.zeros((block_w, tiles.block_d), f32),
+                                jnp.zeros((tiles.block_d,), f32)))
+    jax.lax.fori_loop(0, blocks(jnp.where(poison, seqlen, zero)), poison_block, 0)
+    plgpu.store(dw_ref.at[seq, offs_w[:, None], cols], jnp.where(poison, jnp.nan, dw),
+                mask=jnp.broadcast_to(mask_d[None, :], dw.shape))
+    plgpu.store(db_ref.at[seq, offs_d], jnp.where(poison, jnp.nan, db), mask=mask_d)
+    # The history gradient: window positions -(W-1) .. -1, state columns 0 .. W-2.
+    offs_r = jnp.arange(tiles.block_r, dtype=i32)
+    in_hist = offs_r < width - 1
+    dhist = jnp.where(has_history, dwindow(offs_r - (width - 1))[0], 0.0)
+    plgpu.store(dstate_ref.at[slot, offs_r[:, None], cols], dhist.astype(dstate_ref.dtype),
+                mask=(in_hist & keep)[:, None] & mask_d[None, :])
+
+
+def _conv_fn_bwd(layout: ConvLayout, tiles: ConvTiles, pad_slot_id: int, *, x, weight, bias, state,
+                 query_start_loc, indices, has_initial_state, dout, dnew):
+    """x, dout (T, D); state, dnew (S, L, D). Returns (dx, dweight, dbias, dstate)."""
+    dx, dstate = jnp.zeros(x.shape, x.dtype), dnew.astype(state.dtype)
+    block_w = conv_bwd_block_w(layout.width)
+    if layout.num_seqs == 0 or layout.dim == 0 or layout.num_tokens == 0:
+        return dx, jnp.zeros(weight.shape, weight.dtype), bias if bias is None else \
+            jnp.zeros(bias.shape, bias.dtype), dstate
+    kernel = functools.partial(_conv_fn_bwd_kernel, layout=layout, tiles=tiles,
+                               pad_slot_id=pad_slot_id, block_w=block_w)
+    dx, dw, db, dstate = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(dx.shape, dx.dtype),
+                   jax.ShapeDtypeStruct((layout.num_seqs, block_w, layout.dim), jnp.float32),
+                   jax.ShapeDtypeStruct((layout.num_seqs, layout.dim), jnp.float32),
+                   jax.ShapeDtypeStruct(dstate.shape, dstate.dtype)),
+        grid=(layout.num_seqs, pl.cdiv(layout.dim, tiles.block_d)),
+        input_output_aliases={0: 0, 1: 3},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=platform.INTERPRET,
+        name="causal_conv1d_fn_bwd",
+    )(dx, dstate, x, weight, bias, state,
+      *map(platform.int32_indices, (query_start_loc, indices, has_initial_state)), dout, dnew)
+    dweight = jnp.sum(dw, axis=0)[:layout.width].T.astype(weight.dtype)
+    dbias = None if bias is None else jnp.sum(db, axis=0).astype(bias.dtype)
+    return dx, dweight, dbias, dstate
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _conv_fn_train(layout, tiles, pad_slot_id, x, weight, bias, state, query_start_loc, indices,
+                   has_initial_state):
+    """The training form: x (T, D), state (S, L, D) -> (out (T, D), zero
+    where no sequence writes; new state)."""
+    return _run(layout, tiles, x=x, state=state, out=jnp.zeros(x.shape, x.dtype), weight=weight,
+                bias=bias, query_start_loc=query_start_loc, indices=indices,
+                pad_slot_id=pad_slot_id, has_initial_state=has_initial_state)
+
+
+def _conv_fn_train_fwd(layout, tiles, pad_slot_id, *arrays):
+    return _conv_fn_train(layout, tiles, pad_slot_id, *arrays), arrays
+
+
+def _conv_fn_train_bwd(layout, tiles, pad_slot_id, arrays, cotangents):
+    x, weight, bias, state, query_start_loc, indices, has_initial_state = arrays
+    dout, dnew = cotangents
+    dx, dweight, dbias, dstate = _conv_fn_bwd(
+        layout, tiles, pad_slot_id, x=x, weight=weight, bias=bias, state=state,
+        query_start_loc=query_start_loc, indices=indices, has_initial_state=has_initial_state,
+        dout=dout, dnew=dnew)
+    return dx, dweight, dbias, dstate, None, None, None
+
+
+_conv_fn_train.defvjp(_conv_fn_train_fwd, _conv_fn_train_bwd)
+
+
+def _inference_only(refuse, function, *arrays):
+    """``function(*arrays)``; differentiated, ``refuse()`` raises (a custom JVP
+    whose rule raises a clear error, instead of Pallas's on aliasing)."""
+    wrapped = jax.custom_jvp(function)
+
+    @wrapped.defjvp
+    def _refuse(primals, tangents):
+        refuse()
+        raise AssertionError("unreachable: refuse() raises")
+
+    return wrapped(*arrays)
+
+
+def _refuse_decode(function: str):
+    def refuse():
+        raise ValueError(f"{function} is an inference-only (decode) op: it has no gradient; "
+                         f"call it outside jax.grad / jax.vjp (to train: causal_conv1d_fn)")
+    return refuse
+
+
 def _check_values(function: str, layout: ConvLayout, arrays: dict, validate_indices,
                   pad_slot_id) -> None:
     """The index values, when concrete and not switched off."""
@@ -219,27 +414,52 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
     ``bias (dim,)``, ``conv_states (S, dim, L)`` read at ``cache_indices`` (or
     a block table with prefix caching; ``bridge.spec.conv_contract``).
     Returns ``(out (dim, T), new_conv_states)``; a given ``out`` keeps its
-    values in the columns of padding sequences.
+    values in the columns of padding sequences (without one they are 0).
+    ``conv_states=None``: no initial states (the new states are ``(num_seqs,
+    dim, width - 1)``).
+
+    Differentiable (``jax.custom_vjp``, Pallas backward) in x, weight, bias
+    and conv_states, from ``out`` and the new states; not with prefix caching
+    or a given ``out`` (refused by name under differentiation).
 
     Jittable with ``activation``, ``pad_slot_id`` and ``block_size_to_align``
     static. Concrete index values are checked (not with
     ``validate_indices=False``); traced ones follow the contract's unchecked
     rules (skipped, NaN outputs, no stray access).
     """
-    arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
-                  has_initial_state=has_initial_state, initial_state_idx=initial_state_idx,
+    prefix = dict(initial_state_idx=initial_state_idx,
                   block_idx_last_scheduled_token=block_idx_last_scheduled_token,
                   block_idx_first_scheduled_token=block_idx_first_scheduled_token,
                   num_computed_tokens=num_computed_tokens)
+    if conv_states is None:
+        conv_states = jnp.zeros(stateless_states_shape(
+            x=x, weight=weight, query_start_loc=query_start_loc, cache_indices=cache_indices,
+            has_initial_state=has_initial_state, **prefix), x.dtype)
+    arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
+                  has_initial_state=has_initial_state, **prefix)
     layout = check_conv_fn_args(**arrays, conv_states=conv_states, cache_indices=cache_indices,
                                 out=out, activation=activation, pad_slot_id=pad_slot_id,
                                 block_size_to_align=block_size_to_align)
     _check_values("causal_conv1d_fn", layout, dict(arrays, cache_indices=cache_indices),
                   validate_indices, pad_slot_id)
-    new_out, new_state = _run(
-        layout, conv_tiles(layout), **dict(arrays, x=x.T), state=jnp.swapaxes(conv_states, 1, 2),
-        out=None if out is None else out.T, indices=cache_indices, pad_slot_id=int(pad_slot_id),
-        block_size_to_align=int(block_size_to_align))
+    state = jnp.swapaxes(conv_states, 1, 2)
+    tiles, pad_slot_id = conv_tiles(layout), int(pad_slot_id)
+    if out is None and all(value is None for value in prefix.values()):
+        new_out, new_state = _conv_fn_train(layout, tiles, pad_slot_id, x.T, weight, bias, state,
+                                            query_start_loc, cache_indices, has_initial_state)
+        return new_out.T, jnp.swapaxes(new_state, 1, 2)
+
+    def run(x, weight, bias, state, out, index_arrays):
+        return _run(layout, tiles, x=x, weight=weight, bias=bias, state=state, out=out,
+                    pad_slot_id=pad_slot_id, block_size_to_align=int(block_size_to_align),
+                    **index_arrays)
+
+    index_arrays = dict(query_start_loc=query_start_loc, indices=cache_indices,
+                        has_initial_state=has_initial_state, **prefix)
+    # Differentiated: the contract's error (prefix caching, `out`).
+    new_out, new_state = _inference_only(
+        lambda: check_conv_fn_grad(out=out, **prefix), run, x.T, weight, bias, state,
+        None if out is None else out.T, index_arrays)
     return new_out.T, jnp.swapaxes(new_state, 1, 2)
 
 
@@ -254,7 +474,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
     (column ``initial_state_idx``) and written at column
     ``block_idx_last_scheduled_token``. Returns ``(out, new_conv_state)``;
     ``max_query_len`` (static; -1: unknown) sizes the token tile.
-    ``validate_indices``: as in ``causal_conv1d_fn``.
+    ``validate_indices``: as in ``causal_conv1d_fn``. Inference only:
+    refused (ValueError naming the op) under ``jax.grad`` / ``jax.vjp``.
     """
     arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
                   num_accepted_tokens=num_accepted_tokens, initial_state_idx=initial_state_idx,
@@ -266,6 +487,11 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
     _check_values("causal_conv1d_update", layout,
                   dict(arrays, conv_state_indices=conv_state_indices), validate_indices, pad_slot_id)
     tiles = conv_tiles(layout, varlen=query_start_loc is not None, max_query_len=max_query_len)
-    new_out, new_state = _run(layout, tiles, **arrays, state=jnp.swapaxes(conv_state, 1, 2),
-                              out=out, indices=conv_state_indices, pad_slot_id=int(pad_slot_id))
+
+    def run(state, out, arrays):
+        return _run(layout, tiles, **arrays, state=state, out=out, pad_slot_id=int(pad_slot_id))
+
+    new_out, new_state = _inference_only(
+        _refuse_decode("causal_conv1d_update"), run, jnp.swapaxes(conv_state, 1, 2), out,
+        dict(arrays, indices=conv_state_indices))
     return new_out, jnp.swapaxes(new_state, 1, 2)

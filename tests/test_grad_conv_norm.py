@@ -1,0 +1,165 @@
+"""Gradients of the training forms of the causal conv1d (``causal_conv1d_fn``:
+x, weight, bias, initial states; from ``out`` and the new states) and of the
+gated RMSNorm (x, weight, z; gate before or after the norm, groups), in each
+framework, against float64 autodiff of float64 references written here from
+the contracts' math (torch autograd; ``jax.grad`` under x64); a
+finite-difference spot check of the kernels; Triton vs Pallas gradients on
+the same inputs; chained prefill calls differentiate like one; the refusals:
+decode-only ops and in-place writes under differentiation."""
+
+import types
+
+import numpy as np
+import pytest
+
+from frameworks import JaxSide, TorchSide, assert_close
+
+PAD = 0  # the null block (pad_slot_id's default)
+
+
+# --- the framework-specific pieces: array ops and reverse mode ----------------------
+
+def _ops(side):
+    """cat / stack / sigmoid / zeros / sqrt of the side's array module."""
+    if side.name == "torch":
+        torch = side.torch
+        return types.SimpleNamespace(cat=lambda a, axis: torch.cat(a, axis), stack=torch.stack,
+                                     sigmoid=torch.sigmoid, rsqrt=torch.rsqrt,
+                                     zeros=lambda shape, like: like.new_zeros(shape))
+    jnp = side.jnp
+    return types.SimpleNamespace(cat=lambda a, axis: jnp.concatenate(a, axis), stack=jnp.stack,
+                                 sigmoid=side.jax.nn.sigmoid, rsqrt=side.jax.lax.rsqrt,
+                                 zeros=lambda shape, like: jnp.zeros(shape, like.dtype))
+
+
+def _vjp(side, function, primals: dict, cotangents, dtype: str, *, x_transposed=False):
+    """Gradients (float64 numpy, by name) of ``sum(outputs * cotangents)`` for
+    ``function(**primals)`` (a tuple of outputs) at numpy ``primals`` cast to
+    ``dtype`` (``x`` handed over as a transposed token-major buffer when
+    ``x_transposed``). float64 under JAX runs in x64 mode."""
+    if side.name == "torch":
+        torch = side.torch
+        leaves = {}
+        for name, value in primals.items():
+            value = value.T if (x_transposed and name == "x") else value
+            leaves[name] = side.array(value, dtype).requires_grad_()
+        args = {k: (v.T if (x_transposed and k == "x") else v) for k, v in leaves.items()}
+        outputs = function(**args)
+        loss = sum((o * side.array(c, dtype).to(o.dtype)).sum() for o, c in zip(outputs, cotangents))
+        loss.backward()
+        return {k: side.numpy(v.grad) for k, v in leaves.items()}, [side.numpy(o) for o in outputs]
+    jax, jnp = side.jax, side.jnp
+    with jax.enable_x64(dtype == "float64"):
+        names = list(primals)
+        values = [jnp.asarray(primals[k], getattr(jnp, dtype)) for k in names]
+
+        def call(*arrays):
+            return tuple(function(**dict(zip(names, arrays))))
+
+        outputs, pullback = jax.vjp(call, *values)
+        grads = pullback(tuple(jnp.asarray(c, o.dtype) for o, c in zip(outputs, cotangents)))
+        return ({k: side.numpy(g) for k, g in zip(names, grads)},
+                [side.numpy(o) for o in outputs])
+
+
+def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """``values`` as the kernel sees them in ``dtype``, back in float64."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+        return values.astype(ml_dtypes.bfloat16).astype(np.float64)
+    return values.astype(dtype).astype(np.float64)
+
+
+# --- causal conv1d, the training form -----------------------------------------------
+
+def _conv_ref(F, x, weight, bias, conv_states, *, qsl, cache_indices, has_initial_state, silu):
+    """Differentiable (either framework) ``causal_conv1d_fn`` training form
+    from the contract: x (D, T) -> (out (D, T), zero where no sequence writes;
+    new states: each sequence's slot's columns < W - 1 the last W - 1 inputs
+    of history ++ x, the other slots and columns unchanged)."""
+    dim, num_tokens = x.shape
+    width = weight.shape[1]
+    columns = [F.zeros((dim,), x)] * num_tokens
+    rewritten = {}
+    for seq in range(len(qsl) - 1):
+        begin, end = int(qsl[seq]), int(qsl[seq + 1])
+        slot = seq if cache_indices is None else int(cache_indices[seq])
+        if cache_indices is not None and slot == PAD:
+            continue
+        history = (conv_states[slot, :, :width - 1]
+                   if has_initial_state is not None and has_initial_state[seq]
+                   else F.zeros((dim, width - 1), x))
+        window = F.cat([history, x[:, begin:end]], 1)
+        for t in range(end - begin):
+            value = (window[:, t:t + width] * weight).sum(-1)
+            value = value if bias is None else value + bias
+            columns[begin + t] = value * F.sigmoid(value) if silu else value
+        if end > begin:
+            rewritten[slot] = F.cat([window[:, -(width - 1):], conv_states[slot, :, width - 1:]], 1)
+    new_states = F.stack([rewritten.get(s, conv_states[s]) for s in range(conv_states.shape[0])])
+    return F.stack(columns, 1) if num_tokens else x, new_states
+
+
+def _conv_case(rng, *, width=4, dim=24, seqlens=(3, 1, 0, 6, 2), state_len=None, bias=True):
+    """Packed sequences (one empty), one padding sequence (slot PAD), every
+    second with an initial state; slots permuted, one left untouched."""
+    num_seqs = len(seqlens)
+    qsl = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+    slots = rng.permutation(np.arange(1, num_seqs + 2))[:num_seqs].astype(np.int32)
+    slots[1] = PAD
+    primals = {"x": rng.standard_normal((int(qsl[-1]), dim)).T,
+               "weight": rng.standard_normal((dim, width)) * 0.5,
+               "conv_states": rng.standard_normal((num_seqs + 2, dim, state_len or width))}
+    if bias:
+        primals["bias"] = rng.standard_normal(dim) * 0.5
+    index = dict(qsl=qsl, cache_indices=slots, has_initial_state=np.arange(num_seqs) % 2 == 0)
+    return primals, index
+
+
+def _conv_cotangents(rng, primals):
+    return [rng.standard_normal(primals["x"].shape), rng.standard_normal(primals["conv_states"].shape)]
+
+
+def _conv_kernel(side, index, silu):
+    """The kernel's training form with ``index`` as native int32/bool arrays."""
+    qsl = side.array(index["qsl"], "int32")
+    indices = None if index["cache_indices"] is None else side.array(index["cache_indices"], "int32")
+    has_init = (None if index["has_initial_state"] is None
+                else side.array(index["has_initial_state"], "bool"))
+    extra = {"return_states": True} if side.name == "torch" else {}
+
+    def conv(x, weight, conv_states, bias=None):
+        return side.impl.causal_conv1d_fn(x, weight, bias, conv_states, qsl, indices, has_init,
+                                          activation="silu" if silu else None, **extra)
+    return conv
+
+
+def _conv_reference(side, index, silu):
+    F = _ops(side)
+
+    def conv(x, weight, conv_states, bias=None):
+        return _conv_ref(F, x, weight, bias, conv_states, qsl=index["qsl"],
+                         cache_indices=index["cache_indices"],
+                         has_initial_state=index["has_initial_state"], silu=silu)
+    return conv
+
+
+CONV_CASES = [dict(dtype="float32", silu=True, width=4, bias=True),
+              dict(dtype="float32", silu=False, width=2, bias=False),
+              dict(dtype="bfloat16", silu=True, width=3, bias=True)]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_conv_grads_match_float64_autodiff(side, case, rng):
+    primals, index = _conv_case(rng, width=case["width"], bias=case["bias"])
+    cotangents = _conv_cotangents(rng, primals)
+    dtype = case["dtype"]
+    got, got_out = _vjp(side, _conv_kernel(side, index, case["silu"]), primals, cotangents, dtype,
+                        x_transposed=True)
+    rounded = {k: _rounded(v, dtype) for k, v in primals.items()}
+    want, want_out = _vjp(side, _conv_reference(side, index, case["silu"]), rounded,
+                          [_rounded(c, dtype) for c in cotangents], "float64", x_transposed=True)
+    for name, what in zip(("out", "new states"), range(2)):
+        assert_close(got_out[what], want_out[what], dtype, f"{side.name} conv {name}")
+    for name in primals:
+        assert_close(got[name], want[name], dtype, f"{side.name} conv d{name}")
