@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from bridge.spec.norm_contract import check_norm_args, norm_num_warps
+from bridge.spec.norm_contract import (
+    NORM_BWD_ROWS, check_norm_args, check_norm_grad, norm_bwd_blocks, norm_num_warps)
 from torch_impl import platform
 
 import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
@@ -40,6 +41,63 @@ def _rms_norm_gated_kernel(
     tl.store(out_ptr + token * stride_o_tok + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+
+@triton.heuristics(platform.given_flags(HAS_Z="z_ptr", HAS_WEIGHT="w_ptr"))
+@triton.jit
+def _rms_norm_gated_bwd_kernel(
+    dy_ptr, x_ptr, z_ptr, w_ptr, dx_ptr, dz_ptr, dw_ptr, num_tokens, hidden, group_size, eps,
+    stride_dy_tok, stride_x_tok, stride_z_tok, stride_dx_tok, stride_dz_tok,
+    NORM_BEFORE_GATE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    """Grid (cdiv(num_tokens, ROWS), num_groups): ROWS tokens of one group per
+    program; dx, dz per token, the block's dweight partial (float32) into row
+    ``program_id(0)`` of ``dw_ptr`` (num_blocks, hidden)."""
+    block = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * group_size + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < group_size
+    w = tl.full((BLOCK,), 1.0, tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = block * ROWS
+    for token in range(first, tl.minimum(first + ROWS, num_tokens)):
+        x = tl.load(x_ptr + token * stride_x_tok + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + token * stride_dy_tok + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.full((BLOCK,), 1.0, tl.float32)
+        dsilu = tl.zeros((BLOCK,), dtype=tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + token * stride_z_tok + offs, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            dsilu = sig * (1.0 + z * (1.0 - sig))
+        v = x
+        if HAS_Z and not NORM_BEFORE_GATE:
+            v = x * gate
+        rstd = tl.rsqrt(tl.sum(v * v, axis=0) / group_size + eps)
+        n = v * rstd
+        if HAS_Z and NORM_BEFORE_GATE:
+            dn = dy * w * gate
+            dw += dy * n * gate
+        else:
+            dn = dy * w
+            dw += dy * n
+        dv = rstd * (dn - n * (tl.sum(dn * n, axis=0) / group_size))
+        if HAS_Z:
+            if NORM_BEFORE_GATE:
+                dz = dy * n * w * dsilu
+                dx = dv
+            else:
+                dz = dv * x * dsilu
+                dx = dv * gate
+            tl.store(dz_ptr + token * stride_dz_tok + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        else:
+            dx = dv
+        tl.store(dx_ptr + token * stride_dx_tok + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_WEIGHT:
+        tl.store(dw_ptr + block * hidden + offs, dw, mask=mask)
+
+
 def _launch(x, weight, z, output, eps, group_size, norm_before_gate):
     num_tokens, hidden = x.shape
     if num_tokens == 0:
@@ -64,11 +122,75 @@ def _writes_in_place(*args, **kwargs) -> None:
     """The op only writes ``output``."""
 
 
+def _functional(x, weight, z, eps, group_size, norm_before_gate):
+    out = torch.empty_like(x)
+    _launch(x, weight, z, out, eps, group_size, norm_before_gate)
+    return out
+
+
+def _backward(dy, x, weight, z, dx, dz, dweight, eps, group_size, norm_before_gate):
+    """dx, dz like x; dweight (norm_bwd_blocks(T), hidden) float32 partials."""
+    num_tokens, hidden = x.shape
+    if num_tokens == 0:
+        return
+    block = triton.next_power_of_2(group_size)
+    with platform.on_device(x.device):
+        _rms_norm_gated_bwd_kernel[(norm_bwd_blocks(num_tokens), hidden // group_size)](
+            dy, x, z, weight, dx, dz, dweight, num_tokens, hidden, group_size, eps,
+            dy.stride(0), x.stride(0), platform.strides(z, 2)[0], dx.stride(0),
+            platform.strides(dz, 2)[0], NORM_BEFORE_GATE=norm_before_gate, BLOCK=block,
+            ROWS=NORM_BWD_ROWS, num_warps=norm_num_warps(block))
+
+
+# The training form: a functional op (autograd cannot ride on one that
+# writes its output in place) and its backward.
+_LIB.define("rms_norm_gated_functional(Tensor x, Tensor? weight, Tensor? z, float eps, "
+            "int group_size, bool norm_before_gate) -> Tensor")
+_LIB.define("rms_norm_gated_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? z, "
+            "Tensor(a!) dx, Tensor(b!)? dz, Tensor(c!)? dweight, float eps, int group_size, "
+            "bool norm_before_gate) -> ()")
+_LIB.impl("rms_norm_gated_functional", _functional, "CompositeExplicitAutograd")
+_LIB.impl("rms_norm_gated_backward", _backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mamba_twin::rms_norm_gated_functional", lib=_LIB)
+def _functional_fake(x, *args):
+    return torch.empty_like(x)
+
+
+torch.library.register_fake("mamba_twin::rms_norm_gated_backward", _writes_in_place, lib=_LIB)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, z, ctx.eps, ctx.group_size, ctx.norm_before_gate = inputs
+    ctx.save_for_backward(x, weight, z)
+
+
+def _autograd_backward(ctx, dy):
+    x, weight, z = ctx.saved_tensors
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dx = torch.empty_like(x)
+    dz = None if z is None else torch.empty_like(z)
+    dweight = None if weight is None else x.new_empty(
+        (norm_bwd_blocks(x.shape[0]), x.shape[1]), dtype=torch.float32)
+    torch.ops.mamba_twin.rms_norm_gated_backward.default(
+        dy, x, weight, z, dx, dz, dweight, ctx.eps, ctx.group_size, ctx.norm_before_gate)
+    if dweight is not None:
+        dweight = dweight.sum(0).to(weight.dtype)
+    return dx, dweight, dz, None, None, None
+
+
+torch.library.register_autograd("mamba_twin::rms_norm_gated_functional", _autograd_backward,
+                                setup_context=_setup_context, lib=_LIB)
+
+
 def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False, *,
                    out=None):
     """``x, z (T, hidden)``, ``weight (hidden,)`` or None -> ``out (T,
     hidden)`` (written into ``out`` when given, else allocated like ``x``).
-    Normalised per group of ``group_size`` channels (default: all)."""
+    Normalised per group of ``group_size`` channels (default: all).
+    Differentiable in x, weight and z (a Triton backward) when ``out`` is not
+    given; a given ``out`` with inputs that require grad is refused."""
     arrays = dict(x=x, z=z, weight=weight, out=out)
     _, _, group_size = check_norm_args(**arrays, group_size=group_size, eps=eps)
     platform.check_kernel_device(arrays)
@@ -76,8 +198,10 @@ def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gat
         if tensor is not None and tensor.numel() and tensor.stride(-1) != 1:
             raise ValueError(f"rms_norm_gated: `{name}` must have unit stride over hidden, "
                              f"got strides {tuple(tensor.stride())}")
+    options = dict(eps=float(eps), group_size=group_size, norm_before_gate=bool(norm_before_gate))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z)):
+        check_norm_grad(out=out)
+        return torch.ops.mamba_twin.rms_norm_gated_functional.default(x, weight, z, **options)
     out = torch.empty_like(x) if out is None else out
-    torch.ops.mamba_twin.rms_norm_gated.default(x=x, weight=weight, z=z, output=out, eps=float(eps),
-                                                group_size=group_size,
-                                                norm_before_gate=bool(norm_before_gate))
+    torch.ops.mamba_twin.rms_norm_gated.default(x=x, weight=weight, z=z, output=out, **options)
     return out

@@ -56,3 +56,24 @@ def check_norm_args(*, x, z, weight, out, group_size, eps) -> tuple[int, int, in
 def norm_num_warps(block: int) -> int:
     """Warps for a tile of ``block`` channels: about 256 elements per warp."""
     return max(1, min(16, block // 256))
+
+
+# Backward (training): dx, dz and dweight from dy, the forward recomputed per
+# token and group (float32). With n = v * rstd (v the normalised input: x * silu(z)
+# gate-first, else x) and dn the gradient reaching n,
+#     dv = rstd * (dn - n * mean(dn * n))   (mean over the group)
+# dweight (per channel) is summed over blocks of NORM_BWD_ROWS tokens, one
+# float32 partial per block, then over the blocks.
+NORM_BWD_ROWS = 64
+
+
+def check_norm_grad(*, out) -> None:
+    """The differentiable form allocates its output."""
+    if out is not None:
+        fail(FUNCTION, "out", "is written in place, which cannot carry a gradient: leave it None "
+                              "when inputs require grad")
+
+
+def norm_bwd_blocks(num_tokens: int) -> int:
+    """Token blocks of the backward (rows of its dweight partials)."""
+    return -(-num_tokens // NORM_BWD_ROWS)
