@@ -9,6 +9,12 @@ The stages, numbered and named the same in both packages (files
     4. bmm_chunk      C B^T per chunk and group (tensor cores)                ssd_bmm
     5. chunk_scan     outputs from the start state and the chunk             ssd_chunk_scan
 
+and the backward's (reverse order): chunk_scan_bwd_dstates (d start state of
+every chunk from the outputs; tensor cores), state_passing_bwd (carry the state
+gradient back across chunks), chunk_scan_bwd (dx, ddt, dB, dC and the decay
+gradient; C B^T recomputed per tile, tensor cores), chunk_cumsum_bwd (decay
+gradient -> ddt, dA, d dt_bias), each beside its forward stage's file.
+
 A tuned file for one GPU, ``<folder>/mamba_chunk_scan_combined/device_name=<dev>.json``
 (``{stage: {field: value}}``), replaces a stage's default; folders are looked
 up as for the state update (``$MAMBA_TWIN_TUNED_CONFIG_FOLDER/<backend>`` first,
@@ -66,7 +72,18 @@ class TileConfig:
     num_stages: int
 
 
-StageConfig = Union[ChunkCumsumConfig, StatePassingConfig, TileConfig]
+@dataclasses.dataclass(frozen=True)
+class ChunkScanBwdConfig:
+    """The backward's chunk_scan_bwd: a program owns BLOCK_SIZE_M tokens of a
+    chunk (all of headdim and dstate) and walks the chunk's other tokens in
+    tiles of BLOCK_SIZE_K, recomputing C B^T tile by tile."""
+    BLOCK_SIZE_M: int = 64
+    BLOCK_SIZE_K: int = 64
+    num_warps: int = 8
+    num_stages: int = 1
+
+
+StageConfig = Union[ChunkCumsumConfig, StatePassingConfig, TileConfig, ChunkScanBwdConfig]
 
 # In stage order.
 DEFAULT_STAGE_CONFIGS: Mapping[str, StageConfig] = {
@@ -78,6 +95,12 @@ DEFAULT_STAGE_CONFIGS: Mapping[str, StageConfig] = {
                             num_stages=3),
     "chunk_scan": TileConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=32, num_warps=4,
                              num_stages=2),
+    # The backward (issue 12), stage names shared by both packages.
+    "chunk_scan_bwd_dstates": TileConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=32,
+                                         num_warps=4, num_stages=3),
+    "state_passing_bwd": StatePassingConfig(),
+    "chunk_scan_bwd": ChunkScanBwdConfig(),
+    "chunk_cumsum_bwd": ChunkCumsumConfig(),
 }
 STAGES = tuple(DEFAULT_STAGE_CONFIGS)
 
