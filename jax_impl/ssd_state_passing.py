@@ -64,7 +64,8 @@ def _state_passing_kernel(chunk_states_ref, dA_cumsum_ref, seq_idx_ref, initial_
                         | (seq_idx_ref[jnp.minimum(chunk + 1, num_chunks - 1)] != seq))
             plgpu.store(states_ref.at[row, head, rows, cols],
                         end_state.astype(states_ref.dtype), mask=tile_mask & ends_seq & seq_ok)
-        return end_state, seq
+        # Only valid sequences count as seen: rows after the last one get NaN below.
+        return end_state, jnp.where(seq_ok, seq, previous_seq)
 
     _, last_seq = jax.lax.fori_loop(0, num_chunks, chunk_step,
                                     (zeros, jnp.array(-1, seq_idx_ref.dtype)))

@@ -85,7 +85,8 @@ def _state_passing_kernel(
             if (chunk == num_chunks - 1) | (next_seq != seq):  # the sequence's last chunk
                 tl.store(states_ptr + row * stride_states_row + out_tile,
                          state.to(states_ptr.dtype.element_ty), mask=mask & seq_ok)
-        previous_seq = seq
+        # Only valid sequences count as seen: rows after the last one get NaN below.
+        previous_seq = tl.where(seq_ok, seq, previous_seq)
         chunk_states_ptrs += stride_cs_chunk
         end_states_ptrs += stride_cs_chunk
         intermediate_ptrs += stride_states_row
