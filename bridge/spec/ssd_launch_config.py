@@ -9,15 +9,6 @@ The stages, numbered and named the same in both packages (files
     4. bmm_chunk      C B^T per chunk and group (tensor cores)                ssd_bmm
     5. chunk_scan     outputs from the start state and the chunk             ssd_chunk_scan
 
-The backward (training) stages, in launch order (``BACKWARD_STAGES``; the
-math: ``torch_impl/ssd_combined.py``'s backward docstring):
-
-    chunk_scan_bwd_dstates  d(start state) of each chunk from dout (tensor cores)   ssd_chunk_scan
-    state_passing_bwd       d(end state) carried back across chunks; d initial     ssd_state_passing
-    chunk_scan_bwd          dx, d dt (from x), dB, dz, dD (tensor cores)           ssd_chunk_scan
-    chunk_scan_bwd_dC       dC and the decay's gradient from C (tensor cores)      ssd_chunk_scan
-    chunk_cumsum_bwd        d dt, dA, d dt_bias through the cumulative decay       ssd_chunk_state
-
 and the backward's (reverse order): chunk_scan_bwd_dstates (d start state of
 every chunk from the outputs; tensor cores), state_passing_bwd (carry the state
 gradient back across chunks), chunk_scan_bwd (dx, ddt, dB, dC and the decay
@@ -109,21 +100,12 @@ DEFAULT_STAGE_CONFIGS: Mapping[str, StageConfig] = {
                                          num_warps=4, num_stages=3),
     "state_passing_bwd": StatePassingConfig(),
     "chunk_scan_bwd": ChunkScanBwdConfig(),
+    # Triton splits stage chunk_scan_bwd in two: dC and the decay's gradient
+    # from C are the second kernel (one program per block of query tokens).
+    "chunk_scan_bwd_dC": ChunkScanBwdConfig(BLOCK_SIZE_K=32),
     "chunk_cumsum_bwd": ChunkCumsumConfig(),
 }
 STAGES = tuple(DEFAULT_STAGE_CONFIGS)
-
-# The backward's stages, in launch order (file keys like the forward's).
-BACKWARD_STAGE_CONFIGS: Mapping[str, StageConfig] = {
-    "chunk_scan_bwd_dstates": TileConfig(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=32,
-                                         num_warps=4, num_stages=2),
-    "state_passing_bwd": StatePassingConfig(),
-    "chunk_scan_bwd": ScanBwdConfig(),
-    "chunk_scan_bwd_dC": ScanBwdConfig(),
-    "chunk_cumsum_bwd": ChunkCumsumConfig(),
-}
-BACKWARD_STAGES = tuple(BACKWARD_STAGE_CONFIGS)
-_ALL_STAGE_CONFIGS: Mapping[str, StageConfig] = {**DEFAULT_STAGE_CONFIGS, **BACKWARD_STAGE_CONFIGS}
 
 
 def tile_sizes(config: StageConfig, size_m: int, size_n: int) -> tuple[int, int, int]:
@@ -141,10 +123,9 @@ def ssd_config_file_name(device_name: str) -> str:
 def stage_config(stage: str, config: Union[StageConfig, Mapping[str, int]]) -> StageConfig:
     """``config`` (a stage config or a ``{field: value}`` dict) as the stage's
     frozen config; ValueError naming what is wrong."""
-    if stage not in _ALL_STAGE_CONFIGS:
-        raise ValueError(f"stage: unknown chunked-scan stage {stage!r}; stages: "
-                         f"{', '.join(STAGES + BACKWARD_STAGES)}")
-    config_type = type(_ALL_STAGE_CONFIGS[stage])
+    if stage not in DEFAULT_STAGE_CONFIGS:
+        raise ValueError(f"stage: unknown chunked-scan stage {stage!r}; stages: {', '.join(STAGES)}")
+    config_type = type(DEFAULT_STAGE_CONFIGS[stage])
     if isinstance(config, config_type):
         return config
     fields = {f.name for f in dataclasses.fields(config_type)}
@@ -197,12 +178,12 @@ def _stage_configs(backend: str, bundled_dir: Path, device_name: str,
                    user_folder: str | None) -> dict[str, StageConfig]:
     """Every stage's config for one GPU: the first tuned file found, over the defaults."""
     folders = ([Path(user_folder) / backend] if user_folder else []) + [bundled_dir]
-    configs = dict(_ALL_STAGE_CONFIGS)
+    configs = dict(DEFAULT_STAGE_CONFIGS)
     for folder in folders:
         path = folder / SSD_OP / ssd_config_file_name(device_name)
         if path.exists():
             logger.info("Using chunked-scan launch configs from %s", path)
             tuned = json.loads(path.read_text())
-            configs.update({stage: stage_config(stage, tuned[stage]) for stage in configs if stage in tuned})
+            configs.update({stage: stage_config(stage, tuned[stage]) for stage in STAGES if stage in tuned})
             break
     return configs
