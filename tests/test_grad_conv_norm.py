@@ -47,7 +47,8 @@ def _vjp(side, function, primals: dict, cotangents, dtype: str, *, x_transposed=
         outputs = function(**args)
         loss = sum((o * side.array(c, dtype).to(o.dtype)).sum() for o, c in zip(outputs, cotangents))
         loss.backward()
-        return {k: side.numpy(v.grad) for k, v in leaves.items()}, [side.numpy(o) for o in outputs]
+        return ({k: side.numpy(v.grad.T if (x_transposed and k == "x") else v.grad)
+                 for k, v in leaves.items()}, [side.numpy(o) for o in outputs])
     jax, jnp = side.jax, side.jnp
     with jax.enable_x64(dtype == "float64"):
         names = list(primals)
@@ -145,11 +146,13 @@ def _conv_reference(side, index, silu):
 
 
 CONV_CASES = [dict(dtype="float32", silu=True, width=4, bias=True),
-              dict(dtype="float32", silu=False, width=2, bias=False),
-              dict(dtype="bfloat16", silu=True, width=3, bias=True)]
+              pytest.param(dict(dtype="float32", silu=False, width=2, bias=False),
+                           marks=pytest.mark.slow),
+              pytest.param(dict(dtype="bfloat16", silu=True, width=3, bias=True),
+                           marks=pytest.mark.slow)]  # slow: Pallas' interpreter traces each case
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("case", CONV_CASES, ids=["f32-silu-w4", "f32-w2-nobias", "bf16-silu-w3"])
 def test_conv_grads_match_float64_autodiff(side, case, rng):
     primals, index = _conv_case(rng, width=case["width"], bias=case["bias"])
     cotangents = _conv_cotangents(rng, primals)
@@ -163,3 +166,152 @@ def test_conv_grads_match_float64_autodiff(side, case, rng):
         assert_close(got_out[what], want_out[what], dtype, f"{side.name} conv {name}")
     for name in primals:
         assert_close(got[name], want[name], dtype, f"{side.name} conv d{name}")
+
+
+# --- gated RMSNorm ------------------------------------------------------------------
+
+def _norm_ref(F, x, z=None, weight=None, *, eps, group_size, norm_before_gate):
+    """Differentiable (either framework) gated RMSNorm from the contract."""
+    tokens, hidden = x.shape
+    group_size = group_size or hidden
+    xs = x.reshape(tokens, hidden // group_size, group_size)
+    gate = None if z is None else z.reshape(xs.shape) * F.sigmoid(z.reshape(xs.shape))
+    v = xs * gate if gate is not None and not norm_before_gate else xs
+    y = v * F.rsqrt((v * v).mean(-1, keepdims=True) + eps) if hasattr(v, "at") else \
+        v * F.rsqrt((v * v).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.reshape(hidden // group_size, group_size)
+    if gate is not None and norm_before_gate:
+        y = y * gate
+    return (y.reshape(tokens, hidden),)
+
+
+NORM_CASES = [dict(dtype="float32", group_size=None, norm_before_gate=False, gate=True, weight=True),
+              dict(dtype="float32", group_size=12, norm_before_gate=True, gate=True, weight=True),
+              dict(dtype="bfloat16", group_size=16, norm_before_gate=False, gate=True, weight=True),
+              dict(dtype="float32", group_size=24, norm_before_gate=False, gate=False, weight=False)]
+
+
+def _norm_case(rng, case, tokens=70, hidden=48):
+    """70 tokens: two blocks of the backward's dweight partials."""
+    primals = {"x": rng.standard_normal((tokens, hidden)) * 2}
+    if case["gate"]:
+        primals["z"] = rng.standard_normal((tokens, hidden))
+    if case["weight"]:
+        primals["weight"] = 1 + 0.3 * rng.standard_normal(hidden)
+    options = dict(eps=1e-5, group_size=case["group_size"], norm_before_gate=case["norm_before_gate"])
+    return primals, options, [rng.standard_normal((tokens, hidden))]
+
+
+def _norm_kernel(side, options):
+    def norm(x, z=None, weight=None):
+        return (side.impl.rms_norm_gated(x, weight, z, **options),)
+    return norm
+
+
+def _norm_reference(side, options):
+    F = _ops(side)
+
+    def norm(x, z=None, weight=None):
+        return _norm_ref(F, x, z, weight, **options)
+    return norm
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_norm_grads_match_float64_autodiff(side, case, rng):
+    primals, options, cotangents = _norm_case(rng, case)
+    dtype = case["dtype"]
+    got, got_out = _vjp(side, _norm_kernel(side, options), primals, cotangents, dtype)
+    want, want_out = _vjp(side, _norm_reference(side, options),
+                          {k: _rounded(v, dtype) for k, v in primals.items()},
+                          [_rounded(c, dtype) for c in cotangents], "float64")
+    assert_close(got_out[0], want_out[0], dtype, f"{side.name} norm out")
+    for name in primals:
+        assert_close(got[name], want[name], dtype, f"{side.name} norm d{name}")
+
+
+# --- finite differences, Triton vs Pallas, chained calls ----------------------------------
+
+def _directional(side, function, primals, cotangents, direction, *, x_transposed, h=1e-2):
+    """Central difference of sum(outputs * cotangents) along ``direction``
+    (float32 kernels, float64 sums)."""
+    def loss(step):
+        moved = {k: v + step * direction[k] for k, v in primals.items()}
+        _, outputs = _vjp(side, function, moved, cotangents, "float32", x_transposed=x_transposed)
+        return sum(float((o * c).sum()) for o, c in zip(outputs, cotangents))
+    return (loss(h) - loss(-h)) / (2 * h)
+
+
+@pytest.mark.parametrize("op", [pytest.param("conv", marks=pytest.mark.slow), "norm"])
+def test_finite_difference_spot_check(side, op, rng):
+    if op == "conv":
+        primals, index = _conv_case(rng, width=3, dim=8, seqlens=(3, 1, 4))
+        cotangents, function = _conv_cotangents(rng, primals), _conv_kernel(side, index, True)
+    else:
+        primals, options, cotangents = _norm_case(rng, NORM_CASES[1], tokens=6, hidden=24)
+        function = _norm_kernel(side, options)
+    transposed = op == "conv"
+    grads, _ = _vjp(side, function, primals, cotangents, "float32", x_transposed=transposed)
+    direction = {k: rng.standard_normal(v.shape) for k, v in primals.items()}
+    want = sum(float((grads[k] * direction[k]).sum()) for k in primals)
+    got = _directional(side, function, primals, cotangents, direction, x_transposed=transposed)
+    assert abs(got - want) <= 2e-3 * max(1.0, abs(want)), (got, want)
+
+
+@pytest.mark.parametrize("op", ["conv", "norm"])
+def test_triton_matches_pallas_gradients(op, rng):
+    torch_side, jax_side = TorchSide(), JaxSide()
+    if op == "conv":
+        primals, index = _conv_case(rng, width=4, dim=16, seqlens=(2, 3, 0, 5))
+        cotangents = _conv_cotangents(rng, primals)
+        kernels = [_conv_kernel(s, index, True) for s in (torch_side, jax_side)]
+    else:
+        primals, options, cotangents = _norm_case(rng, NORM_CASES[1], tokens=9, hidden=24)
+        kernels = [_norm_kernel(s, options) for s in (torch_side, jax_side)]
+    (t_grads, t_out), (j_grads, j_out) = [
+        _vjp(s, k, primals, cotangents, "float32", x_transposed=op == "conv")
+        for s, k in zip((torch_side, jax_side), kernels)]
+    for got, want in zip(t_out, j_out):
+        assert_close(got, want, "float32", f"{op} Triton vs Pallas output")
+    for name in primals:
+        assert_close(t_grads[name], j_grads[name], "float32", f"{op} Triton vs Pallas d{name}")
+
+
+@pytest.mark.slow
+def test_conv_chained_prefill_grads_match_one_call(side, rng):
+    """Two calls chained through the returned states (the second reads them
+    as initial states) differentiate like one call over the whole sequences."""
+    split, width, dim = 3, 4, 8
+    seqlens = (5, 7)
+    primals, _ = _conv_case(rng, width=width, dim=dim, seqlens=seqlens)
+    whole = {"qsl": np.array([0, 5, 12], np.int32), "cache_indices": None, "has_initial_state": None}
+    first = {"qsl": np.array([0, split, 2 * split], np.int32), "cache_indices": None,
+             "has_initial_state": None}
+    second = {"qsl": np.array([0, 5 - split, 12 - 2 * split], np.int32), "cache_indices": None,
+              "has_initial_state": np.array([True, True])}
+    one, two, three = (_conv_kernel(side, i, True) for i in (whole, first, second))
+    xs = [np.arange(0, split), np.arange(split, 5), np.arange(5, 5 + split), np.arange(5 + split, 12)]
+    head, tail = np.concatenate([xs[0], xs[2]]), np.concatenate([xs[1], xs[3]])
+    cot = rng.standard_normal((dim, 12))
+
+    def whole_call(x, weight, bias):
+        return one(x, weight, _zeros_states(side, x, 2, dim, width - 1), bias)[:1]
+
+    def chained(x, weight, bias):
+        out1, states = two(x[:, head], weight, _zeros_states(side, x, 2, dim, width - 1), bias)
+        out2, _ = three(x[:, tail], weight, states, bias)
+        out = _ops(side).cat([out1, out2], 1)
+        return (out[:, np.argsort(np.concatenate([head, tail]))],)
+
+    args = {k: primals[k] for k in ("x", "weight", "bias")}
+    got, got_out = _vjp(side, chained, args, [cot], "float32", x_transposed=True)
+    want, want_out = _vjp(side, whole_call, args, [cot], "float32", x_transposed=True)
+    assert_close(got_out[0], want_out[0], "float32", "chained out")
+    for name in args:
+        assert_close(got[name], want[name], "float32", f"chained d{name}")
+
+
+def _zeros_states(side, like, num_seqs, dim, state_len):
+    zeros = np.zeros((num_seqs, dim, state_len))
+    return side.array(zeros, "float32") if side.name == "jax" else \
+        side.torch.zeros((num_seqs, dim, state_len), dtype=like.dtype)
