@@ -315,3 +315,99 @@ def _zeros_states(side, like, num_seqs, dim, state_len):
     zeros = np.zeros((num_seqs, dim, state_len))
     return side.array(zeros, "float32") if side.name == "jax" else \
         side.torch.zeros((num_seqs, dim, state_len), dtype=like.dtype)
+
+
+# --- refusals -----------------------------------------------------------------------
+
+def _update_args(side, rng, dim=8, width=4):
+    return dict(x=side.array(rng.standard_normal((2, dim)), "float32"),
+                conv_state=side.array(rng.standard_normal((3, dim, width - 1)), "float32"),
+                weight=side.array(rng.standard_normal((dim, width)), "float32"),
+                conv_state_indices=side.array(np.array([2, 1], np.int32), "int32"))
+
+
+def test_torch_decode_conv_refuses_grad(rng):
+    side = TorchSide()
+    torch = side.torch
+    args = _update_args(side, rng)
+    before = args["conv_state"].clone()
+    for name in ("x", "weight"):
+        leaf = args[name].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="causal_conv1d_update is an inference-only"):
+            side.impl.causal_conv1d_update(**dict(args, **{name: leaf}), activation="silu")
+        assert torch.equal(args["conv_state"], before), "refused call wrote the state"
+    with torch.no_grad():  # the serving path is unchanged
+        side.impl.causal_conv1d_update(**dict(args, x=args["x"].requires_grad_()))
+    assert not torch.equal(args["conv_state"], before)
+
+
+def test_torch_in_place_conv_with_grad(rng):
+    """Refused: an in-place state write of a state that requires grad, a
+    given ``out``, prefix caching. Allowed: inputs requiring grad with a plain
+    state cache, written after the functional op (same values and gradients)."""
+    side = TorchSide()
+    torch = side.torch
+    primals, index = _conv_case(rng, width=4, dim=8, seqlens=(2, 1, 3))
+    call = dict(query_start_loc=side.array(index["qsl"], "int32"),
+                cache_indices=side.array(index["cache_indices"], "int32"),
+                has_initial_state=side.array(index["has_initial_state"], "bool"))
+    x = side.array(np.ascontiguousarray(primals["x"].T), "float32").T.requires_grad_()
+    weight = side.array(primals["weight"], "float32").requires_grad_()
+    states = side.array(primals["conv_states"], "float32")
+    leaf_states = states.clone().requires_grad_()
+    with pytest.raises(ValueError, match="`conv_states` requires grad.*return_states=True"):
+        side.impl.causal_conv1d_fn(x, weight, None, leaf_states, **call)
+    with pytest.raises(ValueError, match="`out` is written in place"):
+        side.impl.causal_conv1d_fn(x, weight, None, states.clone(), **call, out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="`block_idx_first_scheduled_token`"):
+        side.impl.causal_conv1d_fn(
+            x, weight, None, states.clone(), call["query_start_loc"],
+            call["cache_indices"].reshape(-1, 1), call["has_initial_state"],
+            block_idx_first_scheduled_token=call["cache_indices"] * 0,
+            block_idx_last_scheduled_token=call["cache_indices"] * 0,
+            initial_state_idx=call["cache_indices"] * 0,
+            num_computed_tokens=call["cache_indices"] * 0, block_size_to_align=4)
+    assert leaf_states.grad is None and torch.equal(leaf_states.detach(), states)
+    cache = states.clone()
+    out = side.impl.causal_conv1d_fn(x, weight, None, cache, **call)
+    out_f, new_f = side.impl.causal_conv1d_fn(x, weight, None, states, **call, return_states=True)
+    assert_close(out, out_f, "float32", "in-place out")
+    assert_close(cache, new_f, "float32", "in-place states")
+    cot = torch.randn_like(out)
+    grads = torch.autograd.grad((out * cot).sum(), (x, weight))
+    grads_f = torch.autograd.grad((out_f * cot).sum(), (x, weight))
+    for got, want, name in zip(grads, grads_f, ("dx", "dweight")):
+        assert_close(got, want, "float32", f"in-place {name}")
+
+
+def test_torch_norm_refuses_out_with_grad(rng):
+    side = TorchSide()
+    x = side.array(rng.standard_normal((3, 16)), "float32").requires_grad_()
+    out = side.torch.full((3, 16), float("nan"))
+    with pytest.raises(ValueError, match="rms_norm_gated: `out` is written in place"):
+        side.impl.rms_norm_gated(x, None, out=out)
+    assert side.torch.isnan(out).all()
+    with side.torch.no_grad():
+        assert side.impl.rms_norm_gated(x, None, out=out) is out
+
+
+def test_jax_refusals_name_the_op(rng):
+    side = JaxSide()
+    jax, jnp = side.jax, side.jnp
+    args = _update_args(side, rng)
+
+    def decode(x):
+        return side.impl.causal_conv1d_update(**dict(args, x=x))[0].sum()
+
+    with pytest.raises(ValueError, match="causal_conv1d_update is an inference-only"):
+        jax.grad(decode)(args["x"])
+    primals, index = _conv_case(rng, width=4, dim=8, seqlens=(2, 3))
+    x = jnp.asarray(primals["x"], jnp.float32)
+    fn_args = dict(weight=jnp.asarray(primals["weight"], jnp.float32),
+                   conv_states=jnp.asarray(primals["conv_states"], jnp.float32),
+                   query_start_loc=jnp.asarray(index["qsl"]),
+                   cache_indices=jnp.asarray(index["cache_indices"]))
+    with pytest.raises(ValueError, match="causal_conv1d_fn: `out` is written in place"):
+        jax.grad(lambda x: side.impl.causal_conv1d_fn(x, **fn_args, out=jnp.zeros_like(x))[0].sum())(x)
+    with pytest.raises(ValueError, match="rms_norm_gated: `out` is written in place"):
+        jax.grad(lambda x: side.impl.rms_norm_gated(x, None, out=jnp.zeros_like(x)).sum())(x.T)
