@@ -15,18 +15,19 @@ from jax.experimental.pallas import triton as plgpu
 from bridge.spec.launch_config import clip_block
 from bridge.spec.ssd_launch_config import tile_sizes
 from jax_impl.ssd_common import (
-    chunk_bounds, launch_config, pallas_call, sequence_of, tile_dot, tile_origin)
+    chunk_bounds, launch_config, pallas_call, sequence_of, start_state, tile_dot, tile_origin)
 
 
 def _chunk_scan_kernel(CB_ref, x_ref, dt_out_ref, dA_cumsum_ref, C_ref, end_states_ref,
                        cu_chunk_ref, seq_idx_ref, D_ref, z_ref, initial_states_ref, _out_in_ref,
-                       out_ref, *, num_tokens, num_seqs, heads_per_group, headdim, dstate,
+                       out_ref, y_ref=None, *, num_tokens, num_seqs, heads_per_group, headdim, dstate,
                        chunk_size, D_per_head, block_size_m, block_size_n, block_size_k,
                        block_size_dstate):
     """Grid (cdiv(L, BM) * cdiv(P, BN), K, H): one (BM, BN) tile of one
     chunk's outputs for one head (the tiles of a chunk run next to each
     other, sharing its C B^T and states in L2). ``_out_in_ref`` is the given
-    ``out`` (aliased to ``out_ref``) or None."""
+    ``out`` (aliased to ``out_ref``) or None; ``y_ref``, when given, gets the
+    output before the z gate (saved for the backward)."""
     chunk, head = pl.program_id(1), pl.program_id(2)
     m0, n0 = tile_origin(pl.program_id(0), headdim, block_size_m, block_size_n)
     group = head // heads_per_group
@@ -86,6 +87,8 @@ def _chunk_scan_kernel(CB_ref, x_ref, dt_out_ref, dA_cumsum_ref, C_ref, end_stat
             else:
                 D = plgpu.load(D_ref.at[head, cols], mask=mask_n, other=0.0).astype(jnp.float32)[None, :]
             acc = acc + x.astype(jnp.float32) * D
+        if y_ref is not None:
+            plgpu.store(y_ref.at[rows, head, cols], acc.astype(y_ref.dtype), mask=tile_mask)
         if z_ref is not None:
             z = plgpu.load(z_ref.at[rows, head, cols], mask=tile_mask, other=0.0).astype(jnp.float32)
             acc = acc * z * jax.nn.sigmoid(z)
@@ -93,12 +96,13 @@ def _chunk_scan_kernel(CB_ref, x_ref, dt_out_ref, dA_cumsum_ref, C_ref, end_stat
 
 
 def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, num_seqs: int,
-               D=None, z=None, initial_states=None, out=None):
+               D=None, z=None, initial_states=None, out=None, return_y=False):
     """CB (K, G, L, L), x (T, H, P), dt_out / dA_cumsum (H, K, L), C (T, G, N),
     end_states (K, H, P, N), seq_idx (K,) in [0, num_seqs), D (H,) or (H, P),
     z (T, H, P), initial_states (Q, H, P, N) -> out (T, H, P) in ``out``'s
     dtype (x's when not given). A given ``out`` is written in place when
-    donated under jit (``input_output_aliases``)."""
+    donated under jit (``input_output_aliases``). With ``return_y``:
+    ``(out, y)``, y the output before the z gate in x's dtype."""
     num_tokens, nheads, headdim = x.shape
     ngroups, dstate = C.shape[1:]
     num_chunks, chunk_size = dA_cumsum.shape[1:]
@@ -112,11 +116,306 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
         block_size_dstate=clip_block(dstate))
     operands = (CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D, z,
                 initial_states, out)
+    out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype if out is None else out.dtype)
     return pallas_call(
         kernel, config,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype if out is None else out.dtype),
+        out_shape=((out_shape, jax.ShapeDtypeStruct(x.shape, x.dtype)) if return_y else out_shape),
         grid=(num_tiles, num_chunks, nheads),
         # Aliases index the flattened operands, where an absent (None) one takes no place.
         input_output_aliases={} if out is None else {sum(a is not None for a in operands) - 1: 0},
         name="ssd_chunk_scan",
     )(*operands)
+
+
+# The backward (issue 12). The math and the stage names: as in the mirror,
+# ``torch_impl/ssd_chunk_scan.py``; dy is the gradient of the output before
+# the z gate, G_c the gradient of chunk c's end state (state_passing_bwd).
+
+
+def _chunk_scan_bwd_dstates_kernel(dy_ref, C_ref, dA_cumsum_ref, cu_chunk_ref, dstart_ref, *,
+                                   num_tokens, heads_per_group, headdim, dstate, chunk_size,
+                                   block_size_m, block_size_n, block_size_k):
+    """Grid (K, H, cdiv(P, BM) * cdiv(N, BN)): one (BM, BN) tile of the
+    gradient of chunk ``chunk``'s start state from its outputs,
+    sum_i exp(a_i) dy_i (outer) C_i, over the chunk's tokens in
+    ``block_size_k`` steps."""
+    chunk, head = pl.program_id(0), pl.program_id(1)
+    m0, n0 = tile_origin(pl.program_id(2), dstate, block_size_m, block_size_n)
+    group = head // heads_per_group
+    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
+    mask_m = m0 + jnp.arange(block_size_m) < headdim
+    mask_n = n0 + jnp.arange(block_size_n) < dstate
+
+    def token_block(k, acc):
+        k0 = k * block_size_k
+        mask_k = k0 + jnp.arange(block_size_k) < length
+        tokens = pl.ds(start + k0, block_size_k)
+        dy = plgpu.load(dy_ref.at[tokens, head, pl.ds(m0, block_size_m)],
+                        mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # (BK, BM)
+        C = plgpu.load(C_ref.at[tokens, group, pl.ds(n0, block_size_n)],
+                       mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (BK, BN)
+        dA = dA_cumsum_ref[head, chunk, pl.ds(k0, block_size_k)]
+        scale = jnp.where(mask_k, jnp.exp(dA), 0.0)
+        dy_scaled = (dy.astype(jnp.float32) * scale[:, None]).astype(C.dtype)
+        return acc + tile_dot(dy_scaled.T, C)
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(length, block_size_k), token_block,
+                            jnp.zeros((block_size_m, block_size_n), jnp.float32))
+    plgpu.store(dstart_ref.at[chunk, head, pl.ds(m0, block_size_m), pl.ds(n0, block_size_n)],
+                acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def chunk_scan_bwd_dstates(dy, C, dA_cumsum, cu_chunk_seqlens):
+    """dy (T, H, P) (the gradient before the z gate, in the inputs' dtype),
+    C (T, G, N), dA_cumsum (H, K, L) -> the gradient of every chunk's start
+    state from the chunk's outputs, (K, H, P, N) float32."""
+    num_tokens, nheads, headdim = dy.shape
+    ngroups, dstate = C.shape[1:]
+    _, num_chunks, chunk_size = dA_cumsum.shape
+    config = launch_config("chunk_scan_bwd_dstates")
+    block_size_m, block_size_n, num_tiles = tile_sizes(config, headdim, dstate)
+    kernel = functools.partial(
+        _chunk_scan_bwd_dstates_kernel, num_tokens=num_tokens, heads_per_group=nheads // ngroups,
+        headdim=headdim, dstate=dstate, chunk_size=chunk_size, block_size_m=block_size_m,
+        block_size_n=block_size_n, block_size_k=clip_block(chunk_size, config.BLOCK_SIZE_K))
+    return pallas_call(
+        kernel, config,
+        out_shape=jax.ShapeDtypeStruct((num_chunks, nheads, headdim, dstate), jnp.float32),
+        grid=(num_chunks, nheads, num_tiles),
+        name="ssd_chunk_scan_bwd_dstates",
+    )(dy, C, dA_cumsum, cu_chunk_seqlens)
+
+
+def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C_ref, dend_ref,
+                              end_states_ref, initial_states_ref, cu_chunk_ref, seq_idx_ref, D_ref,
+                              dx_ref, ddt_ref, da_ref, da_last_ref, dB_ref, *, num_tokens,
+                              num_seqs, heads_per_group, heads_per_program, headdim, dstate,
+                              chunk_size, D_per_head, block_size_m, block_size_k, block_size_p,
+                              block_size_dstate):
+    """Grid (K, G * splits, cdiv(L, BM)): the tokens j of one (BM,) tile of a
+    chunk, for ``heads_per_program`` heads of one group (their dB summed in
+    registers): dx, ddt, dB and the decay gradients indexed by j, the chunk's
+    later tokens i >= j walked in (BK,) tiles with C_i B_j^T recomputed."""
+    chunk, pid_h, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    splits = heads_per_group // heads_per_program
+    group = pid_h // splits
+    first_head = group * heads_per_group + (pid_h % splits) * heads_per_program
+    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
+    j0 = pid_m * block_size_m
+    offs_j = j0 + jnp.arange(block_size_m)
+    mask_j = offs_j < length
+    mask_p = jnp.arange(block_size_p) < headdim
+    mask_d = jnp.arange(block_size_dstate) < dstate
+    rows = pl.ds(start + j0, block_size_m)
+    p_cols, d_cols = pl.ds(jnp.int32(0), block_size_p), pl.ds(jnp.int32(0), block_size_dstate)
+    B = plgpu.load(B_ref.at[rows, group, d_cols], mask=mask_j[:, None] & mask_d[None, :],
+                   other=0.0)  # (BM, N)
+    state_mask = mask_p[:, None] & mask_d[None, :]
+    positions = pl.ds(j0, block_size_m)
+
+    def head_step(h, dB_acc):
+        head = first_head + h
+        x = plgpu.load(x_ref.at[rows, head, p_cols], mask=mask_j[:, None] & mask_p[None, :],
+                       other=0.0)  # (BM, P)
+        dt_j = dt_out_ref[head, chunk, positions]
+        a_j = dA_cumsum_ref[head, chunk, positions]
+        a_last = dA_cumsum_ref[head, chunk, jnp.int32(chunk_size - 1)]
+
+        def later_block(k, carry):
+            dx_acc, dB_head, colsum = carry
+            i0 = k * block_size_k
+            offs_i = i0 + jnp.arange(block_size_k)
+            mask_i = offs_i < length
+            tokens = pl.ds(start + i0, block_size_k)
+            C = plgpu.load(C_ref.at[tokens, group, d_cols], mask=mask_i[:, None] & mask_d[None, :],
+                           other=0.0)  # (BK, N)
+            dy = plgpu.load(dy_ref.at[tokens, head, p_cols], mask=mask_i[:, None] & mask_p[None, :],
+                            other=0.0)  # (BK, P)
+            a_i = dA_cumsum_ref[head, chunk, pl.ds(i0, block_size_k)]
+            causal = (offs_i[:, None] >= offs_j[None, :]) & mask_i[:, None] & mask_j[None, :]
+            # where, not a 0/1 product: above the diagonal the exponent may overflow.
+            decay = jnp.where(causal, jnp.exp(a_i[:, None] - a_j[None, :]), 0.0)  # (BK, BM)
+            CB = tile_dot(C, B.T)
+            dyx = tile_dot(dy, x.T)  # dy_i . x_j
+            weight = CB * decay
+            dxB = decay * dt_j[None, :] * dyx
+            dx_acc = dx_acc + tile_dot(weight.T.astype(dy.dtype), dy)
+            dB_head = dB_head + tile_dot(dxB.T.astype(C.dtype), C)
+            colsum = colsum + jnp.sum(CB * dxB, axis=0)
+            return dx_acc, dB_head, colsum
+
+        carry = (jnp.zeros((block_size_m, block_size_p), jnp.float32),
+                 jnp.zeros((block_size_m, block_size_dstate), jnp.float32),
+                 jnp.zeros((block_size_m,), jnp.float32))
+        dx_acc, dB_head, colsum = jax.lax.fori_loop(
+            j0 // block_size_k, pl.cdiv(length, block_size_k), later_block, carry)
+
+        # The end state's part: G_c B_j and G_c^T x_j, scaled by exp(a_last - a_j).
+        dend = plgpu.load(dend_ref.at[chunk, head, p_cols, d_cols], mask=state_mask,
+                          other=0.0)  # (P, N)
+        to_end = jnp.where(mask_j, jnp.exp(a_last - a_j), 0.0)
+        GB = tile_dot(B, dend.astype(B.dtype).T)  # (BM, P)
+        inner = dx_acc + to_end[:, None] * GB
+        dx = dt_j[:, None] * inner
+        if D_ref is not None:
+            dy_j = plgpu.load(dy_ref.at[rows, head, p_cols], mask=mask_j[:, None] & mask_p[None, :],
+                              other=0.0).astype(jnp.float32)
+            if D_per_head:
+                D = D_ref[head].astype(jnp.float32)
+            else:
+                D = plgpu.load(D_ref.at[head, p_cols], mask=mask_p, other=0.0).astype(jnp.float32)[None, :]
+            dx = dx + D * dy_j
+        x32 = x.astype(jnp.float32)
+        ddt = jnp.sum(x32 * inner, axis=1)
+        dB_head = dB_head + (to_end * dt_j)[:, None] * tile_dot(x, dend.astype(x.dtype))
+        v = to_end * dt_j * jnp.sum(x32 * GB, axis=1)
+        # d a_last: the v terms and, once per chunk (the tile holding token 0),
+        # the start state's exp(a_last) <G_c, S_prev>.
+        first_tile = pid_m == 0
+        start_tile = start_state(end_states_ref, initial_states_ref, seq_idx_ref, chunk, head,
+                                 p_cols, d_cols, state_mask & first_tile, num_seqs)
+        carried = jnp.exp(a_last) * jnp.sum(jnp.where(state_mask, dend * start_tile, 0.0))
+        da_last = v + jnp.where((offs_j == 0) & first_tile, carried, 0.0)
+
+        plgpu.store(dx_ref.at[rows, head, p_cols], dx.astype(dx_ref.dtype),
+                    mask=mask_j[:, None] & mask_p[None, :])
+        ddt_ref[head, chunk, positions] = ddt
+        da_ref[head, chunk, positions] = -colsum - v
+        da_last_ref[head, chunk, positions] = da_last
+        return dB_acc + dB_head
+
+    dB = jax.lax.fori_loop(0, heads_per_program, head_step,
+                           jnp.zeros((block_size_m, block_size_dstate), jnp.float32))
+    plgpu.store(dB_ref.at[rows, pid_h, d_cols], dB, mask=mask_j[:, None] & mask_d[None, :])
+
+
+def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C_ref,
+                              end_states_ref, initial_states_ref, cu_chunk_ref, seq_idx_ref,
+                              da_ref, dC_ref, *, num_tokens, num_seqs, heads_per_group,
+                              heads_per_program, headdim, dstate, chunk_size, block_size_m,
+                              block_size_k, block_size_p, block_size_dstate):
+    """Grid (K, G * splits, cdiv(L, BM)): the tokens i of one (BM,) tile of a
+    chunk, for ``heads_per_program`` heads of one group (their dC summed in
+    registers): dC and the decay gradient indexed by i, the chunk's earlier
+    tokens j <= i walked in (BK,) tiles with C_i B_j^T recomputed."""
+    chunk, pid_h, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    splits = heads_per_group // heads_per_program
+    group = pid_h // splits
+    first_head = group * heads_per_group + (pid_h % splits) * heads_per_program
+    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
+    i0 = pid_m * block_size_m
+    offs_i = i0 + jnp.arange(block_size_m)
+    mask_i = offs_i < length
+    mask_p = jnp.arange(block_size_p) < headdim
+    mask_d = jnp.arange(block_size_dstate) < dstate
+    rows = pl.ds(start + i0, block_size_m)
+    p_cols, d_cols = pl.ds(jnp.int32(0), block_size_p), pl.ds(jnp.int32(0), block_size_dstate)
+    C = plgpu.load(C_ref.at[rows, group, d_cols], mask=mask_i[:, None] & mask_d[None, :],
+                   other=0.0)  # (BM, N)
+    state_mask = mask_p[:, None] & mask_d[None, :]
+    positions = pl.ds(i0, block_size_m)
+
+    def head_step(h, dC_acc):
+        head = first_head + h
+        dy = plgpu.load(dy_ref.at[rows, head, p_cols], mask=mask_i[:, None] & mask_p[None, :],
+                        other=0.0)  # (BM, P)
+        a_i = dA_cumsum_ref[head, chunk, positions]
+
+        def earlier_block(k, carry):
+            dC_head, rowsum = carry
+            j0 = k * block_size_k
+            offs_j = j0 + jnp.arange(block_size_k)
+            mask_j = offs_j < length
+            tokens = pl.ds(start + j0, block_size_k)
+            B = plgpu.load(B_ref.at[tokens, group, d_cols], mask=mask_j[:, None] & mask_d[None, :],
+                           other=0.0)  # (BK, N)
+            x = plgpu.load(x_ref.at[tokens, head, p_cols], mask=mask_j[:, None] & mask_p[None, :],
+                           other=0.0)  # (BK, P)
+            a_j = dA_cumsum_ref[head, chunk, pl.ds(j0, block_size_k)]
+            dt_j = dt_out_ref[head, chunk, pl.ds(j0, block_size_k)]
+            causal = (offs_j[None, :] <= offs_i[:, None]) & mask_i[:, None] & mask_j[None, :]
+            decay = jnp.where(causal, jnp.exp(a_i[:, None] - a_j[None, :]), 0.0)  # (BM, BK)
+            CB = tile_dot(C, B.T)
+            dxB = decay * dt_j[None, :] * tile_dot(dy, x.T)
+            dC_head = dC_head + tile_dot(dxB.astype(B.dtype), B)
+            rowsum = rowsum + jnp.sum(CB * dxB, axis=1)
+            return dC_head, rowsum
+
+        carry = (jnp.zeros((block_size_m, block_size_dstate), jnp.float32),
+                 jnp.zeros((block_size_m,), jnp.float32))
+        causal_end = jnp.minimum(i0 + block_size_m, length)
+        dC_head, rowsum = jax.lax.fori_loop(0, pl.cdiv(causal_end, block_size_k), earlier_block,
+                                            carry)
+        # The start state's part: exp(a_i) dy_i S_prev (its decay term: . C_i).
+        start_tile = start_state(end_states_ref, initial_states_ref, seq_idx_ref, chunk, head,
+                                 p_cols, d_cols, state_mask, num_seqs)
+        from_start = jnp.where(mask_i, jnp.exp(a_i), 0.0)[:, None] * tile_dot(
+            dy, start_tile.astype(dy.dtype))  # (BM, N)
+        dC_head = dC_head + from_start
+        da = rowsum + jnp.sum(from_start * C.astype(jnp.float32), axis=1)
+        da_ref[head, chunk, positions] = da
+        return dC_acc + dC_head
+
+    dC = jax.lax.fori_loop(0, heads_per_program, head_step,
+                           jnp.zeros((block_size_m, block_size_dstate), jnp.float32))
+    plgpu.store(dC_ref.at[rows, pid_h, d_cols], dC, mask=mask_i[:, None] & mask_d[None, :])
+
+
+# chunk_scan_bwd's programs to aim for: 4 per SM of an H200.
+TARGET_PROGRAMS = 4 * 132
+
+
+def heads_per_program(num_chunks: int, nheads: int, ngroups: int, num_tiles: int) -> int:
+    """How many of a group's heads one chunk_scan_bwd program walks (their dB
+    and dC summed in registers): the largest divisor of the heads per group
+    that still leaves about ``TARGET_PROGRAMS`` programs, so that the float32
+    partials over head splits stay small."""
+    heads_per_group = nheads // ngroups
+    want = max(1, (num_chunks * nheads * num_tiles) // TARGET_PROGRAMS)
+    return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= want)
+
+
+def chunk_scan_bwd(x, dy, dt_out, dA_cumsum, B, C, dend_states, end_states, cu_chunk_seqlens,
+                   seq_idx, num_seqs: int, D=None, initial_states=None):
+    """The gradients of the chunk-local part of the scan. x, dy (T, H, P)
+    (dy before the z gate, x's dtype), dt_out / dA_cumsum (H, K, L), B, C
+    (T, G, N), dend_states (K, H, P, N) float32 (G_c, from
+    state_passing_bwd), end_states (K, H, P, N) and initial_states (the
+    forward's start states) -> ``(dx (T, H, P) x's dtype, ddt (H, K, L),
+    da (H, K, L), da_last (H, K, L), dB (T, G, N), dC (T, G, N))``, float32
+    but dx: ``ddt`` the direct gradient of dt_out; ``da`` of dA_cumsum per
+    position and ``da_last`` the per-token parts of the gradient of the
+    chunk's last dA_cumsum (chunk_cumsum_bwd sums them; positions past a
+    chunk's end unset in all three)."""
+    num_tokens, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1:]
+    _, num_chunks, chunk_size = dA_cumsum.shape
+    config = launch_config("chunk_scan_bwd")
+    block_size_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
+    block_size_k = clip_block(chunk_size, config.BLOCK_SIZE_K)
+    num_tiles = pl.cdiv(chunk_size, block_size_m)
+    per_program = heads_per_program(num_chunks, nheads, ngroups, num_tiles)
+    splits = nheads // ngroups // per_program
+    statics = dict(num_tokens=num_tokens, num_seqs=num_seqs, heads_per_group=nheads // ngroups,
+                   heads_per_program=per_program, headdim=headdim, dstate=dstate,
+                   chunk_size=chunk_size, block_size_m=block_size_m, block_size_k=block_size_k,
+                   block_size_p=clip_block(headdim), block_size_dstate=clip_block(dstate))
+    grid = (num_chunks, ngroups * splits, num_tiles)
+    per_position = jax.ShapeDtypeStruct((nheads, num_chunks, chunk_size), jnp.float32)
+    partial_bc = jax.ShapeDtypeStruct((num_tokens, ngroups * splits, dstate), jnp.float32)
+    dx, ddt, da_j, da_last, dB = pallas_call(
+        functools.partial(_chunk_scan_bwd_dx_kernel, D_per_head=D is not None and D.ndim == 1,
+                          **statics),
+        config,
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), per_position, per_position,
+                   per_position, partial_bc),
+        grid=grid, name="ssd_chunk_scan_bwd_dx",
+    )(x, dy, dt_out, dA_cumsum, B, C, dend_states, end_states, initial_states, cu_chunk_seqlens,
+      seq_idx, D)
+    da_i, dC = pallas_call(
+        functools.partial(_chunk_scan_bwd_dc_kernel, **statics), config,
+        out_shape=(per_position, partial_bc),
+        grid=grid, name="ssd_chunk_scan_bwd_dc",
+    )(x, dy, dt_out, dA_cumsum, B, C, end_states, initial_states, cu_chunk_seqlens, seq_idx)
+    reduce = lambda d: d.reshape(num_tokens, ngroups, splits, dstate).sum(axis=2)  # noqa: E731
+    return dx, ddt, da_j + da_i, da_last, reduce(dB), reduce(dC)

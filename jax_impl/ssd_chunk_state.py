@@ -122,3 +122,73 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
         grid=(num_chunks, nheads, num_tiles),
         name="ssd_chunk_state",
     )(x, B, dt_out, dA_cumsum, cu_chunk_seqlens)
+
+
+# The backward (issue 12): mirror ``torch_impl/ssd_chunk_state.py``.
+
+def _chunk_cumsum_bwd_kernel(dt_ref, A_ref, dt_bias_ref, cu_chunk_ref, dt_out_ref, ddt_out_ref,
+                             da_ref, da_last_ref, ddt_ref, dA_ref, ddt_bias_ref, *, dt_softplus,
+                             dt_limit, num_tokens, nheads, chunk_size, block_size_h):
+    """Grid (K, cdiv(H, block_size_h)): the decay gradient of one chunk
+    (r_k = sum_{i>=k} d a_i, the last position taking the chunk's d a_last)
+    into dt_out (+ A r) and A (+ dt r), then back through the clamp, the
+    softplus and the bias."""
+    chunk, pid_h = pl.program_id(0), pl.program_id(1)
+    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
+    heads = pl.ds(pid_h * block_size_h, block_size_h)
+    mask_h = pid_h * block_size_h + jnp.arange(block_size_h) < nheads
+    in_chunk = (jnp.arange(chunk_size) < length)[:, None] & mask_h[None, :]
+    positions = pl.ds(jnp.int32(0), chunk_size)
+    per_position_mask = jnp.broadcast_to(mask_h[:, None], (block_size_h, chunk_size))
+
+    def per_position(ref):  # (H, K, L) -> (L, BH), 0 past the chunk's end
+        values = plgpu.load(ref.at[heads, chunk, positions], mask=per_position_mask, other=0.0).T
+        return jnp.where(in_chunk, values, 0.0)
+
+    da = per_position(da_ref)
+    da_last = jnp.sum(per_position(da_last_ref), axis=0)  # (BH,)
+    reverse_cumsum = jnp.sum(da, axis=0)[None, :] - jnp.cumsum(da, axis=0) + da
+    r = reverse_cumsum + da_last[None, :]
+    A = plgpu.load(A_ref.at[heads], mask=mask_h, other=0.0).astype(jnp.float32)
+    dt_out = per_position(dt_out_ref)
+    ddt = jnp.where(in_chunk, per_position(ddt_out_ref) + A[None, :] * r, 0.0)
+    plgpu.store(dA_ref.at[chunk, heads], jnp.sum(dt_out * r, axis=0), mask=mask_h)
+
+    # Back through dt_out = clamp(softplus(dt + dt_bias)): as the forward computes it.
+    dt = plgpu.load(dt_ref.at[pl.ds(start, chunk_size), heads], mask=in_chunk,
+                    other=0.0).astype(jnp.float32)
+    if dt_bias_ref is not None:
+        dt = dt + plgpu.load(dt_bias_ref.at[heads], mask=mask_h, other=0.0).astype(jnp.float32)[None, :]
+    processed = softplus(dt) if dt_softplus else dt
+    if dt_limit != (0.0, float("inf")):  # inclusive bounds, as torch.clamp's gradient
+        ddt = jnp.where((processed >= dt_limit[0]) & (processed <= dt_limit[1]), ddt, 0.0)
+    if dt_softplus:
+        ddt = jnp.where(dt <= 20.0, ddt * jax.nn.sigmoid(dt), ddt)
+    ddt = jnp.where(in_chunk, ddt, 0.0)
+    plgpu.store(ddt_ref.at[pl.ds(start, chunk_size), heads], ddt.astype(ddt_ref.dtype), mask=in_chunk)
+    plgpu.store(ddt_bias_ref.at[chunk, heads], jnp.sum(ddt, axis=0), mask=mask_h)
+
+
+def chunk_cumsum_bwd(dt, A, cu_chunk_seqlens, dt_out, ddt_out, da, da_last, dt_bias=None,
+                     dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """dt (T, H) raw, A (H,), dt_out (H, K, L) (the forward's), ddt_out, da
+    and da_last (H, K, L) float32 (chunk_scan_bwd's: the gradient of dt_out,
+    of dA_cumsum per position, and the per-token parts of the gradient of
+    each chunk's last dA_cumsum) -> ``(ddt (T, H) in dt's dtype, dA (H,)
+    float32, ddt_bias (H,) float32 or None)``."""
+    num_tokens, nheads = dt.shape
+    num_chunks, chunk_size = dt_out.shape[1:]
+    config = launch_config("chunk_cumsum_bwd")
+    block_size_h = clip_block(nheads, config.BLOCK_SIZE_H)
+    kernel = functools.partial(
+        _chunk_cumsum_bwd_kernel, dt_softplus=bool(dt_softplus),
+        dt_limit=tuple(float(v) for v in dt_limit), num_tokens=num_tokens, nheads=nheads,
+        chunk_size=chunk_size, block_size_h=block_size_h)
+    per_chunk = jax.ShapeDtypeStruct((num_chunks, nheads), jnp.float32)
+    ddt, dA, ddt_bias = pallas_call(
+        kernel, config,
+        out_shape=(jax.ShapeDtypeStruct(dt.shape, dt.dtype), per_chunk, per_chunk),
+        grid=(num_chunks, pl.cdiv(nheads, block_size_h)),
+        name="ssd_chunk_cumsum_bwd",
+    )(dt, A, dt_bias, cu_chunk_seqlens, dt_out, ddt_out, da, da_last)
+    return ddt, dA.sum(axis=0), None if dt_bias is None else ddt_bias.sum(axis=0)

@@ -10,16 +10,94 @@ given ``out`` donated under ``jax.jit`` is written in place.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bridge.spec import ssd_contract
 from jax_impl import platform
 from jax_impl.ssd_bmm import bmm_chunk
-from jax_impl.ssd_chunk_scan import chunk_scan
-from jax_impl.ssd_chunk_state import chunk_cumsum, chunk_state
+from jax_impl.ssd_chunk_scan import chunk_scan, chunk_scan_bwd, chunk_scan_bwd_dstates
+from jax_impl.ssd_chunk_state import chunk_cumsum, chunk_cumsum_bwd, chunk_state
 from jax_impl.ssd_common import int32_metadata
-from jax_impl.ssd_state_passing import state_passing
+from jax_impl.ssd_state_passing import state_passing, state_passing_bwd
+
+
+def _forward(statics, x, dt, A, B, C, D, z, dt_bias, initial_states, cu_chunk_seqlens, seq_idx,
+             out, *, save_y=False):
+    """The five forward stages -> ``((out, states), y)``: y the output
+    before the z gate when ``save_y`` and z is given (else None)."""
+    chunk_size, num_seqs, dt_softplus, dt_limit, intermediate, state_dtype = statics
+    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
+                                     dt_softplus=dt_softplus, dt_limit=dt_limit)
+    chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
+    end_states, states = state_passing(
+        chunk_states, dA_cumsum, seq_idx, num_seqs, initial_states=initial_states,
+        return_intermediate_states=intermediate, state_dtype=state_dtype, end_states_dtype=C.dtype)
+    CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
+    save_y = save_y and z is not None
+    result = chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx,
+                        num_seqs, D=D, z=z, initial_states=initial_states, out=out,
+                        return_y=save_y)
+    out, y = result if save_y else (result, None)
+    return (out, states), (dA_cumsum, dt_out, end_states, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(statics, x, dt, A, B, C, D, z, dt_bias, initial_states, cu_chunk_seqlens, seq_idx, out):
+    """The differentiable chunked scan: ``(out, states)``; a custom VJP
+    whose backward runs the four Pallas backward stages. ``statics``:
+    (chunk_size, num_seqs, dt_softplus, dt_limit, return_intermediate_states,
+    state_dtype). A given ``out`` is overwritten: no gradient flows into it."""
+    return _forward(statics, x, dt, A, B, C, D, z, dt_bias, initial_states, cu_chunk_seqlens,
+                    seq_idx, out)[0]
+
+
+def _scan_fwd(statics, x, dt, A, B, C, D, z, dt_bias, initial_states, cu_chunk_seqlens, seq_idx,
+              out):
+    result, saved = _forward(statics, x, dt, A, B, C, D, z, dt_bias, initial_states,
+                             cu_chunk_seqlens, seq_idx, out, save_y=True)
+    # Saved: the inputs, dt and the cumulative decay per chunk position (small),
+    # the chunks' end states (the start states of the next) and y before the gate.
+    return result, (x, dt, A, B, C, D, z, dt_bias, initial_states, cu_chunk_seqlens, seq_idx) + saved
+
+
+def _scan_bwd(statics, saved, cotangents):
+    _, num_seqs, dt_softplus, dt_limit, intermediate, _ = statics
+    (x, dt, A, B, C, D, z, dt_bias, initial_states, cu_chunk_seqlens, seq_idx,
+     dA_cumsum, dt_out, end_states, y) = saved
+    dout, dstates = cotangents
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    # 1. The gate (elementwise) and the D skip's parameter (a reduction).
+    dy = f32(dout)
+    dz = None
+    if z is not None:
+        gate = jax.nn.sigmoid(f32(z))
+        dz = (dy * f32(y) * gate * (1.0 + f32(z) * (1.0 - gate))).astype(z.dtype)
+        dy = dy * f32(z) * gate
+    dD = None
+    if D is not None:
+        dD = jnp.einsum("thp,thp->h" if D.ndim == 1 else "thp,thp->hp", dy, f32(x)).astype(D.dtype)
+    dy = dy.astype(x.dtype)  # a tensor-core operand, as x
+    # 2-5. The Pallas stages.
+    dstart = chunk_scan_bwd_dstates(dy, C, dA_cumsum, cu_chunk_seqlens)
+    dend, dinit = state_passing_bwd(dstart, dA_cumsum, seq_idx, num_seqs, dstates=dstates,
+                                    return_intermediate_states=intermediate,
+                                    has_initial_states=initial_states is not None)
+    dx, ddt_out, da, da_last, dB, dC = chunk_scan_bwd(
+        x, dy, dt_out, dA_cumsum, B, C, dend, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
+        D=D, initial_states=initial_states)
+    ddt, dA, ddt_bias = chunk_cumsum_bwd(dt, A, cu_chunk_seqlens, dt_out, ddt_out, da, da_last,
+                                         dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                         dt_limit=dt_limit)
+    cast = lambda d, like: None if like is None else d.astype(like.dtype)  # noqa: E731
+    return (dx, ddt, cast(dA, A), cast(dB, B), cast(dC, C), dD, dz, cast(ddt_bias, dt_bias),
+            cast(dinit, initial_states), None, None, None)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens,
@@ -49,6 +127,12 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
     [0, Q) starts its chunk from NaN and writes no final state; final-state
     rows that no chunk ends are NaN. With no tokens, chunks or sequences no
     kernel runs and ``out`` and the states are NaN.
+
+    Differentiable (``jax.custom_vjp``; the backward's four Pallas stages,
+    ``bridge.spec.ssd_launch_config``) in x, dt, A, B, C, D, z, dt_bias and
+    initial_states, from ``out`` and from the returned states (final or
+    intermediate), with or without a given ``out`` (which gets no gradient).
+    The backward assumes well-formed metadata (every token in one chunk).
     """
     layout = ssd_contract.check_ssd_args(
         x=x, dt=dt, A=A, B=B, C=C, out=out, D=D, z=z, dt_bias=dt_bias,
@@ -70,17 +154,10 @@ def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size: int, cu_seqlens
 
     cu_chunk_seqlens = int32_metadata(cu_chunk_seqlens, -1, layout.num_tokens + 1)
     seq_idx = int32_metadata(seq_idx, -1, layout.num_seqs)
-    dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
-                                     dt_softplus=dt_softplus, dt_limit=dt_limit)
-    chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
-    end_states, states = state_passing(
-        chunk_states, dA_cumsum, seq_idx, layout.num_seqs,
-        initial_states=initial_states, return_intermediate_states=return_intermediate_states,
-        state_dtype=state_dtype, end_states_dtype=C.dtype)
-    CB = bmm_chunk(C, B, cu_chunk_seqlens, chunk_size)
-    out = chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx,
-                     layout.num_seqs, D=D, z=z, initial_states=initial_states, out=out)
-    return out, states
+    statics = (chunk_size, layout.num_seqs, bool(dt_softplus), tuple(float(v) for v in dt_limit),
+               bool(return_intermediate_states), jnp.dtype(state_dtype))
+    return _scan(statics, x, dt, A, B, C, D, z, dt_bias, initial_states, cu_chunk_seqlens,
+                 seq_idx, out)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None,
@@ -95,6 +172,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size: int, D=None, z=None, d
     initial state starts its first sequence, the row's other sequences start
     from 0. Returns out (b, l, H, P), or ``(out, final_states (b, H, P, N))``
     with ``return_final_states`` (the state after each row's last sequence).
+    Differentiable as the varlen call.
     """
     if x.ndim != 4:
         raise ValueError(f"mamba_chunk_scan_combined: `x` must be 4-D (batch, seqlen, nheads, "

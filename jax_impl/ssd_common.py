@@ -85,3 +85,20 @@ def sequence_of(seq_idx_ref, chunk, num_seqs: int):
     whether it was in range."""
     seq = seq_idx_ref[chunk]
     return seq, jnp.clip(seq, 0, max(num_seqs - 1, 0)), (seq >= 0) & (seq < num_seqs)
+
+
+def start_state(end_states_ref, initial_states_ref, seq_idx_ref, chunk, head, rows, cols, mask,
+                num_seqs: int):
+    """The float32 state entering chunk ``chunk`` for one head, the (rows,
+    cols) tile: the previous chunk's end state within a sequence, else the
+    sequence's initial state (0 without; NaN for a ``seq_idx`` out of range),
+    as the forward's chunk_scan reads it. Loads masked off move no memory."""
+    seq, row, seq_ok = sequence_of(seq_idx_ref, chunk, num_seqs)
+    starts_seq = (chunk == 0) | (seq_idx_ref[jnp.maximum(chunk - 1, 0)] != seq)
+    previous = plgpu.load(end_states_ref.at[jnp.maximum(chunk - 1, 0), head, rows, cols],
+                          mask=mask & ~starts_seq, other=0.0).astype(jnp.float32)
+    initial = jnp.zeros_like(previous)
+    if initial_states_ref is not None:
+        initial = plgpu.load(initial_states_ref.at[row, head, rows, cols],
+                             mask=mask & starts_seq & seq_ok, other=0.0).astype(jnp.float32)
+    return jnp.where(starts_seq, jnp.where(seq_ok, initial, jnp.nan), previous)

@@ -98,3 +98,77 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs: int,
         grid=(nheads, pl.cdiv(headdim, block_size_m), pl.cdiv(dstate, block_size_n)),
         name="ssd_state_passing",
     )(chunk_states, dA_cumsum, seq_idx, initial_states)
+
+
+# The backward (issue 12): mirror ``torch_impl/ssd_state_passing.py``.
+
+def _state_passing_bwd_kernel(dstart_ref, dA_cumsum_ref, seq_idx_ref, dstates_ref, _dinit_in_ref,
+                              dend_ref, dinit_ref=None, *, return_intermediate_states, num_chunks,
+                              num_seqs, headdim, dstate, chunk_size, block_size_m, block_size_n):
+    """Grid (H, cdiv(P, BM), cdiv(N, BN)): one program carries one (BM, BN)
+    tile of the gradient of one head's end states back through all chunks,
+    G_c = dstates[c or seq] + exp(a_last(c+1)) G_{c+1} + dstart(c+1) within a
+    sequence; a sequence's first chunk gives d initial_states."""
+    head, pid_m, pid_n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0, n0 = pid_m * block_size_m, pid_n * block_size_n
+    rows, cols = pl.ds(m0, block_size_m), pl.ds(n0, block_size_n)
+    tile_mask = ((m0 + jnp.arange(block_size_m) < headdim)[:, None]
+                 & (n0 + jnp.arange(block_size_n) < dstate)[None, :])
+
+    def chunk_step(step, to_previous):
+        chunk = num_chunks - 1 - step
+        seq, row, seq_ok = sequence_of(seq_idx_ref, chunk, num_seqs)
+        ends_seq = ((chunk == num_chunks - 1)
+                    | (seq_idx_ref[jnp.minimum(chunk + 1, num_chunks - 1)] != seq))
+        starts_seq = (chunk == 0) | (seq_idx_ref[jnp.maximum(chunk - 1, 0)] != seq)
+        dend = jnp.where(ends_seq, 0.0, to_previous)
+        if dstates_ref is not None:
+            if return_intermediate_states:
+                given = plgpu.load(dstates_ref.at[chunk, head, rows, cols], mask=tile_mask, other=0.0)
+            else:  # the final state: the sequence's last chunk's end state
+                given = plgpu.load(dstates_ref.at[row, head, rows, cols],
+                                   mask=tile_mask & ends_seq & seq_ok, other=0.0)
+            dend = dend + given.astype(jnp.float32)
+        plgpu.store(dend_ref.at[chunk, head, rows, cols], dend, mask=tile_mask)
+        dstart = plgpu.load(dstart_ref.at[chunk, head, rows, cols], mask=tile_mask, other=0.0)
+        to_start = jnp.exp(dA_cumsum_ref[head, chunk, jnp.int32(chunk_size - 1)]) * dend + dstart
+        if dinit_ref is not None:
+            plgpu.store(dinit_ref.at[row, head, rows, cols], to_start.astype(dinit_ref.dtype),
+                        mask=tile_mask & starts_seq & seq_ok)
+        return to_start
+
+    jax.lax.fori_loop(0, num_chunks, chunk_step,
+                      jnp.zeros((block_size_m, block_size_n), jnp.float32))
+
+
+def state_passing_bwd(dstart, dA_cumsum, seq_idx, num_seqs: int, dstates=None,
+                      return_intermediate_states=False, has_initial_states=False):
+    """dstart (K, H, P, N) float32 (the gradient of every chunk's start state
+    from its outputs, chunk_scan_bwd_dstates), dA_cumsum (H, K, L), seq_idx
+    (K,), dstates (the gradient of the returned states: (K, H, P, N) with
+    intermediate states, else (Q, H, P, N); None for none) -> ``(dend (K, H,
+    P, N) float32, the gradient of every chunk's end state; dinit (Q, H, P,
+    N) float32, of the initial states, or None)``. The decay's part
+    (exp(a_last) <G_c, S_prev>) is chunk_scan_bwd's."""
+    num_chunks, nheads, headdim, dstate = dstart.shape
+    config = launch_config("state_passing_bwd")
+    block_size_m = clip_block(headdim, config.BLOCK_SIZE_M)
+    block_size_n = clip_block(dstate, config.BLOCK_SIZE_N)
+    kernel = functools.partial(
+        _state_passing_bwd_kernel, return_intermediate_states=bool(return_intermediate_states),
+        num_chunks=num_chunks, num_seqs=num_seqs, headdim=headdim, dstate=dstate,
+        chunk_size=dA_cumsum.shape[-1], block_size_m=block_size_m, block_size_n=block_size_n)
+    dend_shape = jax.ShapeDtypeStruct(dstart.shape, jnp.float32)
+    # d initial_states starts at 0: a sequence no chunk starts keeps it.
+    dinit = jnp.zeros((num_seqs, nheads, headdim, dstate), jnp.float32) if has_initial_states else None
+    operands = (dstart, dA_cumsum, seq_idx, dstates, dinit)
+    result = pallas_call(
+        kernel, config,
+        out_shape=(dend_shape,) + ((jax.ShapeDtypeStruct(dinit.shape, jnp.float32),)
+                                   if has_initial_states else ()),
+        grid=(nheads, pl.cdiv(headdim, block_size_m), pl.cdiv(dstate, block_size_n)),
+        # Aliases index the flattened operands, where an absent (None) one takes no place.
+        input_output_aliases={sum(a is not None for a in operands) - 1: 1} if has_initial_states else {},
+        name="ssd_state_passing_bwd",
+    )(*operands)
+    return (result[0], result[1]) if has_initial_states else (result[0], None)
