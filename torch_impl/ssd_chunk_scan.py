@@ -19,7 +19,8 @@ import torch
 from bridge.spec.launch_config import clip_block
 from torch_impl import platform
 from torch_impl.ssd_common import (
-    chunk_bounds, dot_precision, launch_tiles, sequence_of, tile_dot, tile_offsets)
+    chunk_bounds, dot_precision, launch, launch_config, launch_tiles, sequence_of, tile_dot,
+    tile_offsets)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -27,11 +28,12 @@ import triton.language as tl  # noqa: E402
 
 @triton.heuristics({"HAS_D": lambda args: args["D_ptr"] is not None,
                     "HAS_Z": lambda args: args["z_ptr"] is not None,
-                    "HAS_INITIAL_STATES": lambda args: args["initial_states_ptr"] is not None})
+                    "HAS_INITIAL_STATES": lambda args: args["initial_states_ptr"] is not None,
+                    "HAS_Y": lambda args: args["y_ptr"] is not None})
 @triton.jit
 def _chunk_scan_kernel(
     CB_ptr, x_ptr, dt_out_ptr, dA_cumsum_ptr, C_ptr, end_states_ptr, seq_idx_ptr, cu_chunk_ptr,
-    D_ptr, z_ptr, initial_states_ptr, out_ptr,
+    D_ptr, z_ptr, initial_states_ptr, out_ptr, y_ptr,
     num_tokens, num_seqs, headdim, dstate, heads_per_group,
     stride_CB_chunk, stride_CB_group, stride_CB_row, stride_CB_col,
     stride_x_tok, stride_x_head, stride_x_dim,
@@ -43,7 +45,7 @@ def _chunk_scan_kernel(
     stride_z_tok, stride_z_head, stride_z_dim,
     stride_out_tok, stride_out_head, stride_out_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INITIAL_STATES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_Y: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     BLOCK_SIZE_DSTATE: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):
@@ -120,6 +122,9 @@ def _chunk_scan_kernel(
                           mask=tile, other=0.0).to(tl.float32)
             D = tl.load(D_ptr + head * stride_D_head + offs_n * stride_D_dim, mask=mask_n, other=0.0)
             acc += x_m * D.to(tl.float32)[None, :]
+        if HAS_Y:  # the pre-gate output, saved for the backward (same strides as out)
+            tl.store(y_ptr + (start + offs_m)[:, None] * stride_out_tok + head * stride_out_head
+                     + offs_n[None, :] * stride_out_dim, acc.to(y_ptr.dtype.element_ty), mask=tile)
         if HAS_Z:
             z = tl.load(z_ptr + (start + offs_m)[:, None] * stride_z_tok + head * stride_z_head
                         + offs_n[None, :] * stride_z_dim, mask=tile, other=0.0).to(tl.float32)
@@ -129,11 +134,12 @@ def _chunk_scan_kernel(
 
 
 def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
-               D=None, z=None, initial_states=None, out=None):
+               D=None, z=None, initial_states=None, out=None, y=None):
     """CB (K, G, L, L), x (T, H, P), dt_out / dA_cumsum (H, K, L), C (T, G, N),
     end_states (K, H, P, N), seq_idx (K,) in [0, num_seqs), D (H,) or (H, P),
     z (T, H, P), initial_states (Q, H, P, N) -> out (T, H, P), written in
-    place when given."""
+    place when given; ``y`` (laid out like ``out``), when given, gets the
+    output before the z gate (the backward's saved tensor)."""
     num_tokens, nheads, headdim = x.shape
     ngroups, dstate = C.shape[1:]
     num_chunks, chunk_size = dA_cumsum.shape[1:]
@@ -145,10 +151,386 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
         _chunk_scan_kernel, "chunk_scan", x.device, lambda tiles: (tiles, num_chunks, nheads),
         chunk_size, headdim, chunk_size,
         CB, x, dt_out, dA_cumsum, C, end_states, seq_idx, cu_chunk_seqlens, D, z, initial_states,
-        out, num_tokens, num_seqs, headdim, dstate, nheads // ngroups,
+        out, y, num_tokens, num_seqs, headdim, dstate, nheads // ngroups,
         *CB.stride(), *x.stride(), *dA_cumsum.stride(), *C.stride(), *end_states.stride(),
         *platform.strides(initial_states, 4), *platform.strides(D, 2), *platform.strides(z, 3),
         *out.stride(),
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_SIZE_DSTATE=clip_block(dstate),
         CHUNK_SIZE=chunk_size)
     return out
+
+
+# --- The backward (training) --------------------------------------------------------
+# Notation of ``ssd_combined``'s backward docstring: per chunk c and head h,
+# a_i = dA_cumsum, dt_j = dt_out, dy = dout * silu(z) (the gate undone), S_prev
+# the state the chunk starts from, G_c = dL/d(end state of chunk c).
+
+@triton.jit
+def _gated_dout(dout_ptr, dout_offsets, z_ptr, z_offsets, mask, HAS_Z: tl.constexpr):
+    """dy = dout * silu(z) (float32): the gradient before the gate (z_ptr
+    may be None: no pointer arithmetic on it then)."""
+    dy = tl.load(dout_ptr + dout_offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + z_offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = dy * z * tl.sigmoid(z)
+    return dy
+
+
+@triton.heuristics(platform.given_flags(HAS_Z="z_ptr"))
+@triton.jit
+def _chunk_scan_bwd_dstates_kernel(
+    dout_ptr, z_ptr, C_ptr, dA_cumsum_ptr, cu_chunk_ptr, dstates_ptr,
+    num_tokens, headdim, dstate, heads_per_group,
+    stride_dout_tok, stride_dout_head, stride_dout_dim,
+    stride_z_tok, stride_z_head, stride_z_dim,
+    stride_C_tok, stride_C_group, stride_C_dstate,
+    stride_dA_head, stride_dA_chunk, stride_dA_pos,
+    stride_ds_chunk, stride_ds_head, stride_ds_dim, stride_ds_dstate,
+    HAS_Z: tl.constexpr, CHUNK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+):
+    """Grid (num_chunks, nheads, cdiv(headdim, M) * cdiv(dstate, N)): one
+    (M, N) tile of dS_prev(c) = sum_i exp(a_i) dy_i (x) C_i, K over the chunk's tokens."""
+    chunk = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_m, offs_n = tile_offsets(tl.program_id(2), dstate, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    group = head // heads_per_group
+    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, length, BLOCK_SIZE_K):
+        tok = k + offs_k
+        in_chunk = tok < length
+        tile_t = (offs_m < headdim)[:, None] & in_chunk[None, :]
+        dy_t = _gated_dout(
+            dout_ptr, (start + tok)[None, :] * stride_dout_tok + head * stride_dout_head
+            + offs_m[:, None] * stride_dout_dim,
+            z_ptr, (start + tok)[None, :] * stride_z_tok + head * stride_z_head
+            + offs_m[:, None] * stride_z_dim, tile_t, HAS_Z)
+        C = tl.load(C_ptr + (start + tok)[:, None] * stride_C_tok + group * stride_C_group
+                    + offs_n[None, :] * stride_C_dstate,
+                    mask=in_chunk[:, None] & (offs_n < dstate)[None, :], other=0.0)
+        scale = tl.exp(tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0))
+        acc += tile_dot(dy_t.to(C.dtype), (C.to(tl.float32) * scale[:, None]).to(C.dtype), DOT_PRECISION)
+    tl.store(dstates_ptr + chunk * stride_ds_chunk + head * stride_ds_head
+             + offs_m[:, None] * stride_ds_dim + offs_n[None, :] * stride_ds_dstate,
+             acc, mask=(offs_m < headdim)[:, None] & (offs_n < dstate)[None, :])
+
+
+def chunk_scan_bwd_dstates(dout, z, C, dA_cumsum, cu_chunk_seqlens, nheads, headdim):
+    """dout, z (T, H, P), C (T, G, N), dA_cumsum (H, K, L) -> dS_prev (K, H, P, N)
+    float32: the gradient of each chunk's start state from the outputs."""
+    num_tokens, ngroups, dstate = C.shape
+    _, num_chunks, chunk_size = dA_cumsum.shape
+    dstates = torch.empty(num_chunks, nheads, headdim, dstate, device=C.device, dtype=torch.float32)
+    launch_tiles(
+        _chunk_scan_bwd_dstates_kernel, "chunk_scan_bwd_dstates", C.device,
+        lambda tiles: (num_chunks, nheads, tiles), headdim, dstate, chunk_size,
+        dout, z, C, dA_cumsum, cu_chunk_seqlens, dstates, num_tokens, headdim, dstate,
+        nheads // ngroups, *dout.stride(), *platform.strides(z, 3), *C.stride(),
+        *dA_cumsum.stride(), *dstates.stride(),
+        CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(C.dtype))
+    return dstates
+
+
+@triton.heuristics(platform.given_flags(HAS_D="D_ptr", HAS_Z="z_ptr"))
+@triton.jit
+def _chunk_scan_bwd_kernel(
+    x_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, y_ptr, D_ptr, dt_out_ptr, dA_cumsum_ptr, dstates_ptr,
+    cu_chunk_ptr, dx_ptr, dz_ptr, ddt_ptr, ddA_ptr, dlast_ptr, dB_ptr, dD_ptr,
+    num_tokens, headdim, dstate, heads_per_group, heads_per_program, num_splits,
+    stride_x_tok, stride_x_head, stride_x_dim,
+    stride_B_tok, stride_B_group, stride_B_dstate,
+    stride_C_tok, stride_C_group, stride_C_dstate,
+    stride_dout_tok, stride_dout_head, stride_dout_dim,
+    stride_z_tok, stride_z_head, stride_z_dim,
+    stride_y_tok, stride_y_head, stride_y_dim,
+    stride_D_head, stride_D_dim,
+    stride_dA_head, stride_dA_chunk, stride_dA_pos,
+    stride_ds_chunk, stride_ds_head, stride_ds_dim, stride_ds_dstate,
+    stride_dx_tok, stride_dx_head, stride_dx_dim,
+    stride_dB_split, stride_dB_tok, stride_dB_group, stride_dB_dstate,
+    stride_dD_block, stride_dD_head,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    BLOCK_SIZE_P: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+):
+    """Grid (cdiv(L, M), num_chunks, ngroups * num_splits): tokens j of a
+    block of M of one chunk, for heads_per_program heads of one group; the
+    later tokens i >= j walked K at a time, C B^T recomputed per tile.
+
+        U_j   = sum_{i>=j} CB_ij M_ij dy_i + exp(a_last - a_j) G_c B_j          (P)
+        dx_j  = dt_j U_j + D dy_j,       ddt_j (from x) = x_j . U_j
+        dB_j  = sum_{i>=j} M_ij dt_j (dy_i . x_j) C_i + dt_j exp(a_last - a_j) G_c^T x_j
+        d a_j -= B_j . dB_j (per head),  v_j = dt_j exp(a_last - a_j) x_j . (G_c B_j)
+    plus dz and the block's dD partial. dB summed over the program's heads
+    into a float32 partial per head split."""
+    j0 = tl.program_id(0) * BLOCK_SIZE_M
+    chunk = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    if j0 < length:
+        offs_j = j0 + tl.arange(0, BLOCK_SIZE_M)
+        offs_p = tl.arange(0, BLOCK_SIZE_P)
+        offs_n = tl.arange(0, BLOCK_SIZE_N)
+        offs_k = tl.arange(0, BLOCK_SIZE_K)
+        mask_j = offs_j < length
+        mask_p = offs_p < headdim
+        mask_n = offs_n < dstate
+        tile_jp = mask_j[:, None] & mask_p[None, :]
+        B_j = tl.load(B_ptr + (start + offs_j)[:, None] * stride_B_tok + group * stride_B_group
+                      + offs_n[None, :] * stride_B_dstate, mask=mask_j[:, None] & mask_n[None, :],
+                      other=0.0)
+        dB_acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        head_first = group * heads_per_group + split * heads_per_program
+        head_end = tl.minimum(head_first + heads_per_program, (group + 1) * heads_per_group)
+        for head in range(head_first, head_end):
+            dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+            dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+            a_j = tl.load(dA_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
+            dt_j = tl.load(dt_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
+            a_last = tl.load(dA_ptr + (CHUNK_SIZE - 1) * stride_dA_pos)
+            x_j = tl.load(x_ptr + (start + offs_j)[:, None] * stride_x_tok + head * stride_x_head
+                          + offs_p[None, :] * stride_x_dim, mask=tile_jp, other=0.0)
+            # The end state's part: G_c (P, N), here as G_c^T (N, P) and G_c.
+            ds_base = dstates_ptr + chunk * stride_ds_chunk + head * stride_ds_head
+            G_t = tl.load(ds_base + offs_n[:, None] * stride_ds_dstate + offs_p[None, :] * stride_ds_dim,
+                          mask=mask_n[:, None] & mask_p[None, :], other=0.0)
+            to_end = tl.where(mask_j, tl.exp(a_last - a_j), 0.0)
+            U = tile_dot(B_j, G_t.to(B_j.dtype), DOT_PRECISION) * to_end[:, None]        # (M, P)
+            dB_h = tile_dot(x_j, tl.trans(G_t).to(x_j.dtype), DOT_PRECISION) * (to_end * dt_j)[:, None]
+            v_j = dt_j * tl.sum(x_j.to(tl.float32) * U, axis=1)
+            # The chunk's later tokens i >= j.
+            for i0 in range(j0, length, BLOCK_SIZE_K):
+                offs_i = i0 + offs_k
+                mask_i = offs_i < length
+                C_t = tl.load(C_ptr + (start + offs_i)[None, :] * stride_C_tok + group * stride_C_group
+                              + offs_n[:, None] * stride_C_dstate,
+                              mask=mask_n[:, None] & mask_i[None, :], other=0.0)          # (N, K)
+                a_i = tl.load(dA_ptr + offs_i * stride_dA_pos, mask=mask_i, other=0.0)
+                dy_i = _gated_dout(
+                    dout_ptr, (start + offs_i)[:, None] * stride_dout_tok + head * stride_dout_head
+                    + offs_p[None, :] * stride_dout_dim,
+                    z_ptr, (start + offs_i)[:, None] * stride_z_tok + head * stride_z_head
+                    + offs_p[None, :] * stride_z_dim, mask_i[:, None] & mask_p[None, :], HAS_Z)
+                causal = (offs_i[None, :] >= offs_j[:, None]) & mask_i[None, :] & mask_j[:, None]
+                decay = tl.where(causal, tl.exp(a_i[None, :] - a_j[:, None]), 0.0)        # (M, K)
+                CB_t = tile_dot(B_j, C_t.to(B_j.dtype), DOT_PRECISION)                   # B_j . C_i
+                U += tile_dot((CB_t * decay).to(x_j.dtype), dy_i.to(x_j.dtype), DOT_PRECISION)
+                dyx = tile_dot(x_j, tl.trans(dy_i).to(x_j.dtype), DOT_PRECISION)          # x_j . dy_i
+                dB_h += tile_dot((dyx * decay * dt_j[:, None]).to(C_t.dtype), tl.trans(C_t),
+                                 DOT_PRECISION)
+            dy_j = _gated_dout(
+                dout_ptr, (start + offs_j)[:, None] * stride_dout_tok + head * stride_dout_head
+                + offs_p[None, :] * stride_dout_dim,
+                z_ptr, (start + offs_j)[:, None] * stride_z_tok + head * stride_z_head
+                + offs_p[None, :] * stride_z_dim, tile_jp, HAS_Z)
+            x_f = x_j.to(tl.float32)
+            dx = U * dt_j[:, None]
+            if HAS_D:
+                D = tl.load(D_ptr + head * stride_D_head + offs_p * stride_D_dim, mask=mask_p,
+                            other=0.0).to(tl.float32)
+                dx += dy_j * D[None, :]
+                tl.store(dD_ptr + (chunk * tl.num_programs(0) + tl.program_id(0)) * stride_dD_block
+                         + head * stride_dD_head + offs_p, tl.sum(dy_j * x_f, axis=0), mask=mask_p)
+            tl.store(dx_ptr + (start + offs_j)[:, None] * stride_dx_tok + head * stride_dx_head
+                     + offs_p[None, :] * stride_dx_dim, dx.to(dx_ptr.dtype.element_ty), mask=tile_jp)
+            if HAS_Z:
+                tok_jp = (start + offs_j)[:, None]
+                dout = tl.load(dout_ptr + tok_jp * stride_dout_tok + head * stride_dout_head
+                               + offs_p[None, :] * stride_dout_dim, mask=tile_jp, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + tok_jp * stride_z_tok + head * stride_z_head
+                            + offs_p[None, :] * stride_z_dim, mask=tile_jp, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + tok_jp * stride_y_tok + head * stride_y_head
+                            + offs_p[None, :] * stride_y_dim, mask=tile_jp, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(z)
+                dz = dout * y * sig * (1.0 + z * (1.0 - sig))
+                tl.store(dz_ptr + tok_jp * stride_dx_tok + head * stride_dx_head
+                         + offs_p[None, :] * stride_dx_dim, dz.to(dz_ptr.dtype.element_ty), mask=tile_jp)
+            pos = head * stride_dA_head + chunk * stride_dA_chunk + offs_j * stride_dA_pos
+            tl.store(ddt_ptr + pos, tl.sum(x_f * U, axis=1), mask=mask_j)
+            tl.store(ddA_ptr + pos, -tl.sum(B_j.to(tl.float32) * dB_h, axis=1), mask=mask_j)
+            tl.store(dlast_ptr + pos, v_j, mask=mask_j)
+            dB_acc += dB_h
+        tl.store(dB_ptr + split * stride_dB_split + (start + offs_j)[:, None] * stride_dB_tok
+                 + group * stride_dB_group + offs_n[None, :] * stride_dB_dstate, dB_acc,
+                 mask=mask_j[:, None] & mask_n[None, :])
+
+
+@triton.heuristics(platform.given_flags(HAS_Z="z_ptr", HAS_INITIAL_STATES="initial_states_ptr"))
+@triton.jit
+def _chunk_scan_bwd_dC_kernel(
+    x_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, dt_out_ptr, dA_cumsum_ptr, end_states_ptr,
+    initial_states_ptr, seq_idx_ptr, cu_chunk_ptr, ddA_ptr, dC_ptr,
+    num_tokens, num_seqs, headdim, dstate, heads_per_group, heads_per_program, num_splits,
+    stride_x_tok, stride_x_head, stride_x_dim,
+    stride_B_tok, stride_B_group, stride_B_dstate,
+    stride_C_tok, stride_C_group, stride_C_dstate,
+    stride_dout_tok, stride_dout_head, stride_dout_dim,
+    stride_z_tok, stride_z_head, stride_z_dim,
+    stride_dA_head, stride_dA_chunk, stride_dA_pos,
+    stride_es_chunk, stride_es_head, stride_es_dim, stride_es_dstate,
+    stride_init_seq, stride_init_head, stride_init_dim, stride_init_dstate,
+    stride_dC_split, stride_dC_tok, stride_dC_group, stride_dC_dstate,
+    HAS_Z: tl.constexpr, HAS_INITIAL_STATES: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    BLOCK_SIZE_P: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+):
+    """Grid (cdiv(L, M), num_chunks, ngroups * num_splits): tokens i of a
+    block of M of one chunk, earlier tokens j <= i walked K at a time:
+
+        dC_i  = sum_{j<=i} M_ij dt_j (dy_i . x_j) B_j + exp(a_i) S_prev^T dy_i
+        d a_i += C_i . dC_i (per head: the intra-chunk and start-state terms)
+    dC summed over the program's heads into a float32 partial per head split."""
+    i0 = tl.program_id(0) * BLOCK_SIZE_M
+    chunk = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    if i0 < length:
+        offs_i = i0 + tl.arange(0, BLOCK_SIZE_M)
+        offs_p = tl.arange(0, BLOCK_SIZE_P)
+        offs_n = tl.arange(0, BLOCK_SIZE_N)
+        offs_k = tl.arange(0, BLOCK_SIZE_K)
+        mask_i = offs_i < length
+        mask_p = offs_p < headdim
+        mask_n = offs_n < dstate
+        state_mask = mask_p[:, None] & mask_n[None, :]
+        C_i = tl.load(C_ptr + (start + offs_i)[:, None] * stride_C_tok + group * stride_C_group
+                      + offs_n[None, :] * stride_C_dstate, mask=mask_i[:, None] & mask_n[None, :],
+                      other=0.0)
+        seq, row, seq_ok = sequence_of(seq_idx_ptr, chunk, num_seqs)
+        previous_seq = tl.load(seq_idx_ptr + tl.maximum(chunk - 1, 0)).to(tl.int64)
+        continues = (chunk > 0) & (seq == previous_seq)
+        dC_acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        head_first = group * heads_per_group + split * heads_per_program
+        head_end = tl.minimum(head_first + heads_per_program, (group + 1) * heads_per_group)
+        for head in range(head_first, head_end):
+            dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+            dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+            a_i = tl.load(dA_ptr + offs_i * stride_dA_pos, mask=mask_i, other=0.0)
+            dy_i = _gated_dout(
+                dout_ptr, (start + offs_i)[:, None] * stride_dout_tok + head * stride_dout_head
+                + offs_p[None, :] * stride_dout_dim,
+                z_ptr, (start + offs_i)[:, None] * stride_z_tok + head * stride_z_head
+                + offs_p[None, :] * stride_z_dim, mask_i[:, None] & mask_p[None, :], HAS_Z)
+            # The start state's part (the forward's start(c), as ``chunk_scan`` reads it).
+            if continues:
+                S_prev = tl.load(end_states_ptr + (chunk - 1) * stride_es_chunk + head * stride_es_head
+                                 + offs_p[:, None] * stride_es_dim + offs_n[None, :] * stride_es_dstate,
+                                 mask=state_mask, other=0.0).to(tl.float32)
+            elif HAS_INITIAL_STATES:
+                S_prev = tl.load(initial_states_ptr + row * stride_init_seq + head * stride_init_head
+                                 + offs_p[:, None] * stride_init_dim + offs_n[None, :] * stride_init_dstate,
+                                 mask=state_mask & seq_ok, other=0.0).to(tl.float32)
+            else:
+                S_prev = tl.zeros((BLOCK_SIZE_P, BLOCK_SIZE_N), dtype=tl.float32)
+            dC_h = tile_dot(dy_i.to(C_i.dtype), S_prev.to(C_i.dtype), DOT_PRECISION)
+            dC_h *= tl.where(mask_i, tl.exp(a_i), 0.0)[:, None]
+            for j0 in range(0, tl.minimum(i0 + BLOCK_SIZE_M, length), BLOCK_SIZE_K):
+                offs_j = j0 + offs_k
+                mask_j = offs_j < length
+                x_t = tl.load(x_ptr + (start + offs_j)[None, :] * stride_x_tok + head * stride_x_head
+                              + offs_p[:, None] * stride_x_dim, mask=mask_p[:, None] & mask_j[None, :],
+                              other=0.0)                                                     # (P, K)
+                B_j = tl.load(B_ptr + (start + offs_j)[:, None] * stride_B_tok + group * stride_B_group
+                              + offs_n[None, :] * stride_B_dstate, mask=mask_j[:, None] & mask_n[None, :],
+                              other=0.0)
+                a_j = tl.load(dA_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
+                dt_j = tl.load(dt_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
+                causal = (offs_i[:, None] >= offs_j[None, :]) & mask_j[None, :] & mask_i[:, None]
+                decay = tl.where(causal, tl.exp(a_i[:, None] - a_j[None, :]), 0.0)           # (M, K)
+                dyx = tile_dot(dy_i.to(x_t.dtype), x_t, DOT_PRECISION)                       # dy_i . x_j
+                dC_h += tile_dot((dyx * decay * dt_j[None, :]).to(B_j.dtype), B_j, DOT_PRECISION)
+            tl.store(ddA_ptr + head * stride_dA_head + chunk * stride_dA_chunk + offs_i * stride_dA_pos,
+                     tl.sum(C_i.to(tl.float32) * dC_h, axis=1), mask=mask_i)
+            dC_acc += dC_h
+        tl.store(dC_ptr + split * stride_dC_split + (start + offs_i)[:, None] * stride_dC_tok
+                 + group * stride_dC_group + offs_n[None, :] * stride_dC_dstate, dC_acc,
+                 mask=mask_i[:, None] & mask_n[None, :])
+
+
+# Heads of a group per program of the stage-4 kernels (their dB / dC partials
+# are summed over these in registers; one float32 partial per split).
+HEADS_PER_PROGRAM = 8
+
+
+def _scan_bwd_launch(stage, kernel, device, num_chunks, chunk_size, ngroups, num_splits, *args, **meta):
+    config = launch_config(stage, device)
+    block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
+    launch(kernel, (triton.cdiv(chunk_size, block_m), num_chunks, ngroups * num_splits), config,
+           *args, BLOCK_SIZE_M=block_m, BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
+           CHUNK_SIZE=chunk_size, **meta)
+    return block_m
+
+
+def _head_splits(heads_per_group):
+    per_program = min(HEADS_PER_PROGRAM, heads_per_group)
+    return per_program, triton.cdiv(heads_per_group, per_program)
+
+
+def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_seqlens):
+    """Stage 4, the later-token side (see the kernel). x, dout, z, y (T, H,
+    P), B, C (T, G, N), D (H,) or (H, P), dt_out / dA_cumsum (H, K, L),
+    dstates = G (K, H, P, N) -> (dx like x, dz like z or None, ddt_x, ddA,
+    dlast (H, K, L) float32, dB (T, G, N) float32, dD like D (float32) or None).
+    Positions past a chunk's end in the (H, K, L) results are unset."""
+    num_tokens, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1:]
+    num_chunks, chunk_size = dA_cumsum.shape[1:]
+    per_program, splits = _head_splits(nheads // ngroups)
+    dx = torch.empty_like(x)
+    dz = None if z is None else torch.empty_like(z)
+    ddt_x = torch.empty_like(dA_cumsum)
+    ddA = torch.empty_like(dA_cumsum)
+    dlast = torch.empty_like(dA_cumsum)
+    dB = (torch.zeros if splits > 1 or num_tokens == 0 else torch.empty)(
+        splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
+    D2 = None if D is None else (D.unsqueeze(1).expand(nheads, headdim) if D.dim() == 1 else D)
+    config = launch_config("chunk_scan_bwd", x.device)
+    num_blocks = triton.cdiv(chunk_size, clip_block(chunk_size, config.BLOCK_SIZE_M))
+    dD = None if D is None else torch.zeros(num_chunks * num_blocks, nheads, headdim,
+                                            device=x.device, dtype=torch.float32)
+    # dx and dz share strides (both fresh, contiguous like x)
+    _scan_bwd_launch(
+        "chunk_scan_bwd", _chunk_scan_bwd_kernel, x.device, num_chunks, chunk_size, ngroups, splits,
+        x, B, C, dout, z, y if z is not None else None, D2, dt_out, dA_cumsum, dstates,
+        cu_chunk_seqlens, dx, dz, ddt_x, ddA, dlast, dB, dD,
+        num_tokens, headdim, dstate, nheads // ngroups, per_program, splits,
+        *x.stride(), *B.stride(), *C.stride(), *dout.stride(), *platform.strides(z, 3),
+        *platform.strides(y if z is not None else None, 3), *platform.strides(D2, 2),
+        *dA_cumsum.stride(), *dstates.stride(), *dx.stride(), *dB.stride(),
+        *(platform.strides(dD, 3)[:2]),
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_SIZE_P=clip_block(headdim),
+        BLOCK_SIZE_N=clip_block(dstate))
+    dB = dB.sum(0) if splits > 1 else dB[0]
+    if dD is not None:
+        dD = dD.sum(0)
+        dD = dD.sum(1) if D.dim() == 1 else dD
+    return dx, dz, ddt_x, ddA, dlast, dB, dD
+
+
+def chunk_scan_bwd_dC(x, B, C, dout, z, dt_out, dA_cumsum, end_states, initial_states,
+                      cu_chunk_seqlens, seq_idx, num_seqs):
+    """Stage 4, the earlier-token side (see the kernel) -> (dC (T, G, N)
+    float32, ddA (H, K, L) float32: C_i . dC_i per head)."""
+    num_tokens, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1:]
+    num_chunks, chunk_size = dA_cumsum.shape[1:]
+    per_program, splits = _head_splits(nheads // ngroups)
+    ddA = torch.empty_like(dA_cumsum)
+    dC = (torch.zeros if splits > 1 else torch.empty)(
+        splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
+    _scan_bwd_launch(
+        "chunk_scan_bwd_dC", _chunk_scan_bwd_dC_kernel, x.device, num_chunks, chunk_size, ngroups,
+        splits, x, B, C, dout, z, dt_out, dA_cumsum, end_states, initial_states, seq_idx,
+        cu_chunk_seqlens, ddA, dC,
+        num_tokens, num_seqs, headdim, dstate, nheads // ngroups, per_program, splits,
+        *x.stride(), *B.stride(), *C.stride(), *dout.stride(), *platform.strides(z, 3),
+        *dA_cumsum.stride(), *end_states.stride(), *platform.strides(initial_states, 4),
+        *dC.stride(),
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_SIZE_P=clip_block(headdim),
+        BLOCK_SIZE_N=clip_block(dstate))
+    return (dC.sum(0) if splits > 1 else dC[0]), ddA

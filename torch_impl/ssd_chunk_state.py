@@ -142,3 +142,81 @@ def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
         nheads // ngroups, *x.stride(), *B.stride(), *dA_cumsum.stride(), *states.stride(),
         CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype))
     return states
+
+
+# --- The backward (training) --------------------------------------------------------
+
+@triton.heuristics(platform.given_flags(HAS_DT_BIAS="dt_bias_ptr"))
+@triton.jit
+def _chunk_cumsum_bwd_kernel(
+    dt_ptr, A_ptr, dt_bias_ptr, cu_chunk_ptr, dt_out_ptr, ddt_x_ptr, ddA_j_ptr, ddA_i_ptr,
+    dlast_ptr, dlast_state_ptr, ddt_ptr, dA_part_ptr, ddt_bias_part_ptr,
+    num_tokens, nheads, dt_min, dt_max,
+    stride_dt_tok, stride_dt_head, stride_A_head, stride_dt_bias_head,
+    stride_b_head, stride_b_chunk, stride_b_pos,
+    stride_ls_head, stride_ls_chunk,
+    stride_ddt_tok, stride_ddt_head, stride_part_chunk,
+    DT_SOFTPLUS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
+    BLOCK_SIZE_H: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+):
+    """Grid (num_chunks, cdiv(nheads, BLOCK_SIZE_H)): the whole chunk is one
+    tile. With da_i = ddA_j + ddA_i and d a_last = sum_j dlast_j + dlast_state:
+    r_k = sum_{i >= k} da_i + d a_last, ddt_k = ddt_x_k + A r_k, dA += sum_k
+    dt_k r_k; then back through the clamp and softplus to the raw dt."""
+    chunk = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_SIZE_H + tl.arange(0, BLOCK_SIZE_H)
+    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    offs_l = tl.arange(0, CHUNK_SIZE)
+    mask_h = offs_h < nheads
+    in_chunk = (offs_l < length)[:, None] & mask_h[None, :]
+    raw = tl.load(dt_ptr + (start + offs_l)[:, None] * stride_dt_tok + offs_h[None, :] * stride_dt_head,
+                  mask=in_chunk, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        raw += tl.load(dt_bias_ptr + offs_h * stride_dt_bias_head, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    buf = offs_h[None, :] * stride_b_head + chunk * stride_b_chunk + offs_l[:, None] * stride_b_pos
+    da = (tl.load(ddA_j_ptr + buf, mask=in_chunk, other=0.0)
+          + tl.load(ddA_i_ptr + buf, mask=in_chunk, other=0.0))
+    d_last = (tl.sum(tl.load(dlast_ptr + buf, mask=in_chunk, other=0.0), axis=0)
+              + tl.load(dlast_state_ptr + offs_h * stride_ls_head + chunk * stride_ls_chunk,
+                        mask=mask_h, other=0.0))
+    r = tl.cumsum(da, axis=0, reverse=True) + d_last[None, :]
+    A = tl.load(A_ptr + offs_h * stride_A_head, mask=mask_h, other=0.0).to(tl.float32)
+    dt = tl.load(dt_out_ptr + buf, mask=in_chunk, other=0.0)
+    ddt = tl.load(ddt_x_ptr + buf, mask=in_chunk, other=0.0) + A[None, :] * r
+    ddt = tl.where(in_chunk, ddt, 0.0)
+    tl.store(dA_part_ptr + chunk * stride_part_chunk + offs_h, tl.sum(tl.where(in_chunk, dt * r, 0.0), axis=0),
+             mask=mask_h)
+    if HAS_DT_LIMIT:  # torch.clamp's gradient: through where dt_min <= value <= dt_max
+        value = raw
+        if DT_SOFTPLUS:
+            value = softplus(raw)
+        ddt = tl.where((value >= dt_min) & (value <= dt_max), ddt, 0.0)
+    if DT_SOFTPLUS:
+        ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
+    tl.store(ddt_ptr + (start + offs_l)[:, None] * stride_ddt_tok + offs_h[None, :] * stride_ddt_head,
+             ddt.to(ddt_ptr.dtype.element_ty), mask=in_chunk)
+    if HAS_DT_BIAS:
+        tl.store(ddt_bias_part_ptr + chunk * stride_part_chunk + offs_h, tl.sum(ddt, axis=0), mask=mask_h)
+
+
+def chunk_cumsum_bwd(dt, A, dt_bias, cu_chunk_seqlens, dt_out, ddt_x, ddA_j, ddA_i, dlast,
+                     dlast_state, dt_softplus=False, dt_limit=(0.0, math.inf)):
+    """The decay's gradient back to dt, A and dt_bias: dt (T, H), A, dt_bias
+    (H,), the (H, K, L) float32 partials of stage 4 and dlast_state (H, K)
+    -> (ddt like dt, dA (H,) float32, d dt_bias (H,) float32 or None)."""
+    num_tokens, nheads = dt.shape
+    _, num_chunks, chunk_size = dt_out.shape
+    ddt = torch.zeros_like(dt)  # tokens outside every chunk (malformed metadata) get 0
+    dA_part = torch.empty(num_chunks, nheads, device=dt.device, dtype=torch.float32)
+    ddt_bias_part = None if dt_bias is None else torch.empty_like(dA_part)
+    config = launch_config("chunk_cumsum_bwd", dt.device)
+    block_h = clip_block(nheads, config.BLOCK_SIZE_H)
+    launch(
+        _chunk_cumsum_bwd_kernel, (num_chunks, triton.cdiv(nheads, block_h)), config,
+        dt, A, dt_bias, cu_chunk_seqlens, dt_out, ddt_x, ddA_j, ddA_i, dlast, dlast_state, ddt,
+        dA_part, ddt_bias_part, num_tokens, nheads, float(dt_limit[0]), float(dt_limit[1]),
+        *dt.stride(), *A.stride(), *platform.strides(dt_bias, 1), *dt_out.stride(),
+        *dlast_state.stride(), *ddt.stride(), dA_part.stride(0),
+        DT_SOFTPLUS=bool(dt_softplus), HAS_DT_LIMIT=tuple(dt_limit) != (0.0, math.inf),
+        BLOCK_SIZE_H=block_h, CHUNK_SIZE=chunk_size)
+    return ddt, dA_part.sum(0), (None if ddt_bias_part is None else ddt_bias_part.sum(0))

@@ -123,3 +123,105 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
         INTERMEDIATE=bool(return_intermediate_states), CHUNK_SIZE=chunk_size,
         BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n)
     return end_states, states
+
+
+# --- The backward (training) --------------------------------------------------------
+
+@triton.heuristics(platform.given_flags(HAS_INITIAL_STATES="initial_states_ptr"))
+@triton.jit
+def _state_passing_bwd_kernel(
+    dS_prev_ptr, ddstates_ptr, dA_cumsum_ptr, end_states_ptr, initial_states_ptr, seq_idx_ptr,
+    dinit_ptr, dlast_ptr,
+    num_chunks, num_seqs, headdim, dstate,
+    stride_g_chunk, stride_g_head, stride_g_dim, stride_g_dstate,
+    stride_dd_row, stride_dd_head, stride_dd_dim, stride_dd_dstate,
+    stride_dA_head, stride_dA_chunk, stride_dA_pos,
+    stride_es_chunk, stride_es_head, stride_es_dim, stride_es_dstate,
+    stride_init_seq, stride_init_head, stride_init_dim, stride_init_dstate,
+    stride_dlast_tile, stride_dlast_head,
+    HAS_INITIAL_STATES: tl.constexpr, INTERMEDIATE: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+):
+    """Grid (nheads, cdiv(headdim, M), cdiv(dstate, N)): one (M, N) tile of
+    one head, walked back from the last chunk. Chunk c's dS_prev(c) is
+    overwritten with G_c = dL/d(end state of c):
+
+        G_c = d states[c] (intermediate) or d final[seq] (c last of seq)
+              + exp(a_last(c+1)) G_{c+1} + dS_prev(c+1)   (c+1 in the same sequence)
+        d a_last(c) = exp(a_last(c)) <G_c, S_prev(c)>   (this tile's part, into dlast)
+        d initial[seq] = exp(a_last(c)) G_c + dS_prev(c) (c first of seq)"""
+    head = tl.program_id(0)
+    tile_id = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    offs_m = tl.program_id(1) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_n = tl.program_id(2) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask = (offs_m < headdim)[:, None] & (offs_n < dstate)[None, :]
+    g_tile = head * stride_g_head + offs_m[:, None] * stride_g_dim + offs_n[None, :] * stride_g_dstate
+    dd_tile = head * stride_dd_head + offs_m[:, None] * stride_dd_dim + offs_n[None, :] * stride_dd_dstate
+    es_tile = head * stride_es_head + offs_m[:, None] * stride_es_dim + offs_n[None, :] * stride_es_dstate
+    init_tile = (head * stride_init_head + offs_m[:, None] * stride_init_dim
+                 + offs_n[None, :] * stride_init_dstate)
+    carry = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for step in range(num_chunks):
+        chunk = (num_chunks - 1 - step).to(tl.int64)
+        seq, row, seq_ok = sequence_of(seq_idx_ptr, chunk, num_seqs)
+        next_seq = tl.load(seq_idx_ptr + tl.minimum(chunk + 1, num_chunks - 1)).to(tl.int64)
+        previous_seq = tl.load(seq_idx_ptr + tl.maximum(chunk - 1, 0)).to(tl.int64)
+        is_last = (chunk == num_chunks - 1) | (next_seq != seq)
+        is_first = (chunk == 0) | (previous_seq != seq)
+        if INTERMEDIATE:
+            G = tl.load(ddstates_ptr + chunk * stride_dd_row + dd_tile, mask=mask, other=0.0).to(tl.float32)
+            G += tl.where(is_last, 0.0, carry)
+        else:
+            if is_last:
+                G = tl.load(ddstates_ptr + row * stride_dd_row + dd_tile, mask=mask & seq_ok,
+                            other=0.0).to(tl.float32)
+            else:
+                G = carry
+        dS_prev = tl.load(dS_prev_ptr + chunk * stride_g_chunk + g_tile, mask=mask, other=0.0)
+        decay = tl.exp(tl.load(dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+                               + (CHUNK_SIZE - 1) * stride_dA_pos))
+        if is_first:
+            if HAS_INITIAL_STATES:
+                S_prev = tl.load(initial_states_ptr + row * stride_init_seq + init_tile,
+                                 mask=mask & seq_ok, other=0.0).to(tl.float32)
+            else:
+                S_prev = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        else:
+            S_prev = tl.load(end_states_ptr + (chunk - 1) * stride_es_chunk + es_tile, mask=mask,
+                             other=0.0).to(tl.float32)
+        tl.store(dlast_ptr + tile_id * stride_dlast_tile + head * stride_dlast_head + chunk,
+                 decay * tl.sum(tl.sum(G * S_prev, axis=1), axis=0))
+        tl.store(dS_prev_ptr + chunk * stride_g_chunk + g_tile, G, mask=mask)
+        carry = decay * G + dS_prev
+        if HAS_INITIAL_STATES:
+            if is_first:
+                tl.store(dinit_ptr + row * stride_init_seq + init_tile,
+                         carry.to(dinit_ptr.dtype.element_ty), mask=mask & seq_ok)
+
+
+def state_passing_bwd(dS_prev, dstates, dA_cumsum, end_states, seq_idx, num_seqs,
+                      initial_states=None, return_intermediate_states=False):
+    """dS_prev (K, H, P, N) float32 (overwritten with G = d end states), the
+    states' gradient ``dstates`` ((Q, ...) final or (K, ...) intermediate),
+    dA_cumsum (H, K, L), end_states (K, H, P, N) -> (G, d initial_states (Q,
+    H, P, N) float32 or None, d a_last (H, K) float32 from the carried states)."""
+    num_chunks, nheads, headdim, dstate = dS_prev.shape
+    chunk_size = dA_cumsum.shape[2]
+    config = launch_config("state_passing_bwd", dS_prev.device)
+    block_m = clip_block(headdim, config.BLOCK_SIZE_M)
+    block_n = clip_block(dstate, config.BLOCK_SIZE_N)
+    grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
+    dinit = None
+    if initial_states is not None:  # with the layout of initial_states (strides shared)
+        dinit = torch.zeros(initial_states.shape, device=dS_prev.device, dtype=torch.float32)
+        initial_states = initial_states.contiguous()
+    dlast = torch.empty(grid[1] * grid[2], nheads, num_chunks, device=dS_prev.device, dtype=torch.float32)
+    launch(
+        _state_passing_bwd_kernel, grid, config,
+        dS_prev, dstates, dA_cumsum, end_states, initial_states, seq_idx, dinit, dlast,
+        num_chunks, num_seqs, headdim, dstate,
+        *dS_prev.stride(), *dstates.stride(), *dA_cumsum.stride(), *end_states.stride(),
+        *platform.strides(initial_states, 4), *dlast.stride()[:2],
+        INTERMEDIATE=bool(return_intermediate_states), CHUNK_SIZE=chunk_size,
+        BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n)
+    return dS_prev, dinit, dlast.sum(0)
