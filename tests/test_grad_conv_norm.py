@@ -411,3 +411,48 @@ def test_jax_refusals_name_the_op(rng):
         jax.grad(lambda x: side.impl.causal_conv1d_fn(x, **fn_args, out=jnp.zeros_like(x))[0].sum())(x)
     with pytest.raises(ValueError, match="rms_norm_gated: `out` is written in place"):
         jax.grad(lambda x: side.impl.rms_norm_gated(x, None, out=jnp.zeros_like(x)).sum())(x.T)
+
+
+@pytest.mark.parametrize("op", [pytest.param("conv", marks=pytest.mark.slow), "norm"])
+def test_torch_training_ops_opcheck(op, rng):
+    """The functional ops' schema, fake kernels and autograd registration
+    (torch.library.opcheck: eager, FakeTensor, AOT dispatch with the backward)."""
+    side = TorchSide()
+    torch = side.torch
+    leaf = lambda shape: side.array(rng.standard_normal(shape), "float32").requires_grad_()  # noqa: E731
+    if op == "conv":
+        x = side.array(rng.standard_normal((7, 8)), "float32").T.requires_grad_()
+        args = (x, leaf((8, 4)), leaf(8), leaf((3, 8, 4)), side.array(np.array([0, 3, 7]), "int32"),
+                side.array(np.array([2, 1]), "int32"), side.array(np.array([True, False]), "bool"),
+                True, 0)
+        target = torch.ops.mamba_twin.causal_conv1d_fn_functional.default
+    else:
+        args = (leaf((5, 16)), leaf(16), leaf((5, 16)), 1e-5, 8, True)
+        target = torch.ops.mamba_twin.rms_norm_gated_functional.default
+    torch.library.opcheck(target, args)
+
+
+@pytest.mark.slow
+def test_jax_grads_under_jit_and_x64(rng):
+    """int64 metadata in x64 mode, under jit: the same gradients."""
+    side = JaxSide()
+    jax, jnp = side.jax, side.jnp
+    primals, index = _conv_case(rng, width=4, dim=8, seqlens=(3, 4))
+
+    def grads(index_dtype):
+        qsl = jnp.asarray(index["qsl"], index_dtype)
+        slots = jnp.asarray(index["cache_indices"], index_dtype)
+        has_init = jnp.asarray(index["has_initial_state"])
+
+        def loss(x, weight, states):
+            out, new = side.impl.causal_conv1d_fn(x, weight, None, states, qsl, slots, has_init)
+            return (out * out).sum() + (new * new).sum()
+        args = [jnp.asarray(primals[k], jnp.float32) for k in ("x", "weight", "conv_states")]
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+
+    want = grads(jnp.int32)
+    with jax.enable_x64(True):
+        got = grads(jnp.int64)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.float32
+        assert_close(g, w, "float32", "x64 gradients")
