@@ -94,3 +94,64 @@ def mixer_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, eps, conv_ini
     if "out_proj.bias" in weights:
         out = out + weights["out_proj.bias"]
     return out, conv_final, ssm_final
+
+
+# --- differentiable (torch autograd / jax.grad) --------------------------------------
+
+def _array_ops(xp):
+    """The few ops the differentiable reference needs that torch and jax.numpy spell differently."""
+    if xp.__name__ == "torch":
+        return dict(cat=lambda a: xp.cat(a, 0), repeat=lambda v, n: xp.repeat_interleave(v, n, dim=0),
+                    clip_max=lambda v, hi: xp.clamp(v, max=hi))
+    return dict(cat=lambda a: xp.concatenate(a, 0), repeat=lambda v, n: xp.repeat(v, n, axis=0),
+                clip_max=lambda v, hi: xp.minimum(v, hi))
+
+
+def autodiff_mixer_ref(xp, weights, dims: MixerDims, hidden_states, cu_seqlens, eps):
+    """The whole mixer (tp_size 1, every sequence from zero state) as
+    ``mixer_ref``, written in the ops torch and jax.numpy share (``xp``: the
+    module ``torch`` or ``jax.numpy``), so that autograd / ``jax.grad`` of it
+    in float64 is the reference gradient: ``weights`` by checkpoint key
+    (``A_log``, ``conv1d.weight`` 2-D or 3-D), ``hidden_states (T, hidden)``,
+    ``cu_seqlens`` host integers. Returns ``out (T, hidden)``."""
+    ops = _array_ops(xp)
+    cat, repeat = ops["cat"], ops["repeat"]
+    H, P, N = dims.num_heads, dims.head_dim, dims.ssm_state_size
+    I, G = dims.intermediate_size, dims.padded_groups
+    conv_dim = dims.conv_dim
+    sig = lambda v: 1.0 / (1.0 + xp.exp(-v))  # noqa: E731
+    proj = hidden_states @ weights["in_proj.weight"].T
+    if "in_proj.bias" in weights:
+        proj = proj + weights["in_proj.bias"]
+    gate, xBC, dt = proj[:, :I], proj[:, I:I + conv_dim], proj[:, I + conv_dim:]
+    conv_w = weights["conv1d.weight"].reshape(conv_dim, -1)
+    width = conv_w.shape[1]
+    A = -xp.exp(weights["A_log"])
+    step = dt + weights["dt_bias"]
+    step = xp.where(step > 20.0, step, xp.log1p(xp.exp(ops["clip_max"](step, 20.0))))  # softplus
+    ys = []
+    for begin, end in zip(list(cu_seqlens[:-1]), list(cu_seqlens[1:])):
+        begin, end = int(begin), int(end)
+        window = cat([xBC[:1] * 0.0] * (width - 1) + [xBC[begin:end]])  # zero history
+        conv = sum(window[k:k + end - begin] * conv_w[:, k] for k in range(width))
+        if "conv1d.bias" in weights:
+            conv = conv + weights["conv1d.bias"]
+        conv = conv * sig(conv)
+        state = None
+        for t in range(end - begin):
+            x = conv[t, :I].reshape(H, P)
+            B = repeat(conv[t, I:I + G * N].reshape(G, N), H // G)
+            C = repeat(conv[t, I + G * N:].reshape(G, N), H // G)
+            s = step[begin + t]
+            update = (s[:, None] * x)[:, :, None] * B[:, None, :]
+            state = update if state is None else xp.exp(A * s)[:, None, None] * state + update
+            ys.append(((state * C[:, None, :]).sum(-1) + weights["D"][:, None] * x).reshape(1, I))
+    v = cat(ys) * (gate * sig(gate))
+    groups = v.reshape(v.shape[0], -1, dims.norm_group_size)
+    v = (groups / xp.sqrt((groups ** 2).sum(-1)[..., None] / dims.norm_group_size + eps)).reshape(v.shape)
+    if "norm.weight" in weights:
+        v = v * weights["norm.weight"]
+    out = v @ weights["out_proj.weight"].T
+    if "out_proj.bias" in weights:
+        out = out + weights["out_proj.bias"]
+    return out
