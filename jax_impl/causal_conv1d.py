@@ -23,8 +23,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.conv_contract import (
     INDEX_ARGS, NULL_BLOCK_ID, ConvLayout, ConvTiles, check_conv_fn_args, check_conv_fn_grad,
-    check_conv_index_values, check_conv_update_args, conv_bwd_block_w, conv_tiles,
-    stateless_states_shape)
+    check_conv_index_values, check_conv_update_args, conv_bwd_block_w, conv_bwd_splits,
+    conv_tiles, stateless_states_shape)
 from jax_impl import platform
 
 
@@ -205,19 +205,20 @@ def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, q
 def _conv_fn_bwd_kernel(dx_in_ref, dstate_in_ref, x_ref, weight_ref, bias_ref, state_ref, qsl_ref,
                         indices_ref, has_init_ref, dout_ref, dnew_ref, dx_ref, dw_ref, db_ref,
                         dstate_ref, *, layout: ConvLayout, tiles: ConvTiles, pad_slot_id: int,
-                        block_w: int):
+                        block_w: int, splits: int):
     """The training form's backward (no prefix caching); the mirror of
     ``torch_impl.causal_conv1d._causal_conv1d_fn_bwd_kernel`` (see there),
     except that the 2W - 1 window rows around a tile are loaded once and
     shared by the W recomputed pre-activations (traced Python lists; the
     Triton kernel reloads them, from cache).
-    Grid (num_seqs, cdiv(dim, block_d)); dx starts zeroed, dstate as d(new
-    states); dw (num_seqs, block_w, D) and db (num_seqs, D) float32 partials."""
+    Grid (num_seqs, cdiv(dim, block_d), splits); dx starts zeroed, dstate as
+    d(new states); dw (num_seqs * splits, block_w, D) and db (num_seqs *
+    splits, D) float32 partials."""
     del dx_in_ref, dstate_in_ref  # the same buffers as dx_ref, dstate_ref
     i32, f32 = jnp.int32, jnp.float32
     zero = jnp.zeros((), i32)
     width = layout.width
-    seq = pl.program_id(0)
+    seq, split = pl.program_id(0), pl.program_id(2)
     offs_d = pl.program_id(1) * tiles.block_d + jnp.arange(tiles.block_d, dtype=i32)
     mask_d = offs_d < layout.dim
     cols = offs_d[None, :]
@@ -286,9 +287,13 @@ def _conv_fn_bwd_kernel(dx_in_ref, dstate_in_ref, x_ref, weight_ref, bias_ref, s
 
     offs_w = jnp.arange(block_w, dtype=i32)
 
+    def tile(i):
+        """This program's i-th token tile: tile split + i * splits of the sequence."""
+        return (split + i * splits) * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
+
     def token_block(i, carry):
         dw, db = carry
-        offs_t = i * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
+        offs_t = tile(i)
         dx, dacc, rows = dwindow(offs_t)
         db = db + jnp.sum(dacc, axis=0)
         for k in range(width):  # the window of token t at tap k: row k (position t + k - (W-1))
@@ -298,26 +303,29 @@ def _conv_fn_bwd_kernel(dx_in_ref, dstate_in_ref, x_ref, weight_ref, bias_ref, s
         return dw, db
 
     def poison_block(i, carry):
-        offs_t = i * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
+        offs_t = tile(i)
         plgpu.store(dx_ref.at[(bos + offs_t)[:, None], cols],
                     jnp.full((tiles.block_t, tiles.block_d), jnp.nan, dx_ref.dtype),
                     mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
         return carry
 
-    blocks = lambda n: (n + tiles.block_t - 1) // tiles.block_t  # noqa: E731  (not pl.cdiv: x64)
+    # This program's tiles of n tokens (not pl.cdiv: x64).
+    blocks = lambda n: jnp.maximum(n - split * tiles.block_t + splits * tiles.block_t - 1,  # noqa: E731
+                                   zero) // (splits * tiles.block_t)
     dw, db = jax.lax.fori_loop(0, blocks(jnp.where(active, seqlen, zero)), token_block,
                                (jnp.zeros((block_w, tiles.block_d), f32),
                                 jnp.zeros((tiles.block_d,), f32)))
     jax.lax.fori_loop(0, blocks(jnp.where(poison, seqlen, zero)), poison_block, 0)
-    plgpu.store(dw_ref.at[seq, offs_w[:, None], cols], jnp.where(poison, jnp.nan, dw),
+    part = seq * splits + split
+    plgpu.store(dw_ref.at[part, offs_w[:, None], cols], jnp.where(poison, jnp.nan, dw),
                 mask=jnp.broadcast_to(mask_d[None, :], dw.shape))
-    plgpu.store(db_ref.at[seq, offs_d], jnp.where(poison, jnp.nan, db), mask=mask_d)
+    plgpu.store(db_ref.at[part, offs_d], jnp.where(poison, jnp.nan, db), mask=mask_d)
     # The history gradient: window positions -(W-1) .. -1, state columns 0 .. W-2.
     offs_r = jnp.arange(tiles.block_r, dtype=i32)
     in_hist = offs_r < width - 1
     dhist = jnp.where(has_history, dwindow(offs_r - (width - 1))[0], 0.0)
     plgpu.store(dstate_ref.at[slot, offs_r[:, None], cols], dhist.astype(dstate_ref.dtype),
-                mask=(in_hist & keep)[:, None] & mask_d[None, :])
+                mask=(in_hist & keep & (split == 0))[:, None] & mask_d[None, :])
 
 
 def _conv_fn_bwd(layout: ConvLayout, tiles: ConvTiles, pad_slot_id: int, *, x, weight, bias, state,
@@ -325,18 +333,20 @@ def _conv_fn_bwd(layout: ConvLayout, tiles: ConvTiles, pad_slot_id: int, *, x, w
     """x, dout (T, D); state, dnew (S, L, D). Returns (dx, dweight, dbias, dstate)."""
     dx, dstate = jnp.zeros(x.shape, x.dtype), dnew.astype(state.dtype)
     block_w = conv_bwd_block_w(layout.width)
+    splits = conv_bwd_splits(layout.num_tokens, layout.num_seqs, tiles.block_t)
     if layout.num_seqs == 0 or layout.dim == 0 or layout.num_tokens == 0:
         return dx, jnp.zeros(weight.shape, weight.dtype), bias if bias is None else \
             jnp.zeros(bias.shape, bias.dtype), dstate
     kernel = functools.partial(_conv_fn_bwd_kernel, layout=layout, tiles=tiles,
-                               pad_slot_id=pad_slot_id, block_w=block_w)
+                               pad_slot_id=pad_slot_id, block_w=block_w, splits=splits)
     dx, dw, db, dstate = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(dx.shape, dx.dtype),
-                   jax.ShapeDtypeStruct((layout.num_seqs, block_w, layout.dim), jnp.float32),
-                   jax.ShapeDtypeStruct((layout.num_seqs, layout.dim), jnp.float32),
+                   jax.ShapeDtypeStruct((layout.num_seqs * splits, block_w, layout.dim),
+                                        jnp.float32),
+                   jax.ShapeDtypeStruct((layout.num_seqs * splits, layout.dim), jnp.float32),
                    jax.ShapeDtypeStruct(dstate.shape, dstate.dtype)),
-        grid=(layout.num_seqs, pl.cdiv(layout.dim, tiles.block_d)),
+        grid=(layout.num_seqs, pl.cdiv(layout.dim, tiles.block_d), splits),
         input_output_aliases={0: 0, 1: 3},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=platform.INTERPRET,

@@ -80,25 +80,27 @@ def _conv_ref(F, x, weight, bias, conv_states, *, qsl, cache_indices, has_initia
     of history ++ x, the other slots and columns unchanged)."""
     dim, num_tokens = x.shape
     width = weight.shape[1]
-    columns = [F.zeros((dim,), x)] * num_tokens
-    rewritten = {}
+    pieces, covered, rewritten = [], 0, {}
     for seq in range(len(qsl) - 1):
         begin, end = int(qsl[seq]), int(qsl[seq + 1])
         slot = seq if cache_indices is None else int(cache_indices[seq])
+        pieces.append(F.zeros((dim, begin - covered), x))
+        covered = end
         if cache_indices is not None and slot == PAD:
+            pieces.append(F.zeros((dim, end - begin), x))
             continue
         history = (conv_states[slot, :, :width - 1]
                    if has_initial_state is not None and has_initial_state[seq]
                    else F.zeros((dim, width - 1), x))
         window = F.cat([history, x[:, begin:end]], 1)
-        for t in range(end - begin):
-            value = (window[:, t:t + width] * weight).sum(-1)
-            value = value if bias is None else value + bias
-            columns[begin + t] = value * F.sigmoid(value) if silu else value
+        value = sum(weight[:, k:k + 1] * window[:, k:k + end - begin] for k in range(width))
+        value = value if bias is None else value + bias[:, None]
+        pieces.append(value * F.sigmoid(value) if silu else value)
         if end > begin:
             rewritten[slot] = F.cat([window[:, -(width - 1):], conv_states[slot, :, width - 1:]], 1)
+    pieces.append(F.zeros((dim, num_tokens - covered), x))
     new_states = F.stack([rewritten.get(s, conv_states[s]) for s in range(conv_states.shape[0])])
-    return F.stack(columns, 1) if num_tokens else x, new_states
+    return F.cat(pieces, 1), new_states
 
 
 def _conv_case(rng, *, width=4, dim=24, seqlens=(3, 1, 0, 6, 2), state_len=None, bias=True):
@@ -145,16 +147,24 @@ def _conv_reference(side, index, silu):
     return conv
 
 
-CONV_CASES = [dict(dtype="float32", silu=True, width=4, bias=True),
-              pytest.param(dict(dtype="float32", silu=False, width=2, bias=False),
-                           marks=pytest.mark.slow),
-              pytest.param(dict(dtype="bfloat16", silu=True, width=3, bias=True),
-                           marks=pytest.mark.slow)]  # slow: Pallas' interpreter traces each case
+CONV_CASES = [dict(dtype="float32", silu=True, width=4, bias=True, seqlens=(3, 1, 0, 6, 2)),
+              # 2 programs per sequence in the backward (conv_bwd_splits), the long one's
+              # tiles interleaved between them
+              pytest.param(dict(dtype="float32", silu=True, width=4, bias=True, seqlens=(70, 2)),
+                           marks=pytest.mark.slow),  # in CI: Triton vs Pallas below
+              pytest.param(dict(dtype="float32", silu=False, width=2, bias=False,
+                                seqlens=(3, 1, 0, 6, 2)), marks=pytest.mark.slow),
+              pytest.param(dict(dtype="bfloat16", silu=True, width=3, bias=True,
+                                seqlens=(3, 1, 0, 6, 2)), marks=pytest.mark.slow)]
+# (slow: Pallas' interpreter traces each case)
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=["f32-silu-w4", "f32-w2-nobias", "bf16-silu-w3"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=["f32-silu-w4", "f32-long", "f32-w2-nobias", "bf16-silu-w3"])
 def test_conv_grads_match_float64_autodiff(side, case, rng):
-    primals, index = _conv_case(rng, width=case["width"], bias=case["bias"])
+    primals, index = _conv_case(rng, width=case["width"], bias=case["bias"], seqlens=case["seqlens"])
+    if len(case["seqlens"]) == 2:
+        from bridge.spec.conv_contract import PREFILL_BLOCK_T, conv_bwd_splits
+        assert conv_bwd_splits(sum(case["seqlens"]), 2, PREFILL_BLOCK_T) == 2
     cotangents = _conv_cotangents(rng, primals)
     dtype = case["dtype"]
     got, got_out = _vjp(side, _conv_kernel(side, index, case["silu"]), primals, cotangents, dtype,
@@ -186,14 +196,16 @@ def _norm_ref(F, x, z=None, weight=None, *, eps, group_size, norm_before_gate):
     return (y.reshape(tokens, hidden),)
 
 
-NORM_CASES = [dict(dtype="float32", group_size=None, norm_before_gate=False, gate=True, weight=True),
+NORM_CASES = [dict(dtype="float32", group_size=None, norm_before_gate=False, gate=True, weight=True,
+                   tokens=70),
               dict(dtype="float32", group_size=12, norm_before_gate=True, gate=True, weight=True),
               dict(dtype="bfloat16", group_size=16, norm_before_gate=False, gate=True, weight=True),
               dict(dtype="float32", group_size=24, norm_before_gate=False, gate=False, weight=False)]
 
 
-def _norm_case(rng, case, tokens=70, hidden=48):
-    """70 tokens: two blocks of the backward's dweight partials."""
+def _norm_case(rng, case, tokens=None, hidden=48):
+    """One case with 70 tokens: two blocks of the backward's dweight partials."""
+    tokens = tokens or case.get("tokens", 6)
     primals = {"x": rng.standard_normal((tokens, hidden)) * 2}
     if case["gate"]:
         primals["z"] = rng.standard_normal((tokens, hidden))
@@ -262,7 +274,7 @@ def test_finite_difference_spot_check(side, op, rng):
 def test_triton_matches_pallas_gradients(op, rng):
     torch_side, jax_side = TorchSide(), JaxSide()
     if op == "conv":
-        primals, index = _conv_case(rng, width=4, dim=16, seqlens=(2, 3, 0, 5))
+        primals, index = _conv_case(rng, width=4, dim=16, seqlens=(70, 2))  # 2 splits
         cotangents = _conv_cotangents(rng, primals)
         kernels = [_conv_kernel(s, index, True) for s in (torch_side, jax_side)]
     else:

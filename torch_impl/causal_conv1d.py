@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from bridge.spec.conv_contract import (
-    INDEX_ARGS, NULL_BLOCK_ID, PREFIX_CACHING_ARGS, check_conv_fn_args, check_conv_fn_grad,
-    check_conv_index_values, check_conv_update_args, conv_bwd_block_w, conv_layout, conv_tiles,
+    INDEX_ARGS, NULL_BLOCK_ID, check_conv_fn_args, check_conv_fn_grad, check_conv_index_values,
+    check_conv_update_args, conv_bwd_block_w, conv_bwd_splits, conv_layout, conv_tiles,
     stateless_states_shape)
 from torch_impl import platform
 
@@ -236,19 +236,21 @@ def _causal_conv1d_fn_bwd_kernel(
     stride_do_tok, stride_do_dim, stride_dn_slot, stride_dn_dim, stride_dn_pos,
     stride_dx_tok, stride_dx_dim, stride_ds_slot, stride_ds_dim, stride_ds_pos,
     WIDTH: tl.constexpr, SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INDICES: tl.constexpr, HAS_INIT_FLAGS: tl.constexpr,
     HAS_DNEW: tl.constexpr,
 ):
     """The training form's backward (no prefix caching). Grid (num_seqs,
-    cdiv(dim, BLOCK_D)): one program computes one sequence's dx and history
-    gradient for a block of channels, and its dweight (num_seqs, W, dim) and
-    dbias (num_seqs, dim) partials (zero for padding; NaN, with NaN dx, for a
-    sequence whose indices break the contract). dx starts zeroed and dstate
+    cdiv(dim, BLOCK_D), SPLITS): a program takes every SPLITS-th token tile of
+    one sequence for a block of channels (``conv_bwd_splits``): their dx, and
+    its dweight (num_seqs * SPLITS, W, dim) and dbias (num_seqs * SPLITS, dim)
+    partials (zero for padding; NaN, with NaN dx, for a sequence whose indices
+    break the contract); split 0 also the history gradient. dx starts zeroed and dstate
     as d(new states): the state columns a sequence overwrote get the history
     gradient (0 without initial state); columns it left pass through."""
     seq = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
     mask_d = offs_d < dim
     bos = tl.load(qsl_ptr + seq).to(tl.int64)
     eos = tl.load(qsl_ptr + seq + 1).to(tl.int64)
@@ -281,7 +283,7 @@ def _causal_conv1d_fn_bwd_kernel(
     offs_w = tl.arange(0, BLOCK_W)
     dw = tl.zeros((BLOCK_W, BLOCK_D), dtype=tl.float32)
     db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for t0 in range(0, tl.where(active, seqlen, 0), BLOCK_T):
+    for t0 in range(split * BLOCK_T, tl.where(active, seqlen, 0), SPLITS * BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         dacc = _dacc(x_base, read_base, dout_base, w_ptr, bias, offs_t, seqlen, has_history,
                      mask_d, offs_d, state_len, stride_x_tok, stride_s_pos, stride_do_tok,
@@ -299,16 +301,17 @@ def _causal_conv1d_fn_bwd_kernel(
                       HAS_BIAS, HAS_DNEW)
         tl.store(dx_ptr + (bos + offs_t)[:, None] * stride_dx_tok + offs_d[None, :] * stride_dx_dim,
                  dx.to(dx_ptr.dtype.element_ty), mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
-    for t0 in range(0, tl.where(poison, seqlen, 0), BLOCK_T):
+    for t0 in range(split * BLOCK_T, tl.where(poison, seqlen, 0), SPLITS * BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         tl.store(dx_ptr + (bos + offs_t)[:, None] * stride_dx_tok + offs_d[None, :] * stride_dx_dim,
                  tl.full((BLOCK_T, BLOCK_D), float("nan"), tl.float32).to(dx_ptr.dtype.element_ty),
                  mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
     dw = tl.where(poison, float("nan"), dw)
     db = tl.where(poison, float("nan"), db)
-    tl.store(dw_ptr + (seq * WIDTH + offs_w[:, None]) * dim + offs_d[None, :],
+    part = seq * SPLITS + split
+    tl.store(dw_ptr + (part * WIDTH + offs_w[:, None]) * dim + offs_d[None, :],
              dw, mask=(offs_w < WIDTH)[:, None] & mask_d[None, :])
-    tl.store(db_ptr + seq * dim + offs_d, db, mask=mask_d)
+    tl.store(db_ptr + part * dim + offs_d, db, mask=mask_d)
     # The history gradient: window positions -(W-1) .. -1, state columns 0 .. W-2.
     offs_r = tl.arange(0, BLOCK_R)
     in_hist = offs_r < WIDTH - 1
@@ -319,7 +322,7 @@ def _causal_conv1d_fn_bwd_kernel(
     dhist = tl.where(has_history, dhist, 0.0)
     tl.store(dstate_ptr + slot * stride_ds_slot + offs_r[:, None] * stride_ds_pos
              + offs_d[None, :] * stride_ds_dim, dhist.to(dstate_ptr.dtype.element_ty),
-             mask=(in_hist & keep)[:, None] & mask_d[None, :])
+             mask=(in_hist & keep & (split == 0))[:, None] & mask_d[None, :])
 
 
 def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, silu, decode,
@@ -448,18 +451,25 @@ def _conv_fn_functional(x, weight, bias, conv_states, query_start_loc, cache_ind
     return out, new_states
 
 
+def _bwd_plan(x, weight, conv_states, query_start_loc, cache_indices, silu):
+    """The backward's layout, tiles and programs per sequence."""
+    layout = conv_layout(x.shape[1], weight, conv_states, query_start_loc, cache_indices,
+                         silu=silu, decode=False)
+    tiles = conv_tiles(layout)
+    return layout, tiles, conv_bwd_splits(layout.num_tokens, layout.num_seqs, tiles.block_t)
+
+
 def _conv_fn_backward(x, weight, bias, conv_states, query_start_loc, cache_indices,
                       has_initial_state, dout, dnew_states, dx, dweight, dbias, dstates, silu,
                       pad_slot_id):
-    """dx (dim, T) zeroed, dweight (num_seqs, W, dim) / dbias (num_seqs, dim)
-    float32 partials, dstates holding d(new states) (zeros when None)."""
-    layout = conv_layout(x.shape[1], weight, conv_states, query_start_loc, cache_indices,
-                         silu=silu, decode=False)
+    """dx (dim, T) zeroed, dweight (num_seqs * splits, W, dim) / dbias
+    (num_seqs * splits, dim) float32 partials (``conv_bwd_splits``), dstates
+    holding d(new states) (zeros when None)."""
+    layout, tiles, splits = _bwd_plan(x, weight, conv_states, query_start_loc, cache_indices, silu)
     if layout.num_seqs == 0 or layout.dim == 0:
         return
-    tiles = conv_tiles(layout)
     x_tok, dout_tok, dx_tok = x.t(), dout.t(), dx.t()
-    grid = (layout.num_seqs, triton.cdiv(layout.dim, tiles.block_d))
+    grid = (layout.num_seqs, triton.cdiv(layout.dim, tiles.block_d), splits)
     with platform.on_device(x.device):
         _causal_conv1d_fn_bwd_kernel[grid](
             x_tok, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
@@ -469,7 +479,8 @@ def _conv_fn_backward(x, weight, bias, conv_states, query_start_loc, cache_indic
             *platform.strides(cache_indices, 1), *dout_tok.stride(),
             *platform.strides(dnew_states, 3), *dx_tok.stride(), *dstates.stride(),
             WIDTH=layout.width, SILU=silu, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
-            BLOCK_R=tiles.block_r, BLOCK_W=conv_bwd_block_w(layout.width), num_warps=4)
+            BLOCK_R=tiles.block_r, BLOCK_W=conv_bwd_block_w(layout.width), SPLITS=splits,
+            num_warps=4)
 
 
 _LIB.impl("causal_conv1d_fn_functional", _conv_fn_functional, "CompositeExplicitAutograd")
@@ -494,11 +505,12 @@ def _conv_fn_setup_context(ctx, inputs, output):
 
 def _conv_fn_autograd_backward(ctx, dout, dnew_states):
     x, weight, bias, conv_states, qsl, indices, has_init = ctx.saved_tensors
-    num_seqs = qsl.shape[0] - 1
+    layout, _, splits = _bwd_plan(x, weight, conv_states, qsl, indices, ctx.silu)
+    parts = layout.num_seqs * splits
     dout = torch.zeros_like(x) if dout is None else dout
     dx = torch.zeros_like(x)
-    dweight = weight.new_zeros((num_seqs, weight.shape[1], weight.shape[0]), dtype=torch.float32)
-    dbias = weight.new_zeros((num_seqs, weight.shape[0]), dtype=torch.float32)
+    dweight = weight.new_zeros((parts, weight.shape[1], weight.shape[0]), dtype=torch.float32)
+    dbias = weight.new_zeros((parts, weight.shape[0]), dtype=torch.float32)
     dstates = (torch.zeros_like(conv_states) if dnew_states is None
                else dnew_states.to(conv_states.dtype, copy=True))
     torch.ops.mamba_twin.causal_conv1d_fn_backward.default(

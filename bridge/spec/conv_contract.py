@@ -373,6 +373,22 @@ def check_conv_fn_grad(*, out, **prefix_caching) -> None:
                                 "conv_states, query_start_loc, cache_indices, has_initial_state)")
 
 
+MAX_BWD_SPLITS = 32
+
+
+def conv_bwd_splits(num_tokens: int, num_seqs: int, block_t: int) -> int:
+    """Programs per sequence (and block of channels) in the backward: each
+    takes every ``splits``-th token tile of its sequence (tiles are
+    independent: the pre-activations a tile needs are recomputed), so a few
+    long sequences still fill the GPU. A power of two, from the mean length
+    (the grid is sized from shapes alone, no host sync)."""
+    tiles = -(-num_tokens // max(1, num_seqs * block_t))
+    splits = 1
+    while splits < min(tiles, MAX_BWD_SPLITS):
+        splits *= 2
+    return splits
+
+
 def conv_bwd_block_w(width: int) -> int:
     """The backward's dweight tile over taps: a power of two >= width."""
     block = 2
