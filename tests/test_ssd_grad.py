@@ -342,3 +342,22 @@ def test_triton_vs_pallas_grads(rng):
     pallas = pallas_grads(primals, index, tuple(jnp.asarray(as_np(c)) for c in cotangents))
     for name, grad in grads.items():
         assert_close(grad, np.asarray(pallas[name]), "float32", f"d{name}", tol=GRAD_TOLERANCE["float32"])
+
+
+def test_strided_inputs(rng):
+    """Inputs that are views (x, z: columns of one projection; dt: a slice;
+    x permuted in memory) and a stride-0 cotangent: the same gradients."""
+    case = SsdCase(seqlens=(5, 20), nheads=2, ngroups=1)
+    leaves, metadata, options = _inputs(case, rng)
+    T, H, P = leaves["x"].shape
+    packed = torch.stack([leaves["x"].detach(), leaves["z"].detach()], 1).requires_grad_()  # (T, 2, H, P)
+    wide_dt = torch.cat([leaves["dt"].detach(), leaves["dt"].detach()[:, :1]], 1).requires_grad_()
+    permuted_x = leaves["x"].detach().permute(2, 0, 1).contiguous().requires_grad_().permute(1, 2, 0)
+    for x, z in ((packed[:, 0], packed[:, 1]), (permuted_x, packed[:, 1])):
+        views = dict(leaves, x=x, z=z, dt=wide_dt[:, :H])
+        out, states = torch_impl.mamba_chunk_scan_combined_varlen(**views, **metadata, **options)
+        d_states = torch.ones(()).expand(states.shape)  # stride 0, as a sum's backward hands it
+        d_out = torch.from_numpy(rng.standard_normal((T, H, P))).float()
+        got = torch.autograd.grad((out, states), list(views.values()), (d_out, d_states))
+        _, want = _reference_grads(leaves, metadata, options, (d_out, d_states.contiguous()))
+        _check_grads(dict(zip(views, got)), want, "float32", "strided: ")

@@ -250,6 +250,7 @@ def _chunk_scan_bwd_kernel(
     stride_dA_head, stride_dA_chunk, stride_dA_pos,
     stride_ds_chunk, stride_ds_head, stride_ds_dim, stride_ds_dstate,
     stride_dx_tok, stride_dx_head, stride_dx_dim,
+    stride_dz_tok, stride_dz_head, stride_dz_dim,
     stride_dB_split, stride_dB_tok, stride_dB_group, stride_dB_dstate,
     stride_dD_block, stride_dD_head,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, CHUNK_SIZE: tl.constexpr,
@@ -347,8 +348,8 @@ def _chunk_scan_bwd_kernel(
                             + offs_p[None, :] * stride_y_dim, mask=tile_jp, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(z)
                 dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-                tl.store(dz_ptr + tok_jp * stride_dx_tok + head * stride_dx_head
-                         + offs_p[None, :] * stride_dx_dim, dz.to(dz_ptr.dtype.element_ty), mask=tile_jp)
+                tl.store(dz_ptr + tok_jp * stride_dz_tok + head * stride_dz_head
+                         + offs_p[None, :] * stride_dz_dim, dz.to(dz_ptr.dtype.element_ty), mask=tile_jp)
             pos = head * stride_dA_head + chunk * stride_dA_chunk + offs_j * stride_dA_pos
             tl.store(ddt_ptr + pos, tl.sum(x_f * U, axis=1), mask=mask_j)
             tl.store(ddA_ptr + pos, -tl.sum(B_j.to(tl.float32) * dB_h, axis=1), mask=mask_j)
@@ -493,7 +494,6 @@ def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_
     num_blocks = triton.cdiv(chunk_size, clip_block(chunk_size, config.BLOCK_SIZE_M))
     dD = None if D is None else torch.zeros(num_chunks * num_blocks, nheads, headdim,
                                             device=x.device, dtype=torch.float32)
-    # dx and dz share strides (both fresh, contiguous like x)
     _scan_bwd_launch(
         "chunk_scan_bwd", _chunk_scan_bwd_kernel, x.device, num_chunks, chunk_size, ngroups, splits,
         x, B, C, dout, z, y if z is not None else None, D2, dt_out, dA_cumsum, dstates,
@@ -501,7 +501,7 @@ def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_
         num_tokens, headdim, dstate, nheads // ngroups, per_program, splits,
         *x.stride(), *B.stride(), *C.stride(), *dout.stride(), *platform.strides(z, 3),
         *platform.strides(y if z is not None else None, 3), *platform.strides(D2, 2),
-        *dA_cumsum.stride(), *dstates.stride(), *dx.stride(), *dB.stride(),
+        *dA_cumsum.stride(), *dstates.stride(), *dx.stride(), *platform.strides(dz, 3), *dB.stride(),
         *(platform.strides(dD, 3)[:2]),
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_SIZE_P=clip_block(headdim),
         BLOCK_SIZE_N=clip_block(dstate))
