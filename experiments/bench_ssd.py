@@ -1,7 +1,7 @@
 """Chunked-scan (SSD prefill) benchmark: Triton, Pallas and the plain-ops
 baselines (torch, XLA) on the same inputs, each checked against float64.
 
-    python -m experiments.bench_ssd [--quick]
+    python -m experiments.bench_ssd [--quick] [--backward]
 
 On a GPU: Mamba-2 2.7B heads (nheads 80, headdim 64, dstate 128, ngroups 1,
 chunk 256), bf16 inputs, float32 states, 4k / 16k / 64k tokens as one
@@ -11,6 +11,16 @@ the interpreters (the times are interpreter times).
 FLOPs counted are the useful ones of the chunked form: per chunk of l tokens
 and head, 2 l P N (chunk state) + 2 l P N (start state's part of the output)
 + l (l + 1) P (causal intra-chunk product), plus l (l + 1) N per group (C B^T).
+
+``--backward`` (``backward_rows``; in the main job as op
+``chunked_scan_backward``): forward + backward of the differentiable call
+(gradients of every input from random cotangents of ``out`` and the final
+states), bf16 inputs, Triton and Pallas, next to mamba_ssm's Triton forward +
+backward (one sequence only: its backward takes no ``cu_seqlens``) when its
+unmodified Triton files are importable from ``$MAMBA_SSM_ANCHOR`` (a folder
+holding ``mamba_ssm/``; never part of this repository). Peak memory: torch's
+``max_memory_allocated`` over the call, less what was allocated before it
+(the inputs), for the two torch implementations.
 """
 
 from __future__ import annotations
@@ -245,12 +255,159 @@ def print_table(rows):
               f"{r['tokens_per_s'] / 1e6:>8.2f}")
 
 
+ANCHOR_ENV = "MAMBA_SSM_ANCHOR"
+
+
+def mamba_ssm_chunk_scan():
+    """mamba_ssm's ``mamba_chunk_scan_combined`` (Triton forward + backward),
+    or None when ``$MAMBA_SSM_ANCHOR`` is unset or not importable."""
+    import sys
+    folder = os.environ.get(ANCHOR_ENV)
+    if not folder:
+        return None
+    sys.path.insert(0, folder)
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError as error:
+        print(f"bench_ssd: mamba_ssm anchor not importable: {error}")
+        return None
+    finally:
+        sys.path.remove(folder)
+    return mamba_chunk_scan_combined
+
+
+DIFF_ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
+
+
+def backward_calls(arrays, index, chunk_size, input_dtype, with_pallas=True) -> dict:
+    """{implementation: call}: each ``call()`` runs forward + backward and
+    returns the gradients (dict by input name), from the same random
+    cotangents of ``out`` and the final states."""
+    rng = np.random.default_rng(1)
+    T, H, P = arrays["x"].shape
+    Q, N = len(index["cu_seqlens"]) - 1, arrays["B"].shape[2]
+    d_out = rng.standard_normal((T, H, P)).astype(np.float32)
+    d_states = rng.standard_normal((Q, H, P, N)).astype(np.float32)
+    options = dict(chunk_size=chunk_size, dt_softplus=True)
+    t, ti = framework_inputs("torch", arrays, index, input_dtype)
+    leaves = {k: t[k].requires_grad_() for k in DIFF_ARGS}
+    t_dout = torch.from_numpy(d_out).to(t["x"].device, t["x"].dtype)
+    t_dstates = torch.from_numpy(d_states).to(t["x"].device)
+
+    def triton_call():
+        out, states = torch_impl.mamba_chunk_scan_combined_varlen(
+            **leaves, **options, **ti, state_dtype=torch.float32, validate_metadata=False)
+        grads = torch.autograd.grad((out, states), list(leaves.values()), (t_dout, t_dstates))
+        return dict(zip(leaves, grads))
+
+    calls = {"triton": triton_call}
+    anchor = mamba_ssm_chunk_scan() if Q == 1 else None
+    if anchor is not None:
+        batched = {k: (v.detach().unsqueeze(0) if k in ("x", "dt", "B", "C") else v.detach()).requires_grad_()
+                   for k, v in leaves.items()}
+
+        def mamba_ssm_call():
+            out, final = anchor(**batched, **options, return_final_states=True)
+            grads = torch.autograd.grad((out, final), list(batched.values()),
+                                        (t_dout.unsqueeze(0), t_dstates.to(final.dtype)))
+            return {k: (g[0] if k in ("x", "dt", "B", "C") else g) for k, g in zip(batched, grads)}
+
+        calls["mamba_ssm"] = mamba_ssm_call
+    if with_pallas:
+        j, ji = framework_inputs("jax", arrays, index, input_dtype)
+        primals = {k: j[k] for k in DIFF_ARGS}
+        j_cot = (jnp.asarray(d_out, j["x"].dtype), jnp.asarray(d_states))
+
+        @jax.jit
+        def pallas_grads(primals, ji, cotangents):
+            def f(primals):
+                return jax_impl.mamba_chunk_scan_combined_varlen(
+                    **primals, **options, **ji, state_dtype=jnp.float32)
+            return jax.vjp(f, primals)[1](cotangents)[0]
+
+        calls["pallas"] = lambda: pallas_grads(primals, ji, j_cot)
+    return calls
+
+
+def peak_extra_bytes(call) -> float:
+    """Peak torch allocation during ``call()`` beyond what was allocated before it."""
+    if not ON_GPU:
+        return float("nan")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - before)
+
+
+def backward_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, input_dtype,
+                  repeats, with_pallas=True) -> list[dict]:
+    arrays, index = make_inputs(seqlens, nheads, headdim, dstate, ngroups, chunk_size)
+    T = int(index["cu_seqlens"][-1])
+    calls = backward_calls(arrays, index, chunk_size, input_dtype, with_pallas)
+    grads = {name: call() for name, call in calls.items()}  # compiles; the grads for the errors
+    rows = []
+    for name, call in calls.items():
+        if name == "pallas":
+            seconds = time_jax(lambda _: call(), None, repeats)
+        else:
+            seconds = time_torch(call, repeats, graph=False)
+        row = dict(op=f"{OP} fwd+bwd", implementation=name, tokens=T, layout=layout,
+                   num_seqs=len(seqlens), nheads=nheads, headdim=headdim, dstate=dstate,
+                   ngroups=ngroups, chunk_size=chunk_size, input_dtype=input_dtype,
+                   median_us=seconds * 1e6, tokens_per_s=T / seconds)
+        if name != "pallas":
+            row["peak_MiB"] = peak_extra_bytes(call) / 2**20
+        if name != "triton":  # the same gradients as Triton's (a sanity check of the timed code)
+            row["max_rel_error_grads_vs_triton"] = max(
+                rel_error(np.asarray(g.astype(jnp.float32)) if name == "pallas" else g.float().cpu().numpy(),
+                          grads["triton"][k].float().cpu().numpy())
+                for k, g in grads[name].items())
+        rows.append(row)
+    by_name = {r["implementation"]: r for r in rows}
+    if "mamba_ssm" in by_name:
+        for r in rows:
+            r["speedup_vs_mamba_ssm"] = by_name["mamba_ssm"]["median_us"] / r["median_us"]
+    return rows
+
+
+def backward_rows(quick: bool) -> list[dict]:
+    """Forward + backward rows (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    if ON_GPU and not quick:
+        shape, totals, repeats = MAMBA2_2P7B_SSD, PREFILL_TOKENS, 10
+    else:  # the interpreters: one small case (seconds per call)
+        shape, totals, repeats = CPU_SSD, (32,), 1
+    rows = []
+    for total in totals:
+        for num_seqs in ((1, MIXED_SEQUENCES) if ON_GPU and not quick else (1,)):
+            seqlens = [total] if num_seqs == 1 else random_seqlens(total, num_seqs, rng)
+            layout = "1 sequence" if num_seqs == 1 else f"{num_seqs} mixed"
+            # On a CPU the Pallas backward's tracing takes most of a minute: GPU only.
+            rows += backward_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats,
+                                  with_pallas=ON_GPU)
+    return rows
+
+
+def print_backward_table(rows):
+    print(f"{'implementation':<12}{'tokens':>7}{'layout':>12}{'median':>13}{'peak MiB':>10}"
+          f"{'vs mamba_ssm':>14}{'err vs triton':>15}")
+    for r in rows:
+        print(f"{r['implementation']:<12}{r['tokens']:>7}{r['layout']:>12}{r['median_us']:>11.1f}us"
+              f"{r.get('peak_MiB', float('nan')):>10.1f}{r.get('speedup_vs_mamba_ssm', float('nan')):>13.2f}x"
+              f"{r.get('max_rel_error_grads_vs_triton', float('nan')):>15.1e}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stages", action="store_true", help="time each kernel stage instead")
+    parser.add_argument("--backward", action="store_true", help="forward + backward rows instead")
     args = parser.parse_args()
-    if args.stages:
+    if args.backward:
+        print_backward_table(backward_rows(args.quick))
+    elif args.stages:
         print_stage_times(args.quick)
     else:
         print_table(run(args.quick))

@@ -13,7 +13,9 @@ in the same run.
 - bridge: the rows of ``experiments.bench_bridge.run(quick)``;
 - mixer: the rows of ``experiments.bench_mixer.run(quick)``;
 - host: the torch ops' eager host cost, ``experiments.bench_host.run(quick)``;
-- selective_scan: Mamba-1's prefill scan, ``experiments.bench_selective_scan.run(quick)``.
+- selective_scan: Mamba-1's prefill scan, ``experiments.bench_selective_scan.run(quick)``;
+- chunked_scan_backward: forward + backward of the chunked scan (Triton, Pallas,
+  mamba_ssm's when ``$MAMBA_SSM_ANCHOR`` holds it), ``experiments.bench_ssd_backward.run(quick)``.
 An op whose module is absent is skipped (and the record says so).
 
 Writes FILE.json (environment, command, ceilings, every row), FILE.md (the
@@ -45,7 +47,8 @@ __all__ = ["RESULTS", "environment", "main"]
 SSU_OP = "selective_state_update"
 BENCH_MODULES = {"chunked_scan": "experiments.bench_ssd", "bridge": "experiments.bench_bridge",
                  "mixer": "experiments.bench_mixer", "host": "experiments.bench_host",
-                 "selective_scan": "experiments.bench_selective_scan"}
+                 "selective_scan": "experiments.bench_selective_scan",
+                 "chunked_scan_backward": "experiments.bench_ssd_backward"}
 OPS = ("state_update", *BENCH_MODULES)
 
 # (batches, timing repeats, copy bytes, matmul n) per (on a GPU, quick)
@@ -67,6 +70,9 @@ COLUMN_FORMATS = {
     "TFLOPs": ("TFLOP/s", ".3g"),
     "fraction_of_matmul": ("of matmul", ".1%"),
     "tokens_per_s": ("tokens/s", ".3g"),
+    "peak_MiB": ("peak MiB", ".1f"),
+    "speedup_vs_mamba_ssm": ("vs mamba_ssm", ".2f"),
+    "max_rel_error_grads_vs_triton": ("max rel err grads vs triton", ".1e"),
 }
 
 
@@ -177,8 +183,10 @@ def markdown(record: dict, op_rows: dict[str, list[dict]], plot_files: list[Path
                   "the times are interpreter times and say nothing about GPU speed.", ""]
     titles = dict(state_update="State update", chunked_scan="Chunked scan", bridge="Bridge",
                   mixer="Mixer forward (torch vs Flax)", host="Host cost of the eager torch ops",
-                  selective_scan="Mamba-1 selective scan")
-    group_keys = dict(state_update=("batch",), chunked_scan=("tokens", "layout"))
+                  selective_scan="Mamba-1 selective scan",
+                  chunked_scan_backward="Chunked scan forward + backward (torch vs mamba_ssm)")
+    group_keys = dict(state_update=("batch",), chunked_scan=("tokens", "layout"),
+                      chunked_scan_backward=("tokens", "layout"))
     for op, rows in op_rows.items():
         if not rows:
             continue
