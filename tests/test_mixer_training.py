@@ -100,7 +100,7 @@ def _kernel_grads(side, mixer, hidden: np.ndarray, cotangent: np.ndarray, packin
         grads = {name: side.numpy(p.grad) if p.grad is not None else None
                  for name, p in mixer.named_parameters()}
         assert torch.is_grad_enabled()
-        return grads, side.numpy(x.grad), float(loss)
+        return grads, side.numpy(x.grad), float(loss.detach())
     from flax import nnx
     jax = side.jax
     graphdef, state = nnx.split(mixer)
@@ -219,7 +219,7 @@ def _torch_stack_losses(torch_side, mixer_weights, readout, hidden, target):
         loss = ((head(h) - y) ** 2).mean()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
