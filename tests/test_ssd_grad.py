@@ -31,7 +31,7 @@ GRAD_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 6e-2}
 OUT_TOLERANCE = {"float32": None, "float16": 5e-3, "bfloat16": 3e-2}
 
 GRAD_CASES = [
-    pytest.param(SsdCase(seqlens=(5, 20, 15), nheads=2, ngroups=1), 8, id="default"),
+    pytest.param(SsdCase(seqlens=(5, 20, 15), nheads=2, ngroups=1), None, id="default"),
     # ngroups > 1, D per (head, channel), dt_limit, gradients from the
     # intermediate states; one head per stage-4 program (head splits summed).
     pytest.param(SsdCase(seqlens=(7, 33), nheads=4, ngroups=2, D="full", dt_limit=(0.05, 0.6),

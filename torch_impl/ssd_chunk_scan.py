@@ -453,9 +453,14 @@ def _chunk_scan_bwd_dC_kernel(
                  mask=mask_i[:, None] & mask_n[None, :])
 
 
-# Heads of a group per program of the stage-4 kernels (their dB / dC partials
-# are summed over these in registers; one float32 partial per split).
-HEADS_PER_PROGRAM = 8
+# The stage-4 kernels' programs each loop over heads of one group, summing
+# dB / dC over them in registers; a group's heads are split over several
+# programs (one float32 partial per split, reduced after) only as far as
+# needed for about TARGET_PROGRAMS programs: long prefills get one split
+# (no partial buffers beyond one), short ones enough programs to fill the GPU.
+# HEADS_PER_PROGRAM, when set, pins the heads per program (tests).
+TARGET_PROGRAMS = 1024
+HEADS_PER_PROGRAM = None
 
 
 def _scan_bwd_launch(stage, kernel, device, num_chunks, chunk_size, ngroups, num_splits, *args, **meta):
@@ -467,8 +472,15 @@ def _scan_bwd_launch(stage, kernel, device, num_chunks, chunk_size, ngroups, num
     return block_m
 
 
-def _head_splits(heads_per_group):
-    per_program = min(HEADS_PER_PROGRAM, heads_per_group)
+def _head_splits(stage, device, heads_per_group, ngroups, num_chunks, chunk_size):
+    """(heads per program, splits of a group's heads) for a stage-4 launch."""
+    per_program = HEADS_PER_PROGRAM
+    if per_program is None:
+        block_m = clip_block(chunk_size, launch_config(stage, device).BLOCK_SIZE_M)
+        programs = triton.cdiv(chunk_size, block_m) * num_chunks * ngroups
+        splits = min(heads_per_group, max(1, triton.cdiv(TARGET_PROGRAMS, programs)))
+        per_program = triton.cdiv(heads_per_group, splits)
+    per_program = max(1, min(per_program, heads_per_group))
     return per_program, triton.cdiv(heads_per_group, per_program)
 
 
@@ -481,13 +493,14 @@ def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_
     num_tokens, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1:]
     num_chunks, chunk_size = dA_cumsum.shape[1:]
-    per_program, splits = _head_splits(nheads // ngroups)
+    per_program, splits = _head_splits("chunk_scan_bwd", x.device, nheads // ngroups, ngroups,
+                                       num_chunks, chunk_size)
     dx = torch.empty_like(x)
     dz = None if z is None else torch.empty_like(z)
     ddt_x = torch.empty_like(dA_cumsum)
     ddA = torch.empty_like(dA_cumsum)
     dlast = torch.empty_like(dA_cumsum)
-    dB = (torch.zeros if splits > 1 or num_tokens == 0 else torch.empty)(
+    dB = torch.empty(
         splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
     D2 = None if D is None else (D.unsqueeze(1).expand(nheads, headdim) if D.dim() == 1 else D)
     config = launch_config("chunk_scan_bwd", x.device)
@@ -519,9 +532,10 @@ def chunk_scan_bwd_dC(x, B, C, dout, z, dt_out, dA_cumsum, end_states, initial_s
     num_tokens, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1:]
     num_chunks, chunk_size = dA_cumsum.shape[1:]
-    per_program, splits = _head_splits(nheads // ngroups)
+    per_program, splits = _head_splits("chunk_scan_bwd_dC", x.device, nheads // ngroups, ngroups,
+                                       num_chunks, chunk_size)
     ddA = torch.empty_like(dA_cumsum)
-    dC = (torch.zeros if splits > 1 else torch.empty)(
+    dC = torch.empty(
         splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
     _scan_bwd_launch(
         "chunk_scan_bwd_dC", _chunk_scan_bwd_dC_kernel, x.device, num_chunks, chunk_size, ngroups,
