@@ -355,7 +355,7 @@ def _chunk_scan_bwd_kernel(
             tl.store(ddA_ptr + pos, -tl.sum(B_j.to(tl.float32) * dB_h, axis=1), mask=mask_j)
             tl.store(dlast_ptr + pos, v_j, mask=mask_j)
             dB_acc += dB_h
-        tl.store(dB_ptr + split * stride_dB_split + (start + offs_j)[:, None] * stride_dB_tok
+        tl.store(dB_ptr + split.to(tl.int64) * stride_dB_split + (start + offs_j)[:, None] * stride_dB_tok
                  + group * stride_dB_group + offs_n[None, :] * stride_dB_dstate, dB_acc,
                  mask=mask_j[:, None] & mask_n[None, :])
 
@@ -448,7 +448,7 @@ def _chunk_scan_bwd_dC_kernel(
             tl.store(ddA_ptr + head * stride_dA_head + chunk * stride_dA_chunk + offs_i * stride_dA_pos,
                      tl.sum(C_i.to(tl.float32) * dC_h, axis=1), mask=mask_i)
             dC_acc += dC_h
-        tl.store(dC_ptr + split * stride_dC_split + (start + offs_i)[:, None] * stride_dC_tok
+        tl.store(dC_ptr + split.to(tl.int64) * stride_dC_split + (start + offs_i)[:, None] * stride_dC_tok
                  + group * stride_dC_group + offs_n[None, :] * stride_dC_dstate, dC_acc,
                  mask=mask_i[:, None] & mask_n[None, :])
 
