@@ -361,3 +361,19 @@ def test_strided_inputs(rng):
         got = torch.autograd.grad((out, states), list(views.values()), (d_out, d_states))
         _, want = _reference_grads(leaves, metadata, options, (d_out, d_states.contiguous()))
         _check_grads(dict(zip(views, got)), want, "float32", "strided: ")
+
+
+def test_no_tokens(rng):
+    """T = 0 (no chunks, no sequences): no kernel runs; the gradients are zeros."""
+    H, P, N = 2, 16, 16
+    leaves = {k: torch.from_numpy(rng.standard_normal(shape)).to(DEVICE, torch.float32).requires_grad_()
+              for k, shape in dict(x=(0, H, P), dt=(0, H), A=(H,), B=(0, 1, N), C=(0, 1, N), D=(H,),
+                                   dt_bias=(H,)).items()}
+    empty = lambda n: torch.zeros(n, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    out, states = torch_impl.mamba_chunk_scan_combined_varlen(
+        **leaves, chunk_size=16, cu_seqlens=empty(1), cu_chunk_seqlens=empty(1), seq_idx=empty(0),
+        last_chunk_indices=empty(0), dt_softplus=True)
+    assert out.shape == (0, H, P) and states.shape == (0, H, P, N)
+    (out.sum() + states.sum()).backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and not leaf.grad.any(), name

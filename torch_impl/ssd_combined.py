@@ -149,9 +149,9 @@ def _chunk_scan_fwd_op(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, nu
     out = torch.empty_like(x)
     y = torch.empty_like(x) if z is not None else x.new_empty(0)
     if _nothing_to_launch(x, cu_chunk_seqlens, num_seqs):
-        states = _chunk_scan_op(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs,
-                                out, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max,
-                                return_intermediate_states, state_dtype)
+        out.fill_(math.nan)  # as the in-place op (see the unchecked contract)
+        rows = cu_chunk_seqlens.shape[0] - 1 if return_intermediate_states else num_seqs
+        states = torch.full(_states_shape(x, B, rows), math.nan, dtype=state_dtype, device=x.device)
         small, big = _saved_shapes(x, B, cu_chunk_seqlens, chunk_size)
         zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=x.device)  # noqa: E731
         return (out, states, zeros(small, torch.float32), zeros(small, torch.float32),
