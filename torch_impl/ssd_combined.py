@@ -5,6 +5,14 @@ Mamba-2 API, ``mamba_chunk_scan_combined``: five Triton kernel stages
 op (``mamba_twin::mamba_chunk_scan_combined_varlen``) so that
 ``torch.compile(fullgraph=True)`` and CUDA-graph capture see one opaque call.
 
+Training (``out=None`` with inputs that require grad): a functional forward
+op (``..._fwd``: the same stages, returning what the backward needs) and a
+backward op (``..._bwd``: five Triton backward stages, see the comment
+above ``_FWD``), tied with ``torch.library.register_autograd`` (as the conv
+and the gated norm: the ops stay opaque to torch.compile and AOT autograd;
+a ``torch.autograd.Function`` was not needed). The inference path is
+untouched: nothing saved, no extra kernel.
+
 Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
 ``jax_impl/ssd_combined.py``.
 """
