@@ -385,26 +385,6 @@ def _conv_fn_train_bwd(layout, tiles, pad_slot_id, arrays, cotangents):
 _conv_fn_train.defvjp(_conv_fn_train_fwd, _conv_fn_train_bwd)
 
 
-def _inference_only(refuse, function, *arrays):
-    """``function(*arrays)``; differentiated, ``refuse()`` raises (a custom JVP
-    whose rule raises a clear error, instead of Pallas's on aliasing)."""
-    wrapped = jax.custom_jvp(function)
-
-    @wrapped.defjvp
-    def _refuse(primals, tangents):
-        refuse()
-        raise AssertionError("unreachable: refuse() raises")
-
-    return wrapped(*arrays)
-
-
-def _refuse_decode(function: str):
-    def refuse():
-        raise ValueError(f"{function} is an inference-only (decode) op: it has no gradient; "
-                         f"call it outside jax.grad / jax.vjp (to train: causal_conv1d_fn)")
-    return refuse
-
-
 def _check_values(function: str, layout: ConvLayout, arrays: dict, validate_indices,
                   pad_slot_id) -> None:
     """The index values, when concrete and not switched off."""
@@ -467,7 +447,7 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
     index_arrays = dict(query_start_loc=query_start_loc, indices=cache_indices,
                         has_initial_state=has_initial_state, **prefix)
     # Differentiated: the contract's error (prefix caching, `out`).
-    new_out, new_state = _inference_only(
+    new_out, new_state = platform.inference_only(
         lambda: check_conv_fn_grad(out=out, **prefix), run, x.T, weight, bias, state,
         None if out is None else out.T, index_arrays)
     return new_out.T, jnp.swapaxes(new_state, 1, 2)
@@ -501,7 +481,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
     def run(state, out, arrays):
         return _run(layout, tiles, **arrays, state=state, out=out, pad_slot_id=int(pad_slot_id))
 
-    new_out, new_state = _inference_only(
-        _refuse_decode("causal_conv1d_update"), run, jnp.swapaxes(conv_state, 1, 2), out,
+    new_out, new_state = platform.inference_only(
+        "causal_conv1d_update", run, jnp.swapaxes(conv_state, 1, 2), out,
         dict(arrays, indices=conv_state_indices))
     return new_out, jnp.swapaxes(new_state, 1, 2)

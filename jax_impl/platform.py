@@ -50,3 +50,20 @@ def int32_indices(array):
         info = jnp.iinfo(jnp.int32)
         array = jnp.clip(array, info.min, info.max)
     return array.astype(jnp.int32)
+
+
+def inference_only(refuse, function, *arrays):
+    """``function(*arrays)``; differentiated (``jax.grad`` / ``jax.vjp`` /
+    ``jax.jvp`` through it), a clear error instead of Pallas's on aliasing:
+    ``refuse`` is the op's name (a ValueError saying it is inference-only) or
+    a callable that raises."""
+    wrapped = jax.custom_jvp(function)
+
+    @wrapped.defjvp
+    def _refuse(primals, tangents):
+        if callable(refuse):
+            refuse()
+        raise ValueError(f"{refuse} is an inference-only (decode) op: it has no gradient; call "
+                         f"it outside jax.grad / jax.vjp")
+
+    return wrapped(*arrays)

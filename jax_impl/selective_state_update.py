@@ -232,7 +232,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
 
     Index values are checked when they are concrete (not under ``jax.jit``)
     unless ``validate_indices=False``; under jit, bad indices leave memory
-    alone and yield NaN outputs.
+    alone and yield NaN outputs. Inference only: refused (ValueError naming
+    the op) under ``jax.grad`` / ``jax.vjp``.
     """
     layout = check_ssu_args(
         state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
@@ -284,7 +285,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
         rounds=philox_rounds(cache_philox_rounds),
         block_size_m=block_size_m, block_size_dstate=pl.next_power_of_2(N))
     state4, out4 = as_4d(state, 1), as_4d(out, 1)
-    out4, state4 = pl.pallas_call(
+    call = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(out4.shape, out.dtype),
                    jax.ShapeDtypeStruct(state4.shape, state.dtype)),
@@ -295,7 +296,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=platform.INTERPRET,
         name="selective_state_update",
-    )(state4, out4, as_4d(x, 1), as_4d(dt, 1, (T, H, P), tie_hdim), as_4d(A, 0, (H, P, N), tie_hdim),
-      as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P)), as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
-      src, dst, num_accepted_tokens, cu_seqlens, seed)
+    )
+    out4, state4 = platform.inference_only(  # jax.grad through it: a clear error
+        "selective_state_update", call,
+        state4, out4, as_4d(x, 1), as_4d(dt, 1, (T, H, P), tie_hdim), as_4d(A, 0, (H, P, N), tie_hdim),
+        as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P)), as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
+        src, dst, num_accepted_tokens, cu_seqlens, seed)
     return out4.reshape(out.shape), state4.reshape(state.shape)

@@ -468,3 +468,39 @@ def test_jax_grads_under_jit_and_x64(rng):
     for g, w in zip(got, want):
         assert g.dtype == jnp.float32
         assert_close(g, w, "float32", "x64 gradients")
+
+
+def _ssu_args(side, rng, batch=2, dim=4, dstate=16, slots=3):
+    arrays = dict(state=rng.standard_normal((slots, dim, dstate)), x=rng.standard_normal((batch, dim)),
+                  dt=rng.standard_normal((batch, dim)), A=-np.abs(rng.standard_normal((dim, dstate))),
+                  B=rng.standard_normal((batch, dstate)), C=rng.standard_normal((batch, dstate)))
+    args = {k: side.array(v, "float32") for k, v in arrays.items()}
+    args["state_batch_indices"] = side.array(np.array([2, 1], np.int32), "int32")
+    return args
+
+
+def test_state_update_refuses_grad(side, rng):
+    """selective_state_update is inference-only: torch refuses inputs that
+    require grad in grad mode (the state left as it was), JAX names the op
+    under jax.grad; the plain calls still run."""
+    args = _ssu_args(side, rng)
+    if side.name == "torch":
+        torch = side.torch
+        before = args["state"].clone()
+        for name in ("x", "A"):
+            leaf = args[name].clone().requires_grad_()
+            with pytest.raises(RuntimeError, match="selective_state_update is an inference-only"):
+                side.impl.selective_state_update(**dict(args, **{name: leaf}))
+            assert torch.equal(args["state"], before), "refused call wrote the state"
+        with torch.no_grad():
+            side.impl.selective_state_update(**dict(args, x=args["x"].requires_grad_()))
+        assert not torch.equal(args["state"], before)
+        return
+    jax = side.jax
+
+    def loss(x):
+        return side.impl.selective_state_update(**dict(args, x=x))[0].sum()
+
+    with pytest.raises(ValueError, match="selective_state_update is an inference-only"):
+        jax.grad(loss)(args["x"])
+    assert np.isfinite(float(loss(args["x"])))

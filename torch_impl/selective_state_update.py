@@ -310,8 +310,14 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     int64 tensor) seeds stochastic rounding; by default it is drawn from
     torch's RNG. ``validate_indices`` (default: ``$MAMBA_TWIN_CHECK_INDICES``,
     off) checks index values on the host, a device sync; skipped under
-    CUDA-graph capture and torch.compile.
+    CUDA-graph capture and torch.compile. Inference only: refused
+    (RuntimeError) when an input requires grad with grad mode on.
     """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (state, x, dt, A, B, C, D, dt_bias, z)):
+        raise RuntimeError("selective_state_update is an inference-only (decode) op: it has no "
+                           "gradient and writes `state` in place; call it under torch.no_grad() "
+                           "or torch.inference_mode() (to train: mamba_chunk_scan_combined)")
     layout = check_ssu_args(
         state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
         num_accepted_tokens, cu_seqlens, null_block_id=null_block_id,
