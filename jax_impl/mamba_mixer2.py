@@ -3,7 +3,9 @@ this package's kernels:
 
     in_proj -> (gate, xBC, dt) -> causal conv1d -> SSM -> gated RMSNorm -> out_proj
 
-Decode requests come first in a batch (``causal_conv1d_update`` +
+Training: ``mixer(hidden_states)`` on ``(batch, seqlen, hidden)``, no cache
+(every sequence from zero state), differentiable end to end. Serving:
+decode requests come first in a batch (``causal_conv1d_update`` +
 ``selective_state_update``), prefills after them (``causal_conv1d_fn`` +
 ``mamba_chunk_scan_combined_varlen``). JAX is functional: ``__call__``
 returns the new conv and SSM states; ``forward_on_cache`` runs it on a
