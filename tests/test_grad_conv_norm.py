@@ -504,3 +504,37 @@ def test_state_update_refuses_grad(side, rng):
     with pytest.raises(ValueError, match="selective_state_update is an inference-only"):
         jax.grad(loss)(args["x"])
     assert np.isfinite(float(loss(args["x"])))
+
+
+@pytest.mark.slow  # dynamo + AOT tracing: ~20 s on CPU
+def test_torch_training_step_compiles_fullgraph(rng):
+    """conv (zero history, new states returned) -> gated norm, forward and
+    backward under torch.compile(fullgraph=True) (inductor on CUDA, aot_eager
+    on CPU, where the ops stay opaque and Triton's interpreter runs them):
+    no graph break, the eager gradients."""
+    side = TorchSide()
+    torch = side.torch
+    dim, width, tokens = 16, 4, 9
+    qsl = side.array(np.array([0, 4, tokens]), "int32")
+
+    def step(x, weight, bias, norm_weight, z):
+        conv, states = side.impl.causal_conv1d_fn(x.T, weight, bias, None, qsl, return_states=True)
+        normed = side.impl.rms_norm_gated(conv.T.contiguous(), norm_weight, z, group_size=8)
+        return (normed * normed).sum() + states.sum()
+
+    def leaves():
+        values = [rng.standard_normal((tokens, dim)), rng.standard_normal((dim, width)),
+                  rng.standard_normal(dim), rng.standard_normal(dim), rng.standard_normal((tokens, dim))]
+        return [side.array(v, "float32").requires_grad_() for v in values]
+
+    eager = leaves()
+    compiled_leaves = [t.detach().clone().requires_grad_() for t in eager]
+    torch._dynamo.reset()
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    want, got = step(*eager), compiled(*compiled_leaves)
+    want.backward()
+    got.backward()
+    assert_close(got, want, "float32", "compiled loss")
+    for a, b in zip(compiled_leaves, eager):
+        assert_close(a.grad, b.grad, "float32", "compiled gradients")
