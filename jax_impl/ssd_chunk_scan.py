@@ -222,7 +222,7 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
         a_last = dA_cumsum_ref[head, chunk, jnp.int32(chunk_size - 1)]
 
         def later_block(k, carry):
-            dx_acc, dB_head, colsum = carry
+            dx_acc, dB_acc, colsum = carry
             i0 = k * block_size_k
             offs_i = i0 + jnp.arange(block_size_k)
             mask_i = offs_i < length
@@ -240,14 +240,14 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
             weight = CB * decay
             dxB = decay * dt_j[None, :] * dyx
             dx_acc = dx_acc + tile_dot(weight.T.astype(dy.dtype), dy)
-            dB_head = dB_head + tile_dot(dxB.T.astype(C.dtype), C)
+            dB_acc = dB_acc + tile_dot(dxB.T.astype(C.dtype), C)
             colsum = colsum + jnp.sum(CB * dxB, axis=0)
-            return dx_acc, dB_head, colsum
+            return dx_acc, dB_acc, colsum
 
-        carry = (jnp.zeros((block_size_m, block_size_p), jnp.float32),
-                 jnp.zeros((block_size_m, block_size_dstate), jnp.float32),
+        # dB accumulates over the group's heads in one register tile.
+        carry = (jnp.zeros((block_size_m, block_size_p), jnp.float32), dB_acc,
                  jnp.zeros((block_size_m,), jnp.float32))
-        dx_acc, dB_head, colsum = jax.lax.fori_loop(
+        dx_acc, dB_acc, colsum = jax.lax.fori_loop(
             j0 // block_size_k, pl.cdiv(length, block_size_k), later_block, carry)
 
         # The end state's part: G_c B_j and G_c^T x_j, scaled by exp(a_last - a_j).
@@ -267,7 +267,7 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
             dx = dx + D * dy_j
         x32 = x.astype(jnp.float32)
         ddt = jnp.sum(x32 * inner, axis=1)
-        dB_head = dB_head + (to_end * dt_j)[:, None] * tile_dot(x, dend.astype(x.dtype))
+        dB_acc = dB_acc + (to_end * dt_j)[:, None] * tile_dot(x, dend.astype(x.dtype))
         v = to_end * dt_j * jnp.sum(x32 * GB, axis=1)
         # d a_last: the v terms and, once per chunk (the tile holding token 0),
         # the start state's exp(a_last) <G_c, S_prev>.
@@ -282,7 +282,7 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
         ddt_ref[head, chunk, positions] = ddt
         da_ref[head, chunk, positions] = -colsum - v
         da_last_ref[head, chunk, positions] = da_last
-        return dB_acc + dB_head
+        return dB_acc
 
     dB = jax.lax.fori_loop(0, heads_per_program, head_step,
                            jnp.zeros((block_size_m, block_size_dstate), jnp.float32))
@@ -322,7 +322,7 @@ def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
         a_i = dA_cumsum_ref[head, chunk, positions]
 
         def earlier_block(k, carry):
-            dC_head, rowsum = carry
+            dC_acc, rowsum = carry
             j0 = k * block_size_k
             offs_j = j0 + jnp.arange(block_size_k)
             mask_j = offs_j < length
@@ -337,24 +337,23 @@ def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
             decay = jnp.where(causal, jnp.exp(a_i[:, None] - a_j[None, :]), 0.0)  # (BM, BK)
             CB = tile_dot(C, B.T)
             dxB = decay * dt_j[None, :] * tile_dot(dy, x.T)
-            dC_head = dC_head + tile_dot(dxB.astype(B.dtype), B)
+            dC_acc = dC_acc + tile_dot(dxB.astype(B.dtype), B)
             rowsum = rowsum + jnp.sum(CB * dxB, axis=1)
-            return dC_head, rowsum
+            return dC_acc, rowsum
 
-        carry = (jnp.zeros((block_size_m, block_size_dstate), jnp.float32),
-                 jnp.zeros((block_size_m,), jnp.float32))
+        # dC accumulates over the group's heads in one register tile.
+        carry = (dC_acc, jnp.zeros((block_size_m,), jnp.float32))
         causal_end = jnp.minimum(i0 + block_size_m, length)
-        dC_head, rowsum = jax.lax.fori_loop(0, pl.cdiv(causal_end, block_size_k), earlier_block,
+        dC_acc, rowsum = jax.lax.fori_loop(0, pl.cdiv(causal_end, block_size_k), earlier_block,
                                             carry)
         # The start state's part: exp(a_i) dy_i S_prev (its decay term: . C_i).
         start_tile = start_state(end_states_ref, initial_states_ref, seq_idx_ref, chunk, head,
                                  p_cols, d_cols, state_mask, num_seqs)
         from_start = jnp.where(mask_i, jnp.exp(a_i), 0.0)[:, None] * tile_dot(
             dy, start_tile.astype(dy.dtype))  # (BM, N)
-        dC_head = dC_head + from_start
         da = rowsum + jnp.sum(from_start * C.astype(jnp.float32), axis=1)
         da_ref[head, chunk, positions] = da
-        return dC_acc + dC_head
+        return dC_acc + from_start
 
     dC = jax.lax.fori_loop(0, heads_per_program, head_step,
                            jnp.zeros((block_size_m, block_size_dstate), jnp.float32))
