@@ -538,3 +538,24 @@ def test_torch_training_step_compiles_fullgraph(rng):
     assert_close(got, want, "float32", "compiled loss")
     for a, b in zip(compiled_leaves, eager):
         assert_close(a.grad, b.grad, "float32", "compiled gradients")
+
+
+def test_torch_conv_backward_op_without_state_cotangent(rng):
+    """The backward op with no d(new states) (HAS_DNEW off) equals it with zeros."""
+    side = TorchSide()
+    torch = side.torch
+    primals, index = _conv_case(rng, width=4, dim=8, seqlens=(3, 2, 4))
+    x = side.array(np.ascontiguousarray(primals["x"].T), "float32").T
+    weight, bias, states = (side.array(primals[k], "float32") for k in ("weight", "bias", "conv_states"))
+    meta = [side.array(index["qsl"], "int32"), side.array(index["cache_indices"], "int32"),
+            side.array(index["has_initial_state"], "bool")]
+    dout = side.array(rng.standard_normal(primals["x"].shape), "float32")
+    results = []
+    for dnew in (None, torch.zeros_like(states)):
+        grads = [torch.zeros_like(x), x.new_zeros((3, 4, 8)), x.new_zeros((3, 8)), torch.zeros_like(states)]
+        torch.ops.mamba_twin.causal_conv1d_fn_backward(x, weight, bias, states, *meta, dout, dnew, *grads,
+                                                       True, PAD)
+        results.append(grads)
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    assert results[0][0].abs().sum() > 0

@@ -276,7 +276,9 @@ def _causal_conv1d_fn_bwd_kernel(
     read_base = state_ptr + slot * stride_s_slot + offs_d * stride_s_dim
     x_base = x_ptr + bos * stride_x_tok + offs_d * stride_x_dim
     dout_base = dout_ptr + bos * stride_do_tok + offs_d * stride_do_dim
-    dnew_base = dnew_ptr + slot * stride_dn_slot + offs_d * stride_dn_dim
+    dnew_base = dout_base  # unused without HAS_DNEW (dnew_ptr is None then)
+    if HAS_DNEW:
+        dnew_base = dnew_ptr + slot * stride_dn_slot + offs_d * stride_dn_dim
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
