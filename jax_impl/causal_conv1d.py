@@ -10,6 +10,8 @@ state donated it is updated in place. The kernel works on token-major
 ``(T, D)`` inputs and an ``(S, L, D)`` state; the ``(D, T)`` / ``(S, D, L)``
 arguments of the vLLM signature are transposes of those, which XLA cancels
 under jit (an SD cache passed as ``cache.swapaxes(1, 2)`` is never copied).
+``causal_conv1d_fn`` is differentiable (``jax.custom_vjp``, a second Pallas
+kernel for the backward); ``causal_conv1d_update`` is inference-only.
 """
 
 from __future__ import annotations

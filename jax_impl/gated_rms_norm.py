@@ -1,6 +1,7 @@
 """Gated RMSNorm of a Mamba-2 layer (norm(x * silu(z)) per group of
 channels, scaled by ``weight``) as a Pallas kernel (Triton backend on GPU)
-with its wrapper. The math and the argument rules: ``bridge.spec.norm_contract``.
+with its wrapper, differentiable through a ``jax.custom_vjp`` whose backward is
+a second Pallas kernel. The math and the argument rules: ``bridge.spec.norm_contract``.
 Mirror: ``torch_impl/gated_rms_norm.py``.
 """
 

@@ -2,7 +2,9 @@
 torch ops: ``causal_conv1d_fn`` (prefill over packed sequences) and
 ``causal_conv1d_update`` (decode, speculative decoding included). Both read
 each sequence's history from the conv-state cache and write its new state
-in place. The math, the argument rules and the unchecked contract:
+in place. Training: a functional op (the new states returned, not written)
+with autograd through a second Triton kernel, the backward; the decode op is
+inference-only. The math, the argument rules and the unchecked contract:
 ``bridge.spec.conv_contract``. Mirror: ``jax_impl/causal_conv1d.py``.
 """
 

@@ -1,6 +1,7 @@
 """Gated RMSNorm of a Mamba-2 layer (norm(x * silu(z)) per group of
-channels, scaled by ``weight``) as a Triton kernel behind a torch op. The
-math and the argument rules: ``bridge.spec.norm_contract``. Mirror:
+channels, scaled by ``weight``) as a Triton kernel behind a torch op, and
+its training form: a functional op with autograd through a backward kernel.
+The math and the argument rules: ``bridge.spec.norm_contract``. Mirror:
 ``jax_impl/gated_rms_norm.py``.
 """
 
