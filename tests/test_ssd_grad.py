@@ -258,7 +258,9 @@ def test_batched_form_with_seq_idx(rng):
     out, final = torch_impl.mamba_chunk_scan_combined(
         **leaves, chunk_size=16, seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
     d_out, d_final = r(*out.shape), r(*final.shape)
-    ((out * torch.from_numpy(d_out).float()).sum() + (final * torch.from_numpy(d_final).float()).sum()).backward()
+    on_device = lambda a: torch.from_numpy(a).to(DEVICE, torch.float32)  # noqa: E731
+    loss = (out * on_device(d_out)).sum() + (final * on_device(d_final)).sum()
+    loss.backward()
 
     cu_seqlens, first, last = batched_sequences(batch, seqlen, ids)
     f64 = {k: torch.from_numpy(v).requires_grad_() for k, v in arrays.items()}
@@ -356,8 +358,8 @@ def test_strided_inputs(rng):
     for x, z in ((packed[:, 0], packed[:, 1]), (permuted_x, packed[:, 1])):
         views = dict(leaves, x=x, z=z, dt=wide_dt[:, :H])
         out, states = torch_impl.mamba_chunk_scan_combined_varlen(**views, **metadata, **options)
-        d_states = torch.ones(()).expand(states.shape)  # stride 0, as a sum's backward hands it
-        d_out = torch.from_numpy(rng.standard_normal((T, H, P))).float()
+        d_states = torch.ones((), device=DEVICE).expand(states.shape)  # stride 0, as a sum's backward
+        d_out = torch.from_numpy(rng.standard_normal((T, H, P))).to(DEVICE, torch.float32)
         got = torch.autograd.grad((out, states), list(views.values()), (d_out, d_states))
         _, want = _reference_grads(leaves, metadata, options, (d_out, d_states.contiguous()))
         _check_grads(dict(zip(views, got)), want, "float32", "strided: ")

@@ -172,7 +172,8 @@ def _chunk_cumsum_bwd_kernel(
     raw = tl.load(dt_ptr + (start + offs_l)[:, None] * stride_dt_tok + offs_h[None, :] * stride_dt_head,
                   mask=in_chunk, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
-        raw += tl.load(dt_bias_ptr + offs_h * stride_dt_bias_head, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(dt_bias_ptr + offs_h * stride_dt_bias_head, mask=mask_h, other=0.0)
+        raw += bias.to(tl.float32)[None, :]
     buf = offs_h[None, :] * stride_b_head + chunk * stride_b_chunk + offs_l[:, None] * stride_b_pos
     da = (tl.load(ddA_j_ptr + buf, mask=in_chunk, other=0.0)
           + tl.load(ddA_i_ptr + buf, mask=in_chunk, other=0.0))
@@ -184,8 +185,8 @@ def _chunk_cumsum_bwd_kernel(
     dt = tl.load(dt_out_ptr + buf, mask=in_chunk, other=0.0)
     ddt = tl.load(ddt_x_ptr + buf, mask=in_chunk, other=0.0) + A[None, :] * r
     ddt = tl.where(in_chunk, ddt, 0.0)
-    tl.store(dA_part_ptr + chunk * stride_part_chunk + offs_h, tl.sum(tl.where(in_chunk, dt * r, 0.0), axis=0),
-             mask=mask_h)
+    tl.store(dA_part_ptr + chunk * stride_part_chunk + offs_h,
+             tl.sum(tl.where(in_chunk, dt * r, 0.0), axis=0), mask=mask_h)
     if HAS_DT_LIMIT:  # torch.clamp's gradient: through where dt_min <= value <= dt_max
         value = raw
         if DT_SOFTPLUS:
