@@ -14,9 +14,12 @@ what=${1:-all}
 shift || true
 # The tests that drive kernels with malformed indices on the unchecked path.
 SAFETY_TESTS=(-k "guard or unchecked or out_of_range or malformed")
+# Test files or pytest arguments for the suite run (default: all of tests/).
+read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests/}"
 
 if [[ $what == tests || $what == all ]]; then
-    python -m experiments.run_tests -p no:cacheprovider --slow -n 4 tests/ >"$logs/tests.log" 2>&1
+    python -m experiments.run_tests --output "$logs/tests.md" -p no:cacheprovider --slow -n 4 "${TESTS[@]:-tests/}" \
+        >"$logs/tests.log" 2>&1
     tail -n 25 "$logs/tests.log"
 fi
 if [[ $what == sanitize || $what == all ]]; then
