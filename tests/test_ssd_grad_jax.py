@@ -266,9 +266,11 @@ def test_batched_with_seq_idx(rng):
 
     got = grads(inputs)
     with jax.enable_x64(True):
+        weights = [np.asarray(w, np.float64) for w in (d_out, d_final)]
+
         def loss64(inputs):
             out, final = _batched_reference(**inputs, seq_idx=seq_idx, dt_softplus=True)
-            return jnp.sum(out * np.asarray(d_out, np.float64)) + jnp.sum(final * np.asarray(d_final, np.float64))
+            return jnp.sum(out * weights[0]) + jnp.sum(final * weights[1])
         want = jax.grad(loss64)({k: jnp.asarray(v, jnp.float64) for k, v in arrays.items()})
         want = {k: np.asarray(v) for k, v in want.items()}
     _check_grads(got, want, "float32", "batched: ")
