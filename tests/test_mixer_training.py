@@ -146,10 +146,11 @@ def _float32(weights: dict) -> dict:
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("layout", ["seq_idx"])
+@pytest.mark.parametrize("layout", ["seq_idx", pytest.param("cu_seqlens", marks=pytest.mark.slow)])
 def test_gradients_of_every_parameter_match_float64_autodiff(framework, layout, rng):
-    """Two rows, one split by seq_idx, one crossing a chunk boundary; every
-    parameter (biases included) and the input."""
+    """Every parameter (biases included) and the input. seq_idx: two rows,
+    one split, one crossing a chunk boundary; cu_seqlens: three sequences
+    packed in one row, chunks straddling sequence ends."""
     side = SIDES[framework]()
     batch, seqlen, packing = LAYOUTS[layout]
     weights = _float32(random_weights(rng, DIMS, HIDDEN, WIDTH, use_bias=True))
@@ -193,7 +194,7 @@ def test_gradient_finite_difference_spot_check(framework, rng):
         losses.append(float((out * cotangent).sum()))
     numeric = (losses[0] - losses[1]) / (2 * eps)
     print(f"finite difference {numeric}, analytic {analytic}")
-    assert abs(numeric - analytic) <= 2e-3 * max(abs(analytic), 1.0), (numeric, analytic)
+    assert abs(numeric - analytic) <= 5e-4 * max(abs(analytic), 1.0), (numeric, analytic)
 
 
 # --- a few optimizer steps in both frameworks --------------------------------------------
