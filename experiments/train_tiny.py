@@ -91,7 +91,6 @@ def train_torch(config, weights, steps, device):
 
 
 def train_jax(config, weights, steps):
-    import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
