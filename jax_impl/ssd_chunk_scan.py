@@ -389,32 +389,43 @@ def chunk_scan_bwd(x, dy, dt_out, dA_cumsum, B, C, dend_states, end_states, cu_c
     num_tokens, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1:]
     _, num_chunks, chunk_size = dA_cumsum.shape
-    config = launch_config("chunk_scan_bwd")
-    block_size_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
-    block_size_k = clip_block(chunk_size, config.BLOCK_SIZE_K)
-    num_tiles = pl.cdiv(chunk_size, block_size_m)
-    per_program = heads_per_program(num_chunks, nheads, ngroups, num_tiles)
-    splits = nheads // ngroups // per_program
-    statics = dict(num_tokens=num_tokens, num_seqs=num_seqs, heads_per_group=nheads // ngroups,
-                   heads_per_program=per_program, headdim=headdim, dstate=dstate,
-                   chunk_size=chunk_size, block_size_m=block_size_m, block_size_k=block_size_k,
-                   block_size_p=clip_block(headdim), block_size_dstate=clip_block(dstate))
-    grid = (num_chunks, ngroups * splits, num_tiles)
+    heads_per_group = nheads // ngroups
+
+    def launch(stage):
+        """(config, statics, grid, splits) of one of the two kernels: stage
+        chunk_scan_bwd is two launches, configs "chunk_scan_bwd" (dx, dB)
+        and "chunk_scan_bwd_dC" (dC), as in the Triton mirror."""
+        config = launch_config(stage)
+        block_size_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
+        num_tiles = pl.cdiv(chunk_size, block_size_m)
+        per_program = heads_per_program(num_chunks, nheads, ngroups, num_tiles)
+        statics = dict(num_tokens=num_tokens, num_seqs=num_seqs, heads_per_group=heads_per_group,
+                       heads_per_program=per_program, headdim=headdim, dstate=dstate,
+                       chunk_size=chunk_size, block_size_m=block_size_m,
+                       block_size_k=clip_block(chunk_size, config.BLOCK_SIZE_K),
+                       block_size_p=clip_block(headdim), block_size_dstate=clip_block(dstate))
+        splits = heads_per_group // per_program
+        return config, statics, (num_chunks, ngroups * splits, num_tiles), splits
+
     per_position = jax.ShapeDtypeStruct((nheads, num_chunks, chunk_size), jnp.float32)
-    partial_bc = jax.ShapeDtypeStruct((num_tokens, ngroups * splits, dstate), jnp.float32)
+    partial = lambda splits: jax.ShapeDtypeStruct(  # noqa: E731
+        (num_tokens, ngroups * splits, dstate), jnp.float32)
+    reduce = lambda d, splits: d.reshape(num_tokens, ngroups, splits, dstate).sum(axis=2)  # noqa: E731
+
+    config, statics, grid, splits_b = launch("chunk_scan_bwd")
     dx, ddt, da_j, da_last, dB = pallas_call(
         functools.partial(_chunk_scan_bwd_dx_kernel, D_per_head=D is not None and D.ndim == 1,
                           **statics),
         config,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), per_position, per_position,
-                   per_position, partial_bc),
+                   per_position, partial(splits_b)),
         grid=grid, name="ssd_chunk_scan_bwd_dx",
     )(x, dy, dt_out, dA_cumsum, B, C, dend_states, end_states, initial_states, cu_chunk_seqlens,
       seq_idx, D)
+    config, statics, grid, splits_c = launch("chunk_scan_bwd_dC")
     da_i, dC = pallas_call(
         functools.partial(_chunk_scan_bwd_dc_kernel, **statics), config,
-        out_shape=(per_position, partial_bc),
+        out_shape=(per_position, partial(splits_c)),
         grid=grid, name="ssd_chunk_scan_bwd_dc",
     )(x, dy, dt_out, dA_cumsum, B, C, end_states, initial_states, cu_chunk_seqlens, seq_idx)
-    reduce = lambda d: d.reshape(num_tokens, ngroups, splits, dstate).sum(axis=2)  # noqa: E731
-    return dx, ddt, da_j + da_i, da_last, reduce(dB), reduce(dC)
+    return dx, ddt, da_j + da_i, da_last, reduce(dB, splits_b), reduce(dC, splits_c)
