@@ -70,7 +70,7 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
               & (write_slot >= 0) & (write_slot < num_slots))
     else:
         read_slot = write_slot = seq
-        padding = jnp.zeros((), bool)
+        padding = seq < 0  # False, but traced: the Triton lowering cannot invert a constant
         ok = ok & (seq < num_slots)
     offset, shift = zero, seqlen
     if accepted_ref is not None:
@@ -233,7 +233,7 @@ def _conv_fn_bwd_kernel(dx_in_ref, dstate_in_ref, x_ref, weight_ref, bias_ref, s
         padding = slot == pad_slot_id
         ok = ok & (slot >= 0) & (slot < layout.num_slots)
     else:
-        slot, padding = seq, jnp.zeros((), bool)
+        slot, padding = seq, seq < 0  # False, traced (see above)
         ok = ok & (seq < layout.num_slots)
     active = ok & ~padding
     poison = ~ok & ~padding

@@ -326,7 +326,7 @@ def test_conv_chained_prefill_grads_match_one_call(side, rng):
 def _zeros_states(side, like, num_seqs, dim, state_len):
     zeros = np.zeros((num_seqs, dim, state_len))
     return side.array(zeros, "float32") if side.name == "jax" else \
-        side.torch.zeros((num_seqs, dim, state_len), dtype=like.dtype)
+        side.torch.zeros((num_seqs, dim, state_len), dtype=like.dtype, device=like.device)
 
 
 # --- refusals -----------------------------------------------------------------------
@@ -395,7 +395,7 @@ def test_torch_in_place_conv_with_grad(rng):
 def test_torch_norm_refuses_out_with_grad(rng):
     side = TorchSide()
     x = side.array(rng.standard_normal((3, 16)), "float32").requires_grad_()
-    out = side.torch.full((3, 16), float("nan"))
+    out = side.torch.full((3, 16), float("nan"), device=side.device)
     with pytest.raises(ValueError, match="rms_norm_gated: `out` is written in place"):
         side.impl.rms_norm_gated(x, None, out=out)
     assert side.torch.isnan(out).all()

@@ -324,7 +324,7 @@ def test_refused_calls_name_the_argument(side, case, rng):
         call = dict(cache=cache if args.get("cache") else None,
                     metadata=metadata if args.get("metadata") else None, **packing)
     else:
-        conv, ssm = (side.jnp.asarray(cache.torch(n).numpy()) for n in ("conv", "ssm"))
+        conv, ssm = (side.jnp.asarray(cache.torch(n).cpu().numpy()) for n in ("conv", "ssm"))
         call = dict(conv_state=conv if args.get("cache") else None,
                     ssm_state=ssm if args.get("cache") else None,
                     metadata=metadata if args.get("metadata") else None, **packing)
