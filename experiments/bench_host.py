@@ -3,8 +3,7 @@
 - ``selective_state_update`` at batch 1 (Mamba-2 2.7B heads, float32 state,
   slot indices): wall time per eager call in a steady stream of calls, next to
   the same call through the original mamba_ssm launcher when its Triton files
-  are importable (``$MAMBA_SSM_ANCHOR``: a folder holding ``mamba_ssm/``;
-  never part of this repository), and the kernel's own device time;
+  are importable (``experiments.anchors``), and the kernel's own device time;
 - ``mamba_chunk_scan_combined_varlen`` at 4k tokens (bf16): wall time per
   eager call against its time replayed from a CUDA graph.
 
@@ -19,9 +18,7 @@ interpreted and the figures are interpreter times.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -30,10 +27,10 @@ import torch_impl  # before triton: interpreter mode on CPU
 import torch
 
 from bridge.spec.ssd_contract import chunk_metadata
+from experiments.anchors import mamba_ssm_op
 from experiments.shapes import CPU_HEADS, CPU_SSD, MAMBA2_2P7B_HEADS, MAMBA2_2P7B_SSD, PREFILL_TOKENS
 from experiments.timing import ON_GPU, time_torch
 
-ANCHOR_ENV = "MAMBA_SSM_ANCHOR"
 SSU_SHAPE = MAMBA2_2P7B_HEADS if ON_GPU else CPU_HEADS
 SSD_SHAPE = MAMBA2_2P7B_SSD if ON_GPU else CPU_SSD
 SSD_TOKENS = PREFILL_TOKENS[0] if ON_GPU else 2 * CPU_SSD["chunk_size"]
@@ -55,19 +52,8 @@ def stream_seconds(fn, calls: int, samples: int) -> float:
 
 
 def mamba_ssm_state_update():
-    """mamba_ssm's ``selective_state_update`` launcher, or None when not importable."""
-    folder = os.environ.get(ANCHOR_ENV)
-    if not folder:
-        return None
-    sys.path.insert(0, folder)
-    try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    except ImportError as error:
-        print(f"bench_host: mamba_ssm anchor not importable: {error}")
-        return None
-    finally:
-        sys.path.remove(folder)
-    return selective_state_update
+    """mamba_ssm's ``selective_state_update`` launcher, or None."""
+    return mamba_ssm_op("selective_state_update", "selective_state_update")
 
 
 def ssu_rows(quick: bool) -> list[dict]:

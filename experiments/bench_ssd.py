@@ -41,6 +41,7 @@ import jax_impl  # noqa: E402
 from bridge.spec.ssd_contract import chunk_metadata  # noqa: E402
 from experiments.shapes import (CPU_SSD, MAMBA2_2P7B_SSD, MIXED_SEQUENCES, PREFILL_TOKENS,  # noqa: E402
                                 PROFILE_TOKENS)
+from experiments.anchors import mamba_ssm_op  # noqa: E402
 from experiments.timing import rel_error, time_jax, time_torch  # noqa: E402
 from jax_impl import reference as jax_reference  # noqa: E402
 from torch_impl import reference as torch_reference  # noqa: E402
@@ -255,25 +256,9 @@ def print_table(rows):
               f"{r['tokens_per_s'] / 1e6:>8.2f}")
 
 
-ANCHOR_ENV = "MAMBA_SSM_ANCHOR"
-
-
 def mamba_ssm_chunk_scan():
-    """mamba_ssm's ``mamba_chunk_scan_combined`` (Triton forward + backward),
-    or None when ``$MAMBA_SSM_ANCHOR`` is unset or not importable."""
-    import sys
-    folder = os.environ.get(ANCHOR_ENV)
-    if not folder:
-        return None
-    sys.path.insert(0, folder)
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError as error:
-        print(f"bench_ssd: mamba_ssm anchor not importable: {error}")
-        return None
-    finally:
-        sys.path.remove(folder)
-    return mamba_chunk_scan_combined
+    """mamba_ssm's ``mamba_chunk_scan_combined`` (Triton forward + backward), or None."""
+    return mamba_ssm_op("ssd_combined", "mamba_chunk_scan_combined")
 
 
 DIFF_ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
