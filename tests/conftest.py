@@ -22,7 +22,13 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=f"slow: run with --slow or {SLOW_ENV}=1")
     for item in items:
-        if "slow" in item.keywords:
+        marker = item.get_closest_marker("slow")
+        if marker is None:
+            continue
+        # slow(side="jax"): slow for that framework only (the `side` fixture's parameter).
+        only = marker.kwargs.get("side")
+        callspec = getattr(item, "callspec", None)
+        if only is None or (callspec is not None and callspec.params.get("side") == only):
             item.add_marker(skip)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Optional
 
 import numpy as np
+import pytest
 
 from bridge.spec.ssd_contract import INDEX_ARGS, chunk_metadata
 from frameworks import assert_close
@@ -60,6 +61,15 @@ CASES = [
 # A cross-framework subset (each case runs both kernels).
 CROSS_CASES = [CASES[i] for i in (0, 7, 8, 11, 12, 15, 18)]
 assert CROSS_CASES[-1].state_dtype == "bfloat16" and CROSS_CASES[5].seqlens == "random"
+# What CI (CPU interpreters) runs of the JAX side and of the cross subset; the GPU runs all.
+CI_JAX_CASES = [CASES[i] for i in (0, 4, 7, 9, 12, 18)]
+CI_CROSS_CASES = [CROSS_CASES[i] for i in (0, 5, 6)]
+
+
+def ci_subset(cases, ci_cases, **slow):
+    """``cases`` as pytest params, those outside ``ci_cases`` marked slow (``slow``: its kwargs)."""
+    return [case if case in ci_cases else pytest.param(case, marks=pytest.mark.slow(**slow))
+            for case in cases]
 
 def make_ssd_inputs(case: SsdCase, rng: np.random.Generator):
     """Returns (arrays, dtypes, options): numpy arrays by argument name, the

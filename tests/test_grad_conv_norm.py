@@ -270,7 +270,7 @@ def test_finite_difference_spot_check(side, op, rng):
     assert abs(got - want) <= 2e-3 * max(1.0, abs(want)), (got, want)
 
 
-@pytest.mark.parametrize("op", ["conv", "norm"])
+@pytest.mark.parametrize("op", [pytest.param("conv", marks=pytest.mark.slow), "norm"])
 def test_triton_matches_pallas_gradients(op, rng):
     torch_side, jax_side = TorchSide(), JaxSide()
     if op == "conv":

@@ -171,6 +171,7 @@ def test_speculative_decoding_matches_reference(side, rng):
     assert np.isnan(TorchSide().numpy(cache.torch("ssm"))[PAD]).all(), "the null block was written"
 
 
+@pytest.mark.slow(side="jax")
 def test_prefix_caching_all_mode_matches_reference(side, rng):
     """mamba_block_size = chunk_size = 16, block tables per request. Request
     A: prefill 21 tokens, resume with 13 more (reading the partial block,

@@ -47,7 +47,7 @@ def rounding_error_in_ulps(states, exact):
     return np.abs(states.mean(axis=0) - exact) / spacing
 
 
-@pytest.mark.parametrize("name", ["torch", "jax"])
+@pytest.mark.parametrize("name", [pytest.param("torch", marks=pytest.mark.slow), "jax"])
 def test_stochastic_rounding_is_unbiased(sides, name, rng):
     side = dict(zip(["torch", "jax"], sides))[name]
     num_copies = 256

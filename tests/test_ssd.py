@@ -9,10 +9,10 @@ import pytest
 from bridge.spec.checks import CHECK_INDICES_ENV
 from bridge.spec.ssd_contract import SsdLayout, batched_sequences, check_chunk_metadata_values, chunk_metadata
 from frameworks import assert_close
-from ssd_cases import CASES, INDEX_ARGS, SsdCase, assert_ssd_close, make_ssd_inputs
+from ssd_cases import CASES, CI_JAX_CASES, INDEX_ARGS, SsdCase, assert_ssd_close, ci_subset, make_ssd_inputs
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", ci_subset(CASES, CI_JAX_CASES, side="jax"), ids=str)
 def test_kernel_matches_float64_references(side, case, rng):
     arrays, dtypes, options = make_ssd_inputs(case, rng)
     inputs = side.native(arrays, dtypes)
@@ -38,6 +38,7 @@ def _token_rows(native, rows):
     return {k: v[rows] for k, v in native.items()}
 
 
+@pytest.mark.slow(side="jax")
 def test_prefill_matches_decode(side, rng):
     """The chunked scan over two sequences equals selective_state_update run
     token by token from the same initial states."""

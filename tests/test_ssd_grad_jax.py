@@ -240,6 +240,7 @@ def _batched_reference(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, d
     return y * z * jax.nn.sigmoid(z), final
 
 
+@pytest.mark.slow
 def test_batched_with_seq_idx(rng):
     """``mamba_chunk_scan_combined`` (b, l) with seq_idx splitting the rows:
     gradients (from out and the final states) against the float64 batched

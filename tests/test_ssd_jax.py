@@ -34,7 +34,8 @@ def test_jit_with_donated_out(intermediate, rng):
     assert np.isfinite(side.numpy(out)).all()
 
 
-@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+# int32 under x64 (the case issue 17 reported) runs on the GPU; CI covers the path with int64.
+@pytest.mark.parametrize("index_dtype", [pytest.param("int32", marks=pytest.mark.slow), "int64"])
 def test_x64_mode(index_dtype, rng):
     """With ``jax_enable_x64`` on, int32 and int64 metadata, eager and under
     jit; an int64 ``seq_idx`` past 2^32 is out of range (NaN), not wrapped
