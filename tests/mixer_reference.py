@@ -9,6 +9,16 @@ import numpy as np
 from bridge.spec.mixer_sharding import MixerDims
 
 
+
+def _in_projection(weights, hidden_states, I, conv_dim):
+    """in_proj split into ``(gate (T, I), xBC (T, conv_dim), dt (T, H))``, and the
+    conv weight as ``(conv_dim, W)``."""
+    proj = hidden_states @ weights["in_proj.weight"].T
+    if "in_proj.bias" in weights:
+        proj = proj + weights["in_proj.bias"]
+    conv_w = weights["conv1d.weight"].reshape(conv_dim, -1)
+    return proj[:, :I], proj[:, I:I + conv_dim], proj[:, I + conv_dim:], conv_w
+
 def silu(v):
     return v / (1.0 + np.exp(-v))
 
@@ -43,14 +53,10 @@ def ssm_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, conv_init=None,
     H, P, N = dims.local("num_heads"), dims.head_dim, dims.ssm_state_size
     I, G = dims.local("intermediate_size"), dims.local("padded_groups")
     conv_dim = dims.local("conv_dim")
-    proj = hidden_states @ weights["in_proj.weight"].T
-    if "in_proj.bias" in weights:
-        proj = proj + weights["in_proj.bias"]
-    gate, xBC, dt = proj[:, :I], proj[:, I:I + conv_dim], proj[:, I + conv_dim:]
-    conv_w = weights["conv1d.weight"].reshape(conv_dim, -1)
+    gate, xBC, dt, conv_w = _in_projection(weights, hidden_states, I, conv_dim)
     width = conv_w.shape[1]
     A = -np.exp(weights["A_log"])
-    y = np.zeros((len(proj), I))
+    y = np.zeros((len(hidden_states), I))
     conv_final, ssm_final = [], []
     for q, (begin, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
         history = np.zeros((width - 1, conv_dim))
@@ -120,11 +126,7 @@ def autodiff_mixer_ref(xp, weights, dims: MixerDims, hidden_states, cu_seqlens, 
     I, G = dims.intermediate_size, dims.padded_groups
     conv_dim = dims.conv_dim
     sig = lambda v: 1.0 / (1.0 + xp.exp(-v))  # noqa: E731
-    proj = hidden_states @ weights["in_proj.weight"].T
-    if "in_proj.bias" in weights:
-        proj = proj + weights["in_proj.bias"]
-    gate, xBC, dt = proj[:, :I], proj[:, I:I + conv_dim], proj[:, I + conv_dim:]
-    conv_w = weights["conv1d.weight"].reshape(conv_dim, -1)
+    gate, xBC, dt, conv_w = _in_projection(weights, hidden_states, I, conv_dim)
     width = conv_w.shape[1]
     A = -xp.exp(weights["A_log"])
     step = dt + weights["dt_bias"]
