@@ -18,3 +18,6 @@ __all__ += ["causal_conv1d_fn", "causal_conv1d_update"]
 __all__ += ["rms_norm_gated"]
 __all__ += ["selective_scan_fn"]
 __all__ += ["MambaMixer2"]
+from jax_impl.mamba2_lm import Mamba2LMHeadModel  # noqa: E402
+from bridge.spec.lm_config import Mamba2Config  # noqa: E402
+__all__ += ["Mamba2Config", "Mamba2LMHeadModel"]

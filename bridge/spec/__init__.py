@@ -10,4 +10,6 @@
 - ``copy_spec``: prefix-caching copy specs and the batched block copy;
 - ``mixer_metadata``, ``mixer_sharding``: the mixer's per-step metadata, its
   tensor-parallel sharding rules and checkpoint layout.
+- ``lm_config``: the language model's config (both published layouts), its
+  checkpoint keys, and the generation bookkeeping (slots, sampling options).
 """

@@ -1,0 +1,350 @@
+"""A Mamba-2 language model as a Flax NNX module on this package's kernels:
+
+    embedding -> num_layers x (RMSNorm -> MambaMixer2 -> residual add) -> RMSNorm -> LM head
+
+The residual stream is float32 when the config says so (``residual_in_fp32``,
+as mamba_ssm and Hugging Face keep it); each norm reads it cast to the
+weights' dtype. Both RMSNorms run on the gated-norm kernel without a gate
+(``rms_norm_gated(x, weight, z=None)``).
+
+- ``Mamba2LMHeadModel.from_pretrained(path, dtype)``: a local checkpoint
+  directory in mamba_ssm's or Hugging Face's layout (``bridge.spec.lm_config``;
+  safetensors only: ``pytorch_model.bin`` needs torch).
+- ``model(input_ids, attention_mask=None)`` -> logits: the mixers' cache-free
+  forward, differentiable (``nnx.grad``) and jittable.
+- ``model.generate(...)``: prefill (the chunked scan, through the mixers'
+  serving forward, one jitted call), then the whole decode loop in one
+  jitted ``lax.while_loop`` (the state update; sampling inside; no
+  per-token dispatch). The states are the model's own arrays, or a
+  ``bridge.MambaStateCache`` given to ``prefill`` (or prefilled by a
+  ``torch_impl.Mamba2LMHeadModel``), updated in place through the bridge.
+
+Mirror: ``torch_impl/mamba2_lm.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bridge.spec import lm_config
+from bridge.spec.checks import fail
+from bridge.spec.lm_config import Mamba2Config, Prefilled, SamplingParams
+from jax_impl import platform
+from jax_impl.gated_rms_norm import rms_norm_gated
+from jax_impl.mamba_mixer2 import MambaMixer2, _linear
+
+OP = lm_config.OP
+
+
+class RMSNorm(nnx.Module):
+    """``x (..., hidden)`` -> ``x / sqrt(mean(x^2) + eps) * weight``, on the gated-norm kernel without gate."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((hidden_size,), dtype))
+
+    def __call__(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        return rms_norm_gated(flat, self.weight[...], eps=self.eps).reshape(x.shape)
+
+
+class Mamba2Block(nnx.Module):
+    """``norm`` then ``mixer``; the model adds the residual."""
+
+    def __init__(self, config: Mamba2Config, dtype, rngs: nnx.Rngs):
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.mixer = MambaMixer2(**config.mixer_args(), dtype=dtype, rngs=rngs)
+
+
+def _load_bin(file: str):
+    fail(OP, "path", f"holds only {file}, which needs torch to read: load it with "
+                     "torch_impl.Mamba2LMHeadModel, or convert it to model.safetensors")
+
+
+class Mamba2LMHeadModel(nnx.Module):
+    """A Mamba-2 language model (``bridge.spec.lm_config.Mamba2Config``).
+    Parameters: ``embedding (vocab, hidden)``, ``layers[i].norm.weight``,
+    ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``, ``lm_head
+    (vocab, hidden)`` (None when tied: the head is the embedding)."""
+
+    def __init__(self, config: Mamba2Config, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        shape = (config.vocab_size, config.hidden_size)
+        self.embedding = nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype))
+        self.layers = nnx.List([Mamba2Block(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        bound = 1.0 / np.sqrt(config.hidden_size)
+        self.lm_head = None if config.tie_embeddings else nnx.Param(
+            jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype))
+
+    # --- weights ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=jnp.float32) -> "Mamba2LMHeadModel":
+        """The model of the checkpoint directory ``path`` (``config.json`` and
+        ``model.safetensors`` or its shards, in mamba_ssm's or Hugging Face's
+        layout), its parameters in ``dtype`` (``A_log`` stays float32).
+        Nothing is downloaded."""
+        from safetensors.flax import load_file
+
+        raw = lm_config.read_config(path)
+        config = Mamba2Config.from_dict(raw)
+        weights = lm_config.canonical_weights(lm_config.read_weights(path, load_file, _load_bin), config,
+                                              lm_config.detect_layout(raw))
+        model = cls(config, dtype=dtype)
+        model.load_weights(weights)
+        return model
+
+    def load_weights(self, weights: dict) -> None:
+        """Copy in a checkpoint under canonical (mamba_ssm) names (torch,
+        jax or numpy arrays; ``lm_head.weight`` only when untied), checked
+        first (``lm_config.canonical_weights``)."""
+        weights = lm_config.canonical_weights(weights, self.config, "mamba_ssm")
+        from bridge.dlpack import to_jax
+
+        def array(value):
+            if isinstance(value, (jax.Array, np.ndarray)):
+                return jnp.asarray(value)
+            return to_jax(value, copy_ok=True, name="weight")
+
+        for key, param in self._params_by_key().items():
+            param.set_value(array(weights[key]).astype(param.dtype))
+        for i, block in enumerate(self.layers):
+            block.mixer.load_weights(lm_config.mixer_weights(weights, i))
+
+    def checkpoint_weights(self) -> dict:
+        """The weights under canonical (mamba_ssm) checkpoint names."""
+        weights = {key: p[...] for key, p in self._params_by_key().items()}
+        for i, block in enumerate(self.layers):
+            weights.update({lm_config.mixer_prefix(i) + k: v for k, v in block.mixer.checkpoint_weights().items()})
+        return weights
+
+    def _params_by_key(self) -> dict:
+        params = {lm_config.EMBEDDING["mamba_ssm"]: self.embedding, "backbone.norm_f.weight": self.norm_f.weight}
+        params.update({f"backbone.layers.{i}.norm.weight": b.norm.weight for i, b in enumerate(self.layers)})
+        if self.lm_head is not None:
+            params["lm_head.weight"] = self.lm_head
+        return params
+
+    @property
+    def dtype(self):
+        return self.embedding.dtype
+
+    # --- forward ---------------------------------------------------------------
+
+    def __call__(self, input_ids, attention_mask=None):
+        """``input_ids (batch, seqlen)`` -> logits ``(batch, seqlen, vocab)`` in
+        the weights' dtype, differentiable and jittable. ``attention_mask
+        (batch, seqlen)`` (1 token, 0 padding; right or left padding) must be
+        concrete (numpy, or closed over under jit): padding never reaches a
+        token's state, so the tokens' logits equal those of the unpadded
+        rows (padding rows' logits are unspecified)."""
+        if attention_mask is not None and not platform.is_concrete(attention_mask):
+            fail(OP, "attention_mask", "must be concrete (numpy, or closed over under jit, not traced): "
+                                       "the padding decides the scan's chunk layout")
+        mask = None if attention_mask is None else np.asarray(attention_mask)
+        starts, lengths = lm_config.prompt_layout(tuple(input_ids.shape), mask)
+        seq_idx = lm_config.padding_seq_idx(starts, lengths, input_ids.shape[1])
+        packing = {} if seq_idx is None else dict(seq_idx=seq_idx)
+        residual = self._embed(input_ids)
+        for block in self.layers:
+            residual = residual + block.mixer(block.norm(residual.astype(self.dtype)), **packing)
+        return self._logits(self.norm_f(residual.astype(self.dtype)))
+
+    def _embed(self, input_ids):
+        residual = self.embedding[...][input_ids]
+        return residual.astype(jnp.float32) if self.config.residual_in_fp32 else residual
+
+    def _logits(self, hidden):
+        return _linear(hidden, self.embedding if self.lm_head is None else self.lm_head, None)
+
+    def _serve(self, token_ids, states: tuple, metadata):
+        """The serving forward: packed ``token_ids (T,)`` and ``states`` (conv,
+        ssm of every layer in turn) -> (final normed hidden ``(T, hidden)``,
+        new states)."""
+        residual, new_states = self._embed(token_ids), []
+        for i, block in enumerate(self.layers):
+            out, conv, ssm = block.mixer(block.norm(residual.astype(self.dtype)), states[2 * i],
+                                         states[2 * i + 1], metadata)
+            residual = residual + out
+            new_states += [conv, ssm]
+        return self.norm_f(residual.astype(self.dtype)), tuple(new_states)
+
+    # --- generation ------------------------------------------------------------
+
+    def new_states(self, batch_size: int, state_dtype=jnp.float32) -> tuple:
+        """Zero states for ``batch_size`` requests (``batch_size + 1`` blocks:
+        block 0 is the null block): conv, ssm of every layer in turn."""
+        conv, ssm = self.layers[0].mixer.get_state_shape()
+        blocks = batch_size + 1
+        return tuple(jnp.zeros((blocks, *shape), state_dtype)
+                     for _ in range(self.config.num_layers) for shape in (conv, ssm))
+
+    def new_cache(self, batch_size: int, state_dtype: str = "float32", owner: str = "torch",
+                  device: str = "cpu"):
+        """A ``bridge.MambaStateCache`` for ``batch_size`` requests of this model
+        (``batch_size + 1`` blocks), to share with a torch model (needs torch)."""
+        import bridge
+
+        return bridge.MambaStateCache(self.layers[0].mixer.get_state_shape(), state_dtype, batch_size + 1,
+                                      num_layers=self.config.num_layers, owner=owner, device=device)
+
+    def _run(self, jitted, cache, *args):
+        """``jitted(states, *args)`` -> ``(result, *new_states)`` on ``cache``:
+        the model's own states (a tuple), or a ``bridge.MambaStateCache``
+        updated in place through the bridge. Returns (result, new cache)."""
+        if isinstance(cache, tuple):
+            result, *states = jitted(cache, *args)
+            return result, tuple(states)
+        import bridge
+
+        if not isinstance(cache, bridge.MambaStateCache):
+            fail(OP, "cache", f"must be a bridge.MambaStateCache or the model's states, got {type(cache).__name__}")
+        tensors = [cache.torch(name, layer) for layer in range(self.config.num_layers) for name in ("conv", "ssm")]
+        count = len(tensors)
+        step = bridge.jax_step_into(tensors, lambda *a: jitted(a[:count], *a[count:]), *args,
+                                    state_outputs=tuple(range(1, count + 1)))
+        return step.outputs[0], cache
+
+    def prefill(self, input_ids, attention_mask=None, cache=None) -> Prefilled:
+        """Run the prompts (``input_ids (batch, seqlen)``, ``attention_mask`` as
+        in ``__call__``; prompts of different lengths) through the chunked scan
+        (one jitted call) into slots ``1 .. batch`` of ``cache`` (a
+        ``bridge.MambaStateCache``: a torch model can continue; default: new
+        states of the model's own). Returns a ``Prefilled`` for
+        ``generate(prefilled=...)`` of either framework's model."""
+        ids = np.asarray(input_ids)
+        starts, lengths = lm_config.prompt_layout(ids.shape, None if attention_mask is None
+                                                  else np.asarray(attention_mask), op=f"{OP}.prefill")
+        if (lengths == 0).any():
+            fail(f"{OP}.prefill", "attention_mask", f"leaves rows {np.flatnonzero(lengths == 0).tolist()} "
+                                                    "without tokens; every prompt needs one")
+        batch = len(lengths)
+        cache = self.new_states(lm_config.batch_bucket(batch)) if cache is None else cache
+        slots = lm_config.allocate_slots(batch)
+        num_blocks = cache[0].shape[0] if isinstance(cache, tuple) else cache.num_blocks
+        lm_config.check_slots_fit(slots, num_blocks, f"{OP}.prefill")
+        tokens = np.concatenate([ids[r, s:s + n] for r, (s, n) in enumerate(zip(starts, lengths))])
+        metadata = lm_config.prefill_metadata(lengths, slots, self.config.chunk_size)
+        graphdef, params = nnx.split(self)
+        logits, cache = self._run(_jitted_prefill(graphdef), cache, params, jnp.asarray(tokens, jnp.int32),
+                                  metadata, jnp.asarray(np.cumsum(lengths) - 1, jnp.int32))
+        return Prefilled(cache=cache, slots=slots, logits=logits)
+
+    def generate(self, input_ids=None, max_new_tokens: int = 20, attention_mask=None, *,
+                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 seed: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 callback: Optional[Callable] = None, prefilled: Optional[Prefilled] = None):
+        """Generate ``max_new_tokens`` tokens after each prompt: returns the new
+        tokens ``(batch, max_new_tokens)`` (int32), ``eos_token_id`` after a
+        row's end of sequence.
+
+        Greedy (``temperature`` 0, the default), or sampled from
+        ``softmax(logits / temperature)`` restricted to the ``top_k`` most
+        likely tokens and the smallest set of them whose probability reaches
+        ``top_p``, with ``jax.random.key(seed)`` (same seed, same tokens).
+        ``callback(step, tokens (batch,) numpy)`` streams each step's tokens
+        (``jax.debug.callback``, ordered). Continue a prefill of either
+        framework with ``prefilled=`` instead of ``input_ids``.
+
+        The decode loop is one jitted ``lax.while_loop`` (compiled once per
+        batch bucket, sampling options and callback), stopping early once
+        every row produced ``eos_token_id``."""
+        params = lm_config.check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                                          vocab_size=self.config.vocab_size)
+        if (input_ids is None) == (prefilled is None):
+            fail(f"{OP}.generate", "input_ids", "or `prefilled` must be given (exactly one of them)")
+        if prefilled is None:
+            prefilled = self.prefill(input_ids, attention_mask)
+        prefilled.consume(f"{OP}.generate")
+        batch = len(prefilled.slots)
+        if params.max_new_tokens == 0:
+            return jnp.full((batch, 0), params.eos_token_id or 0, jnp.int32)
+        logits = prefilled.logits
+        if not isinstance(logits, jax.Array):
+            from bridge.dlpack import to_jax
+            logits = to_jax(logits, copy_ok=True, name="prefilled.logits")
+        metadata = lm_config.decode_metadata(prefilled.slots, lm_config.batch_bucket(batch),
+                                             self.config.chunk_size)
+        graphdef, state = nnx.split(self)
+        tokens, prefilled.cache = self._run(_jitted_decode(graphdef, params, callback), prefilled.cache, state,
+                                            logits, metadata, jax.random.key(params.seed))
+        return tokens
+
+
+def _sample(logits, params: SamplingParams, key):
+    """``logits (batch, vocab)`` -> tokens ``(batch,)`` int32 (see ``generate``)."""
+    logits = logits.astype(jnp.float32)
+    if params.greedy:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if params.top_p is not None and params.top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        drop = jnp.cumsum(probs, -1) - probs >= params.top_p  # the tokens past the first reaching top_p
+        rows = jnp.arange(logits.shape[0])[:, None]
+        logits = jnp.where(jnp.zeros(logits.shape, bool).at[rows, order].set(drop), -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_prefill(graphdef):
+    """The prefill of every layer, jitted with the states donated: ``(states,
+    params, tokens (T,), metadata, last_rows (batch,))`` -> ``(logits, *states)``."""
+    def prefill(states, params, tokens, metadata, last_rows):
+        model = nnx.merge(graphdef, params)
+        hidden, states = model._serve(tokens, states, metadata)
+        return (model._logits(hidden[last_rows]), *states)
+
+    return jax.jit(prefill, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_decode(graphdef, sampling: SamplingParams, callback):
+    """The whole decode loop, jitted with the states donated: ``(states, params,
+    logits (batch, vocab), metadata, key)`` -> ``(tokens (batch, n), *states)``."""
+    n, eos = sampling.max_new_tokens, sampling.eos_token_id
+
+    def pick(logits, key, done, step):
+        """The next tokens, eos after a row's end; streamed to the callback."""
+        key, sub = jax.random.split(key)
+        token = _sample(logits, sampling, sub)
+        if eos is not None:
+            token = jnp.where(done, eos, token)
+            done = done | (token == eos)
+        if callback is not None:
+            jax.debug.callback(lambda i, t: callback(int(i), np.asarray(t)), step, token, ordered=True)
+        return token, key, done
+
+    def decode(states, params, logits, metadata, key):
+        model = nnx.merge(graphdef, params)
+        batch = logits.shape[0]
+        token, key, done = pick(logits, key, jnp.zeros(batch, bool), 0)
+        out = jnp.full((batch, n), 0 if eos is None else eos, jnp.int32).at[:, 0].set(token)
+
+        def running(carry):
+            step, done = carry[0], carry[2]
+            return (step < n) & ~jnp.all(done)
+
+        def body(carry):
+            step, token, done, out, states, key = carry
+            ids = jnp.zeros(metadata.num_decodes, jnp.int32).at[:batch].set(token)
+            hidden, states = model._serve(ids, states, metadata)
+            token, key, done = pick(model._logits(hidden[:batch]), key, done, step)
+            return step + 1, token, done, out.at[:, step].set(token), states, key
+
+        carry = jax.lax.while_loop(running, body, (1, token, done, out, states, key))
+        return (carry[3], *carry[4])
+
+    return jax.jit(decode, donate_argnums=0)

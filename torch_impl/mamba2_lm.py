@@ -1,0 +1,362 @@
+"""A Mamba-2 language model as a PyTorch module on this package's kernels:
+
+    embedding -> num_layers x (RMSNorm -> MambaMixer2 -> residual add) -> RMSNorm -> LM head
+
+The residual stream is float32 when the config says so (``residual_in_fp32``,
+as mamba_ssm and Hugging Face keep it); each norm reads it cast to the
+weights' dtype. Both RMSNorms run on the gated-norm kernel without a gate
+(``rms_norm_gated(x, weight, z=None)``).
+
+- ``Mamba2LMHeadModel.from_pretrained(path, dtype, device)``: a local
+  checkpoint directory in mamba_ssm's or Hugging Face's layout
+  (``bridge.spec.lm_config``).
+- ``model(input_ids, attention_mask=None)`` -> logits: the mixers' cache-free
+  forward, differentiable.
+- ``model.generate(...)``: prefill (the chunked scan, through the mixers'
+  serving forward) into a ``bridge.MambaStateCache`` whose slots the model
+  allocates, then decode steps (the state update), captured in a CUDA graph
+  per batch-size bucket on CUDA. ``prefill`` and ``generate(prefilled=...)``
+  split the two, so a ``jax_impl.Mamba2LMHeadModel`` can continue a
+  generation this model prefilled on the same cache, and the reverse.
+
+Mirror: ``jax_impl/mamba2_lm.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.spec import lm_config
+from bridge.spec.checks import fail
+from bridge.spec.lm_config import Mamba2Config, Prefilled, SamplingParams
+from torch_impl.gated_rms_norm import rms_norm_gated
+from torch_impl.mamba_mixer2 import MambaMixer2, metadata_to_device
+
+OP = lm_config.OP
+MAX_CAPTURED_STEPS = 8  # decode graphs kept (each pins its cache)
+
+
+class RMSNorm(nn.Module):
+    """``x (..., hidden)`` -> ``x / sqrt(mean(x^2) + eps) * weight``, on the gated-norm kernel without gate."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype=torch.float32, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return rms_norm_gated(flat, self.weight, eps=self.eps).reshape(x.shape)
+
+
+class Mamba2Block(nn.Module):
+    """``norm`` then ``mixer``; the model adds the residual."""
+
+    def __init__(self, config: Mamba2Config, dtype, device):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype, device)
+        self.mixer = MambaMixer2(**config.mixer_args(), dtype=dtype, device=device)
+
+
+def _load_bin(file: str) -> dict:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+class Mamba2LMHeadModel(nn.Module):
+    """A Mamba-2 language model (``bridge.spec.lm_config.Mamba2Config``).
+    Parameters: ``embedding.weight (vocab, hidden)``, ``layers[i].norm.weight``,
+    ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``,
+    ``lm_head.weight`` (absent when tied: the head is the embedding)."""
+
+    def __init__(self, config: Mamba2Config, dtype=torch.float32, device=None):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.layers = nn.ModuleList(Mamba2Block(config, dtype, device) for _ in range(config.num_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, dtype, device)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        # Generation: the model's own cache per batch bucket, and captured decode steps.
+        self._caches: dict = {}
+        self._steps: collections.OrderedDict = collections.OrderedDict()
+
+    # --- weights ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device=None) -> "Mamba2LMHeadModel":
+        """The model of the checkpoint directory ``path`` (``config.json`` and
+        ``model.safetensors`` / its shards / ``pytorch_model.bin``, in
+        mamba_ssm's or Hugging Face's layout), its parameters in ``dtype``
+        (``A_log`` stays float32) on ``device``. Nothing is downloaded."""
+        from safetensors.torch import load_file
+
+        raw = lm_config.read_config(path)
+        config = Mamba2Config.from_dict(raw)
+        weights = lm_config.canonical_weights(lm_config.read_weights(path, load_file, _load_bin), config,
+                                              lm_config.detect_layout(raw))
+        model = cls(config, dtype=dtype, device=device)
+        model.load_weights(weights)
+        return model
+
+    def load_weights(self, weights: dict) -> None:
+        """Copy in a checkpoint under canonical (mamba_ssm) names (torch,
+        jax or numpy arrays; ``lm_head.weight`` only when untied), checked
+        first (``lm_config.canonical_weights``)."""
+        weights = lm_config.canonical_weights(weights, self.config, "mamba_ssm")
+        from bridge.dlpack import to_torch
+
+        def tensor(value):
+            if isinstance(value, torch.Tensor):
+                return value
+            return torch.from_numpy(value) if isinstance(value, np.ndarray) else to_torch(
+                value, copy_ok=True, name="weight")
+
+        with torch.no_grad():
+            for key, param in self._params_by_key().items():
+                param.copy_(tensor(weights[key]))
+        for i, block in enumerate(self.layers):
+            block.mixer.load_weights(lm_config.mixer_weights(weights, i))
+
+    def checkpoint_weights(self) -> dict:
+        """The weights under canonical (mamba_ssm) checkpoint names (detached views)."""
+        weights = {key: p.detach() for key, p in self._params_by_key().items()}
+        for i, block in enumerate(self.layers):
+            weights.update({lm_config.mixer_prefix(i) + k: v for k, v in block.mixer.checkpoint_weights().items()})
+        return weights
+
+    def _params_by_key(self) -> dict:
+        params = {lm_config.EMBEDDING["mamba_ssm"]: self.embedding.weight,
+                  "backbone.norm_f.weight": self.norm_f.weight}
+        params.update({f"backbone.layers.{i}.norm.weight": b.norm.weight for i, b in enumerate(self.layers)})
+        if self.lm_head is not None:
+            params["lm_head.weight"] = self.lm_head.weight
+        return params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    # --- forward ---------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_ids (batch, seqlen)`` -> logits ``(batch, seqlen, vocab)`` in
+        the weights' dtype, differentiable. ``attention_mask (batch, seqlen)``
+        (1 token, 0 padding; right or left padding): padding never reaches a
+        token's state, so the tokens' logits equal those of the unpadded
+        rows (padding rows' logits are unspecified). The mask is read on the
+        host (a device sync)."""
+        mask = None if attention_mask is None else attention_mask.detach().cpu().numpy()
+        starts, lengths = lm_config.prompt_layout(tuple(input_ids.shape), mask)
+        seq_idx = lm_config.padding_seq_idx(starts, lengths, input_ids.shape[1])
+        packing = {} if seq_idx is None else dict(seq_idx=seq_idx)
+        residual = self._embed(input_ids)
+        for block in self.layers:
+            residual = residual + block.mixer(block.norm(residual.to(self.dtype)), **packing)
+        return self._logits(self.norm_f(residual.to(self.dtype)))
+
+    def _embed(self, input_ids):
+        residual = self.embedding(input_ids)
+        return residual.float() if self.config.residual_in_fp32 else residual
+
+    def _logits(self, hidden):
+        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def _serve(self, token_ids, cache, metadata):
+        """The serving forward: packed ``token_ids (T,)`` -> final normed hidden ``(T, hidden)``,
+        the states of ``cache`` updated at the metadata's slots."""
+        residual = self._embed(token_ids)
+        for i, block in enumerate(self.layers):
+            residual = residual + block.mixer(block.norm(residual.to(self.dtype)), cache, metadata, i)
+        return self.norm_f(residual.to(self.dtype))
+
+    # --- generation ------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, state_dtype: str = "float32", owner: str = "torch"):
+        """A ``bridge.MambaStateCache`` for ``batch_size`` requests of this
+        model (``batch_size + 1`` blocks: block 0 is the null block), on the model's device."""
+        import bridge
+
+        return bridge.MambaStateCache(self.layers[0].mixer.get_state_shape(), state_dtype, batch_size + 1,
+                                      num_layers=self.config.num_layers, owner=owner, device=str(self.device))
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache=None) -> Prefilled:
+        """Run the prompts (``input_ids (batch, seqlen)``, ``attention_mask`` as
+        in ``forward``; prompts of different lengths) through the chunked scan
+        into ``cache`` (default: the model's own for this batch bucket, reused
+        by the next prefill of that bucket) at slots ``1 .. batch``. Returns a
+        ``Prefilled`` for ``generate(prefilled=...)`` of either framework's model."""
+        mask = None if attention_mask is None else attention_mask.detach().cpu().numpy()
+        starts, lengths = lm_config.prompt_layout(tuple(input_ids.shape), mask, op=f"{OP}.prefill")
+        if (lengths == 0).any():
+            fail(f"{OP}.prefill", "attention_mask", f"leaves rows {np.flatnonzero(lengths == 0).tolist()} "
+                                                    "without tokens; every prompt needs one")
+        batch = len(lengths)
+        if cache is None:
+            bucket = lm_config.batch_bucket(batch)
+            cache = self._caches.get(bucket) or self._caches.setdefault(bucket, self.new_cache(bucket))
+        slots = lm_config.allocate_slots(batch)
+        lm_config.check_slots_fit(slots, cache.num_blocks, f"{OP}.prefill")
+        columns = torch.from_numpy(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]))
+        rows = torch.from_numpy(np.repeat(np.arange(batch), lengths))
+        tokens = input_ids[rows.to(input_ids.device), columns.to(input_ids.device)].to(self.device)
+        metadata = metadata_to_device(lm_config.prefill_metadata(lengths, slots, self.config.chunk_size),
+                                      self.device)
+        hidden = self._serve(tokens, cache, metadata)
+        last = torch.from_numpy(np.cumsum(lengths) - 1).to(self.device)
+        return Prefilled(cache=cache, slots=slots, logits=self._logits(hidden[last]))
+
+    @torch.no_grad()
+    def generate(self, input_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 20,
+                 attention_mask: Optional[torch.Tensor] = None, *, temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                 eos_token_id: Optional[int] = None, callback: Optional[Callable] = None,
+                 prefilled: Optional[Prefilled] = None) -> torch.Tensor:
+        """Generate ``max_new_tokens`` tokens after each prompt: returns the new
+        tokens ``(batch, max_new_tokens)`` (int64, on the model's device),
+        ``eos_token_id`` after a row's end of sequence.
+
+        Greedy (``temperature`` 0, the default), or sampled from
+        ``softmax(logits / temperature)`` restricted to the ``top_k`` most
+        likely tokens and the smallest set of them whose probability reaches
+        ``top_p``, with a ``torch.Generator`` seeded by ``seed`` (same seed,
+        same tokens). ``callback(step, tokens (batch,) numpy)`` streams each
+        step's tokens (a device sync per step). Continue a prefill of either
+        framework with ``prefilled=`` instead of ``input_ids``.
+
+        The decode steps run on the state update, captured in a CUDA graph
+        per batch bucket (``lm_config.batch_bucket``) on CUDA, eagerly
+        elsewhere; sampling runs eagerly after each step. With an
+        ``eos_token_id`` the loop stops once every row ended (checked every
+        16 steps: one sync)."""
+        params = lm_config.check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                                          vocab_size=self.config.vocab_size)
+        if (input_ids is None) == (prefilled is None):
+            fail(f"{OP}.generate", "input_ids", "or `prefilled` must be given (exactly one of them)")
+        if prefilled is None:
+            prefilled = self.prefill(input_ids, attention_mask)
+        return self._decode(prefilled, params, callback)
+
+    def _decode(self, prefilled: Prefilled, params: SamplingParams, callback) -> torch.Tensor:
+        import bridge
+
+        if not isinstance(prefilled.cache, bridge.MambaStateCache):
+            fail(f"{OP}.generate", "prefilled", "must hold a bridge.MambaStateCache to continue in torch "
+                                                "(prefill the Flax model with cache=...)")
+        prefilled.consume(f"{OP}.generate")
+        batch, n = len(prefilled.slots), params.max_new_tokens
+        out = torch.full((batch, n), params.eos_token_id or 0, dtype=torch.long, device=self.device)
+        if n == 0:
+            return out
+        logits = prefilled.logits
+        if not isinstance(logits, torch.Tensor):
+            logits = bridge.to_torch(logits, copy_ok=True, name="prefilled.logits")
+        generator = None if params.greedy else torch.Generator(self.device).manual_seed(params.seed)
+        step = self._decode_step(prefilled.cache, lm_config.batch_bucket(batch))
+        step.bind(prefilled.slots)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for i in range(n):
+            token = _sample(logits.to(self.device), params, generator)
+            if params.eos_token_id is not None:
+                token = torch.where(done, params.eos_token_id, token)
+                done |= token == params.eos_token_id
+            out[:, i] = token
+            if callback is not None:
+                callback(i, token.cpu().numpy())
+            if i + 1 == n or (params.eos_token_id is not None and i % 16 == 15 and bool(done.all())):
+                break
+            logits = step.run(token)
+        return out
+
+    def _decode_step(self, cache, bucket: int) -> "CapturedLMStep":
+        """The decode step for ``bucket`` requests on ``cache`` (captured once per
+        bucket, cache and weights' storage; the last ``MAX_CAPTURED_STEPS`` kept)."""
+        key = (bucket, id(cache), self.embedding.weight.data_ptr(), self.dtype)
+        if key in self._steps:
+            self._steps.move_to_end(key)
+        else:
+            self._steps[key] = CapturedLMStep(self, cache, bucket)
+            while len(self._steps) > MAX_CAPTURED_STEPS:
+                self._steps.popitem(last=False)
+        return self._steps[key]
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
+    """``logits (batch, vocab)`` -> tokens ``(batch,)`` int64 (see ``generate``)."""
+    logits = logits.float()
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p is not None and params.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # the tokens past the first reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class CapturedLMStep:
+    """One decode step of the whole model (embedding, every layer's norm and
+    mixer on ``cache``, final norm, head) for ``bucket`` requests, on static
+    buffers: captured in a CUDA graph on CUDA (the mixers' ``CapturedDecodeStep``
+    for a whole model), run eagerly elsewhere. ``bind(slots)`` sets the
+    requests' slots (the rest of the bucket are padding requests on the null
+    block) and orders torch after JAX steps on the cache; ``run(tokens (batch,))`` -> logits ``(batch, vocab)`` (a view of
+    the static output, overwritten by the next step)."""
+
+    def __init__(self, model: Mamba2LMHeadModel, cache, bucket: int):
+        self.model, self.cache, self.bucket = model, cache, bucket
+        device = model.device
+        self.tokens = torch.zeros(bucket, dtype=torch.long, device=device)
+        # Padding requests only until bound: the warm-up and capture write no slot.
+        self.metadata = metadata_to_device(lm_config.decode_metadata(np.zeros(0, np.int32), bucket,
+                                                                     model.config.chunk_size), device)
+        self.graph = None
+        if device.type != "cuda":
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compiles the kernels, outside the capture
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model._logits(self.model._serve(self.tokens, self.cache, self.metadata))
+
+    def bind(self, slots: np.ndarray) -> None:
+        padded = lm_config.decode_metadata(slots, self.bucket, self.model.config.chunk_size)
+        self.metadata.state_indices_tensor_d.copy_(torch.from_numpy(padded.state_indices_tensor_d))
+        self.batch = len(slots)
+        for layer in range(self.model.config.num_layers):  # orders torch after JAX steps on the cache
+            self.cache.torch("conv", layer)
+            self.cache.torch("ssm", layer)
+
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens[:self.batch].copy_(tokens)
+        if self.graph is None:
+            return self._step()[:self.batch]
+        self.graph.replay()
+        return self.logits[:self.batch]
