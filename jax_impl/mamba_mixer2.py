@@ -76,10 +76,13 @@ def _gather_states(ssm_state, slots, use):
 
 
 def _pick(table, columns):
-    """``table[r, columns[r]]`` per row; -1 (out of range: skipped) for a column outside the table."""
-    inside = (columns >= 0) & (columns < table.shape[1])
-    picked = jnp.take_along_axis(table, jnp.clip(columns, 0, table.shape[1] - 1)[:, None], axis=1)[:, 0]
-    return jnp.where(inside, picked, -1)
+    """``table[r, columns[r]]`` per row (``columns (R,)``), or ``table[r,
+    columns[r, k]]`` (``(R, K)``); -1 (out of range: skipped) for a column
+    outside the table."""
+    cols = columns if columns.ndim == 2 else columns[:, None]
+    inside = (cols >= 0) & (cols < table.shape[1])
+    picked = jnp.where(inside, jnp.take_along_axis(table, jnp.clip(cols, 0, table.shape[1] - 1), axis=1), -1)
+    return picked if columns.ndim == 2 else picked[:, 0]
 
 
 class MambaMixer2(MixerLayout, nnx.Module):
@@ -207,7 +210,8 @@ class MambaMixer2(MixerLayout, nnx.Module):
         parts = []
 
         # Prefix caching ("all" mode): the state is read from the block of the
-        # last computed token and written to the block of the last scheduled one.
+        # last computed token and written to the block of the last scheduled one
+        # (speculative decodes: see Mamba2Metadata).
         cache_all = meta.is_mamba_cache_all
         if cache_all:
             read_col_d, read_col_p = jnp.split(meta.block_idx_last_computed_token, [meta.num_decodes])
@@ -215,19 +219,31 @@ class MambaMixer2(MixerLayout, nnx.Module):
 
         if meta.num_decodes:
             table_d = meta.state_indices_tensor_d
+            conv_cols, ssm_slots = {}, dict(state_batch_indices=table_d)
+            if cache_all:
+                if meta.is_spec_decode:
+                    # Speculative decoding: continue from the previous step's
+                    # per-token states (conv: its block, read num_accepted - 1 in).
+                    read_col_d = meta.block_idx_last_scheduled_token_prev_step[:meta.num_decodes]
+                    offsets = jnp.arange(meta.max_decode_query_len, dtype=read_col_d.dtype)
+                    read_col_ssm = read_col_d[:, None] + offsets
+                    write_col_ssm = write_col_d[:, None] + offsets
+                else:
+                    read_col_ssm, write_col_ssm = read_col_d, write_col_d
+                conv_cols = dict(block_idx_last_scheduled_token=write_col_d, initial_state_idx=read_col_d)
+                ssm_slots = dict(state_batch_indices=_pick(table_d, read_col_ssm),
+                                 dst_state_batch_indices=_pick(table_d, write_col_ssm))
             conv_d, conv = causal_conv1d_update(
                 x=xBC[:nd], conv_state=conv, weight=weight, bias=bias, activation=self.activation,
                 conv_state_indices=table_d, num_accepted_tokens=meta.num_accepted_tokens,
                 query_start_loc=meta.query_start_loc_d, max_query_len=meta.max_decode_query_len,
-                block_idx_last_scheduled_token=write_col_d if cache_all else None,
-                initial_state_idx=read_col_d if cache_all else None)
+                **conv_cols)
             x_d, B_d, C_d = split(conv_d, self.xbc_sizes)
             y_d, ssm_state = selective_state_update(
                 state=ssm_state, x=x_d.reshape(nd, H, P), dt=dt[:nd], A=A, B=B_d.reshape(nd, G, N),
                 C=C_d.reshape(nd, G, N), D=D, dt_bias=dt_bias, dt_softplus=True,
-                state_batch_indices=_pick(table_d, read_col_d) if cache_all else table_d,
-                dst_state_batch_indices=_pick(table_d, write_col_d) if cache_all else None,
-                num_accepted_tokens=meta.num_accepted_tokens, cu_seqlens=meta.query_start_loc_d)
+                num_accepted_tokens=meta.num_accepted_tokens, cu_seqlens=meta.query_start_loc_d,
+                **ssm_slots)
             parts.append(y_d.reshape(nd, self.intermediate_size))
 
         if meta.num_prefills:

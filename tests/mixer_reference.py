@@ -45,11 +45,13 @@ def random_weights(rng, dims: MixerDims, hidden_size: int, conv_kernel: int, *, 
     return w
 
 
-def ssm_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, conv_init=None, ssm_init=None):
+def ssm_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, conv_init=None, ssm_init=None,
+            every_token=False):
     """The mixer up to the norm, for one rank's weights (``dims.local``
     sizes): returns ``(y (T, I), gate (T, I), conv_final (Q, W-1, conv_dim),
-    ssm_final (Q, H, P, N))``. ``conv_init`` / ``ssm_init`` per sequence
-    (None or entries None: zeros)."""
+    ssm_final (Q, H, P, N))``, or with ``every_token`` the SSM state after
+    every token ``(T, H, P, N)`` in place of ``ssm_final``. ``conv_init`` /
+    ``ssm_init`` per sequence (None or entries None: zeros)."""
     H, P, N = dims.local("num_heads"), dims.head_dim, dims.ssm_state_size
     I, G = dims.local("intermediate_size"), dims.local("padded_groups")
     conv_dim = dims.local("conv_dim")
@@ -57,7 +59,7 @@ def ssm_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, conv_init=None,
     width = conv_w.shape[1]
     A = -np.exp(weights["A_log"])
     y = np.zeros((len(hidden_states), I))
-    conv_final, ssm_final = [], []
+    conv_final, ssm_final, token_states = [], [], np.zeros((len(hidden_states), H, P, N))
     for q, (begin, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
         history = np.zeros((width - 1, conv_dim))
         if conv_init is not None and conv_init[q] is not None:
@@ -78,9 +80,20 @@ def ssm_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, conv_init=None,
             state = (np.exp(A * step)[:, None, None] * state
                      + (step[:, None] * x)[:, :, None] * B[:, None, :])
             y[t] = ((state * C[:, None, :]).sum(-1) + weights["D"][:, None] * x).reshape(-1)
+            token_states[t] = state
         conv_final.append(window[-(width - 1):])
         ssm_final.append(state)
-    return y, gate, np.stack(conv_final), np.stack(ssm_final)
+    return y, gate, np.stack(conv_final), token_states if every_token else np.stack(ssm_final)
+
+
+def conv_state_ref(weights, dims: MixerDims, hidden_states, state_len):
+    """The conv state after one sequence (from zero state) that keeps
+    ``state_len`` inputs (W - 1, or W - 1 + num_spec: speculative decoding
+    keeps the drafted inputs too): its last ``state_len`` conv inputs (xBC
+    before the conv), zeros before its first token; ``(state_len, conv_dim)``."""
+    conv_dim = dims.local("conv_dim")
+    xBC = _in_projection(weights, hidden_states, dims.local("intermediate_size"), conv_dim)[1]
+    return np.concatenate([np.zeros((state_len, conv_dim)), xBC])[-state_len:]
 
 
 def gated_norm_ref(y, gate, weight, group_size, eps):
@@ -91,10 +104,11 @@ def gated_norm_ref(y, gate, weight, group_size, eps):
 
 
 def mixer_ref(weights, dims: MixerDims, hidden_states, cu_seqlens, eps, conv_init=None,
-              ssm_init=None):
-    """The whole mixer (one rank, tp_size 1): ``(out (T, hidden), conv_final, ssm_final)``."""
+              ssm_init=None, every_token=False):
+    """The whole mixer (one rank, tp_size 1): ``(out (T, hidden), conv_final,
+    ssm_final)`` (``every_token``: as in ``ssm_ref``)."""
     y, gate, conv_final, ssm_final = ssm_ref(weights, dims, hidden_states, cu_seqlens,
-                                             conv_init, ssm_init)
+                                             conv_init, ssm_init, every_token)
     out = gated_norm_ref(y, gate, weights.get("norm.weight"), dims.norm_group_size, eps)
     out = out @ weights["out_proj.weight"].T
     if "out_proj.bias" in weights:

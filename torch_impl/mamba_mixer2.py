@@ -92,10 +92,13 @@ def _gather_states(ssm_state, slots, use):
 
 
 def _pick(table, columns):
-    """``table[r, columns[r]]`` per row; -1 (out of range: skipped) for a column outside the table."""
-    inside = (columns >= 0) & (columns < table.shape[1])
-    picked = table.gather(1, columns.clamp(0, table.shape[1] - 1)[:, None].long())[:, 0]
-    return torch.where(inside, picked, -1)
+    """``table[r, columns[r]]`` per row (``columns (R,)``), or ``table[r,
+    columns[r, k]]`` (``(R, K)``); -1 (out of range: skipped) for a column
+    outside the table."""
+    cols = columns if columns.dim() == 2 else columns[:, None]
+    inside = (cols >= 0) & (cols < table.shape[1])
+    picked = torch.where(inside, table.gather(1, cols.clamp(0, table.shape[1] - 1).long()), -1)
+    return picked if columns.dim() == 2 else picked[:, 0]
 
 
 class MambaMixer2(MixerLayout, nn.Module):
@@ -234,7 +237,8 @@ class MambaMixer2(MixerLayout, nn.Module):
         kernel_args = dict(activation=self.activation, validate_indices=self.validate_indices)
 
         # Prefix caching ("all" mode): the state is read from the block of the
-        # last computed token and written to the block of the last scheduled one.
+        # last computed token and written to the block of the last scheduled one
+        # (speculative decodes: see Mamba2Metadata).
         cache_all = meta.is_mamba_cache_all
         if cache_all:
             counts = [meta.num_decodes, meta.num_prefills]
@@ -243,20 +247,31 @@ class MambaMixer2(MixerLayout, nn.Module):
 
         if meta.num_decodes:
             table_d = meta.state_indices_tensor_d
+            conv_cols, ssm_slots = {}, dict(state_batch_indices=table_d)
+            if cache_all:
+                if meta.is_spec_decode:
+                    # Speculative decoding: continue from the previous step's
+                    # per-token states (conv: its block, read num_accepted - 1 in).
+                    read_col_d = meta.block_idx_last_scheduled_token_prev_step[:meta.num_decodes]
+                    offsets = torch.arange(meta.max_decode_query_len, device=device)
+                    read_col_ssm = read_col_d[:, None] + offsets
+                    write_col_ssm = write_col_d[:, None] + offsets
+                else:
+                    read_col_ssm, write_col_ssm = read_col_d, write_col_d
+                conv_cols = dict(block_idx_last_scheduled_token=write_col_d, initial_state_idx=read_col_d)
+                ssm_slots = dict(state_batch_indices=_pick(table_d, read_col_ssm),
+                                 dst_state_batch_indices=_pick(table_d, write_col_ssm))
             conv_d = causal_conv1d_update(
                 x=xBC[:nd], conv_state=conv_state, weight=self.conv_weight, bias=self.conv_bias,
                 conv_state_indices=table_d, num_accepted_tokens=meta.num_accepted_tokens,
                 query_start_loc=meta.query_start_loc_d, max_query_len=meta.max_decode_query_len,
-                block_idx_last_scheduled_token=write_col_d if cache_all else None,
-                initial_state_idx=read_col_d if cache_all else None, **kernel_args)
+                **conv_cols, **kernel_args)
             x_d, B_d, C_d = torch.split(conv_d, self.xbc_sizes, dim=-1)
             selective_state_update(
                 state=ssm_state, x=x_d.view(nd, H, P), dt=dt[:nd], A=A, B=B_d.view(nd, G, N),
                 C=C_d.view(nd, G, N), D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                state_batch_indices=_pick(table_d, read_col_d) if cache_all else table_d,
-                dst_state_batch_indices=_pick(table_d, write_col_d) if cache_all else None,
                 out=ssm_out[:nd].view(nd, H, P), num_accepted_tokens=meta.num_accepted_tokens,
-                cu_seqlens=meta.query_start_loc_d, validate_indices=self.validate_indices)
+                cu_seqlens=meta.query_start_loc_d, validate_indices=self.validate_indices, **ssm_slots)
 
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p

@@ -54,6 +54,16 @@ class Mamba2Metadata:
     in every layer's forward: ``block_state_chunks_p`` / ``block_state_slots_p``,
     the chunk (of the chunked scan's intermediate states) whose end is each
     block boundary a prefill crosses, and the slot that stores it.
+
+    Both (speculative decoding with prefix caching): the decodes' block
+    tables also hold their per-token states. A decode of ``w = 1 + num_spec``
+    tokens writes the SSM state after its token t to column
+    ``block_idx_last_scheduled_token + t`` and its conv state (every drafted
+    input kept) to ``block_idx_last_scheduled_token``; it continues from the
+    previous step's, ``block_idx_last_scheduled_token_prev_step (requests,)``
+    (decodes, then prefills, as in vLLM): the SSM state of column ``prev +
+    num_accepted_tokens - 1`` and the conv state of column ``prev`` read
+    ``num_accepted_tokens - 1`` positions in.
     """
 
     num_prefills: int
@@ -78,13 +88,15 @@ class Mamba2Metadata:
     num_computed_tokens_p: Optional[object] = None
     block_state_chunks_p: Optional[object] = None
     block_state_slots_p: Optional[object] = None
+    block_idx_last_scheduled_token_prev_step: Optional[object] = None
 
     ARRAY_FIELDS = ("query_start_loc_p", "state_indices_tensor_p", "has_initial_states_p",
                     "cu_chunk_seqlen_p", "seq_idx_p", "last_chunk_indices_p",
                     "state_indices_tensor_d", "num_accepted_tokens", "query_start_loc_d",
                     "block_idx_last_computed_token", "block_idx_last_scheduled_token",
                     "block_idx_first_scheduled_token_p", "num_computed_tokens_p",
-                    "block_state_chunks_p", "block_state_slots_p")
+                    "block_state_chunks_p", "block_state_slots_p",
+                    "block_idx_last_scheduled_token_prev_step")
 
     @property
     def is_mamba_cache_all(self) -> bool:
@@ -95,11 +107,15 @@ class Mamba2Metadata:
         return self.num_decode_tokens + self.num_prefill_tokens
 
     @property
+    def is_spec_decode(self) -> bool:
+        return self.num_accepted_tokens is not None
+
+    @property
     def max_decode_query_len(self) -> int:
         """Tokens per decode request (1, or 1 + num_spec)."""
-        if self.num_accepted_tokens is None:
+        if not self.is_spec_decode or not self.num_decodes:
             return 1
-        return int(self.state_indices_tensor_d.shape[1])
+        return self.num_decode_tokens // self.num_decodes
 
     def arrays(self) -> dict:
         """The index arrays given, by field name."""
@@ -122,11 +138,13 @@ def _expected_shapes(m: Mamba2Metadata, num_spec: int) -> dict:
     blocks = (shape_of(table) or (0, 0))[-1] if m.is_mamba_cache_all else None
     shapes = {}
     if nd:
-        spec = m.num_accepted_tokens is not None
+        spec = m.is_spec_decode
         shapes["state_indices_tensor_d"] = ((nd, blocks) if blocks else (nd, 1 + num_spec) if spec
                                             else (nd,))
         if spec:
             shapes.update(num_accepted_tokens=(nd,), query_start_loc_d=(nd + 1,))
+            if blocks:
+                shapes["block_idx_last_scheduled_token_prev_step"] = (nd + npf,)
     if npf:
         chunks = shape_of(m.cu_chunk_seqlen_p)
         if chunks is None or len(chunks) != 1 or chunks[0] < 2:
@@ -146,6 +164,7 @@ def _expected_shapes(m: Mamba2Metadata, num_spec: int) -> dict:
 def _slots_per_request(m: Mamba2Metadata, host: Mapping) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(field, slots read, slots written) per request, decodes first, null-block entries left out."""
     rows = []
+    width = m.max_decode_query_len
     for kind, offset in (("d", 0), ("p", m.num_decodes)):
         name = f"state_indices_tensor_{kind}"
         if name not in host:
@@ -153,14 +172,41 @@ def _slots_per_request(m: Mamba2Metadata, host: Mapping) -> list[tuple[str, np.n
         table = np.asarray(host[name], np.int64)
         for q, row in enumerate(table.reshape(len(table), -1)):
             if m.is_mamba_cache_all:
-                read = row[host["block_idx_last_computed_token"][offset + q]]
                 last = host["block_idx_last_scheduled_token"][offset + q]
-                first = host["block_idx_first_scheduled_token_p"][q] if kind == "p" else last
-                reads, writes = np.array([read]), row[first:last + 1]
+                if kind == "d" and m.is_spec_decode:  # the previous step's states, this step's per token
+                    prev = host["block_idx_last_scheduled_token_prev_step"][q]
+                    reads = row[[prev, prev + host["num_accepted_tokens"][q] - 1]]
+                    writes = row[last:last + width]
+                else:
+                    read = row[host["block_idx_last_computed_token"][offset + q]]
+                    first = host["block_idx_first_scheduled_token_p"][q] if kind == "p" else last
+                    reads, writes = np.array([read]), row[first:last + 1]
             else:
                 reads = writes = row
             rows.append((_field(name), reads[reads != NULL_BLOCK_ID], writes[writes != NULL_BLOCK_ID]))
     return rows
+
+
+def _check_columns(m: Mamba2Metadata, host: Mapping) -> None:
+    """Prefix caching: every block-table column the metadata points at lies
+    in the tables (a speculative decode's, with its per-token columns after it)."""
+    nd = m.num_decodes
+    blocks = (m.state_indices_tensor_d if nd else m.state_indices_tensor_p).shape[1]
+    tail = m.max_decode_query_len - 1
+    ranges = [(name, host.get(name), blocks) for name in ("block_idx_last_computed_token",
+                                                          "block_idx_first_scheduled_token_p")]
+    last = host["block_idx_last_scheduled_token"]
+    ranges += [("block_idx_last_scheduled_token", last[:nd], blocks - tail),
+               ("block_idx_last_scheduled_token", last[nd:], blocks)]
+    if m.is_spec_decode:
+        ranges.append(("block_idx_last_scheduled_token_prev_step",
+                       host["block_idx_last_scheduled_token_prev_step"][:nd], blocks - tail))
+    for name, columns, limit in ranges:
+        if columns is not None and ((columns < 0) | (columns >= limit)).any():
+            after = (f" (a speculative decode's per-token states take the {tail} columns after "
+                     f"its own)" if limit < blocks else "")
+            fail(OP, _field(name), f"must hold block-table columns in [0, {limit}){after}, got "
+                                   f"{np.asarray(columns).tolist()[:8]}")
 
 
 def _check_values(m: Mamba2Metadata, host: Mapping, num_slots: int, chunk_size: int) -> None:
@@ -178,7 +224,7 @@ def _check_values(m: Mamba2Metadata, host: Mapping, num_slots: int, chunk_size: 
             for arg, name in renames.items():
                 message = message.replace(f"`{arg}`", f"`{_field(name)}`")
             raise ValueError(f"{OP}: {message}") from None
-    if m.num_accepted_tokens is not None:
+    if m.is_spec_decode and m.num_decodes:
         width, accepted = m.max_decode_query_len, host["num_accepted_tokens"]
         if ((accepted < 1) | (accepted > width)).any():
             fail(OP, _field("num_accepted_tokens"), f"must lie in [1, {width}], got {accepted.tolist()}")
@@ -186,11 +232,7 @@ def _check_values(m: Mamba2Metadata, host: Mapping, num_slots: int, chunk_size: 
             fail(OP, _field("query_start_loc_d"), f"must be 0, {width}, 2 * {width}, ... (one "
                                                   f"request per {width} decode tokens)")
     if m.is_mamba_cache_all:
-        blocks = (m.state_indices_tensor_d if m.num_decodes else m.state_indices_tensor_p).shape[1]
-        for name in ("block_idx_last_computed_token", "block_idx_last_scheduled_token",
-                     "block_idx_first_scheduled_token_p"):
-            if name in host and ((host[name] < 0) | (host[name] >= blocks)).any():
-                fail(OP, _field(name), f"must hold block-table columns in [0, {blocks})")
+        _check_columns(m, host)
         if "block_state_chunks_p" in host:
             chunks = host["block_state_chunks_p"]
             if ((chunks < 0) | (chunks >= len(host["seq_idx_p"]))).any():
@@ -224,9 +266,10 @@ def check_batch(metadata: Mamba2Metadata, *, num_tokens: int, num_slots: int, ch
     """Checks ``metadata`` against one mixer call (``num_tokens`` rows of
     ``hidden_states``, ``num_slots`` cache blocks) before anything is written:
     the counts and every array's shape always; with ``host`` (numpy copies of
-    the arrays: the debug mode) the values too: slots in range, chunk
-    metadata consistent, and one request per slot (no slot written twice,
-    none read that another request writes). ValueError naming the field."""
+    the arrays: the debug mode) the values too: slots and block-table
+    columns in range, chunk metadata consistent, and one request per slot
+    (no slot written twice, none read that another request writes).
+    ValueError naming the field."""
     m = metadata
     if m.chunk_size != chunk_size:
         fail(OP, _field("chunk_size"), f"is {m.chunk_size}, the mixer's chunk_size is {chunk_size}")
@@ -234,9 +277,10 @@ def check_batch(metadata: Mamba2Metadata, *, num_tokens: int, num_slots: int, ch
     if min(counts) < 0 or (m.num_prefills == 0) != (m.num_prefill_tokens == 0):
         fail(OP, "metadata", f"has inconsistent counts (decodes, their tokens, prefills, their "
                              f"tokens) = {counts}")
-    if m.num_decode_tokens != m.num_decodes * m.max_decode_query_len:
-        fail(OP, _field("num_decode_tokens"), f"is {m.num_decode_tokens}, expected "
-                                              f"{m.max_decode_query_len} per decode request")
+    width = 1 + num_spec if m.is_spec_decode else 1
+    if m.num_decode_tokens != m.num_decodes * width:
+        fail(OP, _field("num_decode_tokens"), f"is {m.num_decode_tokens}, expected {width} per decode "
+                                              f"request (the mixer's num_spec is {num_spec})")
     if num_tokens < m.num_actual_tokens:
         fail(OP, "hidden_states", f"has {num_tokens} tokens, the metadata schedules "
                                   f"{m.num_actual_tokens}")
@@ -266,45 +310,73 @@ def build_mamba2_metadata(query_lens: Sequence[int], num_computed_tokens: Sequen
                           state_indices, num_decodes: int, chunk_size: int,
                           num_accepted_tokens: Optional[Sequence[int]] = None,
                           mamba_block_size: Optional[int] = None,
-                          padding: Optional[Sequence[bool]] = None) -> Mamba2Metadata:
+                          padding: Optional[Sequence[bool]] = None,
+                          prev_last_scheduled_idx: Optional[Sequence[int]] = None) -> Mamba2Metadata:
     """Metadata of one batch: ``query_lens``, ``num_computed_tokens`` and
     ``state_indices`` per request (decodes first; ``state_indices (R,)``, or
     ``(R, 1 + num_spec)`` with ``num_accepted_tokens`` given for the
     decodes: spec decoding, the prefills use column 0; or block tables
     ``(R, max_blocks)`` with ``mamba_block_size``: prefix caching, a multiple
     of ``chunk_size``). ``padding (R,)``: True for a padding request, whose
-    slots are the null block; any other request on the null block is refused."""
-    chunk_size = as_int("build_mamba2_metadata", "chunk_size", chunk_size, minimum=1)
-    num_decodes = as_int("build_mamba2_metadata", "num_decodes", num_decodes)
+    slots are the null block; any other request on the null block is refused.
+
+    Both (speculative decoding with prefix caching): block tables, a
+    decode's wide enough for the ``1 + num_spec`` columns of its per-token
+    states after its last scheduled block and after the previous step's
+    (see ``Mamba2Metadata``); ``prev_last_scheduled_idx (R,)``: the column
+    of each request's last scheduled token in the previous step where that
+    step was a speculative decode of it, -1 elsewhere (the default: then
+    the column of the last computed token, as vLLM falls back)."""
+    op = "build_mamba2_metadata"
+    chunk_size = as_int(op, "chunk_size", chunk_size, minimum=1)
+    num_decodes = as_int(op, "num_decodes", num_decodes)
     lens = np.asarray(query_lens, np.int64)
     computed = np.asarray(num_computed_tokens, np.int64)
     slots = np.asarray(state_indices, np.int32)
     num_requests = len(lens)
     if computed.shape != (num_requests,) or slots.shape[0] != num_requests:
-        raise ValueError(f"build_mamba2_metadata: `num_computed_tokens` {computed.shape} and "
-                         f"`state_indices` {slots.shape} must have one entry per request ({num_requests})")
+        raise ValueError(f"{op}: `num_computed_tokens` {computed.shape} and `state_indices` "
+                         f"{slots.shape} must have one entry per request ({num_requests})")
     if not 0 <= num_decodes <= num_requests:
-        raise ValueError(f"build_mamba2_metadata: `num_decodes` {num_decodes} outside [0, {num_requests}]")
+        raise ValueError(f"{op}: `num_decodes` {num_decodes} outside [0, {num_requests}]")
     spec, cache_all = num_accepted_tokens is not None, mamba_block_size is not None
-    if spec and cache_all:
-        raise ValueError("build_mamba2_metadata: `num_accepted_tokens` with `mamba_block_size` "
-                         "(speculative decoding with prefix caching) is not supported")
     if cache_all and (isinstance(mamba_block_size, bool) or not isinstance(mamba_block_size, numbers.Integral)
                       or mamba_block_size < chunk_size or mamba_block_size % chunk_size):
-        raise ValueError(f"build_mamba2_metadata: `mamba_block_size` ({mamba_block_size!r}) must be a "
-                         f"multiple of chunk_size ({chunk_size})")
+        raise ValueError(f"{op}: `mamba_block_size` ({mamba_block_size!r}) must be a multiple of "
+                         f"chunk_size ({chunk_size})")
     if (spec or cache_all) != (slots.ndim == 2):
-        raise ValueError("build_mamba2_metadata: `state_indices` must be 2-D (one slot per "
-                         "speculative token, or a block table) exactly when `num_accepted_tokens` "
-                         "or `mamba_block_size` is given")
-    _check_null_block(slots, lens, computed, padding, mamba_block_size, num_decodes)
+        raise ValueError(f"{op}: `state_indices` must be 2-D (one slot per speculative token, or a "
+                         "block table) exactly when `num_accepted_tokens` or `mamba_block_size` is given")
+    if prev_last_scheduled_idx is not None and not (spec and cache_all):
+        raise ValueError(f"{op}: `prev_last_scheduled_idx` belongs to speculative decoding with "
+                         "prefix caching (`num_accepted_tokens` and `mamba_block_size`)")
     decode_lens, prefill_lens = lens[:num_decodes], lens[num_decodes:]
-    max_decode = slots.shape[1] if spec else 1
-    if (decode_lens != max_decode).any():
-        raise ValueError(f"build_mamba2_metadata: decode requests must have {max_decode} tokens "
-                         f"each, got `query_lens` {decode_lens.tolist()}")
+    width = 1
+    if spec:  # a block table's width says nothing of the decodes' tokens
+        width = max(int(decode_lens.max(initial=1)), 1) if cache_all else slots.shape[1]
+    if (decode_lens != width).any():
+        raise ValueError(f"{op}: decode requests must have {width} tokens each, got `query_lens` "
+                         f"{decode_lens.tolist()}")
     if (prefill_lens < 1).any():
-        raise ValueError("build_mamba2_metadata: prefill requests need at least one token")
+        raise ValueError(f"{op}: prefill requests need at least one token")
+    spans = prev_step = None
+    if cache_all:
+        last_computed, first, last = prefix_block_indices(computed, lens, mamba_block_size)
+        spans = [last_computed.astype(np.int64), last.astype(np.int64)]
+        if spec:
+            given = np.full(num_requests, -1) if prev_last_scheduled_idx is None else np.asarray(
+                prev_last_scheduled_idx)
+            if given.shape != (num_requests,) or given.dtype.kind not in "iu":
+                raise ValueError(f"{op}: `prev_last_scheduled_idx` must be integer ({num_requests},), "
+                                 f"got {given.dtype} of shape {given.shape}")
+            prev_step = np.where(given >= 0, given, last_computed).astype(np.int32)
+            # A decode spans the previous step's per-token columns and this step's.
+            spans[0][:num_decodes] = np.minimum(prev_step, last)[:num_decodes]
+            spans[1][:num_decodes] = np.maximum(prev_step, last)[:num_decodes] + width - 1
+        if (spans[1] >= slots.shape[1]).any():
+            raise ValueError(f"{op}: the block tables have {slots.shape[1]} columns, requests reach "
+                             f"column {int(spans[1].max())}")
+    _check_null_block(slots, padding, spans, num_decodes)
     fields = dict(num_prefills=num_requests - num_decodes, num_prefill_tokens=int(prefill_lens.sum()),
                   num_decodes=num_decodes, num_decode_tokens=int(decode_lens.sum()),
                   chunk_size=chunk_size, prep_initial_states=bool((computed[num_decodes:] > 0).any()))
@@ -314,23 +386,22 @@ def build_mamba2_metadata(query_lens: Sequence[int], num_computed_tokens: Sequen
         if spec:
             accepted = np.asarray(num_accepted_tokens, np.int32)
             if accepted.shape != (num_decodes,):
-                raise ValueError(f"build_mamba2_metadata: `num_accepted_tokens` has shape {accepted.shape}, "
+                raise ValueError(f"{op}: `num_accepted_tokens` has shape {accepted.shape}, "
                                  f"expected ({num_decodes},)")
             fields["num_accepted_tokens"] = accepted
-            fields["query_start_loc_d"] = as_i32(np.arange(num_decodes + 1) * max_decode)
+            fields["query_start_loc_d"] = as_i32(np.arange(num_decodes + 1) * width)
+            if cache_all:
+                fields["block_idx_last_scheduled_token_prev_step"] = prev_step
     if num_requests > num_decodes:
         cu = np.concatenate([[0], np.cumsum(prefill_lens)])
         chunks = chunk_metadata(cu, chunk_size, computed[num_decodes:])
         fields.update(query_start_loc_p=as_i32(cu),
-                      state_indices_tensor_p=as_i32(slots[num_decodes:, 0] if spec else slots[num_decodes:]),
+                      state_indices_tensor_p=as_i32(slots[num_decodes:, 0] if spec and not cache_all
+                                                    else slots[num_decodes:]),
                       has_initial_states_p=computed[num_decodes:] > 0,
                       cu_chunk_seqlen_p=chunks.cu_chunk_seqlens, seq_idx_p=chunks.seq_idx,
                       last_chunk_indices_p=chunks.last_chunk_indices)
     if cache_all:
-        last_computed, first, last = prefix_block_indices(computed, lens, mamba_block_size)
-        if (last >= slots.shape[1]).any():
-            raise ValueError(f"build_mamba2_metadata: the block tables have {slots.shape[1]} columns, "
-                             f"requests reach block {int(last.max())}")
         fields.update(mamba_block_size=int(mamba_block_size), block_idx_last_computed_token=last_computed,
                       block_idx_last_scheduled_token=last)
         if num_requests > num_decodes:
@@ -348,19 +419,20 @@ def build_mamba2_metadata(query_lens: Sequence[int], num_computed_tokens: Sequen
     return Mamba2Metadata(**fields)
 
 
-def _check_null_block(slots, lens, computed, padding, mamba_block_size, num_decodes) -> None:
+def _check_null_block(slots, padding, spans, num_decodes) -> None:
     """Only requests marked as padding may use the null block (the slots a
     request reads or writes: its row, column 0 for a prefill with
-    speculative decoding, or the block-table columns it spans)."""
-    marked = np.zeros(len(lens), bool) if padding is None else np.asarray(padding, bool)
-    if marked.shape != (len(lens),):
+    speculative decoding, or the block-table columns it spans, ``spans``
+    (first, last) per request)."""
+    num_requests = len(slots)
+    marked = np.zeros(num_requests, bool) if padding is None else np.asarray(padding, bool)
+    if marked.shape != (num_requests,):
         raise ValueError(f"build_mamba2_metadata: `padding` has shape {marked.shape}, "
-                         f"expected ({len(lens)},)")
-    used = slots.reshape(len(lens), -1 if len(lens) else 1) == NULL_BLOCK_ID
-    if mamba_block_size is not None:
-        last_computed, _, last = prefix_block_indices(computed, lens, mamba_block_size)
+                         f"expected ({num_requests},)")
+    used = slots.reshape(num_requests, -1 if num_requests else 1) == NULL_BLOCK_ID
+    if spans is not None:
         columns = np.arange(slots.shape[1])
-        used &= (columns >= last_computed[:, None]) & (columns <= last[:, None])
+        used &= (columns >= spans[0][:, None]) & (columns <= spans[1][:, None])
     else:
         used[num_decodes:, 1:] = False
     bad = np.flatnonzero(used.any(axis=1) & ~marked)
