@@ -356,7 +356,16 @@ def _torch_decode_inputs(rng, mixer, cache, batch, slots):
     return hidden, metadata
 
 
-def test_torch_forward_on_device_metadata_makes_no_host_copy_or_sync(rng):
+# Speculative decoding with prefix caching: a decode (two tokens of its
+# previous step, in block 1, accepted) and a prefill, on block tables.
+SPEC_PREFIX = build_mamba2_metadata([3, 5], [21, 0], [[PAD, 1, 2, 3], [4, 5, 6, 7]], 1, CONFIG["chunk_size"],
+                                    num_accepted_tokens=[2], mamba_block_size=CONFIG["chunk_size"],
+                                    prev_last_scheduled_idx=[1, -1])
+SYNC_FREE = {"mixed": ({}, MIXED, 27), "spec_prefix": (dict(num_spec=2), SPEC_PREFIX, 8)}
+
+
+@pytest.mark.parametrize("batch", list(SYNC_FREE))
+def test_torch_forward_on_device_metadata_makes_no_host_copy_or_sync(batch, rng):
     """Metadata moved once (metadata_to_device): forward creates no tensor
     from host data and calls no op that syncs (item, nonzero, masked
     indexing), so a CUDA graph can capture it."""
@@ -372,11 +381,11 @@ def test_torch_forward_on_device_metadata_makes_no_host_copy_or_sync(rng):
             assert func not in forbidden, f"forward called {func}"
             return func(*args, **(kwargs or {}))
 
-    mixer = _new_mixer(torch_side)
+    changes, metadata, tokens = SYNC_FREE[batch]
+    mixer = _new_mixer(torch_side, **changes)
     cache, reference = _cache(mixer, rng), _new_cache(mixer)
     _copy_cache(cache, reference)
-    hidden = torch_side.array(rng.standard_normal((27, CONFIG["hidden_size"])), "float32")
-    metadata = MIXED
+    hidden = torch_side.array(rng.standard_normal((tokens, CONFIG["hidden_size"])), "float32")
     on_device = torch_side.impl.metadata_to_device(metadata, hidden.device)
     with torch.no_grad():
         want = mixer(hidden, reference, metadata)

@@ -35,7 +35,7 @@ FINAL_ACCEPTED = {"A": 1, "B": 3}
 
 
 def _mixer(side, weights, **changes):
-    mixer = side.impl.MambaMixer2(**dict(CONFIG, num_spec=NUM_SPEC, **changes))
+    mixer = side.impl.MambaMixer2(**{**CONFIG, "num_spec": NUM_SPEC, **changes})
     mixer = mixer.to(side.device) if side.name == "torch" else mixer
     mixer.load_weights(weights)
     return mixer
@@ -197,3 +197,84 @@ def test_torch_and_flax_take_turns_on_one_cache(rng):
     weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
     torch_side, jax_side = TorchSide(), JaxSide()
     _run_schedule([torch_side, jax_side] * (len(STEPS) // 2), weights, rng)
+
+
+# A spec + prefix-caching batch: decodes A (previous step's block 1, two
+# tokens accepted) and B (after a prefill), then a prefill C crossing block 0.
+BATCH = build_mamba2_metadata([3, 3, 20], [21, 14, 0], [TABLES["A"], TABLES["B"], TABLES["C"]], 2, BLOCK,
+                              num_accepted_tokens=[2, 1], mamba_block_size=BLOCK,
+                              prev_last_scheduled_idx=[1, -1, -1])
+WRITTEN = {2, 3, 4, 7, 8, 9, 11, 12}  # A: columns 1-3, B: 1-3, C: 0-1
+BAD_BATCHES = {  # name: (metadata changes, mixer changes, the field the error names)
+    "no previous-step blocks": (dict(block_idx_last_scheduled_token_prev_step=None), {},
+                                "metadata.block_idx_last_scheduled_token_prev_step"),
+    "previous-step block without room for its tokens": (
+        dict(block_idx_last_scheduled_token_prev_step=np.array([3, 0, 0], np.int32)), {},
+        "metadata.block_idx_last_scheduled_token_prev_step"),
+    "last scheduled block without room for its tokens": (
+        dict(block_idx_last_scheduled_token=np.array([3, 1, 1], np.int32)), {},
+        "metadata.block_idx_last_scheduled_token"),
+    "more accepted than scheduled": (dict(num_accepted_tokens=np.array([4, 1], np.int32)), {},
+                                     "metadata.num_accepted_tokens"),
+    "two decodes write one slot": (dict(state_indices_tensor_d=np.array(
+        [TABLES["A"], [6, 7, 3, 9, 10]], np.int32)), {}, "metadata.state_indices_tensor_d"),
+    "a prefill writes a decode's token state": (dict(state_indices_tensor_p=np.array(
+        [[4, 12, 13, 14, 15]], np.int32)), {}, "metadata.state_indices_tensor_p"),
+    "a decode reads what a prefill writes": (dict(state_indices_tensor_p=np.array(
+        [[6, 12, 13, 14, 15]], np.int32)), {}, "metadata.state_indices_tensor_d"),
+    "a mixer with another num_spec": ({}, dict(num_spec=1), "metadata.num_decode_tokens"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_BATCHES))
+def test_bad_spec_prefix_metadata_is_refused_before_any_write(side, bad, rng):
+    changes, mixer_changes, name = BAD_BATCHES[bad]
+    weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
+    mixer = _mixer(side, weights, **mixer_changes)
+    mixer.validate_indices = True
+    cache = _cache(mixer, rng)
+    before = _states(cache)
+    with pytest.raises(ValueError, match=f"MambaMixer2: `{re.escape(name)}`"):
+        side.run_mixer(mixer, rng.standard_normal((26, CONFIG["hidden_size"])), cache,
+                       dataclasses.replace(BATCH, **changes))
+    for state, after in _states(cache).items():
+        np.testing.assert_array_equal(after, before[state])
+
+
+@pytest.mark.slow(side="jax")
+def test_unchecked_block_columns_outside_the_table_touch_nothing(side, rng):
+    """Unchecked: a decode whose previous-step column lies past its block
+    table is skipped (NaN outputs, none of its blocks written); the others
+    run, and no slot they do not schedule changes."""
+    weights = random_weights(rng, DIMS, CONFIG["hidden_size"], WIDTH, use_bias=True)
+    mixer = _mixer(side, weights)
+    mixer.validate_indices = False
+    cache = _cache(mixer, rng)
+    before = _states(cache)
+    metadata = dataclasses.replace(BATCH, block_idx_last_scheduled_token_prev_step=np.array(
+        [7, 0, 0], np.int32))
+    out = side.run_mixer(mixer, rng.standard_normal((26, CONFIG["hidden_size"])), cache, metadata)
+    assert np.isnan(out[:3]).all() and np.isfinite(out[3:]).all()
+    untouched = [s for s in range(NUM_BLOCKS) if s not in WRITTEN - {2, 3, 4}]
+    for state, after in _states(cache).items():
+        np.testing.assert_array_equal(after[untouched], before[state][untouched])
+
+
+def test_build_refuses_bad_spec_prefix_batches():
+    build = lambda lens, computed, tables, **kw: build_mamba2_metadata(  # noqa: E731
+        lens, computed, tables, 1, BLOCK, num_accepted_tokens=[1], **kw)
+    with pytest.raises(ValueError, match="`prev_last_scheduled_idx` belongs to speculative decoding with"):
+        build([3], [21], [[1, 2, 3]], prev_last_scheduled_idx=[1])
+    with pytest.raises(ValueError, match=r"`prev_last_scheduled_idx` must be integer \(1,\)"):
+        build([3], [21], [TABLES["A"]], mamba_block_size=BLOCK, prev_last_scheduled_idx=[1, 1])
+    with pytest.raises(ValueError, match="3 columns, requests reach column 3"):  # per-token blocks 1-3
+        build([3], [21], [[1, 2, 3]], mamba_block_size=BLOCK)
+    with pytest.raises(ValueError, match="3 columns, requests reach column 4"):  # the previous step's 2-4
+        build([3], [21], [[1, 2, 3]], mamba_block_size=BLOCK, prev_last_scheduled_idx=[2])
+    with pytest.raises(ValueError, match=r"decode requests must have 3 tokens each"):
+        build_mamba2_metadata([3, 2], [21, 4], [TABLES["A"], TABLES["B"]], 2, BLOCK,
+                              num_accepted_tokens=[1, 1], mamba_block_size=BLOCK)
+    with pytest.raises(ValueError, match=r"requests \[0\] use the null block"):  # a per-token block
+        build([3], [21], [[1, 2, PAD, 4, 5]], mamba_block_size=BLOCK)
+    metadata = build([3], [21], [[PAD, 2, 3, 4, PAD]], mamba_block_size=BLOCK)  # columns 1-3 only
+    np.testing.assert_array_equal(metadata.block_idx_last_scheduled_token_prev_step, [1])

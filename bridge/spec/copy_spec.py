@@ -1,5 +1,11 @@
 """Prefix-caching copy specs (vLLM's ``mamba_utils``, "align" mode) and a
 batched block copy that applies them, for torch tensors and jax arrays alike.
+With ``block_ids`` a block table, ``cur_block_idx`` the column of a
+speculative step's last scheduled token and ``num_accepted_tokens`` its
+accepted count, the two specs name the state after its last accepted token
+in the mixers' "all" mode too (``bridge.spec.mixer_metadata.Mamba2Metadata``):
+the SSM state of column ``cur_block_idx + num_accepted_tokens - 1``, the
+conv state of column ``cur_block_idx`` from position ``num_accepted_tokens - 1``.
 
 A state is ``(num_blocks, *block_shape)``; a spec names a contiguous run of
 elements inside one block by address. Framework-neutral: the state's own
