@@ -126,8 +126,9 @@ def bench_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size, in
     T = int(index["cu_seqlens"][-1])
     options = dict(chunk_size=chunk_size, dt_softplus=True)
     t, ti = framework_inputs("torch", arrays, index, input_dtype)
-    want_out, want_states = torch_reference.ssd_chunked_ref(
-        **t, **options, **{k: ti[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")})
+    want_out, want_states = torch_reference.ssd_chunked_torch_ops(
+        **t, **options, **{k: ti[k] for k in ("cu_chunk_seqlens", "seq_idx", "last_chunk_indices")},
+        compute_dtype=torch.float64)
     want_out, want_states = want_out.cpu().numpy(), want_states.cpu().numpy()
     flops = useful_flops(index["cu_chunk_seqlens"], nheads, headdim, dstate, ngroups)
     rows = []

@@ -108,12 +108,13 @@ def float64_reference(case: DecodeCase) -> tuple[np.ndarray, np.ndarray]:
     fraction of the memory."""
     device = torch_impl.platform.default_device()
     compact = case.state[np.concatenate([[0], case.index_sets[-1]])]
-    state = torch.from_numpy(compact).to(device).to(getattr(torch, case.state_dtype))
+    state = torch.from_numpy(compact).to(device).to(getattr(torch, case.state_dtype)).double()
     inputs = {k: torch.from_numpy(v).to(device) for k, v in case.inputs.items()}
     indices = torch.arange(1, case.batch + 1, dtype=torch.int32, device=device)
-    out, new_state = torch_reference.selective_state_update_ref(
-        state, **inputs, state_batch_indices=indices, **OPTIONS)
-    return out.cpu().numpy(), new_state[1:].cpu().numpy()
+    out = torch.zeros(inputs["x"].shape, dtype=torch.float64, device=device)
+    torch_reference.selective_state_update_torch_ops(
+        state, **inputs, state_batch_indices=indices, out=out, **OPTIONS, compute_dtype=torch.float64)
+    return out.cpu().numpy(), state[1:].cpu().numpy()
 
 
 def rotation(implementation: str, prepared) -> tuple:

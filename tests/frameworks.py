@@ -1,7 +1,8 @@
 """One adapter per framework so that each test is written once and run for
 both: native arrays from numpy case inputs, the kernel, the float64
-reference, and results back as float64 numpy; and the one closeness check
-of the tests, ``assert_close``."""
+reference (``reference``, numpy) on the inputs as the kernel sees them, and
+results back as float64 numpy; and the one closeness check of the tests,
+``assert_close``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Optional
 
 import numpy as np
 import pytest
+
+import reference
 
 # Per dtype of the computation, relative to the largest finite |expected|.
 TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 2e-2}
@@ -19,6 +22,24 @@ def as_float64(array) -> np.ndarray:
     if hasattr(array, "detach"):  # torch: bfloat16 has no numpy dtype
         array = array.detach().cpu().double()
     return np.asarray(array).astype(np.float64)
+
+
+def as_numpy(array):
+    """``array`` (torch, jax or numpy) as numpy: floats as float64, integers
+    and booleans as they are; None stays None."""
+    if array is None:
+        return None
+    if hasattr(array, "detach") and not array.is_floating_point():
+        return array.detach().cpu().numpy()
+    values = np.asarray(array) if not hasattr(array, "detach") else None
+    if values is not None and (np.issubdtype(values.dtype, np.integer) or values.dtype == bool):
+        return values
+    return as_float64(array)
+
+
+def numpy_reference(function, inputs, **options):
+    """``reference.<function>`` on ``inputs`` (native arrays by argument name)."""
+    return getattr(reference, function)(**{k: as_numpy(v) for k, v in inputs.items()}, **options)
 
 
 def assert_close(actual, expected, dtype: str, what: str = "", *, tol: Optional[float] = None) -> None:
@@ -51,26 +72,29 @@ class _Side:
     def zeros_like(self, array):
         return self.xp.zeros_like(array)
 
-    def run_reference(self, inputs, **options):
-        return tuple(map(self.numpy, self.reference.selective_state_update_ref(**inputs, **options)))
+    @staticmethod
+    def run_reference(inputs, **options):
+        """The state update's float64 reference: (out, new_state)."""
+        return numpy_reference("selective_state_update", inputs, **options)
 
-    def ssd_references(self, inputs, **options):
-        """{"sequential": (out, final_states), "chunked": (out, states)}, float64 numpy."""
-        common = {k: inputs.get(k) for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias",
-                                              "initial_states")}
-        common.update(dt_softplus=options["dt_softplus"], dt_limit=options["dt_limit"])
-        sequential = self.reference.ssd_sequential_ref(**common, cu_seqlens=inputs["cu_seqlens"])
-        chunked = self.reference.ssd_chunked_ref(
-            **common, chunk_size=options["chunk_size"], cu_chunk_seqlens=inputs["cu_chunk_seqlens"],
-            seq_idx=inputs["seq_idx"], last_chunk_indices=inputs["last_chunk_indices"],
-            return_intermediate_states=options["return_intermediate_states"])
-        return {"sequential": tuple(map(self.numpy, sequential)),
-                "chunked": tuple(map(self.numpy, chunked))}
+    @staticmethod
+    def ssd_reference(inputs, **options):
+        """The chunked scan's float64 reference: (out, states)."""
+        options = {k: v for k, v in options.items() if k in ("dt_softplus", "dt_limit",
+                                                              "return_intermediate_states")}
+        inputs = {k: v for k, v in inputs.items() if k not in ("out", "seq_idx", "last_chunk_indices")}
+        return numpy_reference("mamba_chunk_scan_combined_varlen", inputs, **options)
 
-    def conv_reference(self, function, inputs, **options):
-        """The float64 reference of ``function``: (out, new_state) as numpy."""
-        inputs = {k: v for k, v in inputs.items() if k != "out"}
-        return tuple(map(self.numpy, getattr(self.reference, f"{function}_ref")(**inputs, **options)))
+    @staticmethod
+    def conv_reference(function, inputs, **options):
+        """The float64 reference of ``function``: (out, new_state)."""
+        return numpy_reference(function, {k: v for k, v in inputs.items() if k != "out"}, **options)
+
+    @staticmethod
+    def _plain_ssd_args(inputs, options):
+        """The chunked scan's arguments as the plain-ops forms take them."""
+        return ({k: v for k, v in inputs.items() if k not in ("cu_seqlens", "out")},
+                {k: v for k, v in options.items() if k != "state_dtype"})
 
 
 class TorchSide(_Side):
@@ -79,9 +103,23 @@ class TorchSide(_Side):
     def __init__(self):
         torch = pytest.importorskip("torch")
         torch_impl = pytest.importorskip("torch_impl")  # before triton: sets interpreter mode
-        from torch_impl import reference
-        self.torch, self.xp, self.impl, self.reference = torch, torch, torch_impl, reference
+        from torch_impl import reference as plain_ops
+        self.torch, self.xp, self.impl, self.plain_ops = torch, torch, torch_impl, plain_ops
         self.device = torch_impl.platform.default_device()
+
+    def plain_ops_ssu(self, inputs, **options):
+        """The ``reference`` backend in float64 on float64 copies: (out, new_state)."""
+        torch = self.torch
+        inputs = {k: v.to(torch.float64, copy=True) if v.is_floating_point() else v
+                  for k, v in inputs.items()}
+        self.plain_ops.selective_state_update_torch_ops(**inputs, **options, compute_dtype=torch.float64)
+        return self.numpy(inputs["out"]), self.numpy(inputs["state"])
+
+    def plain_ops_ssd(self, inputs, **options):
+        """``ssd_chunked_torch_ops`` in float64: (out, states)."""
+        inputs, options = self._plain_ssd_args(inputs, options)
+        return tuple(map(self.numpy, self.plain_ops.ssd_chunked_torch_ops(
+            **inputs, **options, compute_dtype=self.torch.float64)))
 
     def array(self, values: np.ndarray, dtype: str):
         dtype = getattr(self.torch, dtype)
@@ -128,8 +166,23 @@ class JaxSide(_Side):
         jax = pytest.importorskip("jax")
         import jax.numpy as jnp
         import jax_impl
-        from jax_impl import reference
-        self.jax, self.jnp, self.xp, self.impl, self.reference = jax, jnp, jnp, jax_impl, reference
+        from jax_impl import reference as plain_ops
+        self.jax, self.jnp, self.xp, self.impl, self.plain_ops = jax, jnp, jnp, jax_impl, plain_ops
+
+    def plain_ops_ssu(self, inputs, **options):
+        """The ``xla`` backend in float64: (out, new_state)."""
+        with self.jax.enable_x64(True):
+            inputs = {k: self.jnp.asarray(as_numpy(v)) for k, v in inputs.items()}
+            return tuple(map(self.numpy, self.plain_ops.selective_state_update_jnp(
+                **inputs, **options, compute_dtype=self.jnp.float64)))
+
+    def plain_ops_ssd(self, inputs, **options):
+        """``ssd_chunked_jnp`` in float64 (the metadata concrete): (out, states)."""
+        inputs, options = self._plain_ssd_args(inputs, options)
+        with self.jax.enable_x64(True):
+            return tuple(map(self.numpy, self.plain_ops.ssd_chunked_jnp(
+                **{k: as_numpy(v) for k, v in inputs.items()}, **options,
+                compute_dtype=self.jnp.float64)))
 
     def array(self, values: np.ndarray, dtype: str):
         return self.jnp.asarray(values.astype(np.float32) if values.dtype.kind == "f" else values,

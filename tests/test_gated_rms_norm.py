@@ -5,7 +5,7 @@ Triton vs Pallas on the same memory, bad input, no tokens, JAX x64 mode."""
 import numpy as np
 import pytest
 
-from frameworks import JaxSide, TorchSide, assert_close
+from frameworks import JaxSide, TorchSide, assert_close, numpy_reference
 
 CASES = [dict(group_size=None, dtype="float32", norm_before_gate=False, gate=True, weight=True),
          dict(group_size=12, dtype="float32", norm_before_gate=True, gate=True, weight=True),
@@ -28,12 +28,15 @@ def _run(side, inputs, **options):
     return side.numpy(result)
 
 
+def _reference(inputs, **options):
+    return numpy_reference("rms_norm_gated", {k: v for k, v in inputs.items() if k != "out"}, **options)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_matches_reference(side, case, rng):
     inputs = _inputs(side, rng, case)
     options = dict(eps=1e-5, group_size=case["group_size"], norm_before_gate=case["norm_before_gate"])
-    want = side.numpy(side.reference.rms_norm_gated_ref(
-        **{k: v for k, v in inputs.items() if k != "out"}, **options))
+    want = _reference(inputs, **options)
     got = _run(side, inputs, **options)
     assert_close(got, want, case["dtype"], f"{side.name} rms_norm_gated")
 
@@ -79,7 +82,6 @@ def test_jax_x64_mode(rng):
     with jax.enable_x64(True):
         inputs = _inputs(side, rng, CASES[1])
         options = dict(group_size=12, norm_before_gate=True)
-        want = side.reference.rms_norm_gated_ref(**{k: v for k, v in inputs.items() if k != "out"},
-                                                 **options)
+        want = _reference(inputs, **options)
         got = jax.jit(lambda arrays: side.impl.rms_norm_gated(**arrays, **options))(inputs)
         assert_close(got, want, "float32", "x64 rms_norm_gated")

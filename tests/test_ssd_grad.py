@@ -1,7 +1,8 @@
 """Gradients of the chunked scan in torch (the Triton backward stages behind
 ``torch.library.register_autograd``): every gradient against torch autograd
-of a float64 reference written here from the recurrence (token by token, no
-chunks: independent of the kernels' chunked algebra), from ``out`` and from
+of the float64 plain-ops form (``torch_impl.reference.ssd_chunked_torch_ops``
+in float64, which ``test_ssd`` checks against the token-by-token numpy
+reference), from ``out`` and from
 the returned final or intermediate states at once (random cotangents); a
 finite-difference spot check; prefill-split invariance; the batched form
 with ``seq_idx``; the inference path and the refusal of an in-place ``out``
@@ -21,6 +22,7 @@ torch_impl = pytest.importorskip("torch_impl")  # before triton: interpreter mod
 from bridge.spec.ssd_contract import batched_sequences, chunk_metadata  # noqa: E402
 from frameworks import assert_close  # noqa: E402
 from torch_impl import ssd_chunk_scan  # noqa: E402
+from torch_impl.reference import ssd_chunked_torch_ops  # noqa: E402
 
 DEVICE = torch_impl.platform.default_device()
 DIFF_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
@@ -51,44 +53,6 @@ GRAD_CASES = [
     pytest.param(SsdCase(seqlens=(9, 30), input_dtype="float16", state_dtype="float16",
                          ngroups=1), 8, marks=pytest.mark.slow, id="fp16"),
 ]
-
-
-# --- the float64 reference: the recurrence, token by token ---------------------------
-
-def ssd_recurrence_ref(x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, D=None, z=None, dt_bias=None,
-                       initial_states=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-                       return_intermediate_states=False):
-    """Differentiable (torch autograd) reference in the inputs' dtype (the
-    tests pass float64): ``state = exp(A dt_t) state + dt_t x_t^T B_t``,
-    ``y_t = state C_t + D x_t``, ``out = y * silu(z)``. Returns ``(out,
-    states)``: each sequence's final state, or every chunk's end state."""
-    if dt_bias is not None:
-        dt = dt + dt_bias
-    if dt_softplus:
-        dt = torch.nn.functional.softplus(dt)
-    if tuple(dt_limit) != (0.0, math.inf):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    H = x.shape[1]
-    B = B.repeat_interleave(H // B.shape[1], 1)
-    C = C.repeat_interleave(H // C.shape[1], 1)
-    chunk_ends = set(int(e) for e in cu_chunk_seqlens[1:])
-    ys, finals, ends = [], [], []
-    for seq, (begin, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
-        state = (initial_states[seq] if initial_states is not None
-                 else x.new_zeros(H, x.shape[2], B.shape[2]))
-        for t in range(int(begin), int(end)):
-            state = (torch.exp(A * dt[t])[:, None, None] * state
-                     + (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :])
-            ys.append((state * C[t][:, None, :]).sum(-1))
-            if t + 1 in chunk_ends:
-                ends.append(state)
-        finals.append(state)
-    y = torch.stack(ys)
-    if D is not None:
-        y = y + (D[:, None] if D.dim() == 1 else D) * x
-    if z is not None:
-        y = y * torch.nn.functional.silu(z)
-    return y, torch.stack(ends if return_intermediate_states else finals)
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -128,11 +92,11 @@ def _reference_grads(leaves, metadata, options, cotangents):
     """The float64 reference's (out, states) and gradients (from the inputs
     as the kernel sees them, rounded to their dtypes)."""
     f64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
-    host = {k: v.cpu().tolist() for k, v in metadata.items()}
-    out, states = ssd_recurrence_ref(
-        **f64, cu_seqlens=host["cu_seqlens"], cu_chunk_seqlens=host["cu_chunk_seqlens"],
-        dt_softplus=options["dt_softplus"], dt_limit=options["dt_limit"],
-        return_intermediate_states=options["return_intermediate_states"])
+    out, states = ssd_chunked_torch_ops(
+        **f64, **{k: v for k, v in metadata.items() if k != "cu_seqlens"},
+        chunk_size=options["chunk_size"], dt_softplus=options["dt_softplus"],
+        dt_limit=options["dt_limit"], return_intermediate_states=options["return_intermediate_states"],
+        compute_dtype=torch.float64)
     d_out, d_states = cotangents
     ((out * d_out.double()).sum() + (states * d_states.double()).sum()).backward()
     return (out.detach(), states.detach()), {k: v.grad for k, v in f64.items()}
@@ -267,11 +231,12 @@ def test_batched_form_with_seq_idx(rng):
     flat = lambda t: t.reshape(batch * seqlen, *t.shape[2:])  # noqa: E731
     init = torch.zeros(len(cu_seqlens) - 1, H, P, N, dtype=torch.float64).index_copy(
         0, torch.from_numpy(first).long(), f64["initial_states"])
-    want_out, want_states = ssd_recurrence_ref(
-        flat(f64["x"]), flat(f64["dt"]), f64["A"], flat(f64["B"]), flat(f64["C"]), cu_seqlens.tolist(),
-        chunk_metadata(cu_seqlens, 16).cu_chunk_seqlens.tolist(), D=f64["D"], z=flat(f64["z"]),
-        dt_bias=f64["dt_bias"], initial_states=init, dt_softplus=True)
-    want_final = want_states[torch.from_numpy(last).long()]
+    chunks = {k: torch.from_numpy(v) for k, v in vars(chunk_metadata(cu_seqlens, 16)).items()}
+    want_out, want_final = ssd_chunked_torch_ops(
+        flat(f64["x"]), flat(f64["dt"]), f64["A"], flat(f64["B"]), flat(f64["C"]), 16, **chunks,
+        D=f64["D"], z=flat(f64["z"]), dt_bias=f64["dt_bias"], initial_states=init, dt_softplus=True,
+        compute_dtype=torch.float64)
+    want_final = want_final[torch.from_numpy(last).long()]
     assert_close(out, want_out.reshape(out.shape), "float32", "out")
     assert_close(final, want_final, "float32", "final states")
     ((want_out.reshape(out.shape) * torch.from_numpy(d_out)).sum()

@@ -22,7 +22,7 @@ def test_jit_with_donated_out(intermediate, rng):
     case = SsdCase(intermediate=intermediate)
     arrays, dtypes, options = make_ssd_inputs(case, rng)
     inputs = side.native(arrays, dtypes)
-    want_out, want_states = side.ssd_references(inputs, **options)["chunked"]
+    want_out, want_states = side.ssd_reference(inputs, **options)
     call = jax.jit(side.impl.mamba_chunk_scan_combined_varlen, static_argnames=STATIC,
                    donate_argnames="out")
     poisoned = jnp.full(arrays["x"].shape, jnp.nan, jnp.float32) + 0  # an XLA-owned buffer
@@ -48,7 +48,7 @@ def test_x64_mode(index_dtype, rng):
     with jax.enable_x64(True):
         inputs = side.native(arrays, dtypes)
         assert inputs["seq_idx"].dtype == index_dtype
-        want_out, want_states = side.ssd_references(inputs, **options)["chunked"]
+        want_out, want_states = side.ssd_reference(inputs, **options)
         eager = side.impl.mamba_chunk_scan_combined_varlen(**inputs, **options)
         jitted = jax.jit(side.impl.mamba_chunk_scan_combined_varlen, static_argnames=STATIC)
         for what, (out, states) in (("eager", eager), ("jit", jitted(**inputs, **options))):

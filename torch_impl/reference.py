@@ -1,11 +1,11 @@
-"""References written from the math, in plain torch ops (no kernels).
+"""The ops' math in plain torch ops (no kernels), in a chosen compute dtype.
 
-The ``*_ref`` functions compute in float64 and are what the kernels are
-tested against. The ``*_torch_ops`` functions are the same math in a chosen
-compute dtype: ``selective_state_update_torch_ops`` writes in place like the
-kernel and backs the ``reference`` dispatch backend;
-``ssd_chunked_torch_ops`` is the chunked scan's plain-ops baseline in the
-benchmarks. Mirror: ``jax_impl/reference.py``.
+``selective_state_update_torch_ops`` writes in place like the kernel and
+backs the ``reference`` dispatch backend; ``ssd_chunked_torch_ops`` is the
+chunked scan's plain-ops baseline in the benchmarks and, in float64, the
+float64 reference the gradient tests differentiate (torch autograd). The
+tests' forward references are numpy (``tests/reference.py``). Mirror:
+``jax_impl/reference.py``.
 """
 
 from __future__ import annotations
@@ -109,28 +109,12 @@ def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None
     return out
 
 
-def selective_state_update_ref(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
-                               dt_softplus=False, state_batch_indices=None,
-                               dst_state_batch_indices=None, null_block_id=NULL_BLOCK_ID,
-                               out=None, num_accepted_tokens=None, cu_seqlens=None):
-    """Float64 reference: returns ``(out, new_state)`` as new float64 tensors;
-    the inputs are left unchanged."""
-    state64 = state.to(torch.float64, copy=True)
-    out64 = (out.to(torch.float64, copy=True) if out is not None
-             else torch.zeros(x.shape, dtype=torch.float64, device=x.device))
-    selective_state_update_torch_ops(
-        state64, x, dt, A, B, C, D, dt_bias, z, dt_softplus, state_batch_indices,
-        dst_state_batch_indices, null_block_id, out64, num_accepted_tokens, cu_seqlens,
-        compute_dtype=torch.float64)
-    return out64, state64
-
-
 # --- Chunked scan (SSD prefill) -------------------------------------------------
 
 def _ssd_prepare(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, dtype):
     """Inputs in ``dtype`` with dt processed (bias, softplus, clamp):
     x, z (T, H, P), dt (T, H), A (H,), B, C (T, G, N), D (H, P), init (Q, H, P, N)."""
-    cast = lambda t: t.detach().to(dtype) if t is not None else None  # noqa: E731
+    cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
     dt = cast(dt)
     if dt_bias is not None:
         dt = dt + cast(dt_bias)
@@ -150,30 +134,6 @@ def _ssd_skip_and_gate(y, x, D, z):
     if z is not None:
         y = y * z * torch.sigmoid(z)
     return y
-
-
-def ssd_sequential_ref(x, dt, A, B, C, cu_seqlens, D=None, z=None, dt_bias=None,
-                       initial_states=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
-    """The SSM recurrence token by token, in float64:
-
-        state = exp(A * dt_t) * state + dt_t * x_t^T B_t,   y_t = state @ C_t + D * x_t
-
-    Returns ``(out (T, H, P), final_states (Q, H, P, N))``, float64."""
-    x, dt, A, B, C, D, z, init = _ssd_prepare(x, dt, A, B, C, D, z, dt_bias, initial_states,
-                                              dt_softplus, dt_limit, torch.float64)
-    heads_per_group = x.shape[1] // B.shape[1]
-    B, C = B.repeat_interleave(heads_per_group, 1), C.repeat_interleave(heads_per_group, 1)
-    y = torch.zeros_like(x)
-    finals = []
-    bounds = cu_seqlens.tolist()
-    for seq, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        state = init[seq].clone() if init is not None else x.new_zeros(*x.shape[1:], B.shape[-1])
-        for t in range(begin, end):
-            state = (torch.exp(A * dt[t])[:, None, None] * state
-                     + (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :])
-            y[t] = (state * C[t][:, None, :]).sum(-1)
-        finals.append(state)
-    return _ssd_skip_and_gate(y, x, D, z), torch.stack(finals)
 
 
 def ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
@@ -234,126 +194,3 @@ def ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
     end_states = torch.stack(end_states).reshape(num_chunks, H, P, N)
     states = end_states if return_intermediate_states else end_states[last_chunk_indices.long()]
     return _ssd_skip_and_gate(out, x, D, z), states
-
-
-def ssd_chunked_ref(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
-                    D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
-                    dt_limit=(0.0, math.inf), return_intermediate_states=False):
-    """``ssd_chunked_torch_ops`` in float64: ``(out, states)``."""
-    return ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
-                                 last_chunk_indices, D, z, dt_bias, initial_states, dt_softplus,
-                                 dt_limit, return_intermediate_states, compute_dtype=torch.float64)
-
-
-# --- Causal depthwise conv1d ----------------------------------------------------
-
-def _conv_sequence_ref(x_seq, history, weight, bias, silu, write_len, old, shift):
-    """One sequence in float64: ``x_seq (n, D)``, ``history (W-1, D)``;
-    returns ``(out (n, D), new_state (write_len, D))``: the last ``write_len``
-    of ``old[shift : shift + write_len - n] ++ x_seq`` (``bridge.spec.conv_contract``)."""
-    width = weight.shape[1]
-    window = torch.cat([history, x_seq])
-    out = torch.stack([(window[t:t + width] * weight.T).sum(0) for t in range(len(x_seq))]) \
-        if len(x_seq) else x_seq.new_zeros(0, weight.shape[0])
-    if bias is not None:
-        out = out + bias
-    if silu:
-        out = out * torch.sigmoid(out)
-    keep = max(write_len - len(x_seq), 0)
-    return out, torch.cat([old[shift:shift + keep], x_seq])[-write_len:]
-
-
-def causal_conv1d_fn_ref(x, weight, bias=None, conv_states=None, query_start_loc=None,
-                         cache_indices=None, has_initial_state=None, activation="silu",
-                         pad_slot_id=NULL_BLOCK_ID, block_idx_first_scheduled_token=None,
-                         block_idx_last_scheduled_token=None, initial_state_idx=None,
-                         num_computed_tokens=None, block_size_to_align=0):
-    """Float64 reference of ``causal_conv1d_fn``: returns ``(out (D, T),
-    new_conv_states (S, D, L))`` as new float64 tensors (padding sequences'
-    output columns are NaN); the inputs are left unchanged."""
-    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
-    x, weight, bias = f64(x), f64(weight), f64(bias)
-    states = conv_states.detach().to(torch.float64, copy=True)
-    width = weight.shape[1]
-    out = torch.full_like(x, math.nan)
-    bounds = query_start_loc.tolist()
-    column = lambda t, seq: int(t[seq]) if t is not None else 0  # noqa: E731
-    for seq, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        row = cache_indices[seq].reshape(-1).tolist() if cache_indices is not None else [seq]
-        slot = row[column(initial_state_idx, seq)]
-        if cache_indices is not None and slot == pad_slot_id:
-            continue
-        init = has_initial_state is not None and bool(has_initial_state[seq])
-        old = states[slot, :, :width - 1].T.clone() if init else x.new_zeros(width - 1, x.shape[0])
-        x_seq = x[:, begin:end].T
-        y, new = _conv_sequence_ref(x_seq, old, weight, bias, activation is not None,
-                                    width - 1, old, end - begin)
-        out[:, begin:end] = y.T
-        if block_idx_first_scheduled_token is not None:
-            # The W-1 inputs before each block boundary crossed (prefix caching).
-            window = torch.cat([old, x_seq])
-            for block in range(column(block_idx_first_scheduled_token, seq),
-                               column(block_idx_last_scheduled_token, seq)):
-                cut = (block + 1) * block_size_to_align - column(num_computed_tokens, seq)
-                if row[block] != pad_slot_id:
-                    states[row[block], :, :width - 1] = window[cut:cut + width - 1].T
-        states[row[column(block_idx_last_scheduled_token, seq)], :, :width - 1] = new.T
-    return out, states
-
-
-def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
-                             conv_state_indices=None, num_accepted_tokens=None,
-                             query_start_loc=None, pad_slot_id=NULL_BLOCK_ID,
-                             block_idx_last_scheduled_token=None, initial_state_idx=None):
-    """Float64 reference of ``causal_conv1d_update``: returns ``(out,
-    new_conv_state)`` as new float64 tensors (padding rows of ``out`` NaN)."""
-    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
-    x, weight, bias = f64(x), f64(weight), f64(bias)
-    states = conv_state.detach().to(torch.float64, copy=True)
-    width, state_len = weight.shape[1], states.shape[2]
-    out = torch.full_like(x, math.nan)
-    num_seqs = x.shape[0] if query_start_loc is None else len(query_start_loc) - 1
-    bounds = list(range(num_seqs + 1)) if query_start_loc is None else query_start_loc.tolist()
-    column = lambda t, seq: int(t[seq]) if t is not None else 0  # noqa: E731
-    reads = []  # every read before any write, as the kernel does per slot
-    for seq in range(num_seqs):
-        if conv_state_indices is None:
-            read_slot = write_slot = seq
-        else:
-            indices = conv_state_indices.reshape(num_seqs, -1)
-            read_slot = int(indices[seq, column(initial_state_idx, seq)])
-            write_slot = int(indices[seq, column(block_idx_last_scheduled_token, seq)])
-            if read_slot == pad_slot_id:
-                continue
-        reads.append((seq, write_slot, states[read_slot].T.clone()))
-    for seq, write_slot, old in reads:
-        begin, end = bounds[seq], bounds[seq + 1]
-        if num_accepted_tokens is not None:
-            offset = int(num_accepted_tokens[seq]) - 1
-            shift = offset + 1
-        else:
-            offset, shift = 0, end - begin
-        y, new = _conv_sequence_ref(x[begin:end], old[offset:offset + width - 1], weight, bias,
-                                    activation is not None, state_len, old, shift)
-        out[begin:end] = y
-        if end > begin:
-            states[write_slot] = new.T
-    return out, states
-
-
-# --- Gated RMSNorm ---------------------------------------------------------------
-
-def rms_norm_gated_ref(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False):
-    """Float64 reference of ``rms_norm_gated`` (``bridge.spec.norm_contract``)."""
-    f64 = lambda t: t.detach().to(torch.float64) if t is not None else None  # noqa: E731
-    x, weight, z = f64(x), f64(weight), f64(z)
-    group_size = group_size or x.shape[-1]
-    if z is not None and not norm_before_gate:
-        x = x * F.silu(z)
-    groups = x.reshape(*x.shape[:-1], -1, group_size)
-    y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
-    if weight is not None:
-        y = y * weight
-    if z is not None and norm_before_gate:
-        y = y * F.silu(z)
-    return y
