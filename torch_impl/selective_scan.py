@@ -18,11 +18,76 @@ import triton.language as tl  # noqa: E402
 MAX_GRID_Y = 2**16 - 1  # sequences are the grid's y axis
 
 
+@triton.jit
+def _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row, first_col,
+               null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
+               stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok, stride_C_tok,
+               stride_cache_col, states_ptr, stride_states_slot, state_tile, state_mask, mask_d, mask_n,
+               DELTA_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, EDGE: tl.constexpr):
+    """One tile of BLOCK_T tokens from ``start``: the (BLOCK_D, BLOCK_N)
+    state ``h`` carried through them, the outputs stored; returns ``h``.
+    ``EDGE`` 0: the tile lies inside the sequence (no masks over tokens);
+    1: it may cross an end of the sequence (masked); 2: also a prefix-caching
+    block boundary may lie in it (states written there)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    toks = start + offs_t
+    if EDGE:
+        valid = (toks >= first_tok) & (toks < end_tok)
+    else:
+        valid = offs_t < BLOCK_T
+    mask_td = valid[:, None] & mask_d[None, :]
+    mask_tdn = mask_td[:, :, None] & mask_n[None, None, :]
+    u = tl.load(u_cols + toks[:, None] * stride_u_tok, mask=mask_td, other=0.0).to(tl.float32)
+    dt = tl.load(delta_cols + toks[:, None] * stride_delta_tok, mask=mask_td, other=0.0).to(tl.float32)
+    if delta_bias is not None:
+        dt += delta_bias[None, :]
+    if DELTA_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if EDGE:
+        dt = tl.where(valid[:, None], dt, 0.0)  # outside the sequence: h unchanged
+    du = dt * u
+    # B, C loaded as (BLOCK_T, BLOCK_D, BLOCK_N) with a 0 stride over
+    # channels: each thread reads the whole tile (broadcast vector loads),
+    # laid out like the state.
+    B = tl.load(B_cols + toks[:, None, None] * stride_B_tok, mask=mask_tdn, other=0.0)
+    C = tl.load(C_cols + toks[:, None, None] * stride_C_tok, mask=mask_tdn, other=0.0)
+    # Token j is picked out of a tile by a one-hot sum over an axis each
+    # thread holds whole (-0.0 elsewhere: exact, and folded away).
+    y = tl.zeros((BLOCK_T, h.shape[0]), tl.float32)
+    for j in tl.static_range(BLOCK_T):
+        at_j = offs_t == j
+        dt_j = tl.sum(tl.where(at_j[:, None], dt, -0.0), axis=0)
+        du_j = tl.sum(tl.where(at_j[:, None], du, -0.0), axis=0)
+        B_j = tl.sum(tl.where(at_j[:, None, None], B.to(tl.float32), -0.0), axis=0)
+        C_j = tl.sum(tl.where(at_j[:, None, None], C.to(tl.float32), -0.0), axis=0)
+        h = tl.exp2(dt_j[:, None] * A2) * h + du_j[:, None] * B_j
+        y = tl.where(at_j[:, None], tl.sum(C_j * h, axis=1)[None, :], y)
+        if EDGE == 2:
+            # The state after a token that completes a block (not the last token).
+            i = start + j - first_tok
+            if ok & (i >= 0) & ((offset + i + 1) % block_size == 0) & (start + j + 1 < end_tok):
+                slot = tl.load(row + (first_col + (offset + i) // block_size) * stride_cache_col).to(tl.int64)
+                tl.store(states_ptr + tl.where(slot != null_block_id, slot, 0) * stride_states_slot
+                         + state_tile, h.to(states_ptr.dtype.element_ty),
+                         mask=state_mask & (slot != null_block_id))
+    if D is not None:
+        y += D[None, :] * u
+    if z_cols is not None:
+        z = tl.load(z_cols + toks[:, None] * stride_z_tok, mask=mask_td, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    y = tl.where(ok, y, float("nan"))
+    tl.store(out_cols + toks[:, None] * stride_out_tok, y.to(out_cols.dtype.element_ty), mask=mask_td)
+    return h
+
+
+# dstate strides unspecialized: the state and A tiles then load with the
+# threads over channels, the layout every tile of the loop uses (a load
+# coalesced over dstate would put the loop's state in another layout).
 @triton.heuristics(platform.given_flags(
     HAS_D="D_ptr", HAS_Z="z_ptr", HAS_DELTA_BIAS="delta_bias_ptr", IS_VARLEN="query_start_loc_ptr",
     HAS_CACHE_INDICES="cache_indices_ptr", HAS_INITIAL_STATE="has_initial_state_ptr",
     IS_APC="block_idx_first_ptr", HAS_CHUNKS="cu_chunk_seqlen_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=["stride_A_dstate", "stride_states_dstate"])
 def _selective_scan_kernel(
     # pointers
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, out_ptr, states_ptr,
@@ -109,84 +174,67 @@ def _selective_scan_kernel(
             bad_slots += ((slot != null_block_id) & ((slot < 0) | (slot >= num_slots))).to(tl.int32)
         ok = ok & (bad_slots == 0)
 
+    # Threads over channels in every tile (the state (BLOCK_D, BLOCK_N),
+    # token tiles (BLOCK_T, BLOCK_D), B / C (BLOCK_T, BLOCK_D, BLOCK_N)): with
+    # BLOCK_D = 32 * num_warps each thread keeps its channel's dstate row and
+    # a tile's tokens in registers, so the reductions over dstate and the
+    # token picks stay inside it (no shuffles, no shared memory; checked in
+    # the sm_90 assembly).
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
     mask_n = offs_n < dstate
-    tile_mask = mask_d[:, None] & mask_n[None, :]
-    tile = offs_d[:, None] * stride_states_dim + offs_n[None, :] * stride_states_dstate
+    state_mask = mask_d[:, None] & mask_n[None, :]
+    state_tile = offs_d[:, None] * stride_states_dim + offs_n[None, :] * stride_states_dstate
     group = (pid_d * BLOCK_D) // channels_per_group
 
     if HAS_INITIAL_STATE:
         load_state = ok & ~padding & (tl.load(has_initial_state_ptr + seq) != 0)
-        h = tl.load(states_ptr + tl.where(load_state, read_slot, 0) * stride_states_slot + tile,
-                    mask=tile_mask & load_state, other=0.0).to(tl.float32)
+        h = tl.load(states_ptr + tl.where(load_state, read_slot, 0) * stride_states_slot + state_tile,
+                    mask=state_mask & load_state, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    A = tl.load(A_ptr + offs_d[:, None] * stride_A_dim + offs_n[None, :] * stride_A_dstate,
-                mask=tile_mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d * stride_D_dim, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        delta_bias = tl.load(delta_bias_ptr + offs_d * stride_delta_bias_dim, mask=mask_d,
-                             other=0.0).to(tl.float32)
+    # exp(dt * A) as exp2(dt * A2): log2(e) folded in once.
+    A2 = tl.load(A_ptr + offs_d[:, None] * stride_A_dim + offs_n[None, :] * stride_A_dstate,
+                 mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    D = tl.load(D_ptr + offs_d * stride_D_dim, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    delta_bias = (tl.load(delta_bias_ptr + offs_d * stride_delta_bias_dim, mask=mask_d, other=0.0)
+                  .to(tl.float32) if HAS_DELTA_BIAS else None)
 
-    # Tokens in tiles of BLOCK_T (coalesced loads; one memory latency per
-    # tile), walked one by one in registers: a column is picked out by a
-    # reduction over a one-hot mask (-0.0 elsewhere, so the sum is exact).
-    offs_t = tl.arange(0, BLOCK_T)
-    u_rows = (u_ptr + seq * stride_u_seq + offs_d * stride_u_dim)[:, None]
-    delta_rows = (delta_ptr + seq * stride_delta_seq + offs_d * stride_delta_dim)[:, None]
-    out_rows = (out_ptr + seq * stride_out_seq + offs_d * stride_out_dim)[:, None]
-    B_rows = (B_ptr + seq * stride_B_seq + group * stride_B_group + offs_n * stride_B_dstate)[:, None]
-    C_rows = (C_ptr + seq * stride_C_seq + group * stride_C_group + offs_n * stride_C_dstate)[:, None]
-    for start in range(first_tok, tl.where(padding, first_tok, end_tok), BLOCK_T):
-        toks = start + offs_t
-        valid = toks < end_tok
-        mask_dt = mask_d[:, None] & valid[None, :]
-        mask_nt = mask_n[:, None] & valid[None, :]
-        u = tl.load(u_rows + toks[None, :] * stride_u_tok, mask=mask_dt, other=0.0).to(tl.float32)
-        dt = tl.load(delta_rows + toks[None, :] * stride_delta_tok, mask=mask_dt, other=0.0).to(tl.float32)
-        if HAS_DELTA_BIAS:
-            dt += delta_bias[:, None]
-        if DELTA_SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        dt = tl.where(valid[None, :], dt, 0.0)  # past the end: h unchanged
-        du = dt * u
-        B = tl.load(B_rows + toks[None, :] * stride_B_tok, mask=mask_nt, other=0.0).to(tl.float32)
-        C = tl.load(C_rows + toks[None, :] * stride_C_tok, mask=mask_nt, other=0.0).to(tl.float32)
-        y = tl.zeros((BLOCK_D, BLOCK_T), tl.float32)
-        for j in tl.static_range(BLOCK_T):
-            pick = (offs_t == j)[None, :]
-            dt_j = tl.sum(tl.where(pick, dt, -0.0), axis=1)
-            du_j = tl.sum(tl.where(pick, du, -0.0), axis=1)
-            B_j = tl.sum(tl.where(pick, B, -0.0), axis=1)
-            C_j = tl.sum(tl.where(pick, C, -0.0), axis=1)
-            h = h * tl.exp(dt_j[:, None] * A) + du_j[:, None] * B_j[None, :]
-            y = tl.where(pick, tl.sum(h * C_j[None, :], axis=1)[:, None], y)
-            if IS_APC:
-                # The state after a token that completes a block (not the last token).
-                i = start + j - first_tok
-                boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
-                col = first_col + (offset + i) // block_size
-                slot = tl.load(row + col * stride_cache_col, mask=boundary, other=null_block_id).to(tl.int64)
-                keep = boundary & (slot != null_block_id)
-                tl.store(states_ptr + tl.where(keep, slot, 0) * stride_states_slot + tile,
-                         h.to(states_ptr.dtype.element_ty), mask=tile_mask & keep)
-        if HAS_D:
-            y += D[:, None] * u
-        if HAS_Z:
-            z_rows = (z_ptr + seq * stride_z_seq + offs_d * stride_z_dim)[:, None]
-            z = tl.load(z_rows + toks[None, :] * stride_z_tok, mask=mask_dt, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
-        y = tl.where(ok, y, float("nan"))
-        tl.store(out_rows + toks[None, :] * stride_out_tok, y.to(out_ptr.dtype.element_ty), mask=mask_dt)
+    # Tokens in tiles of BLOCK_T starting at multiples of BLOCK_T (aligned
+    # vector loads: BLOCK_T contiguous tokens per thread, threads over
+    # channels). Tiles inside the sequence run unmasked over tokens (masks
+    # constant along a vector, so the loads vectorize); the first and last
+    # are masked at the sequence's ends.
+    u_cols = (u_ptr + seq * stride_u_seq + offs_d * stride_u_dim)[None, :]
+    delta_cols = (delta_ptr + seq * stride_delta_seq + offs_d * stride_delta_dim)[None, :]
+    z_cols = (z_ptr + seq * stride_z_seq + offs_d * stride_z_dim)[None, :] if HAS_Z else None
+    out_cols = (out_ptr + seq * stride_out_seq + offs_d * stride_out_dim)[None, :]
+    over_d = (offs_d * 0)[None, :, None]
+    B_cols = (B_ptr + seq * stride_B_seq + group * stride_B_group + offs_n * stride_B_dstate)[None, None, :] + over_d
+    C_cols = (C_ptr + seq * stride_C_seq + group * stride_C_group + offs_n * stride_C_dstate)[None, None, :] + over_d
+    if not IS_APC:  # unused without prefix caching
+        row, first_col = seq, seq
+    first_tile = first_tok // BLOCK_T * BLOCK_T
+    for start in range(first_tile, tl.where(padding, first_tile, end_tok), BLOCK_T):
+        args = (h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row, first_col,
+                null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
+                stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok, stride_C_tok,
+                stride_cache_col, states_ptr, stride_states_slot, state_tile, state_mask, mask_d, mask_n)
+        inside = (start >= first_tok) & (start + BLOCK_T <= end_tok)
+        if IS_APC:  # a block boundary in the tile takes the slow path too
+            i = start - first_tok
+            inside = inside & ((offset + i + BLOCK_T) // block_size == (offset + i) // block_size)
+        if inside:
+            h = _scan_tile(*args, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T, EDGE=False)
+        else:
+            h = _scan_tile(*args, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T, EDGE=IS_APC + 1)
 
     keep = ok & ~padding & (seqlen > 0)
     if HAS_CACHE_INDICES:
         keep = keep & (write_slot != null_block_id)
-    tl.store(states_ptr + tl.where(keep, write_slot, 0) * stride_states_slot + tile,
-             h.to(states_ptr.dtype.element_ty), mask=tile_mask & keep)
+    tl.store(states_ptr + tl.where(keep, write_slot, 0) * stride_states_slot + state_tile,
+             h.to(states_ptr.dtype.element_ty), mask=state_mask & keep)
 
 
 def _seq_strides(tensor, varlen: bool, ndim: int) -> tuple:

@@ -92,11 +92,15 @@ class ScanTiles:
 
     block_d: int  # channels per program; never spanning two groups
     block_n: int  # dstate, padded to a power of two
-    block_t: int  # tokens loaded per step (a 16-byte row of bf16)
+    block_t: int  # tokens per tile (aligned to multiples of block_t)
     num_warps: int
 
 
-MAX_BLOCK_D, MIN_BLOCK_D, BLOCK_T = 64, 8, 8
+# One thread per channel (block_d = 32 * num_warps): the state's dstate row
+# and a tile's tokens stay in the thread's registers (Triton kernel). block_t
+# 4 keeps the (block_t, dstate) B and C tile every thread holds within the
+# register file at dstate 16 (8 spills on sm_90).
+MAX_BLOCK_D, MIN_BLOCK_D, BLOCK_T, WARP = 128, 8, 4, 32
 MIN_PROGRAMS = 1024  # fewer channels per program until the GPU has this many
 
 
@@ -106,18 +110,23 @@ def _power_of_two_at_least(n: int) -> int:
 
 def scan_tiles(layout: ScanLayout) -> ScanTiles:
     """One program per (block of channels, sequence): smaller channel blocks
-    for few long sequences, so that every multiprocessor gets programs. With
-    ngroups > 1 the block is the largest power of two dividing dim // ngroups
-    (B and C are then one vector per token)."""
+    for few long sequences, so that every multiprocessor gets programs (below
+    32 channels the threads also split dstate). With ngroups > 1 the block
+    is at most the largest power of two dividing dim // ngroups (B and C are
+    then one vector per token).
+
+    A single long sequence (1 x 16k at dim 5120) has only dim / block_d
+    programs, each walking all its tokens in order: the scan is sequential
+    over tokens, so it runs far below the copy bandwidth (a chunked parallel
+    scan over tokens would be needed to fill the GPU)."""
     block_d = min(MAX_BLOCK_D, _power_of_two_at_least(layout.dim))
     while block_d > MIN_BLOCK_D and -(-layout.dim // block_d) * layout.num_seqs < MIN_PROGRAMS:
         block_d //= 2
     if layout.ngroups > 1:
         per_group = layout.channels_per_group
         block_d = min(block_d, per_group & -per_group)
-    block_n = _power_of_two_at_least(layout.dstate)
-    return ScanTiles(block_d=block_d, block_n=block_n, block_t=BLOCK_T,
-                     num_warps=max(1, min(4, block_d * block_n // 128)))
+    return ScanTiles(block_d=block_d, block_n=_power_of_two_at_least(layout.dstate), block_t=BLOCK_T,
+                     num_warps=max(1, block_d // WARP))
 
 
 def _fail(arg: str, message: str):
