@@ -189,15 +189,21 @@ def test_prefix_caching_block_writes(side, rng):
     """The state at every block boundary crossed goes to its block, the final
     state to the last scheduled block, the initial state comes from the block
     of the last computed token; every other slot bitwise unchanged."""
-    inputs, computed = apc_case(rng)
-    options = dict(delta_softplus=True, block_size=4)
+    check_block_writes(side, *apc_case(rng), block_size=4, boundaries=3, finals=4)
+
+
+def check_block_writes(side, inputs, computed, *, block_size, boundaries, finals):
+    """A prefix-caching call against float64: outputs, the states written
+    (``boundaries`` block states and ``finals`` final states), every other
+    slot bitwise unchanged."""
+    options = dict(delta_softplus=True, block_size=block_size)
     ref_inputs = {k: v for k, v in inputs.items() if k not in APC_ONLY}
     want_out, want_states = scan_ref(**ref_inputs, **options, num_computed_tokens=computed)
     got_out, got_states = run(side, native(side, inputs), **options, validate_indices=True)
     assert_close(got_out, want_out, "float32", "out")
     assert_close(got_states, want_states, "float32", "ssm_states")
     written = np.flatnonzero((want_states != inputs["ssm_states"]).any(axis=(1, 2)))
-    assert len(written) == 7, "3 boundary states and 4 final states"
+    assert len(written) == boundaries + finals, "boundary and final states"
     untouched = np.setdiff1d(np.arange(len(want_states)), written)
     np.testing.assert_array_equal(got_states[untouched], inputs["ssm_states"][untouched])
 
@@ -208,18 +214,9 @@ def test_tiles_across_sequence_ends_and_blocks(side, rng):
     sequence (the unmasked path), and prefix-caching block boundaries
     (block_size 6, not a multiple of the tile) inside tiles, at a tile's
     last token and between tiles."""
-    inputs, computed = apc_case(rng, block_size=6, computed=(0, 7, 5, 13), seqlens=(15, 13, 2, 9),
-                                slots=40, columns=6, padding=())
-    options = dict(delta_softplus=True, block_size=6)
-    ref_inputs = {k: v for k, v in inputs.items() if k not in APC_ONLY}
-    want_out, want_states = scan_ref(**ref_inputs, **options, num_computed_tokens=computed)
-    got_out, got_states = run(side, native(side, inputs), **options, validate_indices=True)
-    assert_close(got_out, want_out, "float32", "out")
-    assert_close(got_states, want_states, "float32", "ssm_states")
-    written = np.flatnonzero((want_states != inputs["ssm_states"]).any(axis=(1, 2)))
-    assert len(written) == 10, "6 boundary states and 4 final states"
-    untouched = np.setdiff1d(np.arange(len(want_states)), written)
-    np.testing.assert_array_equal(got_states[untouched], inputs["ssm_states"][untouched])
+    case = apc_case(rng, block_size=6, computed=(0, 7, 5, 13), seqlens=(15, 13, 2, 9), slots=40, columns=6,
+                    padding=())
+    check_block_writes(side, *case, block_size=6, boundaries=6, finals=4)
 
 
 def test_decode_continues_prefill(side, rng):
