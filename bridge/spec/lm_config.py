@@ -258,22 +258,21 @@ def canonical_weights(raw: Mapping, config: Mamba2Config, layout: str) -> dict:
     mis-shaped or unexpected key (by its name in the file). A tied model's
     ``lm_head.weight``, when saved, must have the embedding's shape and is
     dropped (the head is the embedding)."""
-    rename = {EMBEDDING[layout]: EMBEDDING["mamba_ssm"]}
-    back = {v: k for k, v in rename.items()}
-    weights = {rename.get(key, key): value for key, value in raw.items()}
-    expected = config.checkpoint_shapes()
-    if config.tie_embeddings and "lm_head.weight" in weights:
-        expected = dict(expected, **{"lm_head.weight": (config.vocab_size, config.hidden_size)})
+    to_file = {EMBEDDING["mamba_ssm"]: EMBEDDING[layout]}
+    expected = {to_file.get(key, key): shape for key, shape in config.checkpoint_shapes().items()}
+    if config.tie_embeddings and "lm_head.weight" in raw:
+        expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
     for key, shape in expected.items():
-        got = shape_of(weights.get(key))
+        got = shape_of(raw.get(key))
         allowed = (shape, (shape[0], shape[2])) if key.endswith("conv1d.weight") else (shape,)
         if got is None:
-            fail(OP, "path", f"checkpoint ({layout} layout) lacks `{back.get(key, key)}` {shape}")
+            fail(OP, "path", f"checkpoint ({layout} layout) lacks `{key}` {shape}")
         if tuple(got) not in allowed:
-            fail(OP, "path", f"checkpoint key `{back.get(key, key)}` has shape {tuple(got)}, expected {shape}")
-    extra = sorted(back.get(k, k) for k in weights if k not in expected)
+            fail(OP, "path", f"checkpoint key `{key}` has shape {tuple(got)}, expected {shape}")
+    extra = sorted(k for k in raw if k not in expected)
     if extra:
         fail(OP, "path", f"checkpoint ({layout} layout) has unexpected keys {extra[:8]}")
+    weights = {(EMBEDDING["mamba_ssm"] if key == EMBEDDING[layout] else key): value for key, value in raw.items()}
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)
     return weights
