@@ -1,0 +1,264 @@
+"""Generation benchmark: ``torch_impl.Mamba2LMHeadModel`` and
+``jax_impl.Mamba2LMHeadModel`` with the same random weights.
+
+    python -m experiments.generate [--quick] [--batches 1 64 256] [--new-tokens 32]
+                                   [--layers 64] [--output FILE.json]
+
+On a GPU: a Mamba-2 2.7B-shaped model (hidden 2560, 64 layers, 80 heads of
+64, state 128, vocabulary 50288), bf16 weights, float32 states. Per batch
+(1 / 64 / 256) and framework: prompt tokens/s (``prefill`` of
+``max(16, 4096 / batch)`` tokens per prompt; batch 1 is the 4k prefill) and
+decode tokens/s (``generate(prefilled=...)``, greedy, ``--new-tokens`` per
+row: torch replays a CUDA graph per step, JAX runs one jitted while loop).
+Wall clock around each call, synchronised, median of the repeats after a
+warm-up (which captures / compiles).
+
+Kernel bars (GPU, CUPTI through ``torch.profiler`` as in
+``experiments.kernel_timeline``): one decode step at batch 1 (torch: a graph
+replay; JAX: a generation's device span divided by its steps) against the sum
+of its kernels' device times (bar: < 1.5x), and the 4k prefill against the
+sum of its matmul and chunked-scan kernels' device times (bar: < 1.3x).
+
+On a CPU (or with ``--quick``): a tiny model in the interpreters (the times
+are interpreter times). Writes FILE.json, FILE.md and FILE.png
+(default ``experiments/results/generate-<date>-<device>[-quick].json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from experiments.timing import ON_GPU  # noqa: F401  (sets XLA_PYTHON_CLIENT_PREALLOCATE first)
+
+import numpy as np  # noqa: E402
+
+import torch_impl  # noqa: E402  (before triton: interpreter mode on CPU)
+import torch  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jax_impl  # noqa: E402
+from bridge.spec.lm_config import Mamba2Config  # noqa: E402
+from experiments import plots  # noqa: E402
+from experiments.report import Progress, default_output, environment, markdown_table  # noqa: E402
+
+MAMBA2_2P7B_LM = dict(vocab_size=50288, hidden_size=2560, num_layers=64, state_size=128, conv_kernel=4,
+                      expand=2, head_dim=64, n_groups=1, chunk_size=256, tie_embeddings=True)
+TINY_LM = dict(vocab_size=64, hidden_size=32, num_layers=2, state_size=16, conv_kernel=4, expand=2,
+               head_dim=16, n_groups=1, chunk_size=16, tie_embeddings=True)
+PREFILL_TOKENS = 4096
+# Kernel names (substrings) of the prefill's essential work: matmuls and the chunked scan's stages.
+MATMUL_KERNELS = ("gemm", "cutlass", "xmma", "nvjet", "matmul", "dot")
+SCAN_KERNELS = ("chunk_cumsum", "chunk_state", "state_passing", "bmm_chunk", "chunk_scan")
+
+
+def settings(quick: bool) -> dict:
+    if ON_GPU and not quick:
+        return dict(shape=MAMBA2_2P7B_LM, batches=[1, 64, 256], new_tokens=32, repeats=3,
+                    dtype="bfloat16")
+    return dict(shape=TINY_LM, batches=[1], new_tokens=3, repeats=1, dtype="bfloat16" if ON_GPU else "float32")
+
+
+def prompt_length(batch: int, quick: bool) -> int:
+    return max(16, PREFILL_TOKENS // batch) if ON_GPU and not quick else 8
+
+
+class Runner:
+    """One framework's model behind ``prefill(ids)``, ``decode(prefilled, n)`` and ``sync(result)``."""
+
+    def __init__(self, name, model):
+        self.name, self.model = name, model
+        self.device = torch_impl.platform.default_device()
+
+    def ids(self, ids: np.ndarray):
+        return torch.from_numpy(ids).to(self.device) if self.name == "torch" else ids
+
+    def prefill(self, ids):
+        return self.model.prefill(self.ids(ids))
+
+    def decode(self, prefilled, n: int):
+        return self.model.generate(max_new_tokens=n, prefilled=prefilled)
+
+    def sync(self, result) -> None:
+        if self.name == "torch":
+            if ON_GPU:
+                torch.cuda.synchronize()
+        else:
+            jax.block_until_ready(result.logits if hasattr(result, "logits") else result)
+
+    def timed(self, fn, *args) -> tuple[float, object]:
+        start = time.perf_counter()
+        result = fn(*args)
+        self.sync(result)
+        return time.perf_counter() - start, result
+
+    def release(self) -> None:
+        """Free the model's generation caches (torch keeps one per batch bucket)."""
+        if self.name == "torch":
+            self.model._caches.clear()
+            self.model._steps.clear()
+            if ON_GPU:
+                torch.cuda.empty_cache()
+
+
+def build_models(shape: dict, dtype: str) -> dict:
+    """Both models with the torch model's random weights (shared with JAX through DLPack)."""
+    config = Mamba2Config(**shape)
+    torch.manual_seed(0)
+    torch_model = torch_impl.Mamba2LMHeadModel(config, dtype=getattr(torch, dtype),
+                                               device=torch_impl.platform.default_device())
+    flax_model = jax_impl.Mamba2LMHeadModel(config, dtype=getattr(jnp, dtype))
+    flax_model.load_weights(torch_model.checkpoint_weights())
+    return {"torch": Runner("torch", torch_model), "jax": Runner("jax", flax_model)}
+
+
+def measure(runner: Runner, batch: int, prompt: int, new_tokens: int, repeats: int, rng) -> tuple[dict, np.ndarray]:
+    """Prompt and decode tokens/s of one batch; and the greedy tokens of the last run."""
+    ids = rng.integers(0, runner.model.config.vocab_size, (batch, prompt))
+    runner.sync(runner.decode(runner.prefill(ids), new_tokens))  # warm-up: compiles / captures
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        seconds, prefilled = runner.timed(runner.prefill, ids)
+        prefill_s.append(seconds)
+        seconds, tokens = runner.timed(runner.decode, prefilled, new_tokens)
+        decode_s.append(seconds)
+    prefill, decode = statistics.median(prefill_s), statistics.median(decode_s)
+    row = dict(op="generate", implementation=runner.name, batch=batch, prompt_tokens=prompt,
+               new_tokens=new_tokens, prefill_ms=1e3 * prefill, prompt_tokens_per_s=batch * prompt / prefill,
+               decode_ms=1e3 * decode, decode_ms_per_token=1e3 * decode / new_tokens,
+               decode_tokens_per_s=batch * new_tokens / decode)
+    return row, np.asarray(tokens.cpu() if runner.name == "torch" else tokens)
+
+
+def _span_and_kernels(events: list[dict]) -> tuple[float, float]:
+    """(first start to last end, sum of durations) of device events, in us."""
+    return events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"], sum(e["dur"] for e in events)
+
+
+def kernel_bars(runners: dict, new_tokens: int, rng) -> list[dict]:
+    """Device span of a batch-1 decode step and of the 4k prefill against their kernels (GPU only)."""
+    from experiments.kernel_timeline import device_events
+
+    rows = []
+    ids = rng.integers(0, runners["torch"].model.config.vocab_size, (1, PREFILL_TOKENS))
+    for name, runner in runners.items():
+        prefill = device_events(lambda: runner.prefill(ids).logits, 1)
+        span, _ = _span_and_kernels(prefill)
+        essential = sum(e["dur"] for e in prefill
+                        if any(k in e["name"].lower() for k in MATMUL_KERNELS + SCAN_KERNELS))
+        rows.append(dict(op="prefill_4k_kernels", implementation=name, device_span_us=span,
+                         matmul_and_scan_us=essential, ratio=span / max(essential, 1e-9), bar=1.3))
+        if name == "torch":  # a graph replay is one step
+            model = runner.model
+            prefilled = model.prefill(runner.ids(ids[:, :16]))
+            step = model._decode_step(prefilled.cache, 1)
+            step.bind(prefilled.slots)
+            token = torch.zeros(1, dtype=torch.long, device=runner.device)
+            span, kernels = _span_and_kernels(device_events(lambda: step.run(token), 4))
+            span, kernels, steps = 4 * span, 4 * kernels, 4
+        else:  # the while loop's steps: a generation of n tokens less one of 1 token (no step)
+            span, kernels = (np.subtract(*(_span_and_kernels(device_events(
+                lambda n=n: runner.decode(runner.prefill(ids[:, :16]), n), 1)) for n in (new_tokens, 1))))
+            steps = new_tokens - 1
+        rows.append(dict(op="decode_step_kernels", implementation=name, device_span_us=span / steps,
+                         kernels_us=kernels / steps, ratio=span / max(kernels, 1e-9), bar=1.5))
+    return rows
+
+
+def markdown(record: dict) -> str:
+    env = record["environment"]
+    rows = [r for r in record["rows"] if r["op"] == "generate"]
+    lines = [f"# Generation on {env['device']} ({'interpreted' if env['interpreted'] else 'compiled'})", "",
+             *(f"- {k}: {v}" for k, v in env.items()), f"- command: `{record['command']}`",
+             f"- model: {record['model']}, weights {record['dtype']}, float32 states",
+             f"- timing: {record['timing']}", ""]
+    if env["interpreted"]:
+        lines += ["No GPU: the kernels ran in the Triton / Pallas interpreters; the times are interpreter "
+                  "times and say nothing about GPU speed.", ""]
+    lines += [markdown_table(rows, [("implementation", "framework", None), ("batch", "batch", None),
+                                    ("prompt_tokens", "prompt", None),
+                                    ("prompt_tokens_per_s", "prompt tokens/s", ".4g"),
+                                    ("new_tokens", "new", None), ("decode_ms_per_token", "ms / step", ".3f"),
+                                    ("decode_tokens_per_s", "decode tokens/s", ".4g")]), ""]
+    ratios = record["torch_vs_jax"]
+    if ratios:
+        lines += ["Decode time per step, torch over JAX (bar at batch 1: within 1.2x either way):", "",
+                  markdown_table(ratios, [("batch", "batch", None), ("decode_torch_over_jax", "torch / JAX", ".2f"),
+                                          ("prefill_torch_over_jax", "prefill torch / JAX", ".2f")]), ""]
+    bars = [r for r in record["rows"] if r["op"] != "generate"]
+    if bars:
+        lines += ["Device span against its kernels' device times (CUPTI):", "",
+                  markdown_table(bars, [("op", "what", None), ("implementation", "framework", None),
+                                        ("device_span_us", "span (us)", ".1f"),
+                                        ("kernels_us", "all kernels (us)", ".1f"),
+                                        ("matmul_and_scan_us", "matmul + scan (us)", ".1f"),
+                                        ("ratio", "ratio", ".2f"), ("bar", "bar", None)]), ""]
+    lines += [f"![generation]({name})" for name in record["plots"]]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model (what a CPU can run)")
+    parser.add_argument("--batches", type=int, nargs="+")
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--layers", type=int, help="override the model's layer count")
+    parser.add_argument("--output", help="the JSON file; .md and .png go next to it")
+    args = parser.parse_args(argv)
+    setup = settings(args.quick)
+    shape = dict(setup["shape"], **({"num_layers": args.layers} if args.layers else {}))
+    batches, new_tokens = args.batches or setup["batches"], args.new_tokens or setup["new_tokens"]
+    env = environment()
+    rng = np.random.default_rng(0)
+    runners = build_models(shape, setup["dtype"])
+    progress = Progress(2 * len(batches) + (1 if ON_GPU else 0), "generate")
+    rows, tokens = [], {}
+    for name, runner in runners.items():
+        for batch in batches:
+            progress.step(f"{name}, batch {batch}")
+            row, tokens[name, batch] = measure(runner, batch, prompt_length(batch, args.quick), new_tokens,
+                                               setup["repeats"], np.random.default_rng(batch))
+            rows.append(row)
+        if ON_GPU:
+            if name == "torch":
+                progress.step("kernel bars")
+            runner.release()
+    if ON_GPU:
+        rows += kernel_bars(runners, new_tokens, rng)
+    progress.finish()
+    by = {(r["implementation"], r["batch"]): r for r in rows if r["op"] == "generate"}
+    ratios = [dict(batch=b, decode_torch_over_jax=by["torch", b]["decode_ms"] / by["jax", b]["decode_ms"],
+                   prefill_torch_over_jax=by["torch", b]["prefill_ms"] / by["jax", b]["prefill_ms"],
+                   greedy_tokens_agree=float(np.mean(tokens["torch", b] == tokens["jax", b])))
+              for b in batches]
+
+    output = Path(args.output) if args.output else default_output("generate", env, ".json", args.quick)
+    stem = output.with_suffix("")
+    gen_rows = [r for r in rows if r["op"] == "generate"]
+    plot = plots.line_plot(stem.with_name(stem.name + ".png"),
+                           {**{f"{k} decode": v for k, v in plots.series(
+                               gen_rows, lambda r: r["implementation"], "batch", "decode_tokens_per_s").items()},
+                            **{f"{k} prompt": v for k, v in plots.series(
+                                gen_rows, lambda r: r["implementation"], "batch", "prompt_tokens_per_s").items()}},
+                           title=f"Mamba-2 generation on {env['device']}", xlabel="batch",
+                           ylabel="tokens / s", log_y=True)
+    record = dict(environment=env, command=" ".join(["python -m experiments.generate", *argv]),
+                  model=shape, dtype=setup["dtype"], rows=rows, torch_vs_jax=ratios, plots=[plot.name],
+                  timing="wall clock around each call, synchronised (torch.cuda.synchronize / "
+                         f"block_until_ready), median of {setup['repeats']} after a warm-up call")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=1))
+    text = markdown(record)
+    output.with_suffix(".md").write_text(text)
+    print(text)
+    return record
+
+
+if __name__ == "__main__":
+    main()
