@@ -240,7 +240,8 @@ def _jax_stack_losses(jax_side, mixer_weights, readout, hidden, target):
         h = x
         for graphdef, state in zip(graphdefs, states):
             h = h + nnx.merge(graphdef, state)(h)
-        return jnp.mean((h @ head.T - y) ** 2)
+        # full float32 like torch's Linear: XLA's default on a GPU is TF32
+        return jnp.mean((jnp.matmul(h, head.T, precision="highest") - y) ** 2)
 
     @jax.jit
     def step(params, opt_state):
