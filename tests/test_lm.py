@@ -356,3 +356,39 @@ def test_logits_match_transformers_mamba2(rng, tmp_path):
     assert_close(want[0], lm_ref(weights, config, ids[0]), "float32", "transformers vs float64", tol=1e-4)
     assert_close(logits(torch_side, load(torch_side, path), ids), want, "float32", "ours vs transformers",
                  tol=1e-4)
+
+
+# --- the experiments ---------------------------------------------------------------------
+
+@pytest.mark.slow  # about a minute each in the interpreters
+def test_generation_benchmark_quick_writes_record_and_plot(tmp_path):
+    from experiments import generate as bench
+
+    record = bench.main(["--quick", "--output", tmp_path / "generate.json"])
+    rows = [r for r in record["rows"] if r["op"] == "generate"]
+    assert {r["implementation"] for r in rows} == {"torch", "jax"}
+    assert all(r["prompt_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert all(ratio["greedy_tokens_agree"] == 1.0 for ratio in record["torch_vs_jax"])  # float32 on CPU
+    assert (tmp_path / "generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "decode tokens/s" in (tmp_path / "generate.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_tiny_quick_starts_both_frameworks_from_one_loss(tmp_path):
+    from experiments import train_tiny
+
+    results = train_tiny.main(["--quick", "--plot", str(tmp_path / "loss.png")])
+    assert len(results["torch"]) == len(results["jax"]) == 3
+    np.testing.assert_allclose(results["torch"], results["jax"], rtol=1e-3)  # same weights, same batches
+    assert (tmp_path / "loss.png").exists()
+
+
+def test_recall_task_asks_listed_keys():
+    from experiments.train_tiny import TINY, recall_batches
+
+    tokens, targets, mask = next(recall_batches(TINY, 1, seed=int(np.random.default_rng().integers(1 << 30))))
+    pairs = TINY["pairs"]
+    for row in range(TINY["batch"]):
+        listed = dict(zip(tokens[row, 0:2 * pairs:2].tolist(), tokens[row, 1:2 * pairs:2].tolist()))
+        for t in np.flatnonzero(mask[row]):
+            assert listed[int(tokens[row, t])] == targets[row, t]  # the answer to the key just asked
