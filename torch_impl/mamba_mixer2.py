@@ -249,16 +249,8 @@ class MambaMixer2(MixerLayout, nn.Module):
             table_d = meta.state_indices_tensor_d
             conv_cols, ssm_slots = {}, dict(state_batch_indices=table_d)
             if cache_all:
-                if meta.is_spec_decode:
-                    # Speculative decoding: continue from the previous step's
-                    # per-token states (conv: its block, read num_accepted - 1 in).
-                    read_col_d = meta.block_idx_last_scheduled_token_prev_step[:meta.num_decodes]
-                    offsets = torch.arange(meta.max_decode_query_len, device=device)
-                    read_col_ssm = read_col_d[:, None] + offsets
-                    write_col_ssm = write_col_d[:, None] + offsets
-                else:
-                    read_col_ssm, write_col_ssm = read_col_d, write_col_d
-                conv_cols = dict(block_idx_last_scheduled_token=write_col_d, initial_state_idx=read_col_d)
+                conv_cols, read_col_ssm, write_col_ssm = self._decode_block_columns(
+                    meta, read_col_d, write_col_d, lambda n: torch.arange(n, device=device))
                 ssm_slots = dict(state_batch_indices=_pick(table_d, read_col_ssm),
                                  dst_state_batch_indices=_pick(table_d, write_col_ssm))
             conv_d = causal_conv1d_update(

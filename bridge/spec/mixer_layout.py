@@ -97,6 +97,21 @@ class MixerLayout:
                     num_computed_tokens=metadata.num_computed_tokens_p,
                     block_size_to_align=metadata.mamba_block_size)
 
+    @staticmethod
+    def _decode_block_columns(metadata: Mamba2Metadata, read_columns, write_columns, arange):
+        """Prefix caching, the decodes' block-table columns (framework
+        arrays; ``arange(n)``: the framework's, on the columns' device):
+        ``(conv arguments, SSM read columns, SSM write columns)``. Speculative
+        decodes continue from the previous step's last scheduled column and
+        its per-token columns; their SSM columns are ``(num_decodes, 1 +
+        num_spec)``, one per token (see ``Mamba2Metadata``)."""
+        ssm = (read_columns, write_columns)
+        if metadata.is_spec_decode:
+            read_columns = metadata.block_idx_last_scheduled_token_prev_step[:metadata.num_decodes]
+            offsets = arange(metadata.max_decode_query_len)
+            ssm = (read_columns[:, None] + offsets, write_columns[:, None] + offsets)
+        return dict(block_idx_last_scheduled_token=write_columns, initial_state_idx=read_columns), *ssm
+
     def _check_batch(self, metadata: Mamba2Metadata, num_tokens: int, num_slots: int,
                      host) -> None:
         """``check_batch`` for this mixer's chunk size and speculative tokens."""
