@@ -34,7 +34,7 @@ from flax import nnx
 
 from bridge.spec import lm_config
 from bridge.spec.checks import fail
-from bridge.spec.lm_config import Mamba2Config, Prefilled, SamplingParams
+from bridge.spec.lm_config import LMLayout, Mamba2Config, Prefilled, SamplingParams
 from jax_impl import platform
 from jax_impl.gated_rms_norm import rms_norm_gated
 from jax_impl.mamba_mixer2 import MambaMixer2, _linear
@@ -67,11 +67,12 @@ def _load_bin(file: str):
                      "torch_impl.Mamba2LMHeadModel, or convert it to model.safetensors")
 
 
-class Mamba2LMHeadModel(nnx.Module):
+class Mamba2LMHeadModel(LMLayout, nnx.Module):
     """A Mamba-2 language model (``bridge.spec.lm_config.Mamba2Config``).
     Parameters: ``embedding (vocab, hidden)``, ``layers[i].norm.weight``,
     ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``, ``lm_head
-    (vocab, hidden)`` (None when tied: the head is the embedding)."""
+    (vocab, hidden)`` (None when tied: the head is the embedding).
+    ``load_weights`` / ``checkpoint_weights``: ``lm_config.LMLayout``'s."""
 
     def __init__(self, config: Mamba2Config, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
         rngs = rngs or nnx.Rngs(0)
@@ -94,44 +95,22 @@ class Mamba2LMHeadModel(nnx.Module):
         Nothing is downloaded."""
         from safetensors.flax import load_file
 
-        raw = lm_config.read_config(path)
-        config = Mamba2Config.from_dict(raw)
-        weights = lm_config.canonical_weights(lm_config.read_weights(path, load_file, _load_bin), config,
-                                              lm_config.detect_layout(raw))
+        config, weights = lm_config.load_pretrained(path, load_file, _load_bin)
         model = cls(config, dtype=dtype)
         model.load_weights(weights)
         return model
 
-    def load_weights(self, weights: dict) -> None:
-        """Copy in a checkpoint under canonical (mamba_ssm) names (torch,
-        jax or numpy arrays; ``lm_head.weight`` only when untied), checked
-        first (``lm_config.canonical_weights``)."""
-        weights = lm_config.canonical_weights(weights, self.config, "mamba_ssm")
+    @staticmethod
+    def _assign(param, value) -> None:
         from bridge.dlpack import to_jax
 
-        def array(value):
-            if isinstance(value, (jax.Array, np.ndarray)):
-                return jnp.asarray(value)
-            return to_jax(value, copy_ok=True, name="weight")
+        value = jnp.asarray(value) if isinstance(value, (jax.Array, np.ndarray)) else to_jax(
+            value, copy_ok=True, name="weight")
+        param.set_value(value.astype(param.dtype))
 
-        for key, param in self._params_by_key().items():
-            param.set_value(array(weights[key]).astype(param.dtype))
-        for i, block in enumerate(self.layers):
-            block.mixer.load_weights(lm_config.mixer_weights(weights, i))
-
-    def checkpoint_weights(self) -> dict:
-        """The weights under canonical (mamba_ssm) checkpoint names."""
-        weights = {key: p[...] for key, p in self._params_by_key().items()}
-        for i, block in enumerate(self.layers):
-            weights.update({lm_config.mixer_prefix(i) + k: v for k, v in block.mixer.checkpoint_weights().items()})
-        return weights
-
-    def _params_by_key(self) -> dict:
-        params = {lm_config.EMBEDDING["mamba_ssm"]: self.embedding, "backbone.norm_f.weight": self.norm_f.weight}
-        params.update({f"backbone.layers.{i}.norm.weight": b.norm.weight for i, b in enumerate(self.layers)})
-        if self.lm_head is not None:
-            params["lm_head.weight"] = self.lm_head
-        return params
+    @staticmethod
+    def _read(param):
+        return param[...]
 
     @property
     def dtype(self):
@@ -150,9 +129,7 @@ class Mamba2LMHeadModel(nnx.Module):
             fail(OP, "attention_mask", "must be concrete (numpy, or closed over under jit, not traced): "
                                        "the padding decides the scan's chunk layout")
         mask = None if attention_mask is None else np.asarray(attention_mask)
-        starts, lengths = lm_config.prompt_layout(tuple(input_ids.shape), mask)
-        seq_idx = lm_config.padding_seq_idx(starts, lengths, input_ids.shape[1])
-        packing = {} if seq_idx is None else dict(seq_idx=seq_idx)
+        packing = lm_config.padding_packing(tuple(input_ids.shape), mask)
         residual = self._embed(input_ids)
         for block in self.layers:
             residual = residual + block.mixer(block.norm(residual.astype(self.dtype)), **packing)

@@ -35,7 +35,7 @@ from torch import nn
 
 from bridge.spec import lm_config
 from bridge.spec.checks import fail
-from bridge.spec.lm_config import Mamba2Config, Prefilled, SamplingParams
+from bridge.spec.lm_config import LMLayout, Mamba2Config, Prefilled, SamplingParams
 from torch_impl.gated_rms_norm import rms_norm_gated
 from torch_impl.mamba_mixer2 import MambaMixer2, metadata_to_device
 
@@ -69,21 +69,23 @@ def _load_bin(file: str) -> dict:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-class Mamba2LMHeadModel(nn.Module):
+class Mamba2LMHeadModel(LMLayout, nn.Module):
     """A Mamba-2 language model (``bridge.spec.lm_config.Mamba2Config``).
-    Parameters: ``embedding.weight (vocab, hidden)``, ``layers[i].norm.weight``,
-    ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``,
-    ``lm_head.weight`` (absent when tied: the head is the embedding)."""
+    Parameters: ``embedding (vocab, hidden)``, ``layers[i].norm.weight``,
+    ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``, ``lm_head
+    (vocab, hidden)`` (None when tied: the head is the embedding).
+    ``load_weights`` / ``checkpoint_weights``: ``lm_config.LMLayout``'s."""
 
     def __init__(self, config: Mamba2Config, dtype=torch.float32, device=None):
-        super().__init__()
+        nn.Module.__init__(self)
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        shape, factory = (config.vocab_size, config.hidden_size), dict(dtype=dtype, device=device)
+        self.embedding = nn.Parameter(0.02 * torch.randn(shape, **factory))
         self.layers = nn.ModuleList(Mamba2Block(config, dtype, device) for _ in range(config.num_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, dtype, device)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        bound = 1.0 / math.sqrt(config.hidden_size)
+        self.lm_head = None if config.tie_embeddings else nn.Parameter(
+            torch.empty(shape, **factory).uniform_(-bound, bound))
         # Generation: the model's own cache per batch bucket, and captured decode steps.
         self._caches: dict = {}
         self._steps: collections.OrderedDict = collections.OrderedDict()
@@ -98,55 +100,33 @@ class Mamba2LMHeadModel(nn.Module):
         (``A_log`` stays float32) on ``device``. Nothing is downloaded."""
         from safetensors.torch import load_file
 
-        raw = lm_config.read_config(path)
-        config = Mamba2Config.from_dict(raw)
-        weights = lm_config.canonical_weights(lm_config.read_weights(path, load_file, _load_bin), config,
-                                              lm_config.detect_layout(raw))
+        config, weights = lm_config.load_pretrained(path, load_file, _load_bin)
         model = cls(config, dtype=dtype, device=device)
         model.load_weights(weights)
         return model
 
-    def load_weights(self, weights: dict) -> None:
-        """Copy in a checkpoint under canonical (mamba_ssm) names (torch,
-        jax or numpy arrays; ``lm_head.weight`` only when untied), checked
-        first (``lm_config.canonical_weights``)."""
-        weights = lm_config.canonical_weights(weights, self.config, "mamba_ssm")
+    @staticmethod
+    def _assign(param, value) -> None:
         from bridge.dlpack import to_torch
 
-        def tensor(value):
-            if isinstance(value, torch.Tensor):
-                return value
-            return torch.from_numpy(value) if isinstance(value, np.ndarray) else to_torch(
-                value, copy_ok=True, name="weight")
-
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        elif not isinstance(value, torch.Tensor):
+            value = to_torch(value, copy_ok=True, name="weight")
         with torch.no_grad():
-            for key, param in self._params_by_key().items():
-                param.copy_(tensor(weights[key]))
-        for i, block in enumerate(self.layers):
-            block.mixer.load_weights(lm_config.mixer_weights(weights, i))
+            param.copy_(value)
 
-    def checkpoint_weights(self) -> dict:
-        """The weights under canonical (mamba_ssm) checkpoint names (detached views)."""
-        weights = {key: p.detach() for key, p in self._params_by_key().items()}
-        for i, block in enumerate(self.layers):
-            weights.update({lm_config.mixer_prefix(i) + k: v for k, v in block.mixer.checkpoint_weights().items()})
-        return weights
-
-    def _params_by_key(self) -> dict:
-        params = {lm_config.EMBEDDING["mamba_ssm"]: self.embedding.weight,
-                  "backbone.norm_f.weight": self.norm_f.weight}
-        params.update({f"backbone.layers.{i}.norm.weight": b.norm.weight for i, b in enumerate(self.layers)})
-        if self.lm_head is not None:
-            params["lm_head.weight"] = self.lm_head.weight
-        return params
+    @staticmethod
+    def _read(param):
+        return param.detach()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embedding.weight.dtype
+        return self.embedding.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embedding.weight.device
+        return self.embedding.device
 
     # --- forward ---------------------------------------------------------------
 
@@ -158,21 +138,18 @@ class Mamba2LMHeadModel(nn.Module):
         rows (padding rows' logits are unspecified). The mask is read on the
         host (a device sync)."""
         mask = None if attention_mask is None else attention_mask.detach().cpu().numpy()
-        starts, lengths = lm_config.prompt_layout(tuple(input_ids.shape), mask)
-        seq_idx = lm_config.padding_seq_idx(starts, lengths, input_ids.shape[1])
-        packing = {} if seq_idx is None else dict(seq_idx=seq_idx)
+        packing = lm_config.padding_packing(tuple(input_ids.shape), mask)
         residual = self._embed(input_ids)
         for block in self.layers:
             residual = residual + block.mixer(block.norm(residual.to(self.dtype)), **packing)
         return self._logits(self.norm_f(residual.to(self.dtype)))
 
     def _embed(self, input_ids):
-        residual = self.embedding(input_ids)
+        residual = F.embedding(input_ids, self.embedding)
         return residual.float() if self.config.residual_in_fp32 else residual
 
     def _logits(self, hidden):
-        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.embedding if self.lm_head is None else self.lm_head)
 
     def _serve(self, token_ids, cache, metadata):
         """The serving forward: packed ``token_ids (T,)`` -> final normed hidden ``(T, hidden)``,
@@ -286,7 +263,7 @@ class Mamba2LMHeadModel(nn.Module):
     def _decode_step(self, cache, bucket: int) -> "CapturedLMStep":
         """The decode step for ``bucket`` requests on ``cache`` (captured once per
         bucket, cache and weights' storage; the last ``MAX_CAPTURED_STEPS`` kept)."""
-        key = (bucket, id(cache), self.embedding.weight.data_ptr(), self.dtype)
+        key = (bucket, id(cache), self.embedding.data_ptr(), self.dtype)
         if key in self._steps:
             self._steps.move_to_end(key)
         else:

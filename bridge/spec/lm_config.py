@@ -284,6 +284,47 @@ def mixer_weights(weights: Mapping, layer: int) -> dict:
     return {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
 
 
+def load_pretrained(path, load_safetensors: Callable[[str], Mapping],
+                    load_bin: Callable[[str], Mapping]) -> tuple[Mamba2Config, dict]:
+    """``from_pretrained``'s reading: the config of ``path`` and its weights
+    under canonical names, checked (the framework's loaders read the files)."""
+    raw = read_config(path)
+    config = Mamba2Config.from_dict(raw)
+    return config, canonical_weights(read_weights(path, load_safetensors, load_bin), config, detect_layout(raw))
+
+
+class LMLayout:
+    """Base of both ``Mamba2LMHeadModel`` classes: checkpoint I/O under
+    canonical names over their common attributes (``config``, ``embedding``,
+    ``layers[i].norm.weight``, ``layers[i].mixer``, ``norm_f.weight``,
+    ``lm_head``); the framework's half: ``_assign(param, value)`` and
+    ``_read(param)``."""
+
+    def load_weights(self, weights: Mapping) -> None:
+        """Copy in a checkpoint under canonical (mamba_ssm) names (torch, jax
+        or numpy arrays; ``lm_head.weight`` only when untied), checked first
+        (``canonical_weights``)."""
+        weights = canonical_weights(weights, self.config, "mamba_ssm")
+        for key, param in self._params_by_key().items():
+            self._assign(param, weights[key])
+        for i, block in enumerate(self.layers):
+            block.mixer.load_weights(mixer_weights(weights, i))
+
+    def checkpoint_weights(self) -> dict:
+        """The weights under canonical (mamba_ssm) checkpoint names."""
+        weights = {key: self._read(param) for key, param in self._params_by_key().items()}
+        for i, block in enumerate(self.layers):
+            weights.update({mixer_prefix(i) + k: v for k, v in block.mixer.checkpoint_weights().items()})
+        return weights
+
+    def _params_by_key(self) -> dict:
+        params = {EMBEDDING["mamba_ssm"]: self.embedding, "backbone.norm_f.weight": self.norm_f.weight}
+        params.update({f"backbone.layers.{i}.norm.weight": b.norm.weight for i, b in enumerate(self.layers)})
+        if self.lm_head is not None:
+            params["lm_head.weight"] = self.lm_head
+        return params
+
+
 # --- prompts and padding ---------------------------------------------------------
 
 def prompt_layout(input_shape, attention_mask: Optional[np.ndarray], *,
@@ -313,15 +354,17 @@ def prompt_layout(input_shape, attention_mask: Optional[np.ndarray], *,
     return starts.astype(np.int64), lengths.astype(np.int64)
 
 
-def padding_seq_idx(starts: np.ndarray, lengths: np.ndarray, seqlen: int) -> Optional[np.ndarray]:
-    """``seq_idx (batch, seqlen)`` for the cache-free forward: 0 before a
-    row's tokens, 1 on them, 2 after, so padding never feeds a token's
-    state; None when no row is padded."""
+def padding_packing(input_shape, attention_mask: Optional[np.ndarray]) -> dict:
+    """The cache-free forward's packing argument for a padded batch:
+    ``seq_idx (batch, seqlen)`` 0 before a row's tokens, 1 on them, 2 after,
+    so padding never feeds a token's state; {} when no row is padded."""
+    starts, lengths = prompt_layout(input_shape, attention_mask)
+    seqlen = int(input_shape[1])
     if (lengths == seqlen).all():
-        return None
+        return {}
     columns = np.arange(seqlen)[None, :]
-    return ((columns >= starts[:, None]).astype(np.int32)
-            + (columns >= (starts + lengths)[:, None]).astype(np.int32))
+    return dict(seq_idx=(columns >= starts[:, None]).astype(np.int32)
+                + (columns >= (starts + lengths)[:, None]).astype(np.int32))
 
 
 # --- generation bookkeeping --------------------------------------------------------
