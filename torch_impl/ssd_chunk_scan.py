@@ -18,9 +18,10 @@ import torch
 
 from bridge.spec.launch_config import clip_block
 from torch_impl import platform
+from torch_impl.ssd_chunk_state import chunk_state_sum
 from torch_impl.ssd_common import (
-    chunk_bounds, dot_precision, launch, launch_config, launch_tiles, sequence_of, tile_dot,
-    tile_offsets)
+    chunk_bounds, dot_precision, gated_dout, launch, launch_config, launch_tiles, sequence_of,
+    tile_dot, tile_offsets)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -165,73 +166,39 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
 # a_i = dA_cumsum, dt_j = dt_out, dy = dout * silu(z) (the gate undone), S_prev
 # the state the chunk starts from, G_c = dL/d(end state of chunk c).
 
-@triton.jit
-def _gated_dout(dout_ptr, dout_offsets, z_ptr, z_offsets, mask, HAS_Z: tl.constexpr):
-    """dy = dout * silu(z) (float32): the gradient before the gate (z_ptr
-    may be None: no pointer arithmetic on it then)."""
-    dy = tl.load(dout_ptr + dout_offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + z_offsets, mask=mask, other=0.0).to(tl.float32)
-        dy = dy * z * tl.sigmoid(z)
-    return dy
-
-
-@triton.heuristics(platform.given_flags(HAS_Z="z_ptr"))
-@triton.jit
-def _chunk_scan_bwd_dstates_kernel(
-    dout_ptr, z_ptr, C_ptr, dA_cumsum_ptr, cu_chunk_ptr, dstates_ptr,
-    num_tokens, headdim, dstate, heads_per_group,
-    stride_dout_tok, stride_dout_head, stride_dout_dim,
-    stride_z_tok, stride_z_head, stride_z_dim,
-    stride_C_tok, stride_C_group, stride_C_dstate,
-    stride_dA_head, stride_dA_chunk, stride_dA_pos,
-    stride_ds_chunk, stride_ds_head, stride_ds_dim, stride_ds_dstate,
-    HAS_Z: tl.constexpr, CHUNK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-):
-    """Grid (num_chunks, nheads, cdiv(headdim, M) * cdiv(dstate, N)): one
-    (M, N) tile of dS_prev(c) = sum_i exp(a_i) dy_i (x) C_i, K over the chunk's tokens."""
-    chunk = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_m, offs_n = tile_offsets(tl.program_id(2), dstate, BLOCK_SIZE_M, BLOCK_SIZE_N)
-    group = head // heads_per_group
-    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
-    dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    for k in range(0, length, BLOCK_SIZE_K):
-        tok = k + offs_k
-        in_chunk = tok < length
-        tile_t = (offs_m < headdim)[:, None] & in_chunk[None, :]
-        dy_t = _gated_dout(
-            dout_ptr, (start + tok)[None, :] * stride_dout_tok + head * stride_dout_head
-            + offs_m[:, None] * stride_dout_dim,
-            z_ptr, (start + tok)[None, :] * stride_z_tok + head * stride_z_head
-            + offs_m[:, None] * stride_z_dim, tile_t, HAS_Z)
-        C = tl.load(C_ptr + (start + tok)[:, None] * stride_C_tok + group * stride_C_group
-                    + offs_n[None, :] * stride_C_dstate,
-                    mask=in_chunk[:, None] & (offs_n < dstate)[None, :], other=0.0)
-        scale = tl.exp(tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0))
-        acc += tile_dot(dy_t.to(C.dtype), (C.to(tl.float32) * scale[:, None]).to(C.dtype), DOT_PRECISION)
-    tl.store(dstates_ptr + chunk * stride_ds_chunk + head * stride_ds_head
-             + offs_m[:, None] * stride_ds_dim + offs_n[None, :] * stride_ds_dstate,
-             acc, mask=(offs_m < headdim)[:, None] & (offs_n < dstate)[None, :])
-
-
 def chunk_scan_bwd_dstates(dout, z, C, dA_cumsum, cu_chunk_seqlens, nheads, headdim):
     """dout, z (T, H, P), C (T, G, N), dA_cumsum (H, K, L) -> dS_prev (K, H, P, N)
-    float32: the gradient of each chunk's start state from the outputs."""
-    num_tokens, ngroups, dstate = C.shape
-    _, num_chunks, chunk_size = dA_cumsum.shape
-    dstates = torch.empty(num_chunks, nheads, headdim, dstate, device=C.device, dtype=torch.float32)
-    launch_tiles(
-        _chunk_scan_bwd_dstates_kernel, "chunk_scan_bwd_dstates", C.device,
-        lambda tiles: (num_chunks, nheads, tiles), headdim, dstate, chunk_size,
-        dout, z, C, dA_cumsum, cu_chunk_seqlens, dstates, num_tokens, headdim, dstate,
-        nheads // ngroups, *dout.stride(), *platform.strides(z, 3), *C.stride(),
-        *dA_cumsum.stride(), *dstates.stride(),
-        CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(C.dtype))
-    return dstates
+    float32: the gradient of each chunk's start state from the outputs,
+    sum_i exp(a_i) dy_i (x) C_i (stage 2's kernel without dt)."""
+    return chunk_state_sum("chunk_scan_bwd_dstates", dout, z, C, None, dA_cumsum, cu_chunk_seqlens,
+                           C.dtype)
+
+
+@triton.jit
+def _bwd_program(cu_chunk_ptr, num_tokens, heads_per_group, heads_per_program, num_splits,
+                 CHUNK_SIZE: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_P: tl.constexpr,
+                 BLOCK_SIZE_N: tl.constexpr):
+    """What a stage-4 backward program covers (grid (cdiv(L, M), num_chunks,
+    ngroups * num_splits)): ``(chunk, group, split, start, length,
+    head_first, head_end, offs_m, offs_p, offs_n)``: the chunk's token
+    range, the heads [head_first, head_end) of the group it walks, and the
+    offsets of its block of M positions, of headdim and of dstate."""
+    chunk = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    head_first = group * heads_per_group + split * heads_per_program
+    head_end = tl.minimum(head_first + heads_per_program, (group + 1) * heads_per_group)
+    offs_m = tl.program_id(0) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    return (chunk, group, split, start, length, head_first, head_end, offs_m,
+            tl.arange(0, BLOCK_SIZE_P), tl.arange(0, BLOCK_SIZE_N))
+
+
+@triton.jit
+def _rows(ptr, tok, index, offs, stride_tok, stride_index, stride_col):
+    """Pointers of rows ``tok`` (a column block), columns ``offs`` (a row
+    block) of one head or group ``index`` of a (T, H|G, cols) tensor."""
+    return ptr + tok * stride_tok + index * stride_index + offs * stride_col
 
 
 @triton.heuristics(platform.given_flags(HAS_D="D_ptr", HAS_Z="z_ptr"))
@@ -241,10 +208,8 @@ def _chunk_scan_bwd_kernel(
     cu_chunk_ptr, dx_ptr, dz_ptr, ddt_ptr, ddA_ptr, dlast_ptr, dB_ptr, dD_ptr,
     num_tokens, headdim, dstate, heads_per_group, heads_per_program, num_splits,
     stride_x_tok, stride_x_head, stride_x_dim,
-    stride_B_tok, stride_B_group, stride_B_dstate,
-    stride_C_tok, stride_C_group, stride_C_dstate,
-    stride_dout_tok, stride_dout_head, stride_dout_dim,
-    stride_z_tok, stride_z_head, stride_z_dim,
+    stride_B_tok, stride_B_group, stride_B_dstate, stride_C_tok, stride_C_group, stride_C_dstate,
+    stride_dout_tok, stride_dout_head, stride_dout_dim, stride_z_tok, stride_z_head, stride_z_dim,
     stride_y_tok, stride_y_head, stride_y_dim,
     stride_D_head, stride_D_dim,
     stride_dA_head, stride_dA_chunk, stride_dA_pos,
@@ -268,33 +233,25 @@ def _chunk_scan_bwd_kernel(
     plus dz and the block's dD partial. dB summed over the program's heads
     into a float32 partial per head split."""
     j0 = tl.program_id(0) * BLOCK_SIZE_M
-    chunk = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2) // num_splits
-    split = tl.program_id(2) % num_splits
-    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    chunk, group, split, start, length, head_first, head_end, offs_j, offs_p, offs_n = _bwd_program(
+        cu_chunk_ptr, num_tokens, heads_per_group, heads_per_program, num_splits, CHUNK_SIZE,
+        BLOCK_SIZE_M, BLOCK_SIZE_P, BLOCK_SIZE_N)
     if j0 < length:
-        offs_j = j0 + tl.arange(0, BLOCK_SIZE_M)
-        offs_p = tl.arange(0, BLOCK_SIZE_P)
-        offs_n = tl.arange(0, BLOCK_SIZE_N)
-        offs_k = tl.arange(0, BLOCK_SIZE_K)
-        mask_j = offs_j < length
-        mask_p = offs_p < headdim
-        mask_n = offs_n < dstate
+        mask_j, mask_p, mask_n = offs_j < length, offs_p < headdim, offs_n < dstate
+        tok_j = (start + offs_j)[:, None]
         tile_jp = mask_j[:, None] & mask_p[None, :]
-        B_j = tl.load(B_ptr + (start + offs_j)[:, None] * stride_B_tok + group * stride_B_group
-                      + offs_n[None, :] * stride_B_dstate, mask=mask_j[:, None] & mask_n[None, :],
-                      other=0.0)
+        offs_k = tl.arange(0, BLOCK_SIZE_K)
+        B_j = tl.load(_rows(B_ptr, tok_j, group, offs_n[None, :], stride_B_tok, stride_B_group,
+                            stride_B_dstate), mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         dB_acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-        head_first = group * heads_per_group + split * heads_per_program
-        head_end = tl.minimum(head_first + heads_per_program, (group + 1) * heads_per_group)
         for head in range(head_first, head_end):
             dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
-            dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
             a_j = tl.load(dA_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
-            dt_j = tl.load(dt_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
+            dt_j = tl.load(dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+                           + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
             a_last = tl.load(dA_ptr + (CHUNK_SIZE - 1) * stride_dA_pos)
-            x_j = tl.load(x_ptr + (start + offs_j)[:, None] * stride_x_tok + head * stride_x_head
-                          + offs_p[None, :] * stride_x_dim, mask=tile_jp, other=0.0)
+            x_j = tl.load(_rows(x_ptr, tok_j, head, offs_p[None, :], stride_x_tok, stride_x_head,
+                                stride_x_dim), mask=tile_jp, other=0.0)
             # The end state's part: G_c (P, N), here as G_c^T (N, P) and G_c.
             ds_base = dstates_ptr + chunk * stride_ds_chunk + head * stride_ds_head
             G_t = tl.load(ds_base + offs_n[:, None] * stride_ds_dstate + offs_p[None, :] * stride_ds_dim,
@@ -307,15 +264,13 @@ def _chunk_scan_bwd_kernel(
             for i0 in range(j0, length, BLOCK_SIZE_K):
                 offs_i = i0 + offs_k
                 mask_i = offs_i < length
-                C_t = tl.load(C_ptr + (start + offs_i)[None, :] * stride_C_tok + group * stride_C_group
-                              + offs_n[:, None] * stride_C_dstate,
+                C_t = tl.load(_rows(C_ptr, (start + offs_i)[None, :], group, offs_n[:, None],
+                                    stride_C_tok, stride_C_group, stride_C_dstate),
                               mask=mask_n[:, None] & mask_i[None, :], other=0.0)          # (N, K)
                 a_i = tl.load(dA_ptr + offs_i * stride_dA_pos, mask=mask_i, other=0.0)
-                dy_i = _gated_dout(
-                    dout_ptr, (start + offs_i)[:, None] * stride_dout_tok + head * stride_dout_head
-                    + offs_p[None, :] * stride_dout_dim,
-                    z_ptr, (start + offs_i)[:, None] * stride_z_tok + head * stride_z_head
-                    + offs_p[None, :] * stride_z_dim, mask_i[:, None] & mask_p[None, :], HAS_Z)
+                dy_i = gated_dout(dout_ptr, z_ptr, (start + offs_i)[:, None], head, offs_p[None, :],
+                                  stride_dout_tok, stride_dout_head, stride_dout_dim, stride_z_tok,
+                                  stride_z_head, stride_z_dim, mask_i[:, None] & mask_p[None, :], HAS_Z)
                 causal = (offs_i[None, :] >= offs_j[:, None]) & mask_i[None, :] & mask_j[:, None]
                 decay = tl.where(causal, tl.exp(a_i[None, :] - a_j[:, None]), 0.0)        # (M, K)
                 CB_t = tile_dot(B_j, C_t.to(B_j.dtype), DOT_PRECISION)                   # B_j . C_i
@@ -323,11 +278,9 @@ def _chunk_scan_bwd_kernel(
                 dyx = tile_dot(x_j, tl.trans(dy_i).to(x_j.dtype), DOT_PRECISION)          # x_j . dy_i
                 dB_h += tile_dot((dyx * decay * dt_j[:, None]).to(C_t.dtype), tl.trans(C_t),
                                  DOT_PRECISION)
-            dy_j = _gated_dout(
-                dout_ptr, (start + offs_j)[:, None] * stride_dout_tok + head * stride_dout_head
-                + offs_p[None, :] * stride_dout_dim,
-                z_ptr, (start + offs_j)[:, None] * stride_z_tok + head * stride_z_head
-                + offs_p[None, :] * stride_z_dim, tile_jp, HAS_Z)
+            dy_j = gated_dout(dout_ptr, z_ptr, tok_j, head, offs_p[None, :], stride_dout_tok,
+                              stride_dout_head, stride_dout_dim, stride_z_tok, stride_z_head,
+                              stride_z_dim, tile_jp, HAS_Z)
             x_f = x_j.to(tl.float32)
             dx = U * dt_j[:, None]
             if HAS_D:
@@ -336,27 +289,26 @@ def _chunk_scan_bwd_kernel(
                 dx += dy_j * D[None, :]
                 tl.store(dD_ptr + (chunk * tl.num_programs(0) + tl.program_id(0)) * stride_dD_block
                          + head * stride_dD_head + offs_p, tl.sum(dy_j * x_f, axis=0), mask=mask_p)
-            tl.store(dx_ptr + (start + offs_j)[:, None] * stride_dx_tok + head * stride_dx_head
-                     + offs_p[None, :] * stride_dx_dim, dx.to(dx_ptr.dtype.element_ty), mask=tile_jp)
+            tl.store(_rows(dx_ptr, tok_j, head, offs_p[None, :], stride_dx_tok, stride_dx_head,
+                           stride_dx_dim), dx.to(dx_ptr.dtype.element_ty), mask=tile_jp)
             if HAS_Z:
-                tok_jp = (start + offs_j)[:, None]
-                dout = tl.load(dout_ptr + tok_jp * stride_dout_tok + head * stride_dout_head
-                               + offs_p[None, :] * stride_dout_dim, mask=tile_jp, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + tok_jp * stride_z_tok + head * stride_z_head
-                            + offs_p[None, :] * stride_z_dim, mask=tile_jp, other=0.0).to(tl.float32)
-                y = tl.load(y_ptr + tok_jp * stride_y_tok + head * stride_y_head
-                            + offs_p[None, :] * stride_y_dim, mask=tile_jp, other=0.0).to(tl.float32)
+                dout = tl.load(_rows(dout_ptr, tok_j, head, offs_p[None, :], stride_dout_tok,
+                                     stride_dout_head, stride_dout_dim), mask=tile_jp, other=0.0)
+                z = tl.load(_rows(z_ptr, tok_j, head, offs_p[None, :], stride_z_tok, stride_z_head,
+                                  stride_z_dim), mask=tile_jp, other=0.0).to(tl.float32)
+                y = tl.load(_rows(y_ptr, tok_j, head, offs_p[None, :], stride_y_tok, stride_y_head,
+                                  stride_y_dim), mask=tile_jp, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(z)
-                dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-                tl.store(dz_ptr + tok_jp * stride_dz_tok + head * stride_dz_head
-                         + offs_p[None, :] * stride_dz_dim, dz.to(dz_ptr.dtype.element_ty), mask=tile_jp)
+                dz = dout.to(tl.float32) * y * sig * (1.0 + z * (1.0 - sig))
+                tl.store(_rows(dz_ptr, tok_j, head, offs_p[None, :], stride_dz_tok, stride_dz_head,
+                               stride_dz_dim), dz.to(dz_ptr.dtype.element_ty), mask=tile_jp)
             pos = head * stride_dA_head + chunk * stride_dA_chunk + offs_j * stride_dA_pos
             tl.store(ddt_ptr + pos, tl.sum(x_f * U, axis=1), mask=mask_j)
             tl.store(ddA_ptr + pos, -tl.sum(B_j.to(tl.float32) * dB_h, axis=1), mask=mask_j)
             tl.store(dlast_ptr + pos, v_j, mask=mask_j)
             dB_acc += dB_h
-        tl.store(dB_ptr + split.to(tl.int64) * stride_dB_split + (start + offs_j)[:, None] * stride_dB_tok
-                 + group * stride_dB_group + offs_n[None, :] * stride_dB_dstate, dB_acc,
+        tl.store(_rows(dB_ptr + split.to(tl.int64) * stride_dB_split, tok_j, group, offs_n[None, :],
+                       stride_dB_tok, stride_dB_group, stride_dB_dstate), dB_acc,
                  mask=mask_j[:, None] & mask_n[None, :])
 
 
@@ -367,10 +319,8 @@ def _chunk_scan_bwd_dC_kernel(
     initial_states_ptr, seq_idx_ptr, cu_chunk_ptr, ddA_ptr, dC_ptr,
     num_tokens, num_seqs, headdim, dstate, heads_per_group, heads_per_program, num_splits,
     stride_x_tok, stride_x_head, stride_x_dim,
-    stride_B_tok, stride_B_group, stride_B_dstate,
-    stride_C_tok, stride_C_group, stride_C_dstate,
-    stride_dout_tok, stride_dout_head, stride_dout_dim,
-    stride_z_tok, stride_z_head, stride_z_dim,
+    stride_B_tok, stride_B_group, stride_B_dstate, stride_C_tok, stride_C_group, stride_C_dstate,
+    stride_dout_tok, stride_dout_head, stride_dout_dim, stride_z_tok, stride_z_head, stride_z_dim,
     stride_dA_head, stride_dA_chunk, stride_dA_pos,
     stride_es_chunk, stride_es_head, stride_es_dim, stride_es_dstate,
     stride_init_seq, stride_init_head, stride_init_dim, stride_init_dstate,
@@ -386,37 +336,28 @@ def _chunk_scan_bwd_dC_kernel(
         d a_i += C_i . dC_i (per head: the intra-chunk and start-state terms)
     dC summed over the program's heads into a float32 partial per head split."""
     i0 = tl.program_id(0) * BLOCK_SIZE_M
-    chunk = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2) // num_splits
-    split = tl.program_id(2) % num_splits
-    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
+    chunk, group, split, start, length, head_first, head_end, offs_i, offs_p, offs_n = _bwd_program(
+        cu_chunk_ptr, num_tokens, heads_per_group, heads_per_program, num_splits, CHUNK_SIZE,
+        BLOCK_SIZE_M, BLOCK_SIZE_P, BLOCK_SIZE_N)
+    # The start state: the previous chunk's end state or the sequence's initial state.
+    seq, row, seq_ok = sequence_of(seq_idx_ptr, chunk, num_seqs)
+    previous_seq = tl.load(seq_idx_ptr + tl.maximum(chunk - 1, 0)).to(tl.int64)
+    continues = (chunk > 0) & (seq == previous_seq)
     if i0 < length:
-        offs_i = i0 + tl.arange(0, BLOCK_SIZE_M)
-        offs_p = tl.arange(0, BLOCK_SIZE_P)
-        offs_n = tl.arange(0, BLOCK_SIZE_N)
+        mask_i, mask_p, mask_n = offs_i < length, offs_p < headdim, offs_n < dstate
         offs_k = tl.arange(0, BLOCK_SIZE_K)
-        mask_i = offs_i < length
-        mask_p = offs_p < headdim
-        mask_n = offs_n < dstate
+        tok_i = (start + offs_i)[:, None]
         state_mask = mask_p[:, None] & mask_n[None, :]
-        C_i = tl.load(C_ptr + (start + offs_i)[:, None] * stride_C_tok + group * stride_C_group
-                      + offs_n[None, :] * stride_C_dstate, mask=mask_i[:, None] & mask_n[None, :],
-                      other=0.0)
-        seq, row, seq_ok = sequence_of(seq_idx_ptr, chunk, num_seqs)
-        previous_seq = tl.load(seq_idx_ptr + tl.maximum(chunk - 1, 0)).to(tl.int64)
-        continues = (chunk > 0) & (seq == previous_seq)
+        C_i = tl.load(_rows(C_ptr, tok_i, group, offs_n[None, :], stride_C_tok, stride_C_group,
+                            stride_C_dstate), mask=mask_i[:, None] & mask_n[None, :], other=0.0)
         dC_acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-        head_first = group * heads_per_group + split * heads_per_program
-        head_end = tl.minimum(head_first + heads_per_program, (group + 1) * heads_per_group)
         for head in range(head_first, head_end):
             dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
             dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
             a_i = tl.load(dA_ptr + offs_i * stride_dA_pos, mask=mask_i, other=0.0)
-            dy_i = _gated_dout(
-                dout_ptr, (start + offs_i)[:, None] * stride_dout_tok + head * stride_dout_head
-                + offs_p[None, :] * stride_dout_dim,
-                z_ptr, (start + offs_i)[:, None] * stride_z_tok + head * stride_z_head
-                + offs_p[None, :] * stride_z_dim, mask_i[:, None] & mask_p[None, :], HAS_Z)
+            dy_i = gated_dout(dout_ptr, z_ptr, tok_i, head, offs_p[None, :], stride_dout_tok,
+                              stride_dout_head, stride_dout_dim, stride_z_tok, stride_z_head,
+                              stride_z_dim, mask_i[:, None] & mask_p[None, :], HAS_Z)
             # The start state's part (the forward's start(c), as ``chunk_scan`` reads it).
             if continues:
                 S_prev = tl.load(end_states_ptr + (chunk - 1) * stride_es_chunk + head * stride_es_head
@@ -433,12 +374,12 @@ def _chunk_scan_bwd_dC_kernel(
             for j0 in range(0, tl.minimum(i0 + BLOCK_SIZE_M, length), BLOCK_SIZE_K):
                 offs_j = j0 + offs_k
                 mask_j = offs_j < length
-                x_t = tl.load(x_ptr + (start + offs_j)[None, :] * stride_x_tok + head * stride_x_head
-                              + offs_p[:, None] * stride_x_dim, mask=mask_p[:, None] & mask_j[None, :],
-                              other=0.0)                                                     # (P, K)
-                B_j = tl.load(B_ptr + (start + offs_j)[:, None] * stride_B_tok + group * stride_B_group
-                              + offs_n[None, :] * stride_B_dstate, mask=mask_j[:, None] & mask_n[None, :],
-                              other=0.0)
+                x_t = tl.load(_rows(x_ptr, (start + offs_j)[None, :], head, offs_p[:, None],
+                                    stride_x_tok, stride_x_head, stride_x_dim),
+                              mask=mask_p[:, None] & mask_j[None, :], other=0.0)            # (P, K)
+                B_j = tl.load(_rows(B_ptr, (start + offs_j)[:, None], group, offs_n[None, :],
+                                    stride_B_tok, stride_B_group, stride_B_dstate),
+                              mask=mask_j[:, None] & mask_n[None, :], other=0.0)
                 a_j = tl.load(dA_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
                 dt_j = tl.load(dt_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
                 causal = (offs_i[:, None] >= offs_j[None, :]) & mask_j[None, :] & mask_i[:, None]
@@ -448,8 +389,8 @@ def _chunk_scan_bwd_dC_kernel(
             tl.store(ddA_ptr + head * stride_dA_head + chunk * stride_dA_chunk + offs_i * stride_dA_pos,
                      tl.sum(C_i.to(tl.float32) * dC_h, axis=1), mask=mask_i)
             dC_acc += dC_h
-        tl.store(dC_ptr + split.to(tl.int64) * stride_dC_split + (start + offs_i)[:, None] * stride_dC_tok
-                 + group * stride_dC_group + offs_n[None, :] * stride_dC_dstate, dC_acc,
+        tl.store(_rows(dC_ptr + split.to(tl.int64) * stride_dC_split, tok_i, group, offs_n[None, :],
+                       stride_dC_tok, stride_dC_group, stride_dC_dstate), dC_acc,
                  mask=mask_i[:, None] & mask_n[None, :])
 
 
@@ -463,25 +404,34 @@ TARGET_PROGRAMS = 1024
 HEADS_PER_PROGRAM = None
 
 
-def _scan_bwd_launch(stage, kernel, device, num_chunks, chunk_size, ngroups, num_splits, *args, **meta):
-    config = launch_config(stage, device)
-    block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
-    launch(kernel, (triton.cdiv(chunk_size, block_m), num_chunks, ngroups * num_splits), config,
-           *args, BLOCK_SIZE_M=block_m, BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
-           CHUNK_SIZE=chunk_size, **meta)
-    return block_m
-
-
-def _head_splits(stage, device, heads_per_group, ngroups, num_chunks, chunk_size):
-    """(heads per program, splits of a group's heads) for a stage-4 launch."""
+def _head_splits(stage, x, B, dA_cumsum):
+    """``(heads per program, splits of a group's heads, the float32 (splits,
+    T, G, N) partial sums)`` of a stage-4 launch."""
+    num_tokens, nheads = x.shape[:2]
+    ngroups, dstate = B.shape[1:]
+    num_chunks, chunk_size = dA_cumsum.shape[1:]
+    heads_per_group = nheads // ngroups
     per_program = HEADS_PER_PROGRAM
     if per_program is None:
-        block_m = clip_block(chunk_size, launch_config(stage, device).BLOCK_SIZE_M)
+        block_m = clip_block(chunk_size, launch_config(stage, x.device).BLOCK_SIZE_M)
         programs = triton.cdiv(chunk_size, block_m) * num_chunks * ngroups
         splits = min(heads_per_group, max(1, triton.cdiv(TARGET_PROGRAMS, programs)))
         per_program = triton.cdiv(heads_per_group, splits)
     per_program = max(1, min(per_program, heads_per_group))
-    return per_program, triton.cdiv(heads_per_group, per_program)
+    splits = triton.cdiv(heads_per_group, per_program)
+    partial = torch.empty(splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
+    return per_program, splits, partial
+
+
+def _scan_bwd_launch(stage, kernel, x, B, dA_cumsum, splits, *args, **meta):
+    """Launch a stage-4 kernel over (cdiv(L, M), K, G * splits) programs."""
+    num_chunks, chunk_size = dA_cumsum.shape[1:]
+    config = launch_config(stage, x.device)
+    block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
+    launch(kernel, (triton.cdiv(chunk_size, block_m), num_chunks, B.shape[1] * splits), config,
+           *args, BLOCK_SIZE_M=block_m, BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
+           CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype),
+           BLOCK_SIZE_P=clip_block(x.shape[2]), BLOCK_SIZE_N=clip_block(B.shape[2]), **meta)
 
 
 def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_seqlens):
@@ -490,34 +440,28 @@ def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_
     dstates = G (K, H, P, N) -> (dx like x, dz like z or None, ddt_x, ddA,
     dlast (H, K, L) float32, dB (T, G, N) float32, dD like D (float32) or None).
     Positions past a chunk's end in the (H, K, L) results are unset."""
+    per_program, splits, dB = _head_splits("chunk_scan_bwd", x, B, dA_cumsum)
     num_tokens, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[1:]
-    num_chunks, chunk_size = dA_cumsum.shape[1:]
-    per_program, splits = _head_splits("chunk_scan_bwd", x.device, nheads // ngroups, ngroups,
-                                       num_chunks, chunk_size)
     dx = torch.empty_like(x)
     dz = None if z is None else torch.empty_like(z)
     ddt_x = torch.empty_like(dA_cumsum)
     ddA = torch.empty_like(dA_cumsum)
     dlast = torch.empty_like(dA_cumsum)
-    dB = torch.empty(
-        splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
     D2 = None if D is None else (D.unsqueeze(1).expand(nheads, headdim) if D.dim() == 1 else D)
+    num_chunks, chunk_size = dA_cumsum.shape[1:]
     config = launch_config("chunk_scan_bwd", x.device)
     num_blocks = triton.cdiv(chunk_size, clip_block(chunk_size, config.BLOCK_SIZE_M))
     dD = None if D is None else torch.zeros(num_chunks * num_blocks, nheads, headdim,
                                             device=x.device, dtype=torch.float32)
     _scan_bwd_launch(
-        "chunk_scan_bwd", _chunk_scan_bwd_kernel, x.device, num_chunks, chunk_size, ngroups, splits,
+        "chunk_scan_bwd", _chunk_scan_bwd_kernel, x, B, dA_cumsum, splits,
         x, B, C, dout, z, y if z is not None else None, D2, dt_out, dA_cumsum, dstates,
         cu_chunk_seqlens, dx, dz, ddt_x, ddA, dlast, dB, dD,
-        num_tokens, headdim, dstate, nheads // ngroups, per_program, splits,
+        num_tokens, headdim, B.shape[2], nheads // B.shape[1], per_program, splits,
         *x.stride(), *B.stride(), *C.stride(), *dout.stride(), *platform.strides(z, 3),
         *platform.strides(y if z is not None else None, 3), *platform.strides(D2, 2),
         *dA_cumsum.stride(), *dstates.stride(), *dx.stride(), *platform.strides(dz, 3), *dB.stride(),
-        *(platform.strides(dD, 3)[:2]),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_SIZE_P=clip_block(headdim),
-        BLOCK_SIZE_N=clip_block(dstate))
+        *(platform.strides(dD, 3)[:2]))
     dB = dB.sum(0) if splits > 1 else dB[0]
     if dD is not None:
         dD = dD.sum(0)
@@ -529,22 +473,14 @@ def chunk_scan_bwd_dC(x, B, C, dout, z, dt_out, dA_cumsum, end_states, initial_s
                       cu_chunk_seqlens, seq_idx, num_seqs):
     """Stage 4, the earlier-token side (see the kernel) -> (dC (T, G, N)
     float32, ddA (H, K, L) float32: C_i . dC_i per head)."""
-    num_tokens, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[1:]
-    num_chunks, chunk_size = dA_cumsum.shape[1:]
-    per_program, splits = _head_splits("chunk_scan_bwd_dC", x.device, nheads // ngroups, ngroups,
-                                       num_chunks, chunk_size)
+    per_program, splits, dC = _head_splits("chunk_scan_bwd_dC", x, B, dA_cumsum)
     ddA = torch.empty_like(dA_cumsum)
-    dC = torch.empty(
-        splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
     _scan_bwd_launch(
-        "chunk_scan_bwd_dC", _chunk_scan_bwd_dC_kernel, x.device, num_chunks, chunk_size, ngroups,
-        splits, x, B, C, dout, z, dt_out, dA_cumsum, end_states, initial_states, seq_idx,
-        cu_chunk_seqlens, ddA, dC,
-        num_tokens, num_seqs, headdim, dstate, nheads // ngroups, per_program, splits,
+        "chunk_scan_bwd_dC", _chunk_scan_bwd_dC_kernel, x, B, dA_cumsum, splits,
+        x, B, C, dout, z, dt_out, dA_cumsum, end_states, initial_states, seq_idx, cu_chunk_seqlens,
+        ddA, dC, x.shape[0], num_seqs, x.shape[2], B.shape[2], x.shape[1] // B.shape[1],
+        per_program, splits,
         *x.stride(), *B.stride(), *C.stride(), *dout.stride(), *platform.strides(z, 3),
         *dA_cumsum.stride(), *end_states.stride(), *platform.strides(initial_states, 4),
-        *dC.stride(),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_SIZE_P=clip_block(headdim),
-        BLOCK_SIZE_N=clip_block(dstate))
+        *dC.stride())
     return (dC.sum(0) if splits > 1 else dC[0]), ddA

@@ -23,24 +23,21 @@ import torch
 from bridge.spec.launch_config import clip_block
 from torch_impl import platform
 from torch_impl.ssd_common import (
-    chunk_bounds, dot_precision, launch, launch_config, launch_tiles, softplus, tile_dot,
-    tile_offsets)
+    TL_DTYPES, chunk_bounds, dot_precision, gated_dout, launch, launch_config, launch_tiles,
+    softplus, tile_dot, tile_offsets)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
-@triton.heuristics({"HAS_DT_BIAS": lambda args: args["dt_bias_ptr"] is not None})
 @triton.jit
-def _chunk_cumsum_kernel(
-    dt_ptr, A_ptr, dt_bias_ptr, cu_chunk_ptr, dA_cumsum_ptr, dt_out_ptr,
-    num_tokens, nheads, dt_min, dt_max,
-    stride_dt_tok, stride_dt_head, stride_A_head, stride_dt_bias_head,
-    stride_out_head, stride_out_chunk, stride_out_pos,
-    DT_SOFTPLUS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
-    BLOCK_SIZE_H: tl.constexpr, CHUNK_SIZE: tl.constexpr,
-):
-    """Grid (num_chunks, cdiv(nheads, BLOCK_SIZE_H)): the whole chunk is one tile."""
+def _chunk_dt(dt_ptr, dt_bias_ptr, cu_chunk_ptr, num_tokens, nheads, stride_dt_tok, stride_dt_head,
+              stride_dt_bias_head, HAS_DT_BIAS: tl.constexpr, BLOCK_SIZE_H: tl.constexpr,
+              CHUNK_SIZE: tl.constexpr):
+    """The chunk of a program of grid (num_chunks, cdiv(nheads, BLOCK_SIZE_H)),
+    the whole chunk one tile: ``(chunk, offs_h, offs_l, start, valid, mask_h,
+    in_chunk, dt)``, dt the chunk's dt + dt_bias, (L, BLOCK_SIZE_H) float32
+    (0 past the chunk's end)."""
     chunk = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_SIZE_H + tl.arange(0, BLOCK_SIZE_H)
     start, length, valid = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
@@ -51,6 +48,22 @@ def _chunk_cumsum_kernel(
                  mask=in_chunk, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + offs_h * stride_dt_bias_head, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    return chunk, offs_h, offs_l, start, valid, mask_h, in_chunk, dt
+
+
+@triton.heuristics(platform.given_flags(HAS_DT_BIAS="dt_bias_ptr"))
+@triton.jit
+def _chunk_cumsum_kernel(
+    dt_ptr, A_ptr, dt_bias_ptr, cu_chunk_ptr, dA_cumsum_ptr, dt_out_ptr, num_tokens, nheads,
+    dt_min, dt_max, stride_dt_tok, stride_dt_head, stride_A_head, stride_dt_bias_head,
+    stride_out_head, stride_out_chunk, stride_out_pos,
+    DT_SOFTPLUS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
+    BLOCK_SIZE_H: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+):
+    """Grid (num_chunks, cdiv(nheads, BLOCK_SIZE_H)): the whole chunk is one tile."""
+    chunk, offs_h, offs_l, start, valid, mask_h, in_chunk, dt = _chunk_dt(
+        dt_ptr, dt_bias_ptr, cu_chunk_ptr, num_tokens, nheads, stride_dt_tok, stride_dt_head,
+        stride_dt_bias_head, HAS_DT_BIAS, BLOCK_SIZE_H, CHUNK_SIZE)
     if DT_SOFTPLUS:
         dt = softplus(dt)
     if HAS_DT_LIMIT:
@@ -85,63 +98,79 @@ def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=
     return dA_cumsum, dt_out
 
 
+@triton.heuristics(platform.given_flags(HAS_Z="z_ptr", HAS_DT="dt_out_ptr"))
 @triton.jit
 def _chunk_state_kernel(
-    x_ptr, B_ptr, dt_out_ptr, dA_cumsum_ptr, cu_chunk_ptr, states_ptr,
-    num_tokens, headdim, dstate, heads_per_group,
-    stride_x_tok, stride_x_head, stride_x_dim,
-    stride_B_tok, stride_B_group, stride_B_dstate,
-    stride_dA_head, stride_dA_chunk, stride_dA_pos,
-    stride_states_chunk, stride_states_head, stride_states_dim, stride_states_dstate,
+    u_ptr, z_ptr, v_ptr, dt_out_ptr, dA_cumsum_ptr, cu_chunk_ptr, out_ptr,
+    num_tokens, size_m, size_n, heads_per_group,
+    stride_u_tok, stride_u_head, stride_u_dim, stride_z_tok, stride_z_head, stride_z_dim,
+    stride_v_tok, stride_v_group, stride_v_dstate, stride_dA_head, stride_dA_chunk, stride_dA_pos,
+    stride_out_chunk, stride_out_head, stride_out_dim, stride_out_dstate,
+    HAS_Z: tl.constexpr, HAS_DT: tl.constexpr, DOT_DTYPE: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
 ):
-    """Grid (num_chunks, nheads, cdiv(headdim, M) * cdiv(dstate, N)): one
-    (M, N) tile of a chunk's state, K running over the chunk's tokens."""
+    """Grid (num_chunks, nheads, cdiv(M, BM) * cdiv(N, BN)): one (BM, BN)
+    tile of sum_k u_k^T (v_k scale_k) over a chunk's tokens, K at a time,
+    u (T, H, M) (times silu(z) when given), v (T, G, N), the products in
+    DOT_DTYPE. With dt_out (stage 2, the chunk's own state): u = x, v = B,
+    scale_k = exp(a_last - a_k) dt_k; without (the backward's dS_prev):
+    u = dout, z given, v = C, scale_k = exp(a_k)."""
     chunk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    offs_m, offs_n = tile_offsets(tl.program_id(2), dstate, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    offs_m, offs_n = tile_offsets(tl.program_id(2), size_n, BLOCK_SIZE_M, BLOCK_SIZE_N)
     group = head // heads_per_group
     start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
-    dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
-    dA_last = tl.load(dA_ptr + (CHUNK_SIZE - 1) * stride_dA_pos)
-    x_base = x_ptr + start * stride_x_tok + head * stride_x_head
-    B_base = B_ptr + start * stride_B_tok + group * stride_B_group
+    if HAS_DT:
+        dt_ptr = dt_out_ptr + head * stride_dA_head + chunk * stride_dA_chunk
+        dA_last = tl.load(dA_ptr + (CHUNK_SIZE - 1) * stride_dA_pos)
 
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k in range(0, length, BLOCK_SIZE_K):
         tok = k + offs_k
         in_chunk = tok < length
-        x_t = tl.load(x_base + offs_m[:, None] * stride_x_dim + tok[None, :] * stride_x_tok,
-                      mask=(offs_m < headdim)[:, None] & in_chunk[None, :], other=0.0)
-        B = tl.load(B_base + tok[:, None] * stride_B_tok + offs_n[None, :] * stride_B_dstate,
-                    mask=in_chunk[:, None] & (offs_n < dstate)[None, :], other=0.0).to(tl.float32)
+        u_t = gated_dout(u_ptr, z_ptr, (start + tok)[None, :], head, offs_m[:, None],
+                         stride_u_tok, stride_u_head, stride_u_dim, stride_z_tok, stride_z_head,
+                         stride_z_dim, (offs_m < size_m)[:, None] & in_chunk[None, :], HAS_Z)
+        v = tl.load(v_ptr + (start + tok)[:, None] * stride_v_tok + group * stride_v_group
+                    + offs_n[None, :] * stride_v_dstate,
+                    mask=in_chunk[:, None] & (offs_n < size_n)[None, :], other=0.0).to(tl.float32)
         dA = tl.load(dA_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
-        dt = tl.load(dt_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
-        scale = tl.where(in_chunk, tl.exp(dA_last - dA) * dt, 0.0)
-        acc += tile_dot(x_t, (B * scale[:, None]).to(x_t.dtype), DOT_PRECISION)
+        if HAS_DT:
+            dt = tl.load(dt_ptr + tok * stride_dA_pos, mask=in_chunk, other=0.0)
+            scale = tl.where(in_chunk, tl.exp(dA_last - dA) * dt, 0.0)
+        else:
+            scale = tl.exp(dA)
+        acc += tile_dot(u_t.to(DOT_DTYPE), (v * scale[:, None]).to(DOT_DTYPE), DOT_PRECISION)
 
-    tl.store(states_ptr + chunk * stride_states_chunk + head * stride_states_head
-             + offs_m[:, None] * stride_states_dim + offs_n[None, :] * stride_states_dstate,
-             acc, mask=(offs_m < headdim)[:, None] & (offs_n < dstate)[None, :])
+    tl.store(out_ptr + chunk * stride_out_chunk + head * stride_out_head
+             + offs_m[:, None] * stride_out_dim + offs_n[None, :] * stride_out_dstate,
+             acc, mask=(offs_m < size_m)[:, None] & (offs_n < size_n)[None, :])
+
+
+def chunk_state_sum(stage, u, z, v, dt_out, dA_cumsum, cu_chunk_seqlens, dot_dtype):
+    """``_chunk_state_kernel`` with ``stage``'s config: u, z (T, H, M), v
+    (T, G, N), dt_out or None, dA_cumsum (H, K, L) -> (K, H, M, N) float32."""
+    num_tokens, nheads, size_m = u.shape
+    ngroups, size_n = v.shape[1:]
+    _, num_chunks, chunk_size = dA_cumsum.shape
+    out = torch.empty(num_chunks, nheads, size_m, size_n, device=u.device, dtype=torch.float32)
+    launch_tiles(
+        _chunk_state_kernel, stage, u.device, lambda tiles: (num_chunks, nheads, tiles),
+        size_m, size_n, chunk_size,
+        u, z, v, dt_out, dA_cumsum, cu_chunk_seqlens, out, num_tokens, size_m, size_n,
+        nheads // ngroups, *u.stride(), *platform.strides(z, 3), *v.stride(), *dA_cumsum.stride(),
+        *out.stride(),
+        DOT_DTYPE=TL_DTYPES[dot_dtype], CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(dot_dtype))
+    return out
 
 
 def chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens):
     """B (T, G, N), x (T, H, P), dt_out / dA_cumsum (H, K, L) -> chunk_states
     (K, H, P, N) float32: each chunk's state from a zero start."""
-    num_tokens, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[1:]
-    _, num_chunks, chunk_size = dA_cumsum.shape
-    states = torch.empty(num_chunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-    launch_tiles(
-        _chunk_state_kernel, "chunk_state", x.device, lambda tiles: (num_chunks, nheads, tiles),
-        headdim, dstate, chunk_size,
-        x, B, dt_out, dA_cumsum, cu_chunk_seqlens, states, num_tokens, headdim, dstate,
-        nheads // ngroups, *x.stride(), *B.stride(), *dA_cumsum.stride(), *states.stride(),
-        CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype))
-    return states
+    return chunk_state_sum("chunk_state", x, None, B, dt_out, dA_cumsum, cu_chunk_seqlens, x.dtype)
 
 
 # --- The backward (training) --------------------------------------------------------
@@ -163,17 +192,9 @@ def _chunk_cumsum_bwd_kernel(
     tile. With da_i = ddA_j + ddA_i and d a_last = sum_j dlast_j + dlast_state:
     r_k = sum_{i >= k} da_i + d a_last, ddt_k = ddt_x_k + A r_k, dA += sum_k
     dt_k r_k; then back through the clamp and softplus to the raw dt."""
-    chunk = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_SIZE_H + tl.arange(0, BLOCK_SIZE_H)
-    start, length, _ = chunk_bounds(cu_chunk_ptr, chunk, num_tokens, CHUNK_SIZE)
-    offs_l = tl.arange(0, CHUNK_SIZE)
-    mask_h = offs_h < nheads
-    in_chunk = (offs_l < length)[:, None] & mask_h[None, :]
-    raw = tl.load(dt_ptr + (start + offs_l)[:, None] * stride_dt_tok + offs_h[None, :] * stride_dt_head,
-                  mask=in_chunk, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        bias = tl.load(dt_bias_ptr + offs_h * stride_dt_bias_head, mask=mask_h, other=0.0)
-        raw += bias.to(tl.float32)[None, :]
+    chunk, offs_h, offs_l, start, _, mask_h, in_chunk, raw = _chunk_dt(
+        dt_ptr, dt_bias_ptr, cu_chunk_ptr, num_tokens, nheads, stride_dt_tok, stride_dt_head,
+        stride_dt_bias_head, HAS_DT_BIAS, BLOCK_SIZE_H, CHUNK_SIZE)
     buf = offs_h[None, :] * stride_b_head + chunk * stride_b_chunk + offs_l[:, None] * stride_b_pos
     da = (tl.load(ddA_j_ptr + buf, mask=in_chunk, other=0.0)
           + tl.load(ddA_i_ptr + buf, mask=in_chunk, other=0.0))

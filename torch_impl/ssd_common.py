@@ -53,6 +53,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# The triton dtype of each floating torch dtype (a ``tl.constexpr`` operand dtype).
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 # Triton 3.6's CPU interpreter multiplies bfloat16 operands wrongly; there
 # they are widened to float32 first (exact products of the same values).
 _WIDEN_BF16_DOTS = tl.constexpr(platform.INTERPRET)
@@ -106,3 +110,19 @@ def sequence_of(seq_idx_ptr, chunk, num_seqs):
     seq = tl.load(seq_idx_ptr + chunk).to(tl.int64)
     row = tl.minimum(tl.maximum(seq, 0), tl.maximum(num_seqs - 1, 0))
     return seq, row, (seq >= 0) & (seq < num_seqs)
+
+
+@triton.jit
+def gated_dout(dout_ptr, z_ptr, tok, head, offs_p, stride_dout_tok, stride_dout_head,
+               stride_dout_dim, stride_z_tok, stride_z_head, stride_z_dim, mask,
+               HAS_Z: tl.constexpr):
+    """dout * silu(z) (float32) of one head at token rows ``tok`` and
+    columns ``offs_p`` (broadcastable index blocks): the gradient before the
+    gate (z_ptr may be None: no pointer arithmetic on it then)."""
+    dy = tl.load(dout_ptr + tok * stride_dout_tok + head * stride_dout_head + offs_p * stride_dout_dim,
+                 mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + tok * stride_z_tok + head * stride_z_head + offs_p * stride_z_dim,
+                    mask=mask, other=0.0).to(tl.float32)
+        dy = dy * z * tl.sigmoid(z)
+    return dy
