@@ -5,16 +5,12 @@ diagonal. Mirror: ``torch_impl/ssd_bmm.py``.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.spec.launch_config import clip_block
-from bridge.spec.ssd_launch_config import tile_sizes
-from jax_impl.ssd_common import chunk_bounds, launch_config, pallas_call, tile_dot, tile_origin
+from jax_impl.ssd_common import chunk_bounds, tile_call, tile_dot, tile_origin
 
 
 def _bmm_chunk_kernel(C_ref, B_ref, cu_chunk_ref, CB_ref, *, num_tokens, dstate, chunk_size,
@@ -52,15 +48,9 @@ def bmm_chunk(C, B, cu_chunk_seqlens, chunk_size: int):
     above the diagonal unset)."""
     num_tokens, ngroups, dstate = C.shape
     num_chunks = cu_chunk_seqlens.shape[0] - 1
-    config = launch_config("bmm_chunk")
-    block_size_m, block_size_n, num_tiles = tile_sizes(config, chunk_size, chunk_size)
-    kernel = functools.partial(
-        _bmm_chunk_kernel, num_tokens=num_tokens, dstate=dstate, chunk_size=chunk_size,
-        block_size_m=block_size_m, block_size_n=block_size_n,
-        block_size_k=clip_block(dstate, config.BLOCK_SIZE_K))
-    return pallas_call(
-        kernel, config,
+    return tile_call(
+        "bmm_chunk", _bmm_chunk_kernel, chunk_size, chunk_size, dstate,
+        lambda tiles: (num_chunks, ngroups, tiles),
+        dict(num_tokens=num_tokens, dstate=dstate, chunk_size=chunk_size),
         out_shape=jax.ShapeDtypeStruct((num_chunks, ngroups, chunk_size, chunk_size), jnp.float32),
-        grid=(num_chunks, ngroups, num_tiles),
-        name="ssd_bmm_chunk",
     )(C, B, cu_chunk_seqlens)

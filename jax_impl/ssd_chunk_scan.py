@@ -13,9 +13,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.launch_config import clip_block
-from bridge.spec.ssd_launch_config import tile_sizes
+from jax_impl.ssd_chunk_state import chunk_state_sum
 from jax_impl.ssd_common import (
-    chunk_bounds, launch_config, pallas_call, sequence_of, start_state, tile_dot, tile_origin)
+    chunk_bounds, launch_config, load_rows, pallas_call, sequence_of, start_state, tile_call,
+    tile_dot, tile_origin, token_tile)
 
 
 def _chunk_scan_kernel(CB_ref, x_ref, dt_out_ref, dA_cumsum_ref, C_ref, end_states_ref,
@@ -106,24 +107,18 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
     num_tokens, nheads, headdim = x.shape
     ngroups, dstate = C.shape[1:]
     num_chunks, chunk_size = dA_cumsum.shape[1:]
-    config = launch_config("chunk_scan")
-    block_size_m, block_size_n, num_tiles = tile_sizes(config, chunk_size, headdim)
-    kernel = functools.partial(
-        _chunk_scan_kernel, num_tokens=num_tokens, num_seqs=num_seqs,
-        heads_per_group=nheads // ngroups, headdim=headdim, dstate=dstate, chunk_size=chunk_size,
-        D_per_head=D is not None and D.ndim == 1, block_size_m=block_size_m,
-        block_size_n=block_size_n, block_size_k=clip_block(chunk_size, config.BLOCK_SIZE_K),
-        block_size_dstate=clip_block(dstate))
     operands = (CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_idx, D, z,
                 initial_states, out)
     out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype if out is None else out.dtype)
-    return pallas_call(
-        kernel, config,
+    return tile_call(
+        "chunk_scan", _chunk_scan_kernel, chunk_size, headdim, chunk_size,
+        lambda tiles: (tiles, num_chunks, nheads),
+        dict(num_tokens=num_tokens, num_seqs=num_seqs, heads_per_group=nheads // ngroups,
+             headdim=headdim, dstate=dstate, chunk_size=chunk_size,
+             D_per_head=D is not None and D.ndim == 1, block_size_dstate=clip_block(dstate)),
         out_shape=((out_shape, jax.ShapeDtypeStruct(x.shape, x.dtype)) if return_y else out_shape),
-        grid=(num_tiles, num_chunks, nheads),
         # Aliases index the flattened operands, where an absent (None) one takes no place.
         input_output_aliases={} if out is None else {sum(a is not None for a in operands) - 1: 0},
-        name="ssd_chunk_scan",
     )(*operands)
 
 
@@ -132,58 +127,33 @@ def chunk_scan(CB, x, dt_out, dA_cumsum, C, end_states, cu_chunk_seqlens, seq_id
 # the z gate, G_c the gradient of chunk c's end state (state_passing_bwd).
 
 
-def _chunk_scan_bwd_dstates_kernel(dy_ref, C_ref, dA_cumsum_ref, cu_chunk_ref, dstart_ref, *,
-                                   num_tokens, heads_per_group, headdim, dstate, chunk_size,
-                                   block_size_m, block_size_n, block_size_k):
-    """Grid (K, H, cdiv(P, BM) * cdiv(N, BN)): one (BM, BN) tile of the
-    gradient of chunk ``chunk``'s start state from its outputs,
-    sum_i exp(a_i) dy_i (outer) C_i, over the chunk's tokens in
-    ``block_size_k`` steps."""
-    chunk, head = pl.program_id(0), pl.program_id(1)
-    m0, n0 = tile_origin(pl.program_id(2), dstate, block_size_m, block_size_n)
-    group = head // heads_per_group
-    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
-    mask_m = m0 + jnp.arange(block_size_m) < headdim
-    mask_n = n0 + jnp.arange(block_size_n) < dstate
-
-    def token_block(k, acc):
-        k0 = k * block_size_k
-        mask_k = k0 + jnp.arange(block_size_k) < length
-        tokens = pl.ds(start + k0, block_size_k)
-        dy = plgpu.load(dy_ref.at[tokens, head, pl.ds(m0, block_size_m)],
-                        mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # (BK, BM)
-        C = plgpu.load(C_ref.at[tokens, group, pl.ds(n0, block_size_n)],
-                       mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (BK, BN)
-        dA = dA_cumsum_ref[head, chunk, pl.ds(k0, block_size_k)]
-        scale = jnp.where(mask_k, jnp.exp(dA), 0.0)
-        dy_scaled = (dy.astype(jnp.float32) * scale[:, None]).astype(C.dtype)
-        return acc + tile_dot(dy_scaled.T, C)
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(length, block_size_k), token_block,
-                            jnp.zeros((block_size_m, block_size_n), jnp.float32))
-    plgpu.store(dstart_ref.at[chunk, head, pl.ds(m0, block_size_m), pl.ds(n0, block_size_n)],
-                acc, mask=mask_m[:, None] & mask_n[None, :])
-
-
 def chunk_scan_bwd_dstates(dy, C, dA_cumsum, cu_chunk_seqlens):
     """dy (T, H, P) (the gradient before the z gate, in the inputs' dtype),
     C (T, G, N), dA_cumsum (H, K, L) -> the gradient of every chunk's start
-    state from the chunk's outputs, (K, H, P, N) float32."""
-    num_tokens, nheads, headdim = dy.shape
-    ngroups, dstate = C.shape[1:]
-    _, num_chunks, chunk_size = dA_cumsum.shape
-    config = launch_config("chunk_scan_bwd_dstates")
-    block_size_m, block_size_n, num_tiles = tile_sizes(config, headdim, dstate)
-    kernel = functools.partial(
-        _chunk_scan_bwd_dstates_kernel, num_tokens=num_tokens, heads_per_group=nheads // ngroups,
-        headdim=headdim, dstate=dstate, chunk_size=chunk_size, block_size_m=block_size_m,
-        block_size_n=block_size_n, block_size_k=clip_block(chunk_size, config.BLOCK_SIZE_K))
-    return pallas_call(
-        kernel, config,
-        out_shape=jax.ShapeDtypeStruct((num_chunks, nheads, headdim, dstate), jnp.float32),
-        grid=(num_chunks, nheads, num_tiles),
-        name="ssd_chunk_scan_bwd_dstates",
-    )(dy, C, dA_cumsum, cu_chunk_seqlens)
+    state from the chunk's outputs, sum_i exp(a_i) dy_i (outer) C_i,
+    (K, H, P, N) float32 (stage 2's kernel without dt)."""
+    return chunk_state_sum("chunk_scan_bwd_dstates", dy, C, None, dA_cumsum, cu_chunk_seqlens,
+                           C.dtype)
+
+
+def _bwd_block(cu_chunk_ref, num_tokens, heads_per_group, heads_per_program, headdim, dstate,
+               chunk_size, block_size_m, block_size_p, block_size_dstate):
+    """What a chunk_scan_bwd program of grid (K, G * splits, cdiv(L, BM))
+    covers: ``(chunk, pid_h, group, first_head, start, length, offs, mask,
+    mask_p, mask_d, rows, positions)``: its chunk's token range, the first
+    of the group's ``heads_per_program`` heads it walks, its (BM,) tile of
+    positions (offsets, mask, token rows, position slice) and the masks of
+    headdim and dstate."""
+    chunk, pid_h = pl.program_id(0), pl.program_id(1)
+    splits = heads_per_group // heads_per_program
+    group = pid_h // splits
+    first_head = group * heads_per_group + (pid_h % splits) * heads_per_program
+    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
+    m0 = pl.program_id(2) * block_size_m
+    offs = m0 + jnp.arange(block_size_m)
+    return (chunk, pid_h, group, first_head, start, length, offs, offs < length,
+            jnp.arange(block_size_p) < headdim, jnp.arange(block_size_dstate) < dstate,
+            pl.ds(start + m0, block_size_m), pl.ds(m0, block_size_m))
 
 
 def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C_ref, dend_ref,
@@ -196,41 +166,26 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
     chunk, for ``heads_per_program`` heads of one group (their dB summed in
     registers): dx, ddt, dB and the decay gradients indexed by j, the chunk's
     later tokens i >= j walked in (BK,) tiles with C_i B_j^T recomputed."""
-    chunk, pid_h, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    splits = heads_per_group // heads_per_program
-    group = pid_h // splits
-    first_head = group * heads_per_group + (pid_h % splits) * heads_per_program
-    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
-    j0 = pid_m * block_size_m
-    offs_j = j0 + jnp.arange(block_size_m)
-    mask_j = offs_j < length
-    mask_p = jnp.arange(block_size_p) < headdim
-    mask_d = jnp.arange(block_size_dstate) < dstate
-    rows = pl.ds(start + j0, block_size_m)
+    (chunk, pid_h, group, first_head, start, length, offs_j, mask_j, mask_p, mask_d, rows,
+     positions) = _bwd_block(cu_chunk_ref, num_tokens, heads_per_group, heads_per_program, headdim,
+                             dstate, chunk_size, block_size_m, block_size_p, block_size_dstate)
+    j0 = pl.program_id(2) * block_size_m
     p_cols, d_cols = pl.ds(jnp.int32(0), block_size_p), pl.ds(jnp.int32(0), block_size_dstate)
-    B = plgpu.load(B_ref.at[rows, group, d_cols], mask=mask_j[:, None] & mask_d[None, :],
-                   other=0.0)  # (BM, N)
+    B = load_rows(B_ref, rows, group, d_cols, mask_j, mask_d)  # (BM, N)
     state_mask = mask_p[:, None] & mask_d[None, :]
-    positions = pl.ds(j0, block_size_m)
 
     def head_step(h, dB_acc):
         head = first_head + h
-        x = plgpu.load(x_ref.at[rows, head, p_cols], mask=mask_j[:, None] & mask_p[None, :],
-                       other=0.0)  # (BM, P)
+        x = load_rows(x_ref, rows, head, p_cols, mask_j, mask_p)  # (BM, P)
         dt_j = dt_out_ref[head, chunk, positions]
         a_j = dA_cumsum_ref[head, chunk, positions]
         a_last = dA_cumsum_ref[head, chunk, jnp.int32(chunk_size - 1)]
 
         def later_block(k, carry):
             dx_acc, dB_acc, colsum = carry
-            i0 = k * block_size_k
-            offs_i = i0 + jnp.arange(block_size_k)
-            mask_i = offs_i < length
-            tokens = pl.ds(start + i0, block_size_k)
-            C = plgpu.load(C_ref.at[tokens, group, d_cols], mask=mask_i[:, None] & mask_d[None, :],
-                           other=0.0)  # (BK, N)
-            dy = plgpu.load(dy_ref.at[tokens, head, p_cols], mask=mask_i[:, None] & mask_p[None, :],
-                            other=0.0)  # (BK, P)
+            i0, offs_i, mask_i, tokens = token_tile(k, start, length, block_size_k)
+            C = load_rows(C_ref, tokens, group, d_cols, mask_i, mask_d)  # (BK, N)
+            dy = load_rows(dy_ref, tokens, head, p_cols, mask_i, mask_p)  # (BK, P)
             a_i = dA_cumsum_ref[head, chunk, pl.ds(i0, block_size_k)]
             causal = (offs_i[:, None] >= offs_j[None, :]) & mask_i[:, None] & mask_j[None, :]
             # where, not a 0/1 product: above the diagonal the exponent may overflow.
@@ -258,8 +213,7 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
         inner = dx_acc + to_end[:, None] * GB
         dx = dt_j[:, None] * inner
         if D_ref is not None:
-            dy_j = plgpu.load(dy_ref.at[rows, head, p_cols], mask=mask_j[:, None] & mask_p[None, :],
-                              other=0.0).astype(jnp.float32)
+            dy_j = load_rows(dy_ref, rows, head, p_cols, mask_j, mask_p).astype(jnp.float32)
             if D_per_head:
                 D = D_ref[head].astype(jnp.float32)
             else:
@@ -271,7 +225,7 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
         v = to_end * dt_j * jnp.sum(x32 * GB, axis=1)
         # d a_last: the v terms and, once per chunk (the tile holding token 0),
         # the start state's exp(a_last) <G_c, S_prev>.
-        first_tile = pid_m == 0
+        first_tile = j0 == 0
         start_tile = start_state(end_states_ref, initial_states_ref, seq_idx_ref, chunk, head,
                                  p_cols, d_cols, state_mask & first_tile, num_seqs)
         carried = jnp.exp(a_last) * jnp.sum(jnp.where(state_mask, dend * start_tile, 0.0))
@@ -298,39 +252,24 @@ def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
     chunk, for ``heads_per_program`` heads of one group (their dC summed in
     registers): dC and the decay gradient indexed by i, the chunk's earlier
     tokens j <= i walked in (BK,) tiles with C_i B_j^T recomputed."""
-    chunk, pid_h, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    splits = heads_per_group // heads_per_program
-    group = pid_h // splits
-    first_head = group * heads_per_group + (pid_h % splits) * heads_per_program
-    start, length, _ = chunk_bounds(cu_chunk_ref, chunk, num_tokens, chunk_size)
-    i0 = pid_m * block_size_m
-    offs_i = i0 + jnp.arange(block_size_m)
-    mask_i = offs_i < length
-    mask_p = jnp.arange(block_size_p) < headdim
-    mask_d = jnp.arange(block_size_dstate) < dstate
-    rows = pl.ds(start + i0, block_size_m)
-    p_cols, d_cols = pl.ds(jnp.int32(0), block_size_p), pl.ds(jnp.int32(0), block_size_dstate)
-    C = plgpu.load(C_ref.at[rows, group, d_cols], mask=mask_i[:, None] & mask_d[None, :],
-                   other=0.0)  # (BM, N)
+    (chunk, pid_h, group, first_head, start, length, offs_i, mask_i, mask_p, mask_d, rows,
+     positions) = _bwd_block(cu_chunk_ref, num_tokens, heads_per_group, heads_per_program, headdim,
+                             dstate, chunk_size, block_size_m, block_size_p, block_size_dstate)
+    i0 = pl.program_id(2) * block_size_m
     state_mask = mask_p[:, None] & mask_d[None, :]
-    positions = pl.ds(i0, block_size_m)
+    p_cols, d_cols = pl.ds(jnp.int32(0), block_size_p), pl.ds(jnp.int32(0), block_size_dstate)
+    C = load_rows(C_ref, rows, group, d_cols, mask_i, mask_d)  # (BM, N)
 
     def head_step(h, dC_acc):
         head = first_head + h
-        dy = plgpu.load(dy_ref.at[rows, head, p_cols], mask=mask_i[:, None] & mask_p[None, :],
-                        other=0.0)  # (BM, P)
+        dy = load_rows(dy_ref, rows, head, p_cols, mask_i, mask_p)  # (BM, P)
         a_i = dA_cumsum_ref[head, chunk, positions]
 
         def earlier_block(k, carry):
             dC_acc, rowsum = carry
-            j0 = k * block_size_k
-            offs_j = j0 + jnp.arange(block_size_k)
-            mask_j = offs_j < length
-            tokens = pl.ds(start + j0, block_size_k)
-            B = plgpu.load(B_ref.at[tokens, group, d_cols], mask=mask_j[:, None] & mask_d[None, :],
-                           other=0.0)  # (BK, N)
-            x = plgpu.load(x_ref.at[tokens, head, p_cols], mask=mask_j[:, None] & mask_p[None, :],
-                           other=0.0)  # (BK, P)
+            j0, offs_j, mask_j, tokens = token_tile(k, start, length, block_size_k)
+            B = load_rows(B_ref, tokens, group, d_cols, mask_j, mask_d)  # (BK, N)
+            x = load_rows(x_ref, tokens, head, p_cols, mask_j, mask_p)  # (BK, P)
             a_j = dA_cumsum_ref[head, chunk, pl.ds(j0, block_size_k)]
             dt_j = dt_out_ref[head, chunk, pl.ds(j0, block_size_k)]
             causal = (offs_j[None, :] <= offs_i[:, None]) & mask_i[:, None] & mask_j[None, :]

@@ -4,6 +4,7 @@ the tile product, softplus and the bounds of a chunk. Mirror:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.spec.ssd_launch_config import SsdLaunchConfigs, StageConfig
+from bridge.spec.launch_config import clip_block
+from bridge.spec.ssd_launch_config import SsdLaunchConfigs, StageConfig, tile_sizes
 from jax_impl import platform
 
 
@@ -43,6 +45,19 @@ def pallas_call(kernel, config: StageConfig, **options):
     return run
 
 
+def tile_call(stage: str, kernel, size_m: int, size_n: int, size_k: int, grid, statics: dict,
+              **options):
+    """``pallas_call`` of a tile stage (2, 4 or 5: ``TileConfig``): its
+    config's caps clipped to the (size_m, size_n) output and the size_k
+    reduction, passed as block_size_m/n/k with ``statics``; ``grid(num_tiles)``
+    places the tile axis. Mirror: ``torch_impl.ssd_common.launch_tiles``."""
+    config = launch_config(stage)
+    block_size_m, block_size_n, num_tiles = tile_sizes(config, size_m, size_n)
+    kernel = functools.partial(kernel, block_size_m=block_size_m, block_size_n=block_size_n,
+                               block_size_k=clip_block(size_k, config.BLOCK_SIZE_K), **statics)
+    return pallas_call(kernel, config, grid=grid(num_tiles), name=f"ssd_{stage}", **options)
+
+
 def int32_metadata(values, low: int, high: int):
     """Index metadata as int32 for the kernels: int64 values are first
     clipped to [low, high], so that none wraps into range."""
@@ -54,6 +69,21 @@ def tile_dot(a, b):
     inputs take the exact (IEEE) path rather than TF32."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def load_rows(ref, rows, index, cols, mask_rows, mask_cols):
+    """The (rows, cols) tile of head or group ``index`` of a (T, H|G, cols)
+    ``ref``, 0 where masked off (no memory moved there)."""
+    return plgpu.load(ref.at[rows, index, cols], mask=mask_rows[:, None] & mask_cols[None, :],
+                      other=0.0)
+
+
+def token_tile(k, start, length: int, block_size_k: int):
+    """``(k0, offsets, mask, rows)`` of the k-th (block_size_k,) tile of the
+    tokens of a chunk at ``start`` with ``length`` tokens."""
+    k0 = k * block_size_k
+    offs = k0 + jnp.arange(block_size_k)
+    return k0, offs, offs < length, pl.ds(start + k0, block_size_k)
 
 
 def softplus(x):

@@ -17,6 +17,25 @@ from bridge.spec.launch_config import clip_block
 from jax_impl.ssd_common import launch_config, pallas_call, sequence_of
 
 
+def _carry_call(stage, kernel, shape, dA_cumsum, num_seqs: int, return_intermediate_states,
+                **options):
+    """``pallas_call`` of a stage that carries (BM, BN) tiles of every
+    head's (K, H, P, N) ``shape`` states through the chunks: grid (H,
+    cdiv(P, BM), cdiv(N, BN)), the tile and the statics from ``stage``'s
+    config and the shapes."""
+    num_chunks, nheads, headdim, dstate = shape
+    config = launch_config(stage)
+    block_size_m = clip_block(headdim, config.BLOCK_SIZE_M)
+    block_size_n = clip_block(dstate, config.BLOCK_SIZE_N)
+    kernel = functools.partial(
+        kernel, return_intermediate_states=bool(return_intermediate_states),
+        num_chunks=num_chunks, num_seqs=num_seqs, headdim=headdim, dstate=dstate,
+        chunk_size=dA_cumsum.shape[-1], block_size_m=block_size_m, block_size_n=block_size_n)
+    return pallas_call(
+        kernel, config, grid=(nheads, pl.cdiv(headdim, block_size_m), pl.cdiv(dstate, block_size_n)),
+        name=f"ssd_{stage}", **options)
+
+
 def _state_passing_kernel(chunk_states_ref, dA_cumsum_ref, seq_idx_ref, initial_states_ref,
                           end_states_ref, states_ref, *, return_intermediate_states, num_chunks,
                           num_seqs, headdim, dstate, chunk_size, block_size_m, block_size_n):
@@ -83,20 +102,12 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs: int,
     the output products, are stored in ``end_states_dtype`` (the inputs'
     dtype halves their traffic)."""
     num_chunks, nheads, headdim, dstate = chunk_states.shape
-    config = launch_config("state_passing")
-    block_size_m = clip_block(headdim, config.BLOCK_SIZE_M)
-    block_size_n = clip_block(dstate, config.BLOCK_SIZE_N)
-    kernel = functools.partial(
-        _state_passing_kernel, return_intermediate_states=bool(return_intermediate_states),
-        num_chunks=num_chunks, num_seqs=num_seqs, headdim=headdim, dstate=dstate,
-        chunk_size=dA_cumsum.shape[-1], block_size_m=block_size_m, block_size_n=block_size_n)
     rows = num_chunks if return_intermediate_states else num_seqs
-    return pallas_call(
-        kernel, config,
-        out_shape=(jax.ShapeDtypeStruct((num_chunks, nheads, headdim, dstate), end_states_dtype),
+    return _carry_call(
+        "state_passing", _state_passing_kernel, chunk_states.shape, dA_cumsum, num_seqs,
+        return_intermediate_states,
+        out_shape=(jax.ShapeDtypeStruct(chunk_states.shape, end_states_dtype),
                    jax.ShapeDtypeStruct((rows, nheads, headdim, dstate), state_dtype)),
-        grid=(nheads, pl.cdiv(headdim, block_size_m), pl.cdiv(dstate, block_size_n)),
-        name="ssd_state_passing",
     )(chunk_states, dA_cumsum, seq_idx, initial_states)
 
 
@@ -150,25 +161,16 @@ def state_passing_bwd(dstart, dA_cumsum, seq_idx, num_seqs: int, dstates=None,
     P, N) float32, the gradient of every chunk's end state; dinit (Q, H, P,
     N) float32, of the initial states, or None)``. The decay's part
     (exp(a_last) <G_c, S_prev>) is chunk_scan_bwd's."""
-    num_chunks, nheads, headdim, dstate = dstart.shape
-    config = launch_config("state_passing_bwd")
-    block_size_m = clip_block(headdim, config.BLOCK_SIZE_M)
-    block_size_n = clip_block(dstate, config.BLOCK_SIZE_N)
-    kernel = functools.partial(
-        _state_passing_bwd_kernel, return_intermediate_states=bool(return_intermediate_states),
-        num_chunks=num_chunks, num_seqs=num_seqs, headdim=headdim, dstate=dstate,
-        chunk_size=dA_cumsum.shape[-1], block_size_m=block_size_m, block_size_n=block_size_n)
-    dend_shape = jax.ShapeDtypeStruct(dstart.shape, jnp.float32)
+    _, nheads, headdim, dstate = dstart.shape
     # d initial_states starts at 0: a sequence no chunk starts keeps it.
     dinit = jnp.zeros((num_seqs, nheads, headdim, dstate), jnp.float32) if has_initial_states else None
     operands = (dstart, dA_cumsum, seq_idx, dstates, dinit)
-    result = pallas_call(
-        kernel, config,
-        out_shape=(dend_shape,) + ((jax.ShapeDtypeStruct(dinit.shape, jnp.float32),)
-                                   if has_initial_states else ()),
-        grid=(nheads, pl.cdiv(headdim, block_size_m), pl.cdiv(dstate, block_size_n)),
+    result = _carry_call(
+        "state_passing_bwd", _state_passing_bwd_kernel, dstart.shape, dA_cumsum, num_seqs,
+        return_intermediate_states,
+        out_shape=(jax.ShapeDtypeStruct(dstart.shape, jnp.float32),) + (
+            (jax.ShapeDtypeStruct(dinit.shape, jnp.float32),) if has_initial_states else ()),
         # Aliases index the flattened operands, where an absent (None) one takes no place.
         input_output_aliases={sum(a is not None for a in operands) - 1: 1} if has_initial_states else {},
-        name="ssd_state_passing_bwd",
     )(*operands)
     return (result[0], result[1]) if has_initial_states else (result[0], None)
