@@ -355,25 +355,6 @@ def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, si
             BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_R=tiles.block_r, num_warps=4)
 
 
-# The launches as torch ops: opaque to torch.compile (which sees the fakes)
-# and safe in a CUDA graph. Defined through torch.library.Library, as the
-# state update: torch.library.custom_op's Python dispatch of mutated
-# arguments costs far more per eager call. (``output``, not ``out``:
-# torch.compile reads an ``out=`` argument as an out-variant's.)
-_LIB = torch.library.Library("mamba_twin", "FRAGMENT")
-_LIB.define(
-    "causal_conv1d_fn(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_states, "
-    "Tensor query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, "
-    "Tensor? block_idx_first_scheduled_token, Tensor? block_idx_last_scheduled_token, "
-    "Tensor? initial_state_idx, Tensor? num_computed_tokens, Tensor(b!) output, bool silu, "
-    "int pad_slot_id, int block_size_to_align) -> ()")
-_LIB.define(
-    "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
-    "Tensor? conv_state_indices, Tensor? num_accepted_tokens, Tensor? query_start_loc, "
-    "Tensor? initial_state_idx, Tensor? block_idx_last_scheduled_token, Tensor(b!) output, "
-    "bool silu, int max_query_len, int pad_slot_id) -> ()")
-
-
 def _conv_fn_op(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
                 block_idx_first_scheduled_token, block_idx_last_scheduled_token,
                 initial_state_idx, num_computed_tokens, output, silu, pad_slot_id,
@@ -397,13 +378,23 @@ def _conv_update_op(x, conv_state, weight, bias, conv_state_indices, num_accepte
             block_idx_last_scheduled_token=block_idx_last_scheduled_token)
 
 
-def _writes_in_place(*args, **kwargs) -> None:
-    """Both ops only write their mutated arguments."""
-
-
-for _name, _impl in (("causal_conv1d_fn", _conv_fn_op), ("causal_conv1d_update", _conv_update_op)):
-    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"mamba_twin::{_name}", _writes_in_place, lib=_LIB)
+# The launches as torch ops (``output``, not ``out``: torch.compile reads an
+# ``out=`` argument as an out-variant's).
+_OPS = {
+    "causal_conv1d_fn": platform.define_op(
+        "causal_conv1d_fn",
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_states, Tensor query_start_loc, "
+        "Tensor? cache_indices, Tensor? has_initial_state, Tensor? block_idx_first_scheduled_token, "
+        "Tensor? block_idx_last_scheduled_token, Tensor? initial_state_idx, "
+        "Tensor? num_computed_tokens, Tensor(b!) output, bool silu, int pad_slot_id, "
+        "int block_size_to_align) -> ()", _conv_fn_op),
+    "causal_conv1d_update": platform.define_op(
+        "causal_conv1d_update",
+        "(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, Tensor? conv_state_indices, "
+        "Tensor? num_accepted_tokens, Tensor? query_start_loc, Tensor? initial_state_idx, "
+        "Tensor? block_idx_last_scheduled_token, Tensor(b!) output, bool silu, int max_query_len, "
+        "int pad_slot_id) -> ()", _conv_update_op),
+}
 
 
 def _checked(function: str, check, arrays: dict, *, out, activation, pad_slot_id,
@@ -425,23 +416,9 @@ def _call(function: str, check, arrays: dict, *, out, activation, pad_slot_id, v
     layout = _checked(function, check, arrays, out=out, activation=activation,
                       pad_slot_id=pad_slot_id, validate_indices=validate_indices, **sizes)
     out = torch.empty_like(arrays["x"]) if out is None else out
-    getattr(torch.ops.mamba_twin, function).default(**arrays, output=out, silu=layout.silu,
-                                                    pad_slot_id=int(pad_slot_id),
-                                                    **{k: int(v) for k, v in sizes.items()})
+    _OPS[function](**arrays, output=out, silu=layout.silu, pad_slot_id=int(pad_slot_id),
+                   **{k: int(v) for k, v in sizes.items()})
     return out
-
-
-# The training form (differentiable): a functional op returning the new
-# states (a mutating op cannot carry autograd), its backward as a second op.
-_LIB.define(
-    "causal_conv1d_fn_functional(Tensor x, Tensor weight, Tensor? bias, Tensor conv_states, "
-    "Tensor query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, bool silu, "
-    "int pad_slot_id) -> (Tensor, Tensor)")
-_LIB.define(
-    "causal_conv1d_fn_backward(Tensor x, Tensor weight, Tensor? bias, Tensor conv_states, "
-    "Tensor query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, Tensor dout, "
-    "Tensor? dnew_states, Tensor(a!) dx, Tensor(b!) dweight, Tensor(c!) dbias, "
-    "Tensor(d!) dstates, bool silu, int pad_slot_id) -> ()")
 
 
 def _conv_fn_functional(x, weight, bias, conv_states, query_start_loc, cache_indices,
@@ -487,16 +464,16 @@ def _conv_fn_backward(x, weight, bias, conv_states, query_start_loc, cache_indic
             num_warps=4)
 
 
-_LIB.impl("causal_conv1d_fn_functional", _conv_fn_functional, "CompositeExplicitAutograd")
-_LIB.impl("causal_conv1d_fn_backward", _conv_fn_backward, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("mamba_twin::causal_conv1d_fn_functional", lib=_LIB)
 def _conv_fn_functional_fake(x, weight, bias, conv_states, *args):
     return torch.empty_like(x), torch.empty_like(conv_states)
 
 
-torch.library.register_fake("mamba_twin::causal_conv1d_fn_backward", _writes_in_place, lib=_LIB)
+_BACKWARD = platform.define_op(
+    "causal_conv1d_fn_backward",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor conv_states, Tensor query_start_loc, "
+    "Tensor? cache_indices, Tensor? has_initial_state, Tensor dout, Tensor? dnew_states, "
+    "Tensor(a!) dx, Tensor(b!) dweight, Tensor(c!) dbias, Tensor(d!) dstates, bool silu, "
+    "int pad_slot_id) -> ()", _conv_fn_backward)
 
 _FN_SAVED = ("x", "weight", "bias", "conv_states", "query_start_loc", "cache_indices",
              "has_initial_state")
@@ -517,7 +494,7 @@ def _conv_fn_autograd_backward(ctx, dout, dnew_states):
     dbias = weight.new_zeros((parts, weight.shape[0]), dtype=torch.float32)
     dstates = (torch.zeros_like(conv_states) if dnew_states is None
                else dnew_states.to(conv_states.dtype, copy=True))
-    torch.ops.mamba_twin.causal_conv1d_fn_backward.default(
+    _BACKWARD(
         x, weight, bias, conv_states, qsl, indices, has_init, dout, dnew_states, dx, dweight,
         dbias, dstates, ctx.silu, ctx.pad_slot_id)
     needs = ctx.needs_input_grad
@@ -526,9 +503,14 @@ def _conv_fn_autograd_backward(ctx, dout, dnew_states):
             dstates if needs[3] else None, None, None, None, None, None)
 
 
-torch.library.register_autograd("mamba_twin::causal_conv1d_fn_functional",
-                                _conv_fn_autograd_backward, setup_context=_conv_fn_setup_context,
-                                lib=_LIB)
+# The training form (differentiable): a functional op returning the new
+# states (a mutating op cannot carry autograd), its backward the op above.
+_FUNCTIONAL = platform.define_op(
+    "causal_conv1d_fn_functional",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor conv_states, Tensor query_start_loc, "
+    "Tensor? cache_indices, Tensor? has_initial_state, bool silu, int pad_slot_id) "
+    "-> (Tensor, Tensor)", _conv_fn_functional, _conv_fn_functional_fake,
+    autograd=(_conv_fn_autograd_backward, _conv_fn_setup_context))
 
 
 def _requires_grad(*tensors) -> bool:
@@ -586,7 +568,7 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
     layout = _checked("causal_conv1d_fn", check_conv_fn_args, arrays, **options)
     # In place afterwards: the op must not keep (for its backward) the tensor it overwrites.
     source = states if return_states or conv_states is None else states.detach().clone()
-    out, new_states = torch.ops.mamba_twin.causal_conv1d_fn_functional.default(
+    out, new_states = _FUNCTIONAL(
         x, weight, bias, source, query_start_loc, cache_indices, has_initial_state,
         layout.silu, int(pad_slot_id))
     if return_states:

@@ -111,16 +111,11 @@ def _launch(x, weight, z, output, eps, group_size, norm_before_gate):
             NORM_BEFORE_GATE=norm_before_gate, BLOCK=block, num_warps=norm_num_warps(block))
 
 
-# The launch as a torch op (as the conv's, see there; ``output``, not ``out``).
-_LIB = torch.library.Library("mamba_twin", "FRAGMENT")
-_LIB.define("rms_norm_gated(Tensor x, Tensor? weight, Tensor? z, Tensor(a!) output, float eps, "
-            "int group_size, bool norm_before_gate) -> ()")
-_LIB.impl("rms_norm_gated", _launch, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("mamba_twin::rms_norm_gated", lib=_LIB)
-def _writes_in_place(*args, **kwargs) -> None:
-    """The op only writes ``output``."""
+# The launch as a torch op (``output``, not ``out``: torch.compile reads an
+# ``out=`` argument as an out-variant's).
+_OP = platform.define_op(
+    "rms_norm_gated", "(Tensor x, Tensor? weight, Tensor? z, Tensor(a!) output, float eps, "
+    "int group_size, bool norm_before_gate) -> ()", _launch)
 
 
 def _functional(x, weight, z, eps, group_size, norm_before_gate):
@@ -143,23 +138,14 @@ def _backward(dy, x, weight, z, dx, dz, dweight, eps, group_size, norm_before_ga
             ROWS=NORM_BWD_ROWS, num_warps=norm_num_warps(block))
 
 
-# The training form: a functional op (autograd cannot ride on one that
-# writes its output in place) and its backward.
-_LIB.define("rms_norm_gated_functional(Tensor x, Tensor? weight, Tensor? z, float eps, "
-            "int group_size, bool norm_before_gate) -> Tensor")
-_LIB.define("rms_norm_gated_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? z, "
-            "Tensor(a!) dx, Tensor(b!)? dz, Tensor(c!)? dweight, float eps, int group_size, "
-            "bool norm_before_gate) -> ()")
-_LIB.impl("rms_norm_gated_functional", _functional, "CompositeExplicitAutograd")
-_LIB.impl("rms_norm_gated_backward", _backward, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("mamba_twin::rms_norm_gated_functional", lib=_LIB)
 def _functional_fake(x, *args):
     return torch.empty_like(x)
 
 
-torch.library.register_fake("mamba_twin::rms_norm_gated_backward", _writes_in_place, lib=_LIB)
+_BACKWARD = platform.define_op(
+    "rms_norm_gated_backward", "(Tensor dy, Tensor x, Tensor? weight, Tensor? z, Tensor(a!) dx, "
+    "Tensor(b!)? dz, Tensor(c!)? dweight, float eps, int group_size, bool norm_before_gate) -> ()",
+    _backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -174,15 +160,18 @@ def _autograd_backward(ctx, dy):
     dz = None if z is None else torch.empty_like(z)
     dweight = None if weight is None else x.new_empty(
         (norm_bwd_blocks(x.shape[0]), x.shape[1]), dtype=torch.float32)
-    torch.ops.mamba_twin.rms_norm_gated_backward.default(
-        dy, x, weight, z, dx, dz, dweight, ctx.eps, ctx.group_size, ctx.norm_before_gate)
+    _BACKWARD(dy, x, weight, z, dx, dz, dweight, ctx.eps, ctx.group_size, ctx.norm_before_gate)
     if dweight is not None:
         dweight = dweight.sum(0).to(weight.dtype)
     return dx, dweight, dz, None, None, None
 
 
-torch.library.register_autograd("mamba_twin::rms_norm_gated_functional", _autograd_backward,
-                                setup_context=_setup_context, lib=_LIB)
+# The training form: a functional op (autograd cannot ride on one that
+# writes its output in place) and its backward.
+_FUNCTIONAL = platform.define_op(
+    "rms_norm_gated_functional", "(Tensor x, Tensor? weight, Tensor? z, float eps, int group_size, "
+    "bool norm_before_gate) -> Tensor", _functional, _functional_fake,
+    autograd=(_autograd_backward, _setup_context))
 
 
 def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False, *,
@@ -202,7 +191,7 @@ def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gat
     options = dict(eps=float(eps), group_size=group_size, norm_before_gate=bool(norm_before_gate))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z)):
         check_norm_grad(out=out)
-        return torch.ops.mamba_twin.rms_norm_gated_functional.default(x, weight, z, **options)
+        return _FUNCTIONAL(x, weight, z, **options)
     out = torch.empty_like(x) if out is None else out
-    torch.ops.mamba_twin.rms_norm_gated.default(x=x, weight=weight, z=z, output=out, **options)
+    _OP(x=x, weight=weight, z=z, output=out, **options)
     return out

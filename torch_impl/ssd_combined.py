@@ -8,9 +8,9 @@ op (``mamba_twin::mamba_chunk_scan_combined_varlen``) so that
 Training (``out=None`` with inputs that require grad): a functional forward
 op (``..._fwd``: the same stages, returning what the backward needs) and a
 backward op (``..._bwd``: five Triton backward stages, see the comment
-above ``_FWD``), tied with ``torch.library.register_autograd`` (as the conv
-and the gated norm: the ops stay opaque to torch.compile and AOT autograd;
-a ``torch.autograd.Function`` was not needed). The inference path is
+on the training form), tied with ``torch.library.register_autograd``
+(``platform.define_op``, as the conv and the gated norm: the ops stay
+opaque to torch.compile and AOT autograd). The inference path is
 untouched: nothing saved, no extra kernel.
 
 Shapes and argument rules: ``bridge.spec.ssd_contract``. Mirror:
@@ -35,17 +35,6 @@ from torch_impl.ssd_state_passing import state_passing, state_passing_bwd
 
 def _states_shape(x, B, num_rows):
     return (num_rows, x.shape[1], x.shape[2], B.shape[2])
-
-
-# Registered with torch.library's schema API rather than ``custom_op``: the
-# same op for torch.compile and CUDA graphs, at a fraction of its eager
-# dispatch cost (no Python autograd wrapper; the op is inference-only).
-_OP = f"mamba_twin::{ssd_contract.OP}"
-torch.library.define(
-    _OP, "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
-    "Tensor cu_chunk_seqlens, Tensor seq_idx, int num_seqs, Tensor(a!) out, Tensor? D, Tensor? z, "
-    "Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, float dt_min, float dt_max, "
-    "bool return_intermediate_states, ScalarType state_dtype) -> Tensor")
 
 
 def _forward_stages(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, out, D, z,
@@ -73,7 +62,6 @@ def _nothing_to_launch(x, cu_chunk_seqlens, num_seqs) -> bool:
     return 0 in (x.shape[0], cu_chunk_seqlens.shape[0] - 1, num_seqs)
 
 
-@torch.library.impl(_OP, "CompositeExplicitAutograd")
 def _chunk_scan_op(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, out, D, z,
                    dt_bias, initial_states, dt_softplus, dt_min, dt_max,
                    return_intermediate_states, state_dtype):
@@ -87,11 +75,19 @@ def _chunk_scan_op(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_se
                            return_intermediate_states, state_dtype)[0]
 
 
-@torch.library.register_fake(_OP)
-def _(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, out, D, z, dt_bias,
-      initial_states, dt_softplus, dt_min, dt_max, return_intermediate_states, state_dtype):
+def _chunk_scan_fake(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, out, D, z,
+                     dt_bias, initial_states, dt_softplus, dt_min, dt_max,
+                     return_intermediate_states, state_dtype):
     rows = cu_chunk_seqlens.shape[0] - 1 if return_intermediate_states else num_seqs
     return x.new_empty(_states_shape(x, B, rows), dtype=state_dtype)
+
+
+_OP = platform.define_op(
+    ssd_contract.OP, "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
+    "Tensor cu_chunk_seqlens, Tensor seq_idx, int num_seqs, Tensor(a!) out, Tensor? D, Tensor? z, "
+    "Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, float dt_min, float dt_max, "
+    "bool return_intermediate_states, ScalarType state_dtype) -> Tensor",
+    _chunk_scan_op, _chunk_scan_fake)
 
 
 # --- The training form: a functional forward that returns what the backward
@@ -126,21 +122,6 @@ def _(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, out, D, z
 # after. Saved: the inputs, dt_out and dA_cumsum (H, K, L), the forward's
 # end_states (K, H, P, N, C's dtype: the start states), y when z is given.
 
-_FWD = f"mamba_twin::{ssd_contract.OP}_fwd"
-_BWD = f"mamba_twin::{ssd_contract.OP}_bwd"
-torch.library.define(
-    _FWD, "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
-    "Tensor cu_chunk_seqlens, Tensor seq_idx, int num_seqs, Tensor? D, Tensor? z, "
-    "Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, float dt_min, float dt_max, "
-    "bool return_intermediate_states, ScalarType state_dtype) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-torch.library.define(
-    _BWD, "(Tensor dout, Tensor dstates, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-    "Tensor cu_chunk_seqlens, Tensor seq_idx, int num_seqs, Tensor? D, Tensor? z, "
-    "Tensor? dt_bias, Tensor? initial_states, Tensor dt_out, Tensor dA_cumsum, "
-    "Tensor end_states, Tensor y, bool dt_softplus, float dt_min, float dt_max, "
-    "bool return_intermediate_states) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _saved_shapes(x, B, cu_chunk_seqlens, chunk_size):
@@ -148,7 +129,6 @@ def _saved_shapes(x, B, cu_chunk_seqlens, chunk_size):
     return (x.shape[1], num_chunks, chunk_size), (num_chunks, *x.shape[1:], B.shape[2])
 
 
-@torch.library.impl(_FWD, "CompositeExplicitAutograd")
 def _chunk_scan_fwd_op(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, D, z,
                        dt_bias, initial_states, dt_softplus, dt_min, dt_max,
                        return_intermediate_states, state_dtype):
@@ -171,9 +151,9 @@ def _chunk_scan_fwd_op(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, nu
     return out, states, dt_out, dA_cumsum, end_states, y
 
 
-@torch.library.register_fake(_FWD)
-def _(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, D, z, dt_bias,
-      initial_states, dt_softplus, dt_min, dt_max, return_intermediate_states, state_dtype):
+def _chunk_scan_fwd_fake(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_seqs, D, z,
+                         dt_bias, initial_states, dt_softplus, dt_min, dt_max,
+                         return_intermediate_states, state_dtype):
     rows = cu_chunk_seqlens.shape[0] - 1 if return_intermediate_states else num_seqs
     small, big = _saved_shapes(x, B, cu_chunk_seqlens, chunk_size)
     return (torch.empty_like(x), x.new_empty(_states_shape(x, B, rows), dtype=state_dtype),
@@ -185,7 +165,6 @@ def _absent(tensor, like):
     return tensor if tensor is not None else like.new_empty(0)
 
 
-@torch.library.impl(_BWD, "CompositeExplicitAutograd")
 def _chunk_scan_bwd_op(dout, dstates, x, dt, A, B, C, cu_chunk_seqlens, seq_idx, num_seqs, D, z,
                        dt_bias, initial_states, dt_out, dA_cumsum, end_states, y, dt_softplus,
                        dt_min, dt_max, return_intermediate_states):
@@ -212,11 +191,21 @@ def _chunk_scan_bwd_op(dout, dstates, x, dt, A, B, C, cu_chunk_seqlens, seq_idx,
             cast(ddt_bias, dt_bias), cast(dinit, initial_states))
 
 
-@torch.library.register_fake(_BWD)
-def _(dout, dstates, x, dt, A, B, C, cu_chunk_seqlens, seq_idx, num_seqs, D, z, dt_bias,
-      initial_states, *args):
+def _chunk_scan_bwd_fake(dout, dstates, x, dt, A, B, C, cu_chunk_seqlens, seq_idx, num_seqs, D,
+                         z, dt_bias, initial_states, *args):
     like = lambda t: torch.empty_like(t) if t is not None else x.new_empty(0)  # noqa: E731
     return tuple(like(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
+
+
+_BWD = platform.define_op(
+    f"{ssd_contract.OP}_bwd",
+    "(Tensor dout, Tensor dstates, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+    "Tensor cu_chunk_seqlens, Tensor seq_idx, int num_seqs, Tensor? D, Tensor? z, "
+    "Tensor? dt_bias, Tensor? initial_states, Tensor dt_out, Tensor dA_cumsum, "
+    "Tensor end_states, Tensor y, bool dt_softplus, float dt_min, float dt_max, "
+    "bool return_intermediate_states) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _chunk_scan_bwd_op, _chunk_scan_bwd_fake)
 
 
 _SAVED_INPUTS = ("x", "dt", "A", "B", "C", "cu_chunk_seqlens", "seq_idx", "D", "z", "dt_bias",
@@ -240,7 +229,7 @@ def _autograd_backward(ctx, dout, dstates, *unused):
     if dstates is None:
         rows = cu_chunk_seqlens.shape[0] - 1 if ctx.intermediate else ctx.num_seqs
         dstates = torch.zeros(_states_shape(x, B, rows), dtype=torch.float32, device=x.device)
-    grads = torch.ops.mamba_twin.mamba_chunk_scan_combined_varlen_bwd.default(
+    grads = _BWD(
         dout, dstates, x, dt, A, B, C, cu_chunk_seqlens, seq_idx, ctx.num_seqs, D, z, dt_bias,
         initial_states, dt_out, dA_cumsum, end_states, y, ctx.dt_softplus, ctx.dt_min, ctx.dt_max,
         ctx.intermediate)
@@ -251,7 +240,13 @@ def _autograd_backward(ctx, dout, dstates, *unused):
             None, None, None, None, None)
 
 
-torch.library.register_autograd(_FWD, _autograd_backward, setup_context=_setup_context)
+_FWD = platform.define_op(
+    f"{ssd_contract.OP}_fwd", "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
+    "Tensor cu_chunk_seqlens, Tensor seq_idx, int num_seqs, Tensor? D, Tensor? z, "
+    "Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, float dt_min, float dt_max, "
+    "bool return_intermediate_states, ScalarType state_dtype) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _chunk_scan_fwd_op, _chunk_scan_fwd_fake, autograd=(_autograd_backward, _setup_context))
 
 
 def _requires_grad(*tensors) -> bool:
@@ -315,12 +310,12 @@ def mamba_chunk_scan_combined_varlen(
         dt_max=float(dt_limit[1]), return_intermediate_states=bool(return_intermediate_states),
         state_dtype=state_dtype or C.dtype)
     if differentiable:
-        out, states, *_ = torch.ops.mamba_twin.mamba_chunk_scan_combined_varlen_fwd(**options)
+        out, states, *_ = _FWD(**options)
         return out, states
     if out is None:
         out = torch.empty_like(x)
-        return out, torch.ops.mamba_twin.mamba_chunk_scan_combined_varlen(**options, out=out)
-    return torch.ops.mamba_twin.mamba_chunk_scan_combined_varlen(**options, out=out)
+        return out, _OP(**options, out=out)
+    return _OP(**options, out=out)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
