@@ -460,14 +460,12 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
                          query_start_loc=None, max_query_len=-1, pad_slot_id=NULL_BLOCK_ID,
                          block_idx_last_scheduled_token=None, initial_state_idx=None, *,
                          out=None, validate_indices=None):
-    """Decode: ``x (batch, dim)``, or ``(T, dim)`` with ``query_start_loc
-    (batch + 1,)`` (speculative decoding, with ``num_accepted_tokens
-    (batch,)``); ``conv_state (S, dim, L)`` read at ``conv_state_indices``
-    (column ``initial_state_idx``) and written at column
-    ``block_idx_last_scheduled_token``. Returns ``(out, new_conv_state)``;
-    ``max_query_len`` (static; -1: unknown) sizes the token tile.
-    ``validate_indices``: as in ``causal_conv1d_fn``. Inference only:
-    refused (ValueError naming the op) under ``jax.grad`` / ``jax.vjp``.
+    """Decode, with the arguments of the mirror ``torch_impl.causal_conv1d_update``
+    (``x (batch, dim)`` or packed ``(T, dim)``, ``conv_state (S, dim, L)``;
+    ``bridge.spec.conv_contract``), functional: returns ``(out,
+    new_conv_state)``; ``max_query_len`` is static. ``validate_indices``: as
+    in ``causal_conv1d_fn``. Inference only: refused (ValueError naming the
+    op) under ``jax.grad`` / ``jax.vjp``.
     """
     arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
                   num_accepted_tokens=num_accepted_tokens, initial_state_idx=initial_state_idx,

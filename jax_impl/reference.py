@@ -29,6 +29,15 @@ def _as_4d(array, layout, full_shape, head_axis):
                             full_shape)
 
 
+def _skip_and_gate(y, x, D, z):
+    """y (..., H, P) + D x (D (H,) or (H, P)), then times silu(z) (either may be None)."""
+    if D is not None:
+        y = y + (D[:, None] if D.ndim == 1 else D) * x
+    if z is not None:
+        y = y * z * jax.nn.sigmoid(z)
+    return y
+
+
 def _max_seqlen(layout, cu_seqlens, spec):
     """Static trip count of the token loop."""
     if cu_seqlens is None:
@@ -97,11 +106,8 @@ def selective_state_update_jnp(state, x, dt, A, B, C, D=None, dt_bias=None, z=No
         decay = jnp.exp(A4[None] * dt4[token][..., None])
         h = jnp.where(live[:, None, None, None],
                       h * decay + (dt4[token] * x4[token])[..., None] * B4[token][:, :, None, :], h)
-        y = (h * C4[token][:, :, None, :]).sum(-1)
-        if D4 is not None:
-            y = y + D4 * x4[token]
-        if z4 is not None:
-            y = y * z4[token] * jax.nn.sigmoid(z4[token])
+        y = _skip_and_gate((h * C4[token][:, :, None, :]).sum(-1), x4[token], D4,
+                           None if z4 is None else z4[token])
         out4 = out4.at[jnp.where(live, token, T)].set(y.astype(out4.dtype), mode="drop")
         if spec:
             column = dst[:, jnp.minimum(t, dst.shape[1] - 1)]
@@ -132,15 +138,6 @@ def _ssd_dt(dt, dt_bias, dt_softplus, dt_limit):
     if tuple(dt_limit) != (0.0, float("inf")):
         dt = jnp.clip(dt, dt_limit[0], dt_limit[1])
     return dt
-
-
-def _ssd_output(y, x, D, z):
-    """Adds the D skip and applies the z gate to y (..., H, P)."""
-    if D is not None:
-        y = y + (D[:, None] if D.ndim == 1 else D) * x
-    if z is not None:
-        y = y * z * jax.nn.sigmoid(z)
-    return y
 
 
 def ssd_chunked_jnp(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_chunk_indices,
@@ -212,4 +209,4 @@ def ssd_chunked_jnp(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, last_
         y.reshape(num_chunks, chunk_size, H, P)[valid])
     end_states = end_states.reshape(num_chunks, H, P, N)
     states = end_states if return_intermediate_states else end_states[np.asarray(last_chunk_indices)]
-    return _ssd_output(out, x, D, z), states
+    return _skip_and_gate(out, x, D, z), states

@@ -32,6 +32,15 @@ def _as_4d(tensor, layout, full_shape, head_axis):
     return tensor.expand(full_shape)
 
 
+def _skip_and_gate(y, x, D, z):
+    """y + D x, then times silu(z) (either may be None)."""
+    if D is not None:
+        y = y + D * x
+    if z is not None:
+        y = y * z * torch.sigmoid(z)
+    return y
+
+
 def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
                                      dt_softplus=False, state_batch_indices=None,
                                      dst_state_batch_indices=None, null_block_id=NULL_BLOCK_ID,
@@ -48,8 +57,7 @@ def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None
     state4 = state.unsqueeze(1) if layout.state_ndim == 3 else state
     out4 = out.unsqueeze(1) if layout.state_ndim == 3 else out
     c = lambda t: t.to(compute_dtype)  # noqa: E731
-    x4 = c(_as_4d(x, layout, (T, H, P), 1))
-    dt4 = c(_as_4d(dt, layout, (T, H, P), 1))
+    x4, dt4 = (c(_as_4d(t, layout, (T, H, P), 1)) for t in (x, dt))
     A4 = c(_as_4d(A, layout, (H, P, N), 0))
     if dt_bias is not None:
         dt4 = dt4 + c(_as_4d(dt_bias, layout, (H, P), 0))
@@ -92,11 +100,8 @@ def selective_state_update_torch_ops(state, x, dt, A, B, C, D=None, dt_bias=None
         decay = torch.exp(A4[None] * dt4[token][..., None])
         h = torch.where(live[:, None, None, None],
                         h * decay + (dt4[token] * x4[token])[..., None] * B4[token][:, :, None, :], h)
-        y = (h * C4[token][:, :, None, :]).sum(-1)
-        if D4 is not None:
-            y = y + D4 * x4[token]
-        if z4 is not None:
-            y = y * z4[token] * torch.sigmoid(z4[token])
+        y = _skip_and_gate((h * C4[token][:, :, None, :]).sum(-1), x4[token], D4,
+                           None if z4 is None else z4[token])
         out4[token[live]] = y[live].to(out.dtype)
         if spec:
             keep = live & (dst[:, t] != null_block_id)
@@ -126,14 +131,6 @@ def _ssd_prepare(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_
     if D is not None and D.dim() == 1:
         D = D[:, None].expand(x.shape[1], x.shape[2])
     return cast(x), dt, cast(A), cast(B), cast(C), D, cast(z), cast(initial_states)
-
-
-def _ssd_skip_and_gate(y, x, D, z):
-    if D is not None:
-        y = y + D * x
-    if z is not None:
-        y = y * z * torch.sigmoid(z)
-    return y
 
 
 def ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
@@ -193,4 +190,4 @@ def ssd_chunked_torch_ops(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx,
     out[token[valid]] = y.reshape(num_chunks, chunk_size, H, P)[valid]
     end_states = torch.stack(end_states).reshape(num_chunks, H, P, N)
     states = end_states if return_intermediate_states else end_states[last_chunk_indices.long()]
-    return _ssd_skip_and_gate(out, x, D, z), states
+    return _skip_and_gate(out, x, D, z), states
