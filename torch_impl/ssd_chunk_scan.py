@@ -27,10 +27,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
-@triton.heuristics({"HAS_D": lambda args: args["D_ptr"] is not None,
-                    "HAS_Z": lambda args: args["z_ptr"] is not None,
-                    "HAS_INITIAL_STATES": lambda args: args["initial_states_ptr"] is not None,
-                    "HAS_Y": lambda args: args["y_ptr"] is not None})
+@triton.heuristics(platform.given_flags(HAS_D="D_ptr", HAS_Z="z_ptr",
+                                        HAS_INITIAL_STATES="initial_states_ptr", HAS_Y="y_ptr"))
 @triton.jit
 def _chunk_scan_kernel(
     CB_ptr, x_ptr, dt_out_ptr, dA_cumsum_ptr, C_ptr, end_states_ptr, seq_idx_ptr, cu_chunk_ptr,

@@ -33,7 +33,7 @@ def _poison_rows(states_ptr, first, end, num_seqs, stride_row, tile, mask,
         tl.store(states_ptr + row * stride_row + tile, nan, mask=mask)
 
 
-@triton.heuristics({"HAS_INITIAL_STATES": lambda args: args["initial_states_ptr"] is not None})
+@triton.heuristics(platform.given_flags(HAS_INITIAL_STATES="initial_states_ptr"))
 @triton.jit
 def _state_passing_kernel(
     chunk_states_ptr, dA_cumsum_ptr, seq_idx_ptr, initial_states_ptr, end_states_ptr, states_ptr,
