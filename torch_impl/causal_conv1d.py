@@ -340,7 +340,7 @@ def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, si
         return
     tiles = conv_tiles(layout, varlen=query_start_loc is not None, max_query_len=max_query_len)
     indices2 = indices.reshape(indices.shape[0], -1) if indices is not None else None
-    grid = (layout.num_seqs, triton.cdiv(layout.dim, tiles.block_d))
+    grid = (layout.num_seqs, platform.cdiv(layout.dim, tiles.block_d))
     with platform.on_device(x_tok.device):
         _causal_conv1d_kernel[grid](
             x_tok, weight, bias, state, out_tok,
@@ -450,7 +450,7 @@ def _conv_fn_backward(x, weight, bias, conv_states, query_start_loc, cache_indic
     if layout.num_seqs == 0 or layout.dim == 0:
         return
     x_tok, dout_tok, dx_tok = x.t(), dout.t(), dx.t()
-    grid = (layout.num_seqs, triton.cdiv(layout.dim, tiles.block_d), splits)
+    grid = (layout.num_seqs, platform.cdiv(layout.dim, tiles.block_d), splits)
     with platform.on_device(x.device):
         _causal_conv1d_fn_bwd_kernel[grid](
             x_tok, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,

@@ -103,7 +103,7 @@ def _launch(x, weight, z, output, eps, group_size, norm_before_gate):
     num_tokens, hidden = x.shape
     if num_tokens == 0:
         return
-    block = triton.next_power_of_2(group_size)
+    block = platform.next_power_of_2(group_size)
     with platform.on_device(x.device):
         _rms_norm_gated_kernel[(num_tokens, hidden // group_size)](
             x, z, weight, output, group_size, eps,
@@ -129,7 +129,7 @@ def _backward(dy, x, weight, z, dx, dz, dweight, eps, group_size, norm_before_ga
     num_tokens, hidden = x.shape
     if num_tokens == 0:
         return
-    block = triton.next_power_of_2(group_size)
+    block = platform.next_power_of_2(group_size)
     with platform.on_device(x.device):
         _rms_norm_gated_bwd_kernel[(norm_bwd_blocks(num_tokens), hidden // group_size)](
             dy, x, z, weight, dx, dz, dweight, num_tokens, hidden, group_size, eps,

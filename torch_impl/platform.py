@@ -84,6 +84,18 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. Host code uses this rather than
+    ``triton.cdiv``, a ConstexprFunction in Triton 3.6 whose Python dispatch
+    costs microseconds per call on the eager path."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (>= 1); see ``cdiv``."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def given_flags(**pointers: str) -> dict:
     """``@triton.heuristics`` for optional operands: each flag (``HAS_Z=
     "z_ptr"``) True when its pointer argument is given (not None)."""

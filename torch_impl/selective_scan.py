@@ -270,7 +270,7 @@ def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, ca
     cache_strides = (0, 0) if cache_indices is None else (
         cache_indices.stride(0), cache_indices.stride(1) if cache_indices.dim() == 2 else 0)
     tiles = scan_tiles(layout)
-    grid = (triton.cdiv(layout.dim, tiles.block_d), layout.num_seqs)
+    grid = (platform.cdiv(layout.dim, tiles.block_d), layout.num_seqs)
     with platform.on_device(u.device):
         _selective_scan_kernel[grid](
             u, delta, A, B, C, D, z, delta_bias, out, states,
@@ -286,24 +286,14 @@ def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, ca
             BLOCK_T=tiles.block_t, num_warps=tiles.num_warps)
 
 
-# The launch as a torch op (opaque to torch.compile, safe in a CUDA graph);
-# registered like ``mamba_twin::selective_state_update``.
-_LIB = torch.library.Library("mamba_twin", "FRAGMENT")
-_LIB.define(
-    "selective_scan_fwd(Tensor(a!) ssm_states, Tensor(b!) delta, Tensor(c!)? z, Tensor u, "
+_OP = platform.define_op(
+    "selective_scan_fwd",
+    "(Tensor(a!) ssm_states, Tensor(b!) delta, Tensor(c!)? z, Tensor u, "
     "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, Tensor? query_start_loc, "
     "Tensor? cache_indices, Tensor? has_initial_state, Tensor? block_idx_first_scheduled_token, "
     "Tensor? block_idx_last_scheduled_token, Tensor? initial_state_idx, Tensor? cu_chunk_seqlen, "
-    "Tensor? last_chunk_indices, bool delta_softplus, int null_block_id, int block_size) -> ()")
-_LIB.impl("selective_scan_fwd", _launch, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("mamba_twin::selective_scan_fwd", lib=_LIB)
-def _launch_fake(*args):
-    return None
-
-
-_OP = torch.ops.mamba_twin.selective_scan_fwd.default
+    "Tensor? last_chunk_indices, bool delta_softplus, int null_block_id, int block_size) -> ()",
+    _launch)
 
 
 def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=None,

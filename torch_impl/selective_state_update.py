@@ -257,7 +257,7 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
     index_columns = 1 if src is None or src.dim() == 1 else src.shape[1]
     block_size_m, num_warps = SSU_CONFIGS.lookup(
         P, N, num_seqs, H, checks.dtype_name(state), is_blackwell, platform.device_name(state.device))
-    grid = (triton.cdiv(P, block_size_m), H, num_seqs)
+    grid = (platform.cdiv(P, block_size_m), H, num_seqs)
     with platform.on_device(state.device):
         _selective_state_update_kernel[grid](
             state, x, dt, dt_bias, A, B, C, D, z, out,
@@ -269,7 +269,7 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
             *_strides(D, 2, 0, three_d), *_strides(z, 3, 1, three_d),
             *_strides(out, 3, 1, three_d), *_strides(src, 2, 1, False), *_strides(dst, 2, 1, False),
             DT_SOFTPLUS=dt_softplus, TIE_HDIM=tie_hdim, PHILOX_ROUNDS=philox_rounds,
-            BLOCK_SIZE_M=block_size_m, BLOCK_SIZE_DSTATE=triton.next_power_of_2(N), num_warps=num_warps)
+            BLOCK_SIZE_M=block_size_m, BLOCK_SIZE_DSTATE=platform.next_power_of_2(N), num_warps=num_warps)
 
 
 _OP = platform.define_op(

@@ -412,11 +412,11 @@ def _head_splits(stage, x, B, dA_cumsum):
     per_program = HEADS_PER_PROGRAM
     if per_program is None:
         block_m = clip_block(chunk_size, launch_config(stage, x.device).BLOCK_SIZE_M)
-        programs = triton.cdiv(chunk_size, block_m) * num_chunks * ngroups
-        splits = min(heads_per_group, max(1, triton.cdiv(TARGET_PROGRAMS, programs)))
-        per_program = triton.cdiv(heads_per_group, splits)
+        programs = platform.cdiv(chunk_size, block_m) * num_chunks * ngroups
+        splits = min(heads_per_group, max(1, platform.cdiv(TARGET_PROGRAMS, programs)))
+        per_program = platform.cdiv(heads_per_group, splits)
     per_program = max(1, min(per_program, heads_per_group))
-    splits = triton.cdiv(heads_per_group, per_program)
+    splits = platform.cdiv(heads_per_group, per_program)
     partial = torch.empty(splits, num_tokens, ngroups, dstate, device=x.device, dtype=torch.float32)
     return per_program, splits, partial
 
@@ -426,7 +426,7 @@ def _scan_bwd_launch(stage, kernel, x, B, dA_cumsum, splits, *args, **meta):
     num_chunks, chunk_size = dA_cumsum.shape[1:]
     config = launch_config(stage, x.device)
     block_m = clip_block(chunk_size, config.BLOCK_SIZE_M)
-    launch(kernel, (triton.cdiv(chunk_size, block_m), num_chunks, B.shape[1] * splits), config,
+    launch(kernel, (platform.cdiv(chunk_size, block_m), num_chunks, B.shape[1] * splits), config,
            *args, BLOCK_SIZE_M=block_m, BLOCK_SIZE_K=clip_block(chunk_size, config.BLOCK_SIZE_K),
            CHUNK_SIZE=chunk_size, DOT_PRECISION=dot_precision(x.dtype),
            BLOCK_SIZE_P=clip_block(x.shape[2]), BLOCK_SIZE_N=clip_block(B.shape[2]), **meta)
@@ -448,7 +448,7 @@ def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_
     D2 = None if D is None else (D.unsqueeze(1).expand(nheads, headdim) if D.dim() == 1 else D)
     num_chunks, chunk_size = dA_cumsum.shape[1:]
     config = launch_config("chunk_scan_bwd", x.device)
-    num_blocks = triton.cdiv(chunk_size, clip_block(chunk_size, config.BLOCK_SIZE_M))
+    num_blocks = platform.cdiv(chunk_size, clip_block(chunk_size, config.BLOCK_SIZE_M))
     dD = None if D is None else torch.zeros(num_chunks * num_blocks, nheads, headdim,
                                             device=x.device, dtype=torch.float32)
     _scan_bwd_launch(

@@ -87,7 +87,7 @@ def chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=None, dt_softplus=
     dt_out = torch.empty_like(dA_cumsum)
     config = launch_config("chunk_cumsum", dt.device)
     block_h = clip_block(nheads, config.BLOCK_SIZE_H)
-    grid = (num_chunks, triton.cdiv(nheads, block_h))
+    grid = (num_chunks, platform.cdiv(nheads, block_h))
     launch(
         _chunk_cumsum_kernel, grid, config,
         dt, A, dt_bias, cu_chunk_seqlens, dA_cumsum, dt_out,
@@ -234,7 +234,7 @@ def chunk_cumsum_bwd(dt, A, dt_bias, cu_chunk_seqlens, dt_out, ddt_x, ddA_j, ddA
     config = launch_config("chunk_cumsum_bwd", dt.device)
     block_h = clip_block(nheads, config.BLOCK_SIZE_H)
     launch(
-        _chunk_cumsum_bwd_kernel, (num_chunks, triton.cdiv(nheads, block_h)), config,
+        _chunk_cumsum_bwd_kernel, (num_chunks, platform.cdiv(nheads, block_h)), config,
         dt, A, dt_bias, cu_chunk_seqlens, dt_out, ddt_x, ddA_j, ddA_i, dlast, dlast_state, ddt,
         dA_part, ddt_bias_part, num_tokens, nheads, float(dt_limit[0]), float(dt_limit[1]),
         *dt.stride(), *A.stride(), *platform.strides(dt_bias, 1), *dt_out.stride(),

@@ -113,7 +113,7 @@ def state_passing(chunk_states, dA_cumsum, seq_idx, num_seqs,
     config = launch_config("state_passing", chunk_states.device)
     block_m = clip_block(headdim, config.BLOCK_SIZE_M)
     block_n = clip_block(dstate, config.BLOCK_SIZE_N)
-    grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
+    grid = (nheads, platform.cdiv(headdim, block_m), platform.cdiv(dstate, block_n))
     launch(
         _state_passing_kernel, grid, config,
         chunk_states, dA_cumsum, seq_idx, initial_states, end_states, states,
@@ -210,7 +210,7 @@ def state_passing_bwd(dS_prev, dstates, dA_cumsum, end_states, seq_idx, num_seqs
     config = launch_config("state_passing_bwd", dS_prev.device)
     block_m = clip_block(headdim, config.BLOCK_SIZE_M)
     block_n = clip_block(dstate, config.BLOCK_SIZE_N)
-    grid = (nheads, triton.cdiv(headdim, block_m), triton.cdiv(dstate, block_n))
+    grid = (nheads, platform.cdiv(headdim, block_m), platform.cdiv(dstate, block_n))
     dinit = None
     if initial_states is not None:  # with the layout of initial_states (strides shared)
         dinit = torch.zeros(initial_states.shape, device=dS_prev.device, dtype=torch.float32)
