@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bridge.spec import lm_config
 from bridge.spec.checks import fail
@@ -38,6 +39,7 @@ from bridge.spec.lm_config import LMLayout, Mamba2Config, Prefilled, SamplingPar
 from jax_impl import platform
 from jax_impl.gated_rms_norm import rms_norm_gated
 from jax_impl.mamba_mixer2 import MambaMixer2, _linear
+from jax_impl.tp import put as tp_put
 
 OP = lm_config.OP
 
@@ -57,9 +59,9 @@ class RMSNorm(nnx.Module):
 class Mamba2Block(nnx.Module):
     """``norm`` then ``mixer``; the model adds the residual."""
 
-    def __init__(self, config: Mamba2Config, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Mamba2Config, dtype, rngs: nnx.Rngs, tp: dict):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
-        self.mixer = MambaMixer2(**config.mixer_args(), dtype=dtype, rngs=rngs)
+        self.mixer = MambaMixer2(**config.mixer_args(), dtype=dtype, rngs=rngs, **tp)
 
 
 def _load_bin(file: str):
@@ -72,41 +74,51 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
     Parameters: ``embedding (vocab, hidden)``, ``layers[i].norm.weight``,
     ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``, ``lm_head
     (vocab, hidden)`` (None when tied: the head is the embedding).
-    ``load_weights`` / ``checkpoint_weights``: ``lm_config.LMLayout``'s."""
+    ``load_weights`` / ``checkpoint_weights``: ``lm_config.LMLayout``'s.
 
-    def __init__(self, config: Mamba2Config, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
+    Tensor parallelism (``mesh`` / ``tp_axis``, as ``MambaMixer2`` takes
+    them): the mixers are sharded over the axis, the rest replicated on the
+    mesh; the states (``new_states``) are sharded as the mixers say."""
+
+    def __init__(self, config: Mamba2Config, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None, *,
+                 mesh=None, tp_axis: str = "tp"):
         rngs = rngs or nnx.Rngs(0)
+        self.mesh = mesh
         self.config = config
         shape = (config.vocab_size, config.hidden_size)
         self.embedding = nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype))
-        self.layers = nnx.List([Mamba2Block(config, dtype, rngs) for _ in range(config.num_layers)])
+        tp = dict(mesh=mesh, tp_axis=tp_axis)
+        self.layers = nnx.List([Mamba2Block(config, dtype, rngs, tp) for _ in range(config.num_layers)])
         self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         bound = 1.0 / np.sqrt(config.hidden_size)
         self.lm_head = None if config.tie_embeddings else nnx.Param(
             jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype))
+        if mesh is not None:  # the rest replicated on the mesh
+            for param in self._params_by_key().values():
+                param.set_value(tp_put(param[...], NamedSharding(mesh, PartitionSpec())))
 
     # --- weights ---------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=jnp.float32) -> "Mamba2LMHeadModel":
+    def from_pretrained(cls, path, dtype=jnp.float32, **tp) -> "Mamba2LMHeadModel":
         """The model of the checkpoint directory ``path`` (``config.json`` and
         ``model.safetensors`` or its shards, in mamba_ssm's or Hugging Face's
-        layout), its parameters in ``dtype`` (``A_log`` stays float32).
-        Nothing is downloaded."""
+        layout), its parameters in ``dtype`` (``A_log`` stays float32);
+        ``mesh`` / ``tp_axis``: sharded. Nothing is downloaded."""
         from safetensors.flax import load_file
 
         config, weights = lm_config.load_pretrained(path, load_file, _load_bin)
-        model = cls(config, dtype=dtype)
+        model = cls(config, dtype=dtype, **tp)
         model.load_weights(weights)
         return model
 
-    @staticmethod
-    def _assign(param, value) -> None:
+    def _assign(self, param, value) -> None:
         from bridge.dlpack import to_jax
 
         value = jnp.asarray(value) if isinstance(value, (jax.Array, np.ndarray)) else to_jax(
             value, copy_ok=True, name="weight")
-        param.set_value(value.astype(param.dtype))
+        value = value.astype(param.dtype)
+        param.set_value(value if self.mesh is None else tp_put(value, NamedSharding(self.mesh, PartitionSpec())))
 
     @staticmethod
     def _read(param):
@@ -158,11 +170,16 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
 
     def new_states(self, batch_size: int, state_dtype=jnp.float32) -> tuple:
         """Zero states for ``batch_size`` requests (``batch_size + 1`` blocks:
-        block 0 is the null block): conv, ssm of every layer in turn."""
-        conv, ssm = self.layers[0].mixer.get_state_shape()
-        blocks = batch_size + 1
-        return tuple(jnp.zeros((blocks, *shape), state_dtype)
-                     for _ in range(self.config.num_layers) for shape in (conv, ssm))
+        block 0 is the null block): conv, ssm of every layer in turn (sharded:
+        laid out by the mixers' ``state_shardings()``)."""
+        mixer = self.layers[0].mixer
+        blocks, shapes = batch_size + 1, mixer.get_state_shape()
+        if self.mesh is None:
+            return tuple(jnp.zeros((blocks, *shape), state_dtype)
+                         for _ in range(self.config.num_layers) for shape in shapes)
+        return tuple(jnp.zeros((blocks, *shape), state_dtype, device=sharding)
+                     for _ in range(self.config.num_layers)
+                     for shape, sharding in zip(mixer.global_state_shape(), mixer.state_shardings()))
 
     def new_cache(self, batch_size: int, state_dtype: str = "float32", owner: str = "torch",
                   device: str = "cpu"):

@@ -11,8 +11,10 @@ decode requests come first in a batch (``causal_conv1d_update`` +
 returns the new conv and SSM states; ``forward_on_cache`` runs it on a
 ``bridge.MambaStateCache`` (jitted, the states donated: in place where XLA
 aliases the cache's memory), so a ``torch_impl.MambaMixer2`` with the same
-weights can continue the sequences. Tensor-parallel size 1 (the sharding
-rules: ``bridge.spec.mixer_sharding``). Mirror: ``torch_impl/mamba_mixer2.py``.
+weights can continue the sequences. Tensor parallelism: over an axis of a
+``jax.sharding.Mesh``, the parameters and states sharded, the layer under
+``shard_map`` (``jax_impl.tp``, ``bridge.spec.mixer_sharding``). Mirror:
+``torch_impl/mamba_mixer2.py``.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bridge.spec.mixer_layout import MixerLayout
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bridge.spec.checks import fail
+from bridge.spec.mixer_layout import PARAM_ATTRS, MixerLayout
 from bridge.spec.mixer_metadata import Mamba2Metadata
+from bridge.spec.mixer_sharding import shard_mixer_weights
 from bridge.spec.ssd_contract import ChunkMetadata
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
 from bridge.spec.state_shapes import is_conv_state_dim_first
-from jax_impl import platform
+from jax_impl import platform, tp
 from jax_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from jax_impl.gated_rms_norm import rms_norm_gated
 from jax_impl.selective_state_update import selective_state_update
@@ -118,15 +124,34 @@ class MambaMixer2(MixerLayout, nnx.Module):
     token bucket. The number of chunks of P prefills over T tokens lies in
     ``[ceil(T / chunk_size), ceil(T / chunk_size) + P]``: at most P + 1
     compilations per bucket.
+
+    Tensor parallelism (``mesh`` with an axis ``tp_axis`` of ``tp_size``
+    devices): the parameters above are global arrays laid out rank by rank
+    along their sharded axis (rank r's block: its shard, as
+    ``bridge.spec.mixer_sharding`` defines it; the ``out_proj`` bias
+    replicated) and placed with ``NamedSharding``; so are the states
+    (``state_shardings``: conv channels and heads, block r rank r's
+    ``get_state_shape()``). Both forwards run per rank under ``shard_map``
+    and return the output replicated (``psum`` after ``out_proj``); the
+    inputs are replicated. Random initialisation draws every rank's block
+    independently: load a checkpoint (``load_weights`` takes the whole one)
+    for a model equal to the unsharded one.
     """
 
     SAFETENSORS = "safetensors.numpy"
 
-    def __init__(self, *args, dtype=jnp.float32, rngs: nnx.Rngs | None = None, **kwargs):
-        """``MixerLayout``'s arguments (vLLM's), then the parameters' ``dtype`` and ``rngs``."""
-        MixerLayout.__init__(self, *args, **kwargs)
+    def __init__(self, *args, dtype=jnp.float32, rngs: nnx.Rngs | None = None, mesh=None,
+                 tp_axis: str = "tp", **kwargs):
+        """``MixerLayout``'s arguments (vLLM's), then the parameters' ``dtype``
+        and ``rngs``, and the tensor-parallel ranks: the ``tp_axis`` axis of
+        ``mesh`` (a ``jax.sharding.Mesh``; None: unsharded, on the default device)."""
+        if mesh is not None and tp_axis not in mesh.shape:
+            fail("MambaMixer2", "tp_axis", f"{tp_axis!r} is not an axis of `mesh` {dict(mesh.shape)}")
+        MixerLayout.__init__(self, *args, tp_size=1 if mesh is None else mesh.shape[tp_axis], **kwargs)
+        self.mesh, self.tp_axis = mesh, tp_axis
         self.validate_indices = None
-        I, conv_dim, H = self.projection_sizes
+        I, conv_dim, H = (size * self.tp_size for size in self.projection_sizes)  # all ranks'
+
         rngs = rngs or nnx.Rngs(0)
 
         def uniform(shape, bound, low=None):
@@ -146,6 +171,41 @@ class MambaMixer2(MixerLayout, nnx.Module):
         dt = jnp.exp(uniform((H,), math.log(0.1), math.log(1e-3)))
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(dtype))  # softplus^-1(dt)
         self.norm_weight = nnx.Param(jnp.ones((I,), dtype)) if self.use_rms_norm else None
+        if mesh is not None:
+            for attr, param in self._params_by_attr().items():
+                param.set_value(tp.put(param[...], self.param_sharding(attr)))
+
+    @property
+    def _reduce_axis(self):
+        """The mesh axis the per-rank results are reduced over (None: unsharded)."""
+        return None if self.mesh is None else self.tp_axis
+
+    def param_sharding(self, attr: str) -> NamedSharding:
+        """The ``NamedSharding`` of parameter ``attr`` on the mesh."""
+        return NamedSharding(self.mesh, self._param_spec(attr, getattr(self, attr).ndim))
+
+    def _param_spec(self, attr: str, ndim: int) -> P:
+        return tp.spec(self.param_shard_axis(attr), ndim, self.tp_axis)
+
+    @staticmethod
+    def _state_axes() -> tuple[int, int]:
+        """The sharded axis of a (conv, ssm) state block: its channels (SD
+        ``(L, conv_dim)``, DS ``(conv_dim, L)``), its heads ``(H, P, N)``."""
+        return (0 if is_conv_state_dim_first() else 1), 0
+
+    def _state_specs(self) -> tuple[P, P]:
+        """(conv, ssm) states ``(S, *block)``."""
+        return tuple(tp.spec(axis + 1, ndim, self.tp_axis) for axis, ndim in zip(self._state_axes(), (3, 4)))
+
+    def global_state_shape(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-block (conv, ssm) shapes of the sharded states: ``get_state_shape()``'s
+        with the sharded axis ``tp_size`` times longer (block r: rank r's)."""
+        return tuple(tuple(n * self.tp_size if a == axis else n for a, n in enumerate(shape))
+                     for shape, axis in zip(self.get_state_shape(), self._state_axes()))
+
+    def state_shardings(self) -> tuple[NamedSharding, NamedSharding]:
+        """The (conv, ssm) states' ``NamedSharding`` on the mesh (see ``global_state_shape``)."""
+        return tuple(NamedSharding(self.mesh, s) for s in self._state_specs())
 
     @property
     def A(self):
@@ -165,11 +225,27 @@ class MambaMixer2(MixerLayout, nnx.Module):
 
         for attr, value in params.items():
             target = getattr(self, attr)
-            target.set_value(array(value).reshape(target.shape).astype(target.dtype))
+            value = array(value).reshape(target.shape).astype(target.dtype)
+            target.set_value(value if self.mesh is None else tp.put(value, self.param_sharding(attr)))
+
+    def _shard_checkpoint(self, whole: dict) -> dict:
+        """Every rank's shard, laid out rank by rank along the sharded axis."""
+        whole = {key: np.asarray(value) for key, value in whole.items()}
+        shards = [shard_mixer_weights(whole, self.dims, rank) for rank in range(self.tp_size)]
+        return {key: value if self.param_shard_axis(attr) is None else
+                np.concatenate([s[key] for s in shards], self.param_shard_axis(attr))
+                for key, value in shards[0].items() for attr in [PARAM_ATTRS[key]]}
 
     def checkpoint_weights(self) -> dict:
-        """The weights under checkpoint names (``conv1d.weight`` 3-D as saved, ``A_log``)."""
-        weights = {k: v[...] for k, v in self._params_by_key().items() if v is not None}
+        """The weights under checkpoint names (``conv1d.weight`` 3-D as saved,
+        ``A_log``); sharded: the whole checkpoint, gathered."""
+        weights = {}
+        for key, value in self._params_by_key().items():
+            if value is None:
+                continue
+            rows = self.dims.gather_rows(key)
+            weights[key] = value[...] if self.mesh is None or rows is None else jnp.take(
+                value[...], rows, axis=self.param_shard_axis(PARAM_ATTRS[key]))
         weights["conv1d.weight"] = weights["conv1d.weight"][:, None, :]
         return weights
 
@@ -190,15 +266,25 @@ class MambaMixer2(MixerLayout, nnx.Module):
         (S, L, conv_dim)`` (SD; DS: ``(S, conv_dim, L)``) and ``ssm_state (S,
         H, P, N)`` -> ``(out (T, hidden), new_conv_state, new_ssm_state)``.
         Jittable with ``metadata`` as an argument (see the class docstring).
-        ``conv_state``, ``ssm_state`` and ``metadata`` come together."""
+        ``conv_state``, ``ssm_state`` and ``metadata`` come together.
+        Sharded: the states laid out by ``state_shardings()``."""
         if self._is_training_call(dict(conv_state=conv_state, ssm_state=ssm_state, metadata=metadata),
                                   dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens)):
             return self._train_forward(hidden_states, seq_idx, cu_seqlens)
         self._check_batch(metadata, hidden_states.shape[0], ssm_state.shape[0],
                           platform.host_index_values(self.validate_indices, **metadata.arrays()))
+        if self.mesh is None:
+            return self._serve(hidden_states, conv_state, ssm_state, metadata)
+        conv_spec, ssm_spec = self._state_specs()
+        return tp.run_sharded(self, self._param_spec, MambaMixer2._serve,
+                              (hidden_states, conv_state, ssm_state, metadata),
+                              (P(), conv_spec, ssm_spec, P()), (P(), conv_spec, ssm_spec))
+
+    def _serve(self, hidden_states, conv_state, ssm_state, metadata: Mamba2Metadata):
+        """The serving forward on one rank's shard (the metadata checked)."""
         meta = metadata.map_arrays(jnp.asarray)
         P, N = self.head_dim, self.ssm_state_size
-        H, G = self.num_heads, self.dims.padded_groups
+        (I, _, H), G = self.projection_sizes, self.local_groups
         split = lambda v, sizes: jnp.split(v, np.cumsum(sizes)[:-1].tolist(), axis=-1)  # noqa: E731
         gate, xBC, dt = split(_linear(hidden_states, self.in_proj_weight, self.in_proj_bias),
                               self.projection_sizes)
@@ -236,7 +322,7 @@ class MambaMixer2(MixerLayout, nnx.Module):
                 C=C_d.reshape(nd, G, N), D=D, dt_bias=dt_bias, dt_softplus=True,
                 num_accepted_tokens=meta.num_accepted_tokens, cu_seqlens=meta.query_start_loc_d,
                 **ssm_slots)
-            parts.append(y_d.reshape(nd, self.intermediate_size))
+            parts.append(y_d.reshape(nd, I))
 
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p
@@ -264,22 +350,29 @@ class MambaMixer2(MixerLayout, nnx.Module):
                                             meta.last_chunk_indices_p)
             else:
                 ssm_state = _scatter_states(ssm_state, table_p, states)
-            parts.append(y_p.reshape(npf, self.intermediate_size))
+            parts.append(y_p.reshape(npf, I))
 
         # Rows of padding tokens stay 0.
-        parts.append(jnp.zeros((hidden_states.shape[0] - nd - npf, self.intermediate_size),
-                               hidden_states.dtype))
+        parts.append(jnp.zeros((hidden_states.shape[0] - nd - npf, I), hidden_states.dtype))
         ssm_out = jnp.concatenate([p.astype(hidden_states.dtype) for p in parts])
         out = self._gated_out(ssm_out, gate)
         return out, (conv if dim_first else conv.swapaxes(1, 2)), ssm_state
 
     def _gated_out(self, ssm_out, gate):
-        if self.use_rms_norm:
+        """The gated norm and the (row-parallel) ``out_proj``, reduced over the ranks."""
+        axis = self._reduce_axis
+        if self.use_rms_norm and self.dims.norm_is_local:
             gated = rms_norm_gated(x=ssm_out, weight=self.norm_weight[...], z=gate, eps=self.rms_norm_eps,
                                    group_size=self.dims.norm_group_size)
+        elif self.use_rms_norm:  # one group over every rank's channels: its sum of squares reduced
+            v = ssm_out.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))
+            mean_square = tp.sum_over_ranks(jnp.sum(v * v, -1, keepdims=True), axis) / self.intermediate_size
+            gated = (v * jax.lax.rsqrt(mean_square + self.rms_norm_eps)
+                     * self.norm_weight[...].astype(jnp.float32)).astype(ssm_out.dtype)
         else:
             gated = ssm_out * jax.nn.silu(gate)
-        return _linear(gated, self.out_proj_weight, self.out_proj_bias)
+        bias = None if self.out_proj_bias is None else tp.first_rank_only(self.out_proj_bias[...], axis)
+        return tp.reduce_from_ranks(_linear(gated, self.out_proj_weight, bias), axis)
 
     def _train_forward(self, hidden_states, seq_idx, cu_seqlens):
         """The cache-free forward (``__call__``'s training form): the packed
@@ -293,9 +386,16 @@ class MambaMixer2(MixerLayout, nnx.Module):
         if layout is None:  # no tokens
             return jnp.zeros(hidden_states.shape, hidden_states.dtype)
         cu, chunks = layout
+        if self.mesh is None:
+            return self._train_local(hidden_states, cu, chunks)
+        return tp.run_sharded(self, self._param_spec, MambaMixer2._train_local, (hidden_states, cu, chunks),
+                              (P(), P(), P()), P())
+
+    def _train_local(self, hidden_states, cu, chunks: ChunkMetadata):
+        """The training forward on one rank's shard, the packing given."""
         batch, seqlen, _ = hidden_states.shape
         T, P, N = batch * seqlen, self.head_dim, self.ssm_state_size
-        H, G = self.num_heads, self.dims.padded_groups
+        (I, _, H), G = self.projection_sizes, self.local_groups
         split = lambda v, sizes: jnp.split(v, np.cumsum(sizes)[:-1].tolist(), axis=-1)  # noqa: E731
         gate, xBC, dt = split(_linear(hidden_states.reshape(T, self.hidden_size), self.in_proj_weight,
                                       self.in_proj_bias), self.projection_sizes)
@@ -310,7 +410,7 @@ class MambaMixer2(MixerLayout, nnx.Module):
             chunk_size=self.chunk_size, cu_seqlens=qsl, cu_chunk_seqlens=jnp.asarray(chunks.cu_chunk_seqlens),
             last_chunk_indices=jnp.asarray(chunks.last_chunk_indices), seq_idx=jnp.asarray(chunks.seq_idx),
             D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True, validate_metadata=False)
-        out = self._gated_out(y.reshape(T, self.intermediate_size).astype(hidden_states.dtype), gate)
+        out = self._gated_out(y.reshape(T, I).astype(hidden_states.dtype), gate)
         return out.reshape(batch, seqlen, self.hidden_size)
 
     def forward_on_cache(self, hidden_states, cache, metadata: Mamba2Metadata, layer: int = 0,
@@ -321,7 +421,11 @@ class MambaMixer2(MixerLayout, nnx.Module):
         afterwards. Returns ``out (T, hidden)``. The metadata is checked
         before the jitted step, on the host (see the class docstring).
         ``allow_writeback``: as in ``bridge.jax_step_into`` (default: copy
-        back on CPU, raise ``AliasLostError`` on CUDA if XLA did not alias)."""
+        back on CPU, raise ``AliasLostError`` on CUDA if XLA did not alias).
+        Unsharded only (a cache is one device's memory)."""
+        if self.mesh is not None:
+            fail("MambaMixer2.forward_on_cache", "cache", "holds one device's states; a sharded mixer "
+                 "takes states laid out by state_shardings() in __call__")
         self._check_batch(metadata, hidden_states.shape[0], cache.num_blocks,
                           platform.host_index_values(self.validate_indices, **metadata.arrays()))
         graphdef, params = nnx.split(self)

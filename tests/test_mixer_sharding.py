@@ -47,8 +47,10 @@ def test_sharded_ranks_recombine_to_the_unsharded_mixer(n_groups, tp_size, rng):
         whole = gated_norm_ref(np.concatenate(ys, 1), np.concatenate(gates, 1),
                                weights["norm.weight"], dims.norm_group_size, EPS)
         normed = np.split(whole, tp_size, axis=1)
-    partial = [v @ s["out_proj.weight"].T + s.get("out_proj.bias", 0.0) for v, s in zip(normed, shards)]
-    np.testing.assert_allclose(sum(partial), want, rtol=1e-10, atol=1e-10)
+    # Row-parallel out_proj: partial sums reduced, the replicated bias added once.
+    assert all(np.array_equal(s["out_proj.bias"], weights["out_proj.bias"]) for s in shards)
+    partial = [v @ s["out_proj.weight"].T for v, s in zip(normed, shards)]
+    np.testing.assert_allclose(sum(partial) + weights["out_proj.bias"], want, rtol=1e-10, atol=1e-10)
 
 
 def test_loader_replicates_a_single_group():

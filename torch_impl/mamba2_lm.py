@@ -59,10 +59,10 @@ class RMSNorm(nn.Module):
 class Mamba2Block(nn.Module):
     """``norm`` then ``mixer``; the model adds the residual."""
 
-    def __init__(self, config: Mamba2Config, dtype, device):
+    def __init__(self, config: Mamba2Config, dtype, device, tp: dict):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype, device)
-        self.mixer = MambaMixer2(**config.mixer_args(), dtype=dtype, device=device)
+        self.mixer = MambaMixer2(**config.mixer_args(), dtype=dtype, device=device, **tp)
 
 
 def _load_bin(file: str) -> dict:
@@ -74,14 +74,20 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
     Parameters: ``embedding (vocab, hidden)``, ``layers[i].norm.weight``,
     ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``, ``lm_head
     (vocab, hidden)`` (None when tied: the head is the embedding).
-    ``load_weights`` / ``checkpoint_weights``: ``lm_config.LMLayout``'s."""
+    ``load_weights`` / ``checkpoint_weights``: ``lm_config.LMLayout``'s.
 
-    def __init__(self, config: Mamba2Config, dtype=torch.float32, device=None):
+    Tensor parallelism (``tp_size`` / ``process_group``, as ``MambaMixer2``
+    takes them): the mixers are sharded, the rest replicated; every rank
+    runs the same calls on the same inputs and gets the same results."""
+
+    def __init__(self, config: Mamba2Config, dtype=torch.float32, device=None, *, tp_size=None,
+                 process_group=None):
         nn.Module.__init__(self)
         self.config = config
         shape, factory = (config.vocab_size, config.hidden_size), dict(dtype=dtype, device=device)
         self.embedding = nn.Parameter(0.02 * torch.randn(shape, **factory))
-        self.layers = nn.ModuleList(Mamba2Block(config, dtype, device) for _ in range(config.num_layers))
+        tp = dict(tp_size=tp_size, process_group=process_group)
+        self.layers = nn.ModuleList(Mamba2Block(config, dtype, device, tp) for _ in range(config.num_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, dtype, device)
         bound = 1.0 / math.sqrt(config.hidden_size)
         self.lm_head = None if config.tie_embeddings else nn.Parameter(
@@ -93,15 +99,16 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
     # --- weights ---------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device=None) -> "Mamba2LMHeadModel":
+    def from_pretrained(cls, path, dtype=torch.float32, device=None, **tp) -> "Mamba2LMHeadModel":
         """The model of the checkpoint directory ``path`` (``config.json`` and
         ``model.safetensors`` / its shards / ``pytorch_model.bin``, in
         mamba_ssm's or Hugging Face's layout), its parameters in ``dtype``
-        (``A_log`` stays float32) on ``device``. Nothing is downloaded."""
+        (``A_log`` stays float32) on ``device``; ``tp_size`` / ``process_group``:
+        sharded (each rank loads its shards). Nothing is downloaded."""
         from safetensors.torch import load_file
 
         config, weights = lm_config.load_pretrained(path, load_file, _load_bin)
-        model = cls(config, dtype=dtype, device=device)
+        model = cls(config, dtype=dtype, device=device, **tp)
         model.load_weights(weights)
         return model
 

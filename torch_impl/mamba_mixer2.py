@@ -9,7 +9,8 @@ decode requests come first in a batch (``causal_conv1d_update`` +
 ``selective_state_update``), prefills after them (``causal_conv1d_fn`` +
 ``mamba_chunk_scan_combined_varlen``). The conv and SSM states live in a
 ``bridge.MambaStateCache`` that a ``jax_impl.MambaMixer2`` with the same
-weights can continue. Tensor-parallel size 1 (the sharding rules:
+weights can continue. Tensor parallelism: ``tp_size`` ranks of a
+``torch.distributed`` process group, each with its shard (``torch_impl.tp``,
 ``bridge.spec.mixer_sharding``). Mirror: ``jax_impl/mamba_mixer2.py``.
 
 Serving: move each batch's metadata to the device once
@@ -29,12 +30,13 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from bridge.spec.mixer_layout import MixerLayout
+from bridge.spec.mixer_layout import PARAM_ATTRS, MixerLayout
 from bridge.spec.checks import expect_shape, fail, shape_of
 from bridge.spec.mixer_metadata import Mamba2Metadata, build_mamba2_metadata
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
 from bridge.spec.state_shapes import is_conv_state_dim_first
-from torch_impl import platform
+from bridge.spec.mixer_sharding import shard_mixer_weights
+from torch_impl import platform, tp
 from torch_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from torch_impl.gated_rms_norm import rms_norm_gated
 from torch_impl.selective_state_update import selective_state_update
@@ -121,14 +123,30 @@ class MambaMixer2(MixerLayout, nn.Module):
     slots outside the cache and the null block, and poison the outputs of
     such requests with NaN; nothing outside the scheduled slots is written.
     Colliding requests then leave their slots unspecified (either update
-    may win, or the updates chain)."""
+    may win, or the updates chain).
+
+    Tensor parallelism (``tp_size`` ranks of ``process_group``): each rank
+    holds its shard (``in_proj`` rows of its gate, x, B, C and dt; its conv
+    channels; its heads; its groups, the one group replicated when
+    ``n_groups`` is 1; its norm weights; its ``out_proj`` columns; the
+    ``out_proj`` bias whole, added by rank 0), of the sizes above divided as
+    ``bridge.spec.mixer_sharding.MixerDims`` says. Every rank takes the same
+    ``hidden_states`` and returns the same output (all-reduced); its cache
+    (``get_state_shape()``) holds its conv channels and heads. Random
+    initialisation is per rank: load a checkpoint (``load_weights`` takes
+    the whole one) for a model equal to the unsharded one."""
 
     SAFETENSORS = "safetensors.torch"
 
-    def __init__(self, *args, dtype=torch.float32, device=None, **kwargs):
-        """``MixerLayout``'s arguments (vLLM's), then the parameters' ``dtype`` and ``device``."""
+    def __init__(self, *args, dtype=torch.float32, device=None, tp_size=None, process_group=None,
+                 **kwargs):
+        """``MixerLayout``'s arguments (vLLM's), then the parameters' ``dtype``
+        and ``device``, and the tensor-parallel ranks: ``process_group`` (a
+        ``torch.distributed`` group; None: the default group when ``tp_size``
+        > 1) and ``tp_size`` (None or 1: unsharded; else the group's size)."""
         nn.Module.__init__(self)
-        MixerLayout.__init__(self, *args, **kwargs)
+        tp_size, self.tp_rank, self.process_group = tp.resolve(tp_size, process_group)
+        MixerLayout.__init__(self, *args, tp_size=tp_size, **kwargs)
         self.validate_indices = None
         I, conv_dim, H = self.projection_sizes
         factory = dict(dtype=dtype, device=device)
@@ -185,10 +203,24 @@ class MambaMixer2(MixerLayout, nn.Module):
                 target = getattr(self, attr)
                 target.copy_(tensor(value).reshape(target.shape))
 
+    def _shard_checkpoint(self, whole: dict) -> dict:
+        return shard_mixer_weights(whole, self.dims, self.tp_rank)
+
     def checkpoint_weights(self) -> dict:
         """The weights under checkpoint names (``conv1d.weight`` 3-D as saved,
-        ``A_log``); views of the parameters where the layout allows."""
-        weights = {k: v.detach() for k, v in self._params_by_key().items() if v is not None}
+        ``A_log``); views of the parameters where the layout allows. Sharded:
+        the whole checkpoint, gathered from every rank (a collective: call it
+        on all of them)."""
+        weights = {}
+        for key, value in self._params_by_key().items():
+            if value is None:
+                continue
+            value, rows = value.detach(), self.dims.gather_rows(key)
+            if self.process_group is not None and rows is not None:
+                axis = self.param_shard_axis(PARAM_ATTRS[key])
+                value = tp.gather_from_ranks(value, self.process_group, axis).index_select(
+                    axis, torch.from_numpy(rows).to(value.device))
+            weights[key] = value
         weights["conv1d.weight"] = weights["conv1d.weight"].unsqueeze(1)
         return weights
 
@@ -213,7 +245,9 @@ class MambaMixer2(MixerLayout, nn.Module):
         ``metadata`` come together (one without the other is refused)."""
         if self._is_training_call(dict(cache=cache, metadata=metadata),
                                   dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens)):
-            return self._train_forward(hidden_states, seq_idx, cu_seqlens)
+            return self._train_forward(tp.copy_to_ranks(hidden_states, self.process_group), seq_idx,
+                                       cu_seqlens)
+        hidden_states = tp.copy_to_ranks(hidden_states, self.process_group)
         device = hidden_states.device
         conv_state, ssm_state = cache.torch("conv", layer), cache.torch("ssm", layer)
         if platform.is_capturing(device) and any(
@@ -226,12 +260,11 @@ class MambaMixer2(MixerLayout, nn.Module):
         if not is_conv_state_dim_first():
             conv_state = conv_state.transpose(1, 2)  # (S, conv_dim, L) as the conv kernels take it
         P, N = self.head_dim, self.ssm_state_size
-        H, G = self.num_heads, self.dims.padded_groups
+        (I, conv_dim, H), G = self.projection_sizes, self.local_groups
         gate, xBC, dt = torch.split(F.linear(hidden_states, self.in_proj_weight, self.in_proj_bias),
                                     self.projection_sizes, dim=-1)
         # Rows of padding tokens and padding requests stay 0.
-        ssm_out = torch.zeros(hidden_states.shape[0], self.intermediate_size, dtype=hidden_states.dtype,
-                              device=device)
+        ssm_out = torch.zeros(hidden_states.shape[0], I, dtype=hidden_states.dtype, device=device)
         nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
         A = self.A
         kernel_args = dict(activation=self.activation, validate_indices=self.validate_indices)
@@ -267,7 +300,7 @@ class MambaMixer2(MixerLayout, nn.Module):
 
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p
-            conv_p = torch.empty(npf, self.dims.conv_dim, dtype=xBC.dtype, device=device)
+            conv_p = torch.empty(npf, conv_dim, dtype=xBC.dtype, device=device)
             prefix = self._prefix_caching_conv_args(meta, read_col_p, write_col_p) if cache_all else {}
             causal_conv1d_fn(x=xBC[nd:nd + npf].T, weight=self.conv_weight, bias=self.conv_bias,
                              conv_states=conv_state, query_start_loc=meta.query_start_loc_p,
@@ -296,12 +329,19 @@ class MambaMixer2(MixerLayout, nn.Module):
         return self._gated_out(ssm_out, gate)
 
     def _gated_out(self, ssm_out, gate):
-        if self.use_rms_norm:
+        """The gated norm and the (row-parallel) ``out_proj``, reduced over the ranks."""
+        group = self.process_group
+        if self.use_rms_norm and self.dims.norm_is_local:
             gated = rms_norm_gated(x=ssm_out, weight=self.norm_weight, z=gate, eps=self.rms_norm_eps,
                                    group_size=self.dims.norm_group_size)
+        elif self.use_rms_norm:  # one group over every rank's channels: its sum of squares reduced
+            v = ssm_out.float() * F.silu(gate.float())
+            mean_square = tp.sum_over_ranks(v.square().sum(-1, keepdim=True), group) / self.intermediate_size
+            gated = (v * torch.rsqrt(mean_square + self.rms_norm_eps) * self.norm_weight.float()).to(ssm_out.dtype)
         else:
             gated = ssm_out * F.silu(gate)
-        return F.linear(gated, self.out_proj_weight, self.out_proj_bias)
+        bias = self.out_proj_bias if self.tp_rank == 0 else None  # added once to the partial sums
+        return tp.reduce_from_ranks(F.linear(gated, self.out_proj_weight, bias), group)
 
     def _train_forward(self, hidden_states, seq_idx, cu_seqlens) -> torch.Tensor:
         """The cache-free forward (``forward``'s training form): the packed
@@ -315,7 +355,7 @@ class MambaMixer2(MixerLayout, nn.Module):
         index = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
         batch, seqlen, _ = hidden_states.shape
         T, P, N = batch * seqlen, self.head_dim, self.ssm_state_size
-        H, G = self.num_heads, self.dims.padded_groups
+        (I, _, H), G = self.projection_sizes, self.local_groups
         gate, xBC, dt = torch.split(
             F.linear(hidden_states.reshape(T, self.hidden_size), self.in_proj_weight, self.in_proj_bias),
             self.projection_sizes, dim=-1)
@@ -328,7 +368,7 @@ class MambaMixer2(MixerLayout, nn.Module):
             chunk_size=self.chunk_size, cu_seqlens=qsl, cu_chunk_seqlens=index(chunks.cu_chunk_seqlens),
             last_chunk_indices=index(chunks.last_chunk_indices), seq_idx=index(chunks.seq_idx), out=None,
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True, validate_metadata=False)
-        out = self._gated_out(y.reshape(T, self.intermediate_size).to(hidden_states.dtype), gate)
+        out = self._gated_out(y.reshape(T, I).to(hidden_states.dtype), gate)
         return out.reshape(batch, seqlen, self.hidden_size)
 
 

@@ -1,9 +1,14 @@
 """The framework-neutral half of both ``MambaMixer2`` modules (``torch_impl``,
 ``jax_impl``): the configuration, the state shapes, the checkpoint layout,
-how the projection splits, and the up-front checks of a call."""
+how the projection splits, and the up-front checks of a call.
+
+Tensor parallelism (``tp_size`` > 1): the sizes here (``projection_sizes``,
+``xbc_sizes``, ``local_heads``, ``local_groups``, ``get_state_shape``) are one
+rank's (``bridge.spec.mixer_sharding``); checkpoints stay whole."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from typing import Mapping, Optional
@@ -12,7 +17,7 @@ import numpy as np
 
 from bridge.spec.checks import fail
 from bridge.spec.mixer_metadata import Mamba2Metadata, check_batch, check_checkpoint, checkpoint_shapes
-from bridge.spec.mixer_sharding import MixerDims
+from bridge.spec.mixer_sharding import PARAM_SHARD_AXIS, MixerDims
 from bridge.spec.ssd_contract import ChunkMetadata, chunk_metadata
 from bridge.spec.state_shapes import MambaStateShapeCalculator
 
@@ -29,8 +34,10 @@ class MixerLayout:
     """Base of both mixers: vLLM's constructor arguments less its config
     objects (``chunk_size``, the model's mamba chunk size, and ``num_spec``,
     speculative tokens, come from those in vLLM) as attributes, and
-    ``dims``; the framework's half: ``SAFETENSORS`` (the safetensors module
-    it loads with) and ``_load``."""
+    ``dims``, and ``tp_size`` (keyword: the tensor-parallel ranks; the
+    frameworks derive it from their process group or mesh); the framework's
+    half: ``SAFETENSORS`` (the safetensors module it loads with), ``_load``
+    and ``_shard_checkpoint``."""
 
     SAFETENSORS = ""
 
@@ -38,8 +45,9 @@ class MixerLayout:
                  intermediate_size: int, use_conv_bias: bool, use_bias: bool, n_groups: int = 1,
                  num_heads: int = 128, head_dim: int = 64, rms_norm_eps: float = 1e-5,
                  activation: str = "silu", use_rms_norm: bool = True, chunk_size: int = 256,
-                 num_spec: int = 0):
-        self.dims = MixerDims(intermediate_size, n_groups, num_heads, head_dim, ssm_state_size)
+                 num_spec: int = 0, *, tp_size: int = 1):
+        self.dims = MixerDims(intermediate_size, n_groups, num_heads, head_dim, ssm_state_size, tp_size)
+        self.tp_size = tp_size
         if activation not in ("silu", "swish"):
             raise ValueError(f"MambaMixer2: `activation` must be 'silu' or 'swish', got {activation!r}")
         self.hidden_size, self.ssm_state_size, self.conv_kernel_size = (
@@ -54,40 +62,62 @@ class MixerLayout:
         """Copy a checkpoint in: Hugging Face / mamba_ssm key names (after
         ``prefix``) mapping to torch tensors, jax or numpy arrays (shared
         through DLPack without a copy where possible). ``A_log`` is the
-        parameter itself (``A = -exp(A_log)``, float32)."""
+        parameter itself (``A = -exp(A_log)``, float32). A whole (TP 1)
+        checkpoint at any ``tp_size``: each rank takes its shard
+        (``mamba_v2_sharded_weight_loader``'s rules)."""
         check_checkpoint(weights, self._checkpoint_shapes(), prefix)
-        self._load({attr: weights[prefix + key] for key, attr in PARAM_ATTRS.items()
-                    if getattr(self, attr) is not None})
+        whole = {key: weights[prefix + key] for key, attr in PARAM_ATTRS.items() if getattr(self, attr) is not None}
+        self._load({PARAM_ATTRS[key]: value for key, value in
+                    (self._shard_checkpoint(whole) if self.tp_size > 1 else whole).items()})
 
     def load_safetensors(self, path: str, prefix: str = "") -> None:
         """``load_weights`` from a safetensors file."""
         self.load_weights(importlib.import_module(self.SAFETENSORS).load_file(path), prefix)
 
     def get_state_shape(self):
-        """Per-block (conv, ssm) state shapes for a ``bridge.MambaStateCache``."""
+        """Per-block (conv, ssm) state shapes for a ``bridge.MambaStateCache``
+        (one rank's: its conv channels and heads)."""
         return MambaStateShapeCalculator.mamba2_state_shape(
-            tp_world_size=1, intermediate_size=self.intermediate_size, n_groups=self.n_groups,
+            tp_world_size=self.tp_size, intermediate_size=self.intermediate_size, n_groups=self.n_groups,
             num_heads=self.num_heads, head_dim=self.head_dim, state_size=self.ssm_state_size,
             conv_kernel=self.conv_kernel_size, num_spec=self.num_spec)
 
     def _checkpoint_shapes(self) -> dict:
-        return checkpoint_shapes(self.dims, self.hidden_size, self.conv_kernel_size,
+        return checkpoint_shapes(dataclasses.replace(self.dims, tp_size=1), self.hidden_size, self.conv_kernel_size,
                                  use_bias=self.use_bias, use_conv_bias=self.use_conv_bias,
                                  use_rms_norm=self.use_rms_norm)
 
     def _params_by_key(self) -> dict:
         return {key: getattr(self, attr) for key, attr in PARAM_ATTRS.items()}
 
+    def _params_by_attr(self) -> dict:
+        """The parameters present, by attribute name."""
+        return {attr: getattr(self, attr) for attr in PARAM_ATTRS.values() if getattr(self, attr) is not None}
+
+    @staticmethod
+    def param_shard_axis(attr: str) -> Optional[int]:
+        """The axis parameter ``attr`` is sharded on across the ranks (None: replicated)."""
+        return PARAM_SHARD_AXIS[next(key for key, a in PARAM_ATTRS.items() if a == attr)]
+
+    @property
+    def local_heads(self) -> int:
+        return self.dims.local("num_heads")
+
+    @property
+    def local_groups(self) -> int:
+        """B and C groups of one rank (a replicated group counted on each)."""
+        return self.dims.local("padded_groups")
+
     @property
     def projection_sizes(self) -> tuple[int, int, int]:
-        """``in_proj``'s output splits into (gate, xBC, dt) of these widths."""
-        return self.intermediate_size, self.dims.conv_dim, self.num_heads
+        """``in_proj``'s output splits into (gate, xBC, dt) of these widths (one rank's)."""
+        return self.dims.local("intermediate_size"), self.dims.local("conv_dim"), self.local_heads
 
     @property
     def xbc_sizes(self) -> tuple[int, int, int]:
-        """The conv's output splits into (x, B, C) of these widths."""
-        group_channels = self.dims.padded_groups * self.ssm_state_size
-        return self.intermediate_size, group_channels, group_channels
+        """The conv's output splits into (x, B, C) of these widths (one rank's)."""
+        group_channels = self.local_groups * self.ssm_state_size
+        return self.dims.local("intermediate_size"), group_channels, group_channels
 
     @staticmethod
     def _prefix_caching_conv_args(metadata: Mamba2Metadata, read_columns, write_columns) -> dict:
