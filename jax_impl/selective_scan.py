@@ -8,6 +8,27 @@ the new value of the buffer vLLM writes in place (``z`` when given, else
 ``delta``: padding sequences keep its values) and both outputs alias their
 inputs (``input_output_aliases``), so under ``jax.jit`` with ``ssm_states``
 (and that buffer) donated, the update is in place.
+
+The kernel mirrors the Triton one tile for tile (tiles from
+``scan_tiles``): each thread owns one channel (block_d = 32 x num_warps
+channels per program) and keeps that channel's dstate row of the state; the
+tokens go in tiles of block_t aligned to multiples of block_t, B and C
+loaded as a (block_t, block_d, block_n) broadcast (index stride 0 over
+channels); exp2 with log2(e) folded into A. Tiles inside a sequence take an
+unmasked path (``lax.cond``); those crossing a sequence end or a
+prefix-caching block boundary take the masked edge path, which also writes
+the boundary states. Lowered for sm_90 (Triton 3.6 on the CPU, from the
+Pallas TTIR), its loop has the Triton kernel's instruction mix: no shuffles,
+no shared memory, no spills, the same vector loads.
+
+The single long sequence (1 x 16k tokens at dim 5120) gets no more than
+dim / block_d programs, each walking all 16k tokens in order: the scan is
+sequential over tokens, so ``scan_tiles`` shrinks block_d to 8 to spread
+the channels over the multiprocessors (640 one-warp programs, the threads
+then also splitting dstate, with shuffles), and the time is the latency of
+the per-token chain, far below the copy bandwidth in both frameworks.
+Reaching it needs a chunked scan over tokens (chunk states, then a pass
+over chunks, as in the SSD kernels), which neither kernel does.
 """
 
 from __future__ import annotations
@@ -23,6 +44,10 @@ from bridge.spec.selective_scan_contract import (
     NULL_BLOCK_ID, ScanLayout, ScanTiles, check_selective_scan_args, check_selective_scan_index_values,
     scan_tiles)
 from jax_impl import platform
+
+LOG2_E = 1.4426950408889634
+INTERPRET_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 
 def _selective_scan_kernel(
         u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, z_ref, delta_bias_ref, qsl_ref, cache_ref,
@@ -48,7 +73,7 @@ def _selective_scan_kernel(
     end_tok = jnp.clip(eos, first_tok, num_tokens)
     seqlen = end_tok - first_tok
 
-    padding = jnp.zeros((), bool)
+    padding = seq < 0  # False, but traced: the Triton lowering cannot invert a constant
     read_slot = write_slot = seq
     if cache_ref is not None:
         if first_col_ref is not None:
@@ -89,73 +114,117 @@ def _selective_scan_kernel(
         ok = ok & (jax.lax.fori_loop(first_col, jnp.where(ok & ~padding, last_col, first_col),
                                      count_bad_slot, zero) == 0)
 
+    # Threads over channels in every tile (the state (block_d, block_n), token
+    # tiles (block_t, block_d), B / C (block_t, block_d, block_n)), as in the
+    # Triton kernel: each thread keeps its channel's dstate row and a tile's
+    # tokens, so the reductions over dstate and the token picks stay inside it.
     offs_d = pid_d * tiles.block_d + jnp.arange(tiles.block_d, dtype=i32)
     offs_n = jnp.arange(tiles.block_n, dtype=i32)
     mask_d, mask_n = offs_d < layout.dim, offs_n < layout.dstate
-    tile_mask = mask_d[:, None] & mask_n[None, :]
-    rows, cols = offs_d[:, None], offs_n[None, :]
+    state_mask = mask_d[:, None] & mask_n[None, :]
+    # The dstate index through a (no-op) min: Triton's axis analysis then sees
+    # no contiguity over dstate, so the state and A tiles load with the
+    # threads over channels, the layout of every tile of the loop (the Triton
+    # kernel leaves its dstate strides unspecialized for this; Pallas's
+    # strides are static). Else the state is converted through shared
+    # memory at every token.
+    rows, cols = offs_d[:, None], jnp.minimum(offs_n, tiles.block_n - 1)[None, :]
     group = (pid_d * tiles.block_d) // layout.channels_per_group
 
     if has_init_ref is not None:
         load_state = ok & ~padding & (has_init_ref[seq] != 0)
         h = plgpu.load(states_in_ref.at[jnp.where(load_state, read_slot, zero), rows, cols],
-                       mask=tile_mask & load_state, other=0.0).astype(jnp.float32)
+                       mask=state_mask & load_state, other=0.0).astype(jnp.float32)
     else:
         h = jnp.zeros((tiles.block_d, tiles.block_n), jnp.float32)
-    A = plgpu.load(A_ref.at[rows, cols], mask=tile_mask, other=0.0).astype(jnp.float32)
+    # exp(dt * A) as exp2(dt * A2): log2(e) folded in once.
+    A2 = plgpu.load(A_ref.at[rows, cols], mask=state_mask, other=0.0).astype(jnp.float32) * LOG2_E
     vector = lambda ref: plgpu.load(ref.at[offs_d], mask=mask_d, other=0.0).astype(jnp.float32)  # noqa: E731
     D = None if D_ref is None else vector(D_ref)
     delta_bias = None if delta_bias_ref is None else vector(delta_bias_ref)
 
     def store_state(slot, keep, h):
         plgpu.store(states_ref.at[jnp.where(keep, slot, zero), rows, cols],
-                    h.astype(states_ref.dtype), mask=tile_mask & keep)
+                    h.astype(states_ref.dtype), mask=state_mask & keep)
 
-    # Tokens in tiles of block_t (coalesced loads), walked one by one: a
-    # column is picked out by a reduction over a one-hot mask (-0.0
-    # elsewhere, so the sum is exact).
     offs_t = jnp.arange(tiles.block_t, dtype=i32)
+    chans = offs_d[None, :]
+    over_d = (offs_d * 0)[None, :, None]  # B, C broadcast over channels (index stride 0)
 
-    def token_tile(k, h):
-        start = first_tok + k * tiles.block_t
+    def scan_tile(start, h, *, edge: int):
+        """One tile of block_t tokens from ``start``: the state ``h`` carried
+        through them, the outputs stored; returns ``h``. ``edge`` 0: the tile
+        lies inside the sequence (no masks over tokens); 1: it may cross an
+        end of the sequence (masked); 2: also a prefix-caching block boundary
+        may lie in it (states written there)."""
         toks = start + offs_t
-        valid = toks < end_tok
-        mask_dt, mask_nt = mask_d[:, None] & valid[None, :], mask_n[:, None] & valid[None, :]
-        channels = lambda ref: plgpu.load(ref.at[b, rows, toks[None, :]], mask=mask_dt,  # noqa: E731
+        if edge:
+            valid = (toks >= first_tok) & (toks < end_tok)
+        else:
+            valid = offs_t < tiles.block_t
+        mask_td = valid[:, None] & mask_d[None, :]
+        mask_tdn = mask_td[:, :, None] & mask_n[None, None, :]
+        channels = lambda ref: plgpu.load(ref.at[b, chans, toks[:, None]], mask=mask_td,  # noqa: E731
                                           other=0.0).astype(jnp.float32)
-        states_tile = lambda ref: plgpu.load(ref.at[b, group, offs_n[:, None], toks[None, :]],  # noqa: E731
-                                             mask=mask_nt, other=0.0).astype(jnp.float32)
         u, dt = channels(u_ref), channels(delta_ref)
         if delta_bias is not None:
-            dt = dt + delta_bias[:, None]
+            dt = dt + delta_bias[None, :]
         if delta_softplus:
             dt = jnp.where(dt <= 20.0, jnp.log(1.0 + jnp.exp(dt)), dt)
-        dt = jnp.where(valid[None, :], dt, 0.0)  # past the end: h unchanged
+        if edge:
+            dt = jnp.where(valid[:, None], dt, 0.0)  # outside the sequence: h unchanged
         du = dt * u
-        B, C = states_tile(B_ref), states_tile(C_ref)
-        y = jnp.zeros((tiles.block_d, tiles.block_t), jnp.float32)
+        # (block_t, block_d, block_n), the same values for every channel: each
+        # thread reads the whole tile (broadcast loads), laid out like the state.
+        tile_bc = lambda ref: plgpu.load(  # noqa: E731
+            ref.at[b, group + over_d, offs_n[None, None, :], toks[:, None, None]], mask=mask_tdn,
+            other=0.0).astype(jnp.float32)
+        B, C = tile_bc(B_ref), tile_bc(C_ref)
+        # Token j is picked out of a tile by a one-hot sum over an axis each
+        # thread holds whole (-0.0 elsewhere: exact).
+        y = jnp.zeros((tiles.block_t, tiles.block_d), jnp.float32)
         for j in range(tiles.block_t):
-            pick = (offs_t == j)[None, :]
-            column = lambda tile: jnp.sum(jnp.where(pick, tile, -0.0), axis=1)  # noqa: E731
-            h = h * jnp.exp(column(dt)[:, None] * A) + column(du)[:, None] * column(B)[None, :]
-            y = jnp.where(pick, jnp.sum(h * column(C)[None, :], axis=1)[:, None], y)
-            if first_col_ref is not None:
+            at_j = offs_t == j
+            dt_j = jnp.sum(jnp.where(at_j[:, None], dt, -0.0), axis=0)
+            du_j = jnp.sum(jnp.where(at_j[:, None], du, -0.0), axis=0)
+            B_j = jnp.sum(jnp.where(at_j[:, None, None], B, -0.0), axis=0)
+            C_j = jnp.sum(jnp.where(at_j[:, None, None], C, -0.0), axis=0)
+            h = jnp.exp2(dt_j[:, None] * A2) * h + du_j[:, None] * B_j
+            y = jnp.where(at_j[:, None], jnp.sum(C_j * h, axis=1)[None, :], y)
+            if edge == 2:
                 # The state after a token that completes a block (not the last token).
                 i = start + j - first_tok
-                boundary = ok & ((offset + i + 1) % block_size == 0) & (i + 1 < seqlen)
-                slot = cache_ref[seq, jnp.where(boundary, first_col + (offset + i) // block_size, zero)]
-                store_state(slot, boundary & (slot != null_block_id), h)
+                boundary = ok & (i >= 0) & ((offset + i + 1) % block_size == 0) & (start + j + 1 < end_tok)
+
+                @pl.when(boundary)
+                def _():
+                    slot = cache_ref[seq, first_col + (offset + i) // block_size]
+                    store_state(slot, slot != null_block_id, h)
         if D is not None:
-            y = y + D[:, None] * u
+            y = y + D[None, :] * u
         if z_ref is not None:
             z = channels(z_ref)
             y = y * z * jax.nn.sigmoid(z)
         y = jnp.where(ok, y, jnp.nan)
-        plgpu.store(out_ref.at[b, rows, toks[None, :]], y.astype(out_ref.dtype), mask=mask_dt)
+        plgpu.store(out_ref.at[b, chans, toks[:, None]], y.astype(out_ref.dtype), mask=mask_td)
         return h
 
-    run_len = jnp.where(padding, zero, seqlen)
-    h = jax.lax.fori_loop(0, (run_len + tiles.block_t - 1) // tiles.block_t, token_tile, h)
+    # Tokens in tiles of block_t starting at multiples of block_t (aligned
+    # vector loads). Tiles inside the sequence run unmasked over tokens; the
+    # first and last are masked at the sequence's ends.
+    first_tile = first_tok // tiles.block_t * tiles.block_t
+
+    def token_tile(k, h):
+        start = first_tile + k * tiles.block_t
+        inside = (start >= first_tok) & (start + tiles.block_t <= end_tok)
+        if first_col_ref is not None:  # a block boundary in the tile takes the slow path too
+            i = start - first_tok
+            inside = inside & ((offset + i + tiles.block_t) // block_size == (offset + i) // block_size)
+        return jax.lax.cond(inside, functools.partial(scan_tile, start, edge=0),
+                            functools.partial(scan_tile, start, edge=1 + (first_col_ref is not None)), h)
+
+    run_end = jnp.where(padding, first_tile, end_tok)
+    h = jax.lax.fori_loop(0, (run_end - first_tile + tiles.block_t - 1) // tiles.block_t, token_tile, h)
     keep = ok & ~padding & (seqlen > 0)
     if cache_ref is not None:
         keep = keep & (write_slot != null_block_id)
@@ -219,7 +288,7 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
     kernel = functools.partial(
         _selective_scan_kernel, layout=layout, tiles=tiles, delta_softplus=bool(delta_softplus),
         null_block_id=int(null_block_id), block_size=int(block_size))
-    out, new_states = pl.pallas_call(
+    launch = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(operands[out_operand].shape, target.dtype),
                    jax.ShapeDtypeStruct(states.shape, states.dtype)),
@@ -228,5 +297,10 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
         interpret=platform.INTERPRET,
         name="selective_scan",
-    )(*operands)
+    )
+    if platform.INTERPRET and all(map(platform.is_concrete, operands)):
+        # An eager call in the interpreter compiles its program for one run:
+        # XLA's compile time is the cost (halved at the lowest level).
+        launch = jax.jit(launch, compiler_options=INTERPRET_COMPILE)
+    out, new_states = launch(*operands)
     return out.reshape(target.shape), new_states.reshape(ssm_states.shape)

@@ -377,6 +377,23 @@ def test_jax_x64_mode(rng, index_dtype):
             assert_close(got_states, want_states, "float32", "ssm_states")
 
 
+def test_pallas_lowers_to_triton_without_cache_indices(monkeypatch):
+    """The Pallas kernel lowered for the GPU (Triton IR, on any host: the
+    interpreter does not see what the Triton lowering refuses) in the form
+    no other test runs: batched, without cache_indices (sequence q in slot q),
+    has_initial_state, z, D or delta_bias."""
+    import jax
+    import jax.numpy as jnp
+    from jax_impl import platform
+    from jax_impl.selective_scan import selective_scan_fn
+    monkeypatch.setattr(platform, "INTERPRET", False)
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    args = dict(u=spec(2, 64, 12), delta=spec(2, 64, 12), A=spec(64, 4), B=spec(2, 4, 12), C=spec(2, 4, 12),
+                ssm_states=spec(3, 64, 4))
+    lowered = jax.jit(selective_scan_fn).trace(**args).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
+
+
 def test_no_tokens_is_a_no_op(side, rng):
     inputs = random_inputs(rng, seqlens=(0, 0))
     inputs["cache_indices"] = np.array([1, 2], np.int32)
