@@ -25,9 +25,9 @@ The single long sequence (1 x 16k tokens at dim 5120) gets no more than
 dim / block_d programs, each walking all 16k tokens in order: the scan is
 sequential over tokens, so ``scan_tiles`` shrinks block_d to 8 to spread
 the channels over the multiprocessors (640 one-warp programs, the threads
-then also splitting dstate, with shuffles), and the time is the latency of
-the per-token chain, far below the copy bandwidth in both frameworks.
-Reaching it needs a chunked scan over tokens (chunk states, then a pass
+then also splitting dstate, with shuffles), and the time is set by the
+latency of the per-token chain, not by memory: far below the copy bandwidth
+in both frameworks (the benchmark's 1 x 16k row). Reaching it needs a chunked scan over tokens (chunk states, then a pass
 over chunks, as in the SSD kernels), which neither kernel does.
 """
 
