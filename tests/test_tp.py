@@ -217,7 +217,7 @@ def _seed():
     return seed
 
 
-# CI: the replicated group, a mixed batch and a prefix-caching one; slow: every case.
+# CI (torch): the replicated group, a mixed batch and a prefix-caching one; slow: every case.
 CASES = [pytest.param(1, CI_STEPS, id="groups1-ci"),
          pytest.param(1, ALL_STEPS, id="groups1-all", marks=pytest.mark.slow),
          pytest.param(2, ALL_STEPS, id="groups2-all", marks=pytest.mark.slow)]
@@ -228,6 +228,7 @@ def test_torch_tp2_matches_tp1_on_gloo(n_groups, steps):
     _launch("torch", n_groups, _seed(), ranks=TP, steps=steps)
 
 
+@pytest.mark.slow  # the Pallas interpreter under shard_map: minutes on a CPU
 @pytest.mark.parametrize("n_groups,steps", CASES)
 def test_jax_tp2_on_two_devices_matches_tp1(n_groups, steps):
     _launch("jax", n_groups, _seed(), ranks=1, steps=steps)

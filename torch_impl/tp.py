@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from bridge.spec.checks import fail
 
@@ -63,6 +62,21 @@ class _ReduceFromRanks(torch.autograd.Function):
         return grad, None
 
 
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def copy_to_ranks(x: torch.Tensor, group) -> torch.Tensor:
     """``x`` (the same on every rank) entering rank-local work; ``group`` None: ``x``."""
     return x if group is None else _CopyToRanks.apply(x, group)
@@ -75,7 +89,7 @@ def reduce_from_ranks(x: torch.Tensor, group) -> torch.Tensor:
 
 def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
     """The sum of every rank's ``x``, which every rank then reads; ``group`` None: ``x``."""
-    return x if group is None else dist_fn.all_reduce(x, group=group)
+    return x if group is None else _SumOverRanks.apply(x, group)
 
 
 def gather_from_ranks(x: torch.Tensor, group, axis: int) -> torch.Tensor:
