@@ -19,6 +19,7 @@ JAX's ``RuntimeError: Array has been deleted``, it never reads stale memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any, Callable, Sequence
@@ -122,15 +123,19 @@ def to_jax(tensor, *, copy_ok: bool = False, name: str = "tensor"):
         _copy_warning("to_jax", name, problem)
         device_ok = tensor.device.type == "cpu" or _jax_has_gpu()
         tensor = (tensor if device_ok else tensor.cpu()).resolve_neg().resolve_conj().contiguous()
-    try:
-        array = jax.dlpack.from_dlpack(tensor, copy=False)
-    except ValueError as error:  # jax's message for misaligned memory
-        if not copy_ok:
-            raise ValueError(f"to_jax: `{name}` (address {tensor.data_ptr():#x}) is not aligned the way "
-                             f"XLA needs ({error}); pass copy_ok=True to allow a copy") from None
-        _copy_warning("to_jax", name, "is misaligned for XLA")
-        # A fresh allocation is aligned.
-        return jax.dlpack.from_dlpack(tensor.clone(), copy=False)
+    # torch exports a CUDA tensor only while its device is the current one
+    # (BufferError otherwise: seen on a 2-GPU host for a tensor on cuda:1).
+    current = torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+    with current:
+        try:
+            array = jax.dlpack.from_dlpack(tensor, copy=False)
+        except ValueError as error:  # jax's message for misaligned memory
+            if not copy_ok:
+                raise ValueError(f"to_jax: `{name}` (address {tensor.data_ptr():#x}) is not aligned the way "
+                                 f"XLA needs ({error}); pass copy_ok=True to allow a copy") from None
+            _copy_warning("to_jax", name, "is misaligned for XLA")
+            # A fresh allocation is aligned.
+            return jax.dlpack.from_dlpack(tensor.clone(), copy=False)
     if tensor.numel() and array.unsafe_buffer_pointer() != tensor.data_ptr():
         raise ValueError(f"to_jax: JAX copied `{name}` (pointer {array.unsafe_buffer_pointer():#x} != "
                          f"{tensor.data_ptr():#x}); cannot share it")

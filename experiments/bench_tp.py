@@ -80,7 +80,8 @@ def _torch_rank(rank: int, port: int, quick: bool, out_file: str) -> None:
     device = torch.device(f"cuda:{rank}") if ON_GPU else torch.device("cpu")
     if ON_GPU:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if ON_GPU else "gloo", rank=rank, world_size=TP)
+    dist.init_process_group("nccl" if ON_GPU else "gloo", rank=rank, world_size=TP,
+                            device_id=device if ON_GPU else None)
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     repeats = 20 if ON_GPU and not quick else 1
     rows = []

@@ -11,7 +11,8 @@ are printed side by side, plotted, and must fall.
 
 On a CPU the kernels run in the interpreters (seconds a step): ``--quick``
 runs 3 steps of a one-layer model and checks that both frameworks start
-from the same loss instead of a fall. ``--gpu`` trains a larger model on CUDA.
+from the same loss instead of a fall. ``--gpu`` trains a larger model. The
+torch side runs where its kernels do (``torch_impl.platform.default_device``).
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ def initial_weights(setup: dict, seed: int = 0) -> dict:
     return {k: v.numpy().copy() for k, v in model.checkpoint_weights().items()}
 
 
-def train_torch(setup: dict, weights: dict, steps: int, device: str) -> list[float]:
+def train_torch(setup: dict, weights: dict, steps: int) -> list[float]:
     import torch
     import torch.nn.functional as F
     import torch_impl
+
+    device = torch_impl.platform.default_device()  # where the kernels run
 
     model = torch_impl.Mamba2LMHeadModel(Mamba2Config(**setup["model"]), device=device)
     model.load_weights(weights)
@@ -143,7 +146,7 @@ def main(argv=None):
     results = {}
     for name in (["torch", "jax"] if args.framework == "both" else [args.framework]):
         start = time.perf_counter()
-        results[name] = (train_torch(setup, weights, steps, "cuda" if args.gpu else "cpu")
+        results[name] = (train_torch(setup, weights, steps)
                          if name == "torch" else train_jax(setup, weights, steps))
         print(f"{name}: {steps} steps in {time.perf_counter() - start:.1f} s")
     print("step  " + "  ".join(f"{name:>10}" for name in results))

@@ -174,7 +174,9 @@ def test_gradient_finite_difference_spot_check(framework, rng):
     direction in every parameter and the input equals the central finite
     difference of the kernels' own loss. float32 losses: the difference's
     rounding error is about 1e-7 |loss terms| / eps, its truncation error
-    about eps^2, hence the tolerance."""
+    about eps^2, hence the tolerance: 2e-3 relative (compiled on an H200 the
+    JAX side once differed by 1e-3, with the GPU's approximate exp / log;
+    a missing gradient term, the bug this guards, is off by tens of %)."""
     side = SIDES[framework]()
     batch, seqlen, packing = LAYOUTS["rows"]
     weights = _float32(random_weights(rng, DIMS, HIDDEN, WIDTH, use_bias=True))
@@ -194,7 +196,7 @@ def test_gradient_finite_difference_spot_check(framework, rng):
         losses.append(float((out * cotangent).sum()))
     numeric = (losses[0] - losses[1]) / (2 * eps)
     print(f"finite difference {numeric}, analytic {analytic}")
-    assert abs(numeric - analytic) <= 5e-4 * max(abs(analytic), 1.0), (numeric, analytic)
+    assert abs(numeric - analytic) <= 2e-3 * max(abs(analytic), 1.0), (numeric, analytic)
 
 
 # --- a few optimizer steps in both frameworks --------------------------------------------

@@ -217,18 +217,26 @@ def _selective_scan_kernel(
         row, first_col = seq, seq
     first_tile = first_tok // BLOCK_T * BLOCK_T
     for start in range(first_tile, tl.where(padding, first_tile, end_tok), BLOCK_T):
-        args = (h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row, first_col,
-                null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
-                stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok, stride_C_tok,
-                stride_cache_col, states_ptr, stride_states_slot, state_tile, state_mask, mask_d, mask_n)
         inside = (start >= first_tok) & (start + BLOCK_T <= end_tok)
         if IS_APC:  # a block boundary in the tile takes the slow path too
             i = start - first_tok
             inside = inside & ((offset + i + BLOCK_T) // block_size == (offset + i) // block_size)
+        # EDGE must be a constexpr, hence one call per path. (The arguments
+        # cannot travel as one tuple: compiled Triton 3.6 rejects a tuple
+        # holding an absent operand's None; the interpreter accepts it.)
         if inside:
-            h = _scan_tile(*args, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T, EDGE=False)
+            h = _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row, first_col,
+                           null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
+                           stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok,
+                           stride_C_tok, stride_cache_col, states_ptr, stride_states_slot, state_tile,
+                           state_mask, mask_d, mask_n, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T, EDGE=0)
         else:
-            h = _scan_tile(*args, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T, EDGE=IS_APC + 1)
+            h = _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row, first_col,
+                           null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
+                           stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok,
+                           stride_C_tok, stride_cache_col, states_ptr, stride_states_slot, state_tile,
+                           state_mask, mask_d, mask_n, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T,
+                           EDGE=IS_APC + 1)
 
     keep = ok & ~padding & (seqlen > 0)
     if HAS_CACHE_INDICES:
