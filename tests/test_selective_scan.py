@@ -394,6 +394,25 @@ def test_pallas_lowers_to_triton_without_cache_indices(monkeypatch):
     assert "triton" in lowered.as_text()
 
 
+@pytest.mark.parametrize("optional", ["none", "all"])
+def test_triton_compiles_for_sm90(optional):
+    """The Triton kernel compiled for an sm_90 GPU on this host, with no
+    optional operand (the form whose argument tuple held None: the
+    interpreter ran it, compiled Triton refused it on the H200) and with all."""
+    from sm90_compile import run_in_subprocess
+    given = optional == "all"
+    code = f"""
+import numpy as np, torch
+from sm90_compile import compile_launches
+from test_selective_scan import random_inputs
+from torch_impl.selective_scan import selective_scan_fn
+inputs = random_inputs(np.random.default_rng(0), with_z={given}, with_D={given}, with_bias={given})
+args = {{k: None if v is None else torch.from_numpy(v) for k, v in inputs.items()}}
+print(compile_launches(lambda: selective_scan_fn(**args, delta_softplus=True)))
+"""
+    assert "_selective_scan_kernel" in run_in_subprocess(code)
+
+
 def test_no_tokens_is_a_no_op(side, rng):
     inputs = random_inputs(rng, seqlens=(0, 0))
     inputs["cache_indices"] = np.array([1, 2], np.int32)
