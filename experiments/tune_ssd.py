@@ -9,8 +9,9 @@ Each candidate config of a stage is pinned with the package's
 differs from the default config's beyond bf16 rounding is dropped. With
 ``--save-configs`` the fastest of each stage goes into the file the lookup
 reads: ``<package>/configs/mamba_chunk_scan_combined/device_name=<gpu>.json``
-(or ``DIR/<backend>/mamba_chunk_scan_combined/...``), merged with what is
-there. Prints default vs tuned time per stage.
+(or ``DIR/<backend>/mamba_chunk_scan_combined/...``; with DIR the user cache,
+``${XDG_CACHE_HOME:-~/.cache}/mamba_twin``, the lookup reads it after the
+shipped files), merged with what is there. Prints default vs tuned time per stage.
 """
 
 from __future__ import annotations

@@ -19,8 +19,12 @@ fastest of the rest wins.
 ``bridge.spec.launch_config`` reads, keyed by effective batch (batch * nheads):
 ``<package>/configs/selective_state_update/headdim=..,dstate=..,device_name=..,cache_dtype=...json``
 or, with ``--output-dir DIR``, ``DIR/<triton|pallas>/selective_state_update/<same name>``
-(point ``$MAMBA_TWIN_TUNED_CONFIG_FOLDER`` at DIR). Entries of batches not
-tuned in this run are kept, so a long tuning can be split over runs.
+(point ``$MAMBA_TWIN_TUNED_CONFIG_FOLDER`` at DIR, or make DIR the user cache,
+``${XDG_CACHE_HOME:-~/.cache}/mamba_twin``, which the lookup reads after the
+shipped files: the CLI warm-up). Entries of batches not tuned in this run are
+kept, so a long tuning can be split over runs. (The packages' first-use
+autotune, ``warmup_launch_configs``, times fewer candidates, without this
+script's float64 check and report, and writes the same files.)
 
 The report (Markdown and JSON; default
 experiments/results/tune_ssu-<date>-<device>[-quick].md) gives per batch the
@@ -63,10 +67,10 @@ def device_name(backend: str) -> str:
     return jax_impl.platform.device_name()
 
 
-def candidate_configs(headdim: int, dstate: int, quick: bool, block_sizes_m=BLOCK_SIZES_M,
-                      num_warps=NUM_WARPS) -> list[lc.LaunchConfig]:
+def candidate_configs(headdim: int, dstate: int, effective_batch: int, quick: bool,
+                      block_sizes_m=BLOCK_SIZES_M, num_warps=NUM_WARPS) -> list[lc.LaunchConfig]:
     """The heuristic first, then the grid (quick: one more only)."""
-    heuristic = lc.default_ssu_launch_config(dstate, is_blackwell=False)
+    heuristic = lc.default_ssu_launch_config(headdim, dstate, effective_batch)
     grid = [(m, w) for m in block_sizes_m if m <= max(headdim, 1) for w in num_warps]
     others = [config for config in grid if config != heuristic]
     return [heuristic, *others[:1 if quick else None]]
@@ -107,7 +111,6 @@ def save_configs(rows: list[dict], backend: str, shape: dict, output_dir: Path |
     """Merge the winners into the backend's config files, one per cache dtype."""
     table = config_table(backend)
     folder = (output_dir / table.backend if output_dir else table.bundled_dir) / table.op
-    folder.mkdir(parents=True, exist_ok=True)
     by_file: dict[Path, list[dict]] = {}
     for row in rows:
         name = lc.config_file_name(shape["headdim"], shape["dstate"],
@@ -115,13 +118,8 @@ def save_configs(rows: list[dict], backend: str, shape: dict, output_dir: Path |
                                    lc.device_name_key(device_name(backend)))
         by_file.setdefault(folder / name, []).append(row)
     for path, file_rows in by_file.items():
-        configs = json.loads(path.read_text()) if path.exists() else {}
-        configs.update({str(r["effective_batch"]): r["best"] for r in file_rows})
-        # Non-numeric keys are notes the lookup skips.
-        configs["tuned_with"] = {k: env[k] for k in ("date", "device", "torch", "triton", "jax")}
-        numeric = sorted((k for k in configs if k.isdigit()), key=int)
-        notes = [k for k in configs if not k.isdigit()]
-        path.write_text(json.dumps({k: configs[k] for k in numeric + notes}, indent=1) + "\n")
+        lc.write_configs(path, {r["effective_batch"]: r["best"] for r in file_rows},
+                         {"tuned_with": {k: env[k] for k in ("date", "device", "torch", "triton", "jax")}})
     return list(by_file)
 
 
@@ -150,13 +148,14 @@ def main(argv=None):
     state_dtypes = args.state_dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     repeats = 10 if ON_GPU else 1
-    candidates = candidate_configs(shape["headdim"], shape["dstate"], args.quick,
-                                   args.block_sizes, args.num_warps)
+    candidates = {batch: candidate_configs(shape["headdim"], shape["dstate"], batch * shape["nheads"],
+                                           args.quick, args.block_sizes, args.num_warps)
+                  for batch in batches}
     env = environment()
     copy_GBps = copy_bandwidth_GBps((1 << 30) if ON_GPU else (1 << 20), repeats)
     rotate_bytes = 2 * l2_cache_bytes() if ON_GPU else 0
 
-    progress = Progress(len(state_dtypes) * len(batches) * len(backends) * len(candidates), "tune_ssu")
+    progress = Progress(len(state_dtypes) * len(backends) * sum(map(len, candidates.values())), "tune_ssu")
     rows = []
     for state_dtype in state_dtypes:
         for batch in batches:
@@ -166,7 +165,7 @@ def main(argv=None):
             for backend in backends:
                 framework = ssu_case.IMPLEMENTATIONS[BACKENDS[backend][0]][1]
                 rows.append(tune_one(case, backend, ssu_case.prepare(case, framework), want,
-                                     candidates, repeats, copy_GBps, progress))
+                                     candidates[batch], repeats, copy_GBps, progress))
     progress.finish()
 
     saved = []
@@ -186,7 +185,7 @@ def main(argv=None):
         f"# State-update launch configs tuned on {env['device']} "
         f"({'interpreted' if env['interpreted'] else 'compiled'})", "",
         *(f"- {k}: {v}" for k, v in env.items()), f"- command: `{command}`",
-        f"- shape: {shape}; candidates: {len(candidates)} per batch "
+        f"- shape: {shape}; candidates: {max(map(len, candidates.values()))} per batch "
         f"(BLOCK_SIZE_M {args.block_sizes} up to headdim x num_warps {args.num_warps}); heuristic: "
         "bridge.spec.launch_config.default_ssu_launch_config",
         f"- timing: as experiments.compare (median of {repeats}, state rotated through disjoint "

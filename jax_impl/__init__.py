@@ -2,6 +2,7 @@
 
 from jax_impl import platform  # noqa: F401
 from jax_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from jax_impl.autotune import warmup_launch_configs
 from jax_impl.gated_rms_norm import rms_norm_gated
 from jax_impl.mamba_mixer2 import MambaMixer2
 from jax_impl.selective_scan import selective_scan_fn
@@ -16,6 +17,7 @@ __all__ = ["NULL_BLOCK_ID", "get_ssm_config_file_name", "get_ssm_configs",
            "selective_state_update", "try_get_optimal_ssm_config"]
 __all__ += ["causal_conv1d_fn", "causal_conv1d_update"]
 __all__ += ["rms_norm_gated"]
+__all__ += ["warmup_launch_configs"]
 __all__ += ["selective_scan_fn"]
 __all__ += ["MambaMixer2"]
 from jax_impl.mamba2_lm import Mamba2LMHeadModel  # noqa: E402

@@ -27,11 +27,10 @@ from jax.experimental.pallas import triton as plgpu
 from bridge.spec import launch_config as lc
 from bridge.spec.ssu_contract import (
     NULL_BLOCK_ID, check_ssu_args, check_ssu_index_values, philox_rounds)
-from jax_impl import platform
+from jax_impl import autotune, platform
 
 SSU_CONFIGS = lc.LaunchConfigTable(
-    "pallas", "selective_state_update", Path(__file__).parent / "configs",
-    lc.default_ssu_launch_config, platform.device_name)
+    "pallas", "selective_state_update", Path(__file__).parent / "configs", platform.device_name)
 # vLLM's names for the lookups.
 get_ssm_config_file_name = lc.config_file_name
 get_ssm_configs = SSU_CONFIGS.get_configs
@@ -277,7 +276,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     dst = as_columns(dst_state_batch_indices) if dst_state_batch_indices is not None else src
     seed = (jnp.asarray(rounding_seed, dtype=jnp.uint32).reshape(1)
             if enable_stochastic_rounding else None)
-    block_size_m, num_warps = SSU_CONFIGS.lookup(P, N, layout.num_seqs, H, str(state.dtype), is_blackwell)
+    block_size_m, num_warps = SSU_CONFIGS.lookup(P, N, layout.num_seqs, H, str(state.dtype), is_blackwell,
+                                                 tuner=autotune.tuner(not platform.is_concrete(state)))
     kernel = functools.partial(
         _selective_state_update_kernel, null_block_id=null_block_id, num_slots=layout.num_slots,
         num_tokens=T, index_columns=layout.index_columns, nheads=H, dim=P, dstate=N,

@@ -21,14 +21,14 @@ import torch
 from bridge.spec import checks, launch_config as lc
 from bridge.spec.ssu_contract import (
     NULL_BLOCK_ID, check_ssu_args, check_ssu_index_values, philox_rounds)
-from torch_impl import platform
+from torch_impl import autotune, platform
 
 import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
 import triton.language as tl  # noqa: E402
 
 SSU_CONFIGS = lc.LaunchConfigTable(
     "triton", "selective_state_update", Path(__file__).parent / "configs",
-    lc.default_ssu_launch_config, lambda: platform.device_name(platform.default_device()))
+    lambda: platform.device_name(platform.default_device()))
 # vLLM's names for the lookups.
 get_ssm_config_file_name = lc.config_file_name
 get_ssm_configs = SSU_CONFIGS.get_configs
@@ -256,7 +256,8 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
     dst = src if dst is None else dst
     index_columns = 1 if src is None or src.dim() == 1 else src.shape[1]
     block_size_m, num_warps = SSU_CONFIGS.lookup(
-        P, N, num_seqs, H, checks.dtype_name(state), is_blackwell, platform.device_name(state.device))
+        P, N, num_seqs, H, checks.dtype_name(state), is_blackwell, platform.device_name(state.device),
+        autotune.tuner(state.device))
     grid = (platform.cdiv(P, block_size_m), H, num_seqs)
     with platform.on_device(state.device):
         _selective_state_update_kernel[grid](

@@ -17,8 +17,12 @@ gradient -> ddt, dA, d dt_bias), each beside its forward stage's file.
 
 A tuned file for one GPU, ``<folder>/mamba_chunk_scan_combined/device_name=<dev>.json``
 (``{stage: {field: value}}``), replaces a stage's default; folders are looked
-up as for the state update (``$MAMBA_TWIN_TUNED_CONFIG_FOLDER/<backend>`` first,
-then the package's ``configs``). Files are read once per (device, folder).
+up as for the state update (``bridge.spec.launch_config.config_folders``:
+``$MAMBA_TWIN_TUNED_CONFIG_FOLDER/<backend>``, the package's ``configs``, the
+user cache ``<cache>/<backend>``, first file found wins), so that
+``experiments.tune_ssd --save-configs --output-dir <user cache>`` tunes this
+GPU for good. Nothing is autotuned on first use. Files are read once per
+(device, folders).
 The block sizes are caps: each launcher clips them to the problem (and to
 >= 16, the smallest tensor-core tile) so that small shapes still launch.
 """
@@ -30,11 +34,10 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterator, Mapping, Union
 
-from bridge.spec.launch_config import TUNED_CONFIG_FOLDER_ENV, clip_block, device_name_key
+from bridge.spec.launch_config import clip_block, config_folders, device_name_key, folder_env
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +153,7 @@ class SsdLaunchConfigs:
         override = self._overrides.get(stage)
         if override is not None:
             return override
-        return _stage_configs(self.backend, self.bundled_dir, device_name,
-                              os.environ.get(TUNED_CONFIG_FOLDER_ENV) or None)[stage]
+        return _stage_configs(self.backend, self.bundled_dir, device_name, folder_env())[stage]
 
     def file_path(self, device_name: str, folder: Path | None = None) -> Path:
         """Where the tuned file for this GPU lives under ``folder`` (the
@@ -175,11 +177,11 @@ class SsdLaunchConfigs:
 
 @functools.lru_cache(maxsize=64)
 def _stage_configs(backend: str, bundled_dir: Path, device_name: str,
-                   user_folder: str | None) -> dict[str, StageConfig]:
-    """Every stage's config for one GPU: the first tuned file found, over the defaults."""
-    folders = ([Path(user_folder) / backend] if user_folder else []) + [bundled_dir]
+                   env: tuple) -> dict[str, StageConfig]:
+    """Every stage's config for one GPU: the first tuned file found, over the
+    defaults (``env``: ``folder_env()``, the cache key of the folders)."""
     configs = dict(DEFAULT_STAGE_CONFIGS)
-    for folder in folders:
+    for folder in config_folders(backend, bundled_dir):
         path = folder / SSD_OP / ssd_config_file_name(device_name)
         if path.exists():
             logger.info("Using chunked-scan launch configs from %s", path)
