@@ -285,9 +285,11 @@ def test_tuner_says_why_it_cannot_time(side, monkeypatch):
 
 
 def test_warmup_launch_configs(side, monkeypatch, tmp_path):
-    with pytest.raises(RuntimeError, match="not on a GPU"):
-        side.impl.warmup_launch_configs(nheads=2, headdim=16, dstate=128)
     tuner = _pretend_gpu(side, monkeypatch, {(16, 2): 0.1}, tmp_path)
+    with monkeypatch.context() as no_gpu:
+        no_gpu.setattr(_autotune_module(side), "on_gpu", lambda *device: False)
+        with pytest.raises(RuntimeError, match="not on a GPU"):
+            side.impl.warmup_launch_configs(nheads=2, headdim=16, dstate=128)
     got = side.impl.warmup_launch_configs(nheads=2, headdim=16, dstate=128, state_dtype="float16",
                                           batches=(1, 3, 4))
     assert got == {1: (16, 2), 3: (16, 2), 4: (16, 2)}
