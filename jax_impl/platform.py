@@ -25,6 +25,17 @@ def is_concrete(array) -> bool:
     return not isinstance(array, jax.core.Tracer)
 
 
+def eager_interpreted(launch, operands):
+    """``launch`` for an eager call on concrete ``operands`` in the
+    interpreter, jitted at XLA's lowest optimisation level: such a call
+    compiles its program for one run, so compile time is its cost (about
+    halved). Under a GPU or a trace, ``launch`` as it is."""
+    if not INTERPRET or not all(map(is_concrete, operands)):
+        return launch
+    return jax.jit(launch, compiler_options={"xla_backend_optimization_level": 0,
+                                             "xla_llvm_disable_expensive_passes": True})
+
+
 def host_index_values(validate, **indices) -> dict | None:
     """Host (numpy) copies of the given index arrays for the value checks, or
     None when they cannot run (traced under jit) or are switched off

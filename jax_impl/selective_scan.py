@@ -46,7 +46,6 @@ from bridge.spec.selective_scan_contract import (
 from jax_impl import platform
 
 LOG2_E = 1.4426950408889634
-INTERPRET_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _selective_scan_kernel(
@@ -298,9 +297,5 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
         interpret=platform.INTERPRET,
         name="selective_scan",
     )
-    if platform.INTERPRET and all(map(platform.is_concrete, operands)):
-        # An eager call in the interpreter compiles its program for one run:
-        # XLA's compile time is the cost (halved at the lowest level).
-        launch = jax.jit(launch, compiler_options=INTERPRET_COMPILE)
-    out, new_states = launch(*operands)
+    out, new_states = platform.eager_interpreted(launch, operands)(*operands)
     return out.reshape(target.shape), new_states.reshape(ssm_states.shape)
