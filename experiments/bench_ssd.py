@@ -239,13 +239,16 @@ def run(quick: bool) -> list[dict]:
     else:
         shape = CPU_SSD
         totals, repeats = (48,), 1
-    rows = []
+    return [row for seqlens, layout in layouts(totals, (1, MIXED_SEQUENCES if ON_GPU and not quick else 3), rng)
+            for row in bench_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats)]
+
+
+def layouts(totals, seq_counts, rng):
+    """(seqlens, layout name) per total token count and sequence count."""
     for total in totals:
-        for num_seqs in (1, MIXED_SEQUENCES if ON_GPU and not quick else 3):
+        for num_seqs in seq_counts:
             seqlens = [total] if num_seqs == 1 else random_seqlens(total, num_seqs, rng)
-            layout = "1 sequence" if num_seqs == 1 else f"{num_seqs} mixed"
-            rows += bench_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats)
-    return rows
+            yield seqlens, "1 sequence" if num_seqs == 1 else f"{num_seqs} mixed"
 
 
 def print_table(rows):
@@ -365,15 +368,10 @@ def backward_rows(quick: bool) -> list[dict]:
         shape, totals, repeats = MAMBA2_2P7B_SSD, PREFILL_TOKENS, 10
     else:  # the interpreters: one small case (seconds per call)
         shape, totals, repeats = CPU_SSD, (32,), 1
-    rows = []
-    for total in totals:
-        for num_seqs in ((1, MIXED_SEQUENCES) if ON_GPU and not quick else (1,)):
-            seqlens = [total] if num_seqs == 1 else random_seqlens(total, num_seqs, rng)
-            layout = "1 sequence" if num_seqs == 1 else f"{num_seqs} mixed"
-            # On a CPU the Pallas backward's tracing takes most of a minute: GPU only.
-            rows += backward_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats,
-                                  with_pallas=ON_GPU)
-    return rows
+    # On a CPU the Pallas backward's tracing takes most of a minute: GPU only.
+    return [row for seqlens, layout in layouts(totals, (1, MIXED_SEQUENCES) if ON_GPU and not quick else (1,), rng)
+            for row in backward_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats,
+                                     with_pallas=ON_GPU)]
 
 
 def print_backward_table(rows):
