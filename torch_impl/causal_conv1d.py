@@ -342,7 +342,7 @@ def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, si
     indices2 = indices.reshape(indices.shape[0], -1) if indices is not None else None
     grid = (layout.num_seqs, platform.cdiv(layout.dim, tiles.block_d))
     with platform.on_device(x_tok.device):
-        _causal_conv1d_kernel[grid](
+        platform.launch(_causal_conv1d_kernel, grid,
             x_tok, weight, bias, state, out_tok,
             query_start_loc, indices2, has_initial_state, num_accepted_tokens, initial_state_idx,
             block_idx_last_scheduled_token, block_idx_first_scheduled_token, num_computed_tokens,
@@ -452,7 +452,7 @@ def _conv_fn_backward(x, weight, bias, conv_states, query_start_loc, cache_indic
     x_tok, dout_tok, dx_tok = x.t(), dout.t(), dx.t()
     grid = (layout.num_seqs, platform.cdiv(layout.dim, tiles.block_d), splits)
     with platform.on_device(x.device):
-        _causal_conv1d_fn_bwd_kernel[grid](
+        platform.launch(_causal_conv1d_fn_bwd_kernel, grid,
             x_tok, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
             dout_tok, dnew_states, dx_tok, dweight, dbias, dstates,
             layout.dim, layout.num_tokens, layout.num_slots, layout.state_len, pad_slot_id,

@@ -105,7 +105,7 @@ def _launch(x, weight, z, output, eps, group_size, norm_before_gate):
         return
     block = platform.next_power_of_2(group_size)
     with platform.on_device(x.device):
-        _rms_norm_gated_kernel[(num_tokens, hidden // group_size)](
+        platform.launch(_rms_norm_gated_kernel, (num_tokens, hidden // group_size),
             x, z, weight, output, group_size, eps,
             x.stride(0), platform.strides(z, 2)[0], output.stride(0),
             NORM_BEFORE_GATE=norm_before_gate, BLOCK=block, num_warps=norm_num_warps(block))
@@ -131,7 +131,7 @@ def _backward(dy, x, weight, z, dx, dz, dweight, eps, group_size, norm_before_ga
         return
     block = platform.next_power_of_2(group_size)
     with platform.on_device(x.device):
-        _rms_norm_gated_bwd_kernel[(norm_bwd_blocks(num_tokens), hidden // group_size)](
+        platform.launch(_rms_norm_gated_bwd_kernel, (norm_bwd_blocks(num_tokens), hidden // group_size),
             dy, x, z, weight, dx, dz, dweight, num_tokens, hidden, group_size, eps,
             dy.stride(0), x.stride(0), platform.strides(z, 2)[0], dx.stride(0),
             platform.strides(dz, 2)[0], NORM_BEFORE_GATE=norm_before_gate, BLOCK=block,

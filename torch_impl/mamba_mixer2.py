@@ -80,7 +80,7 @@ def _scatter_states(ssm_state, slots, states, rows=None):
     target, source = ssm_state.view(ssm_state.shape[0], -1), states.reshape(states.shape[0], -1)
     block = platform.next_power_of_2(min(target.shape[1], 1024))
     with platform.on_device(ssm_state.device):
-        _scatter_states_kernel[(len(slots), platform.cdiv(target.shape[1], block))](
+        platform.launch(_scatter_states_kernel, (len(slots), platform.cdiv(target.shape[1], block)),
             target, source, slots, rows, target.shape[0], source.shape[0], target.shape[1],
             target.stride(0), source.stride(0), NULL_BLOCK_ID, BLOCK=block)
 

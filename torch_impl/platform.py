@@ -4,6 +4,7 @@ before any kernel is defined, because Triton reads TRITON_INTERPRET when a
 ``@triton.jit`` function is created."""
 
 import contextlib
+import inspect
 import os
 import sys
 
@@ -20,6 +21,8 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+import triton  # noqa: E402  (reads TRITON_INTERPRET, set above)
 
 
 def default_device() -> torch.device:
@@ -39,19 +42,19 @@ def device_name(device: torch.device) -> str:
 
 
 def check_kernel_device(tensors: dict) -> torch.device:
-    """All given tensors must share one device the kernels can run on."""
-    device = None
-    for name, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if device is None:
-            device, first = tensor.device, name
-        elif tensor.device != device:
-            raise ValueError(f"`{name}` is on {tensor.device} but `{first}` is on {device}")
-    if device.type == "cuda" and INTERPRET:
-        raise ValueError(f"`{first}` is on CUDA but TRITON_INTERPRET=1 runs kernels on the CPU")
-    if device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"`{first}` is on {device}; compiled Triton kernels need CUDA tensors")
+    """All given tensors (``{argument name: tensor or None}``) must share one
+    device the kernels can run on; returns it."""
+    devices = {tensor.device for tensor in tensors.values() if tensor is not None}
+    if len(devices) != 1:
+        first = next(name for name, tensor in tensors.items() if tensor is not None)
+        other = next(name for name, tensor in tensors.items()
+                     if tensor is not None and tensor.device != tensors[first].device)
+        raise ValueError(f"`{other}` is on {tensors[other].device} but `{first}` is on {tensors[first].device}")
+    device = devices.pop()
+    if (device.type == "cuda") == INTERPRET:
+        first = next(name for name, tensor in tensors.items() if tensor is not None)
+        raise ValueError(f"`{first}` is on CUDA but TRITON_INTERPRET=1 runs kernels on the CPU" if INTERPRET
+                         else f"`{first}` is on {device}; compiled Triton kernels need CUDA tensors")
     return device
 
 
@@ -80,8 +83,96 @@ def strides(tensor, ndim: int) -> tuple:
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: this one's, for the launch.
     (A ``torch.device`` context would also intercept every torch call inside
-    it, a cost per call.)"""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    it, a cost per call; entering ``torch.cuda.device`` costs microseconds
+    even when the device is already current, so that case skips it.)"""
+    if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+# Triton's launch path binds and specializes every argument on every call
+# (tens of microseconds for a kernel of 50 arguments, more than the decode
+# kernel runs). ``launch`` keeps, per kernel, device and argument classes
+# (what Triton specializes on), the compiled kernel and the constexpr values
+# that follow the positional arguments, and calls the compiled launcher
+# directly: the same work Triton's own path ends in, minus its per-call
+# binding. Any miss, the interpreter, a launch hook (profilers) or a Triton
+# without the launcher layout this was written for takes Triton's path.
+_PLANS: dict = {}
+_I32 = range(-2**31, 2**31)
+# The launcher layout ``launch`` calls (``CompiledKernel.run`` with packed metadata) is Triton 3.6's.
+_DIRECT = not INTERPRET and triton.__version__.startswith("3.6.")
+
+
+def _arg_class(value):
+    """What Triton's specialization depends on: a tensor's dtype and 16-byte
+    alignment; an int's width and divisibility by 16, 1 being a constant
+    of its own. None for what this does not classify (never cached)."""
+    kind = type(value)
+    if kind is int:
+        if value == 1:
+            return -1
+        return (value in _I32) + 2 * (value & 15 == 0) if -2**63 <= value < 2**63 else None
+    if value is None or kind is bool or kind is float:
+        return kind
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() & 15 == 0
+    return None
+
+
+def launch(kernel, grid: tuple, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` for a ``@triton.jit`` kernel (with or
+    without ``@triton.heuristics``) whose positional ``args`` are all its
+    runtime parameters and whose remaining parameters are constexprs (in
+    ``meta`` or from its heuristics); ``meta`` may add launch options
+    (``num_warps``, ``num_stages``). Run with the tensors' device current."""
+    if not _DIRECT:
+        if (kernel, len(args)) not in _CHECKED_LAYOUTS:  # the interpreter checks what the direct path relies on
+            _constexpr_tail(kernel, len(args))
+            _CHECKED_LAYOUTS.add((kernel, len(args)))
+        kernel[grid](*args, **meta)
+        return
+    device = torch.cuda.current_device()
+    classes = tuple([_arg_class(a) for a in args])
+    key = (kernel, device, classes, tuple(meta.items()))
+    plan = _PLANS.get(key)
+    if plan is None or triton.knobs.runtime.launch_enter_hook is not None:
+        compiled = kernel[grid](*args, **meta)
+        if hasattr(compiled, "result"):  # an asynchronous compile
+            compiled = compiled.result()
+        if None not in classes:
+            _PLANS[key] = _plan(kernel, compiled, args, meta)
+        return
+    compiled, tail = plan
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                 torch._C._cuda_getCurrentRawStream(device), compiled.function, compiled.packed_metadata,
+                 None, None, None, *args, *tail)
+
+
+def _constexpr_tail(kernel, num_args: int) -> tuple:
+    """(names, defaults) of the kernel's parameters after ``num_args``
+    positional ones, which must all be constexprs."""
+    fn = kernel
+    while hasattr(fn, "fn"):  # heuristics -> jit (or interpreted) function -> Python function
+        fn = fn.fn
+    params = list(inspect.signature(fn).parameters.values())
+    rest = params[num_args:]
+    if num_args > len(params) or not all("constexpr" in str(p.annotation) for p in rest):
+        raise TypeError(f"{fn.__name__}: launch() takes every runtime argument positionally "
+                        f"and only constexprs by keyword; got {num_args} positional")
+    return [p.name for p in rest], [p.default for p in rest]
+
+
+_CHECKED_LAYOUTS: set = set()
+
+
+def _plan(kernel, compiled, args, meta) -> tuple:
+    """(compiled kernel, the constexpr values after ``args``, in parameter order)."""
+    names, defaults = _constexpr_tail(kernel, len(args))
+    bound = dict(zip(kernel.arg_names, args), **meta)
+    for name, rule in getattr(kernel, "values", {}).items():  # the heuristics, as Triton applies them
+        bound[name] = rule(dict(bound))
+    return compiled, tuple(bound.get(name, default) for name, default in zip(names, defaults))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -280,7 +280,7 @@ def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, ca
     tiles = scan_tiles(layout)
     grid = (platform.cdiv(layout.dim, tiles.block_d), layout.num_seqs)
     with platform.on_device(u.device):
-        _selective_scan_kernel[grid](
+        platform.launch(_selective_scan_kernel, grid,
             u, delta, A, B, C, D, z, delta_bias, out, states,
             query_start_loc, cache_indices, has_initial_state, block_idx_first_scheduled_token,
             block_idx_last_scheduled_token, initial_state_idx, cu_chunk_seqlen, last_chunk_indices,

@@ -20,7 +20,7 @@ import torch
 
 from bridge.spec import checks, launch_config as lc
 from bridge.spec.ssu_contract import (
-    NULL_BLOCK_ID, check_ssu_args, check_ssu_index_values, philox_rounds)
+    ARGS, NULL_BLOCK_ID, check_ssu_args, check_ssu_index_values, check_ssu_options, philox_rounds)
 from torch_impl import autotune, platform
 
 import triton  # noqa: E402  (after platform, which may set TRITON_INTERPRET)
@@ -35,6 +35,10 @@ get_ssm_configs = SSU_CONFIGS.get_configs
 try_get_optimal_ssm_config = SSU_CONFIGS.lookup
 override_ssm_config = SSU_CONFIGS.override
 MAX_GRID_Z = 2**16 - 1  # sequences are the grid's z axis
+# The checked signatures: (shape, stride, dtype, device) of every argument ->
+# (SsuLayout, device, _kernel_sizes); cleared when full.
+_CALLS: dict = {}
+MAX_CACHED_CALLS = 256
 
 
 @triton.jit
@@ -237,11 +241,10 @@ def _strides(tensor, ndim: int, head_axis: int, three_d: bool) -> list:
     return strides + [0] * (ndim - len(strides))
 
 
-def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
-            dst_state_batch_indices, num_accepted_tokens, cu_seqlens, rounding_seed,
-            dt_softplus, null_block_id, philox_rounds, is_blackwell):
-    """The op's kernel launch on checked arguments (``rounding_seed``: an int64
-    tensor of one element, or None without stochastic rounding)."""
+def _kernel_sizes(state, x, dt, A, B, C, D, dt_bias, z, out, src, dst, cu_seqlens) -> tuple:
+    """What the launch derives from the arguments' shapes and strides:
+    (headdim, dstate, nheads, num_seqs, the kernel's size and stride
+    arguments after ``null_block_id``, TIE_HDIM)."""
     three_d = state.dim() == 3
     num_slots, P, N = state.shape[0], state.shape[-2], state.shape[-1]
     H = 1 if three_d else state.shape[1]
@@ -252,23 +255,34 @@ def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
     dt_bias_strides = _strides(dt_bias, 2, 0, three_d)
     tie_hdim = (A_strides[1] == 0 and A_strides[2] == 0 and dt_strides[2] == 0
                 and dt_bias_strides[1] == 0)
-    src, dst = state_batch_indices, dst_state_batch_indices
     dst = src if dst is None else dst
     index_columns = 1 if src is None or src.dim() == 1 else src.shape[1]
-    block_size_m, num_warps = SSU_CONFIGS.lookup(
-        P, N, num_seqs, H, checks.dtype_name(state), is_blackwell, platform.device_name(state.device),
-        autotune.tuner(state.device))
-    grid = (platform.cdiv(P, block_size_m), H, num_seqs)
-    with platform.on_device(state.device):
-        _selective_state_update_kernel[grid](
-            state, x, dt, dt_bias, A, B, C, D, z, out,
-            src, dst, num_accepted_tokens, cu_seqlens, rounding_seed,
-            null_block_id, num_slots, num_tokens, index_columns, H, P, N,
-            H // (1 if three_d else B.shape[1]),
+    ints = (num_slots, num_tokens, index_columns, H, P, N, H // (1 if three_d else B.shape[1]),
             *_strides(state, 4, 1, three_d), *_strides(x, 3, 1, three_d), *dt_strides,
             *dt_bias_strides, *A_strides, *_strides(B, 3, 1, three_d), *_strides(C, 3, 1, three_d),
             *_strides(D, 2, 0, three_d), *_strides(z, 3, 1, three_d),
-            *_strides(out, 3, 1, three_d), *_strides(src, 2, 1, False), *_strides(dst, 2, 1, False),
+            *_strides(out, 3, 1, three_d), *_strides(src, 2, 1, False), *_strides(dst, 2, 1, False))
+    return P, N, H, num_seqs, ints, tie_hdim
+
+
+def _launch(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
+            dst_state_batch_indices, num_accepted_tokens, cu_seqlens, rounding_seed,
+            dt_softplus, null_block_id, philox_rounds, is_blackwell, sizes=None):
+    """The op's kernel launch on checked arguments (``rounding_seed``: an int64
+    tensor of one element, or None without stochastic rounding; ``sizes``:
+    ``_kernel_sizes`` of the arguments when the caller has them)."""
+    src, dst = state_batch_indices, dst_state_batch_indices
+    P, N, H, num_seqs, ints, tie_hdim = sizes or _kernel_sizes(
+        state, x, dt, A, B, C, D, dt_bias, z, out, src, dst, cu_seqlens)
+    block_size_m, num_warps = SSU_CONFIGS.lookup(
+        P, N, num_seqs, H, checks.dtype_name(state), is_blackwell, platform.device_name(state.device),
+        autotune.tuner(state.device))
+    with platform.on_device(state.device):
+        platform.launch(
+            _selective_state_update_kernel, (platform.cdiv(P, block_size_m), H, num_seqs),
+            state, x, dt, dt_bias, A, B, C, D, z, out,
+            src, src if dst is None else dst, num_accepted_tokens, cu_seqlens, rounding_seed,
+            null_block_id, *ints,
             DT_SOFTPLUS=dt_softplus, TIE_HDIM=tie_hdim, PHILOX_ROUNDS=philox_rounds,
             BLOCK_SIZE_M=block_size_m, BLOCK_SIZE_DSTATE=platform.next_power_of_2(N), num_warps=num_warps)
 
@@ -301,20 +315,39 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     CUDA-graph capture and torch.compile. Inference only: refused
     (RuntimeError) when an input requires grad with grad mode on.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (state, x, dt, A, B, C, D, dt_bias, z)):
+    if torch.is_grad_enabled() and (
+            state.requires_grad or x.requires_grad or dt.requires_grad or A.requires_grad
+            or B.requires_grad or C.requires_grad or (D is not None and D.requires_grad)
+            or (dt_bias is not None and dt_bias.requires_grad) or (z is not None and z.requires_grad)):
         raise RuntimeError("selective_state_update is an inference-only (decode) op: it has no "
                            "gradient and writes `state` in place; call it under torch.no_grad() "
                            "or torch.inference_mode() (to train: mamba_chunk_scan_combined)")
-    layout = check_ssu_args(
-        state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
-        num_accepted_tokens, cu_seqlens, null_block_id=null_block_id,
-        enable_stochastic_rounding=enable_stochastic_rounding,
-        cache_philox_rounds=cache_philox_rounds, rounding_seed=rounding_seed)
-    device = platform.check_kernel_device(dict(
-        state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
-        state_batch_indices=state_batch_indices, dst_state_batch_indices=dst_state_batch_indices,
-        num_accepted_tokens=num_accepted_tokens, cu_seqlens=cu_seqlens))
+    if out is None and isinstance(x, torch.Tensor):
+        out = torch.zeros_like(x)
+    arrays = (state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
+              num_accepted_tokens, cu_seqlens)
+    compiling = torch.compiler.is_compiling()
+    try:  # the checks and launch sizes of a signature are computed once (a decode loop repeats it)
+        key = None if compiling else tuple([None if a is None else (a.shape, a.stride(), a.dtype, a.device)
+                                            for a in arrays])
+    except AttributeError:  # not tensors: check_ssu_args names the argument
+        key = None
+    known = _CALLS.get(key)
+    if known is None:
+        layout = check_ssu_args(
+            *arrays, null_block_id=null_block_id, enable_stochastic_rounding=enable_stochastic_rounding,
+            cache_philox_rounds=cache_philox_rounds, rounding_seed=rounding_seed)
+        device = platform.check_kernel_device(dict(zip(ARGS, arrays)))
+        known = layout, device, None if compiling else _kernel_sizes(
+            state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices, cu_seqlens)
+        if key is not None:
+            if len(_CALLS) >= MAX_CACHED_CALLS:
+                _CALLS.clear()
+            _CALLS[key] = known
+    else:
+        check_ssu_options(state, null_block_id=null_block_id, enable_stochastic_rounding=enable_stochastic_rounding,
+                          cache_philox_rounds=cache_philox_rounds, rounding_seed=rounding_seed)
+    layout, device, sizes = known
     host = platform.host_index_values(
         validate_indices, device, state_batch_indices=state_batch_indices,
         dst_state_batch_indices=dst_state_batch_indices,
@@ -324,8 +357,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     if layout.num_seqs > MAX_GRID_Z:
         raise ValueError(f"selective_state_update: {layout.num_seqs} sequences in `x`; the Triton "
                          f"kernel takes at most {MAX_GRID_Z} per call (CUDA's grid limit)")
-    if out is None:
-        out = torch.zeros_like(x)
     if layout.num_seqs == 0 or layout.num_tokens == 0:
         return out
     seed = None
@@ -334,7 +365,11 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
             seed = torch.randint(0, 2**32, (1,), device=device, dtype=torch.int64)
         else:
             seed = torch.as_tensor(rounding_seed, dtype=torch.int64, device=device).reshape(1)
-    _OP(state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
-        num_accepted_tokens, cu_seqlens, seed, bool(dt_softplus), int(null_block_id),
-        philox_rounds(cache_philox_rounds), bool(is_blackwell))
+    args = (state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices, dst_state_batch_indices,
+            num_accepted_tokens, cu_seqlens, seed, bool(dt_softplus), int(null_block_id),
+            philox_rounds(cache_philox_rounds), bool(is_blackwell))
+    if compiling:
+        _OP(*args)  # the registered op, opaque to the compiler
+    else:
+        _launch(*args, sizes=sizes)  # eagerly the op's dispatch would only add cost
     return out

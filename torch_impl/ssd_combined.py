@@ -29,7 +29,6 @@ from torch_impl.ssd_bmm import bmm_chunk
 from torch_impl.ssd_chunk_scan import (
     chunk_scan, chunk_scan_bwd, chunk_scan_bwd_dC, chunk_scan_bwd_dstates)
 from torch_impl.ssd_chunk_state import chunk_cumsum, chunk_cumsum_bwd, chunk_state
-from torch_impl.ssd_common import on_device
 from torch_impl.ssd_state_passing import state_passing, state_passing_bwd
 
 
@@ -43,7 +42,7 @@ def _forward_stages(x, dt, A, B, C, chunk_size, cu_chunk_seqlens, seq_idx, num_s
     """The five stages on checked shapes (at least one token, chunk and
     sequence): writes ``out`` (and ``y``, the pre-gate output, when given);
     returns ``(states, dt_out, dA_cumsum, end_states)``."""
-    with on_device(x.device):
+    with platform.on_device(x.device):
         dA_cumsum, dt_out = chunk_cumsum(dt, A, chunk_size, cu_chunk_seqlens, dt_bias=dt_bias,
                                          dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max))
         chunk_states = chunk_state(B, x, dt_out, dA_cumsum, cu_chunk_seqlens)
@@ -174,7 +173,7 @@ def _chunk_scan_bwd_op(dout, dstates, x, dt, A, B, C, cu_chunk_seqlens, seq_idx,
         zero = lambda t: torch.zeros_like(t) if t is not None else x.new_empty(0)  # noqa: E731
         return tuple(zero(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
     num_tokens, nheads, headdim = x.shape
-    with on_device(x.device):
+    with platform.on_device(x.device):
         dS = chunk_scan_bwd_dstates(dout, z, C, dA_cumsum, cu_chunk_seqlens, nheads, headdim)
         G, dinit, dlast_state = state_passing_bwd(
             dS, dstates, dA_cumsum, end_states, seq_idx, num_seqs, initial_states=initial_states,
@@ -312,10 +311,12 @@ def mamba_chunk_scan_combined_varlen(
     if differentiable:
         out, states, *_ = _FWD(**options)
         return out, states
+    # Eagerly the registered op's dispatch would only add cost; torch.compile needs the op.
+    run = _OP if torch.compiler.is_compiling() else _chunk_scan_op
     if out is None:
         out = torch.empty_like(x)
-        return out, _OP(**options, out=out)
-    return _OP(**options, out=out)
+        return out, run(**options, out=out)
+    return run(**options, out=out)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,

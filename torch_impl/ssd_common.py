@@ -4,7 +4,6 @@ the tile product, softplus and the bounds of a chunk. Mirror:
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -26,14 +25,9 @@ def launch_config(stage: str, device: torch.device) -> StageConfig:
     return SSD_CONFIGS.get(stage, platform.device_name(device))
 
 
-def on_device(device: torch.device):
-    """Make ``device`` current (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def launch(kernel, grid, config: StageConfig, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)`` with the config's warps and stages."""
-    kernel[grid](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    platform.launch(kernel, grid, *args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def launch_tiles(kernel, stage: str, device: torch.device, grid, size_m: int, size_n: int,

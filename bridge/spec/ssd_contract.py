@@ -96,7 +96,33 @@ def check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, las
                    dt_limit=(0.0, float("inf")), state_dtype: Optional[str] = None) -> SsdLayout:
     """Check every shape and dtype (read from the arrays; None for an absent
     one) and the options; return the call's sizes. ``state_dtype`` is a
-    dtype name. Raises ValueError naming the argument."""
+    dtype name. Raises ValueError naming the argument. A signature (shapes,
+    dtypes, options) that passed is remembered: a loop pays the checks once."""
+    try:
+        key = (tuple([None if a is None else (tuple(a.shape), a.dtype) for a in (
+            x, dt, A, B, C, D, dt_bias, z, out, initial_states, cu_seqlens, cu_chunk_seqlens, seq_idx,
+            last_chunk_indices)]), chunk_size, type(chunk_size), tuple(dt_limit), state_dtype)
+        layout = _CHECKED.get(key)
+    except (AttributeError, TypeError):  # not arrays, or options unhashable: checked below
+        key = layout = None
+    if layout is None:
+        layout = _check_ssd_args(
+            x=x, dt=dt, A=A, B=B, C=C, cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens,
+            seq_idx=seq_idx, last_chunk_indices=last_chunk_indices, out=out, D=D, z=z, dt_bias=dt_bias,
+            initial_states=initial_states, chunk_size=chunk_size, dt_limit=dt_limit, state_dtype=state_dtype)
+        if key is not None:
+            if len(_CHECKED) >= MAX_CHECKED:
+                _CHECKED.clear()
+            _CHECKED[key] = layout
+    return layout
+
+
+_CHECKED: dict = {}
+MAX_CHECKED = 1024
+
+
+def _check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, last_chunk_indices,
+                    out, D, z, dt_bias, initial_states, chunk_size, dt_limit, state_dtype) -> SsdLayout:
     arrays = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, z=z, out=out,
                   initial_states=initial_states, cu_seqlens=cu_seqlens,
                   cu_chunk_seqlens=cu_chunk_seqlens, seq_idx=seq_idx,

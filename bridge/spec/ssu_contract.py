@@ -101,6 +101,14 @@ def check_ssu_args(state, x, dt, A, B, C, D=None, dt_bias=None, z=None, out=None
     except AttributeError:
         arg, array = next((n, a) for n, a in zip(ARGS, arrays) if a is not None and not hasattr(a, "dtype"))
         _fail(arg, f"must be an array of the op's framework, got {type(array).__name__}")
+    check_ssu_options(state, null_block_id=null_block_id, enable_stochastic_rounding=enable_stochastic_rounding,
+                      cache_philox_rounds=cache_philox_rounds, rounding_seed=rounding_seed)
+    return _check_arrays(signature, float_dtypes)
+
+
+def check_ssu_options(state, *, null_block_id, enable_stochastic_rounding, cache_philox_rounds,
+                      rounding_seed) -> None:
+    """The scalar options' part of ``check_ssu_args`` (for callers that cached the array checks)."""
     if type(null_block_id) is not int:  # noqa: E721  (the common case without a call)
         checks.as_int(OP, "null_block_id", null_block_id)
     if cache_philox_rounds:
@@ -109,7 +117,6 @@ def check_ssu_args(state, x, dt, A, B, C, D=None, dt_bias=None, z=None, out=None
         if checks.dtype_name(state) != "float16":
             _fail("enable_stochastic_rounding", f"needs a float16 state, got {checks.dtype_name(state)}")
         check_rounding_seed(rounding_seed)
-    return _check_arrays(signature, float_dtypes)
 
 
 @functools.lru_cache(maxsize=1024)
