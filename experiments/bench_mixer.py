@@ -1,12 +1,13 @@
 """Mixer forward benchmark: ``torch_impl.MambaMixer2`` and ``jax_impl.MambaMixer2``
 with the same weights on the same inputs.
 
-    python -m experiments.bench_mixer [--quick]
+    python -m experiments.bench_mixer [--quick] [--dtype float32|bfloat16] [--modes prefill decode]
 
 On a GPU: Mamba-2 2.7B mixer (hidden 2560, intermediate 5120, 80 heads of 64,
-dstate 128, 1 group, conv 4, chunk 256), float32 weights and states; prefill
+dstate 128, 1 group, conv 4, chunk 256), float32 weights (default) and states; prefill
 of 4k and 16k tokens (one fresh sequence) and decode of 1, 64 and 256
-sequences (one token each, resuming cached states). On a CPU: a tiny mixer
+sequences (one token each, resuming cached states); ``--dtype bfloat16``
+for bf16 weights and activations (states stay float32). On a CPU: a tiny mixer
 in the interpreters (the times are interpreter times).
 
 torch: the metadata moved to the device once (``torch_impl.metadata_to_device``);
@@ -53,7 +54,7 @@ def cases(quick: bool):
 
 
 def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repeats, rng):
-    device = torch_impl.platform.default_device()
+    device, dtype = torch_impl.platform.default_device(), torch_mixer.in_proj_weight.dtype
     num_requests, tokens = len(query_lens), int(sum(query_lens))
     slots = 1 + rng.permutation(2 * num_requests)[:num_requests]  # slot 0 is the null block
     metadata = bridge.build_mamba2_metadata(
@@ -64,11 +65,11 @@ def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repea
     for name in ("conv", "ssm"):
         view = cache.torch(name)
         view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(1)).to(view.device))
-    hidden = torch.from_numpy(rng.standard_normal((tokens, config["hidden_size"]), np.float32)).to(device)
+    hidden = torch.from_numpy(rng.standard_normal((tokens, config["hidden_size"]), np.float32)).to(device, dtype)
     conv0, ssm0 = (jnp.asarray(cache.torch(name).cpu().numpy()) for name in ("conv", "ssm"))
 
     with torch.no_grad():
-        torch_out = torch_mixer(hidden, cache, metadata).cpu().numpy()  # from the initial states
+        torch_out = torch_mixer(hidden, cache, metadata).float().cpu().numpy()  # from the initial states
     if mode == "decode":
         step = torch_impl.CapturedDecodeStep(torch_mixer, cache, num_requests)
         step.run(hidden, metadata)
@@ -77,13 +78,14 @@ def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repea
         on_device = torch_impl.metadata_to_device(metadata, device)
         with torch.no_grad():
             seconds_torch = time_torch(lambda: torch_mixer(hidden, cache, on_device), repeats, graph=False)
-    hidden_j = jnp.asarray(hidden.cpu().numpy())
+    hidden_j = jnp.asarray(hidden.float().cpu().numpy()).astype(str(dtype).removeprefix("torch."))
     metadata_j = metadata.map_arrays(jnp.asarray)
     step_j = jax.jit(lambda conv, ssm, meta: jax_mixer(hidden_j, conv, ssm, meta), donate_argnums=(0, 1))
     jax_out, conv, ssm = step_j(conv0, ssm0, metadata_j)
-    jax_out = np.asarray(jax_out)
+    jax_out = np.asarray(jax_out.astype(jnp.float32))
     seconds_jax = time_jax(lambda carry: step_j(*carry, metadata_j)[1:], (conv, ssm), repeats)
-    common = dict(op="mamba_mixer2", mode=mode, batch=num_requests, tokens=tokens, weights_dtype="float32",
+    common = dict(op="mamba_mixer2", mode=mode, batch=num_requests, tokens=tokens,
+                  weights_dtype=str(dtype).removeprefix("torch."),
                   max_rel_diff_torch_vs_flax=rel_error(jax_out, torch_out))
     torch_timing = "cuda_graph_replay" if mode == "decode" and ON_GPU else "eager"
     return [dict(common, implementation="torch", timing=torch_timing, median_us=seconds_torch * 1e6,
@@ -92,26 +94,31 @@ def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repea
                  tokens_per_s=tokens / seconds_jax)]
 
 
-def run(quick: bool) -> list[dict]:
-    """Rows of the mixer comparison (see the module docstring)."""
+def run(quick: bool, dtype: str = "float32", modes=("prefill", "decode")) -> list[dict]:
+    """Rows of the mixer comparison (see the module docstring), weights in ``dtype``."""
     config = MAMBA2_2P7B_MIXER if ON_GPU and not quick else CPU_MIXER
     repeats = 20 if ON_GPU and not quick else 1
-    torch_mixer = torch_impl.MambaMixer2(**config, device=torch_impl.platform.default_device())
-    jax_mixer = jax_impl.MambaMixer2(**config)
+    torch_mixer = torch_impl.MambaMixer2(**config, dtype=getattr(torch, dtype),
+                                         device=torch_impl.platform.default_device())
+    jax_mixer = jax_impl.MambaMixer2(**config, dtype=getattr(jnp, dtype))
     jax_mixer.load_weights(torch_mixer.checkpoint_weights())
     rng = np.random.default_rng(0)
     rows = []
     for mode, query_lens, computed in cases(quick):
-        rows += bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repeats, rng)
+        if mode in modes:
+            rows += bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repeats, rng)
     return rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    for row in run(parser.parse_args().quick):
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the weights")
+    parser.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
+    args = parser.parse_args()
+    for row in run(args.quick, args.dtype, args.modes):
         ratio = f"  {row['torch_vs_flax']:.2f}x Flax" if "torch_vs_flax" in row else ""
-        print(f"{row['implementation']:<6}{row['timing']:<18}{row['mode']:<8}{row['batch']:>5}"
+        print(f"{row['implementation']:<6}{row['weights_dtype']:<9}{row['timing']:<18}{row['mode']:<8}{row['batch']:>5}"
               f"{row['tokens']:>7}"
               f"{row['median_us']:>12.1f}us{row['tokens_per_s'] / 1e6:>9.3f} Mtok/s"
               f"  diff {row['max_rel_diff_torch_vs_flax']:.1e}{ratio}")

@@ -11,7 +11,9 @@ On a GPU: a Mamba-2 2.7B-shaped model (hidden 2560, 64 layers, 80 heads of
 decode tokens/s (``generate(prefilled=...)``, greedy, ``--new-tokens`` per
 row: torch replays a CUDA graph per step, JAX runs one jitted while loop).
 Wall clock around each call, synchronised, median of the repeats after a
-warm-up (which captures / compiles).
+warm-up (which captures / compiles). On a GPU each framework runs in its own
+process (``--frameworks`` picks), so that neither allocator holds memory the
+other needs.
 
 Kernel bars (GPU, CUPTI through ``torch.profiler`` as in
 ``experiments.kernel_timeline``): one decode step at batch 1 (torch: a graph
@@ -55,6 +57,7 @@ PREFILL_TOKENS = 4096
 # Kernel names (substrings) of the prefill's essential work: matmuls and the chunked scan's stages.
 MATMUL_KERNELS = ("gemm", "cutlass", "xmma", "nvjet", "matmul", "dot")
 SCAN_KERNELS = ("chunk_cumsum", "chunk_state", "state_passing", "bmm_chunk", "chunk_scan")
+FRAMEWORKS = ("torch", "jax")
 
 
 def settings(quick: bool) -> dict:
@@ -106,15 +109,24 @@ class Runner:
                 torch.cuda.empty_cache()
 
 
-def build_models(shape: dict, dtype: str) -> dict:
-    """Both models with the torch model's random weights (shared with JAX through DLPack)."""
+def build_models(shape: dict, dtype: str, frameworks=FRAMEWORKS) -> dict:
+    """The models of ``frameworks`` with the torch model's random weights
+    (seed 0; shared with JAX through DLPack)."""
     config = Mamba2Config(**shape)
     torch.manual_seed(0)
     torch_model = torch_impl.Mamba2LMHeadModel(config, dtype=getattr(torch, dtype),
                                                device=torch_impl.platform.default_device())
-    flax_model = jax_impl.Mamba2LMHeadModel(config, dtype=getattr(jnp, dtype))
-    flax_model.load_weights(torch_model.checkpoint_weights())
-    return {"torch": Runner("torch", torch_model), "jax": Runner("jax", flax_model)}
+    runners = {}
+    if "torch" in frameworks:
+        runners["torch"] = Runner("torch", torch_model)
+    if "jax" in frameworks:
+        flax_model = jax_impl.Mamba2LMHeadModel(config, dtype=getattr(jnp, dtype))
+        flax_model.load_weights(torch_model.checkpoint_weights())
+        runners["jax"] = Runner("jax", flax_model)
+    del torch_model
+    if ON_GPU:
+        torch.cuda.empty_cache()
+    return runners
 
 
 def measure(runner: Runner, batch: int, prompt: int, new_tokens: int, repeats: int, rng) -> tuple[dict, np.ndarray]:
@@ -145,7 +157,7 @@ def kernel_bars(runners: dict, new_tokens: int, rng) -> list[dict]:
     from experiments.kernel_timeline import device_events
 
     rows = []
-    ids = rng.integers(0, runners["torch"].model.config.vocab_size, (1, PREFILL_TOKENS))
+    ids = rng.integers(0, next(iter(runners.values())).model.config.vocab_size, (1, PREFILL_TOKENS))
     for name, runner in runners.items():
         prefill = device_events(lambda: runner.prefill(ids).logits, 1)
         span, _ = _span_and_kernels(prefill)
@@ -202,6 +214,45 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def run_frameworks(shape: dict, setup: dict, batches, new_tokens: int, frameworks, quick: bool):
+    """(rows, {(framework, batch): greedy tokens}) of ``frameworks`` in this process."""
+    rng = np.random.default_rng(0)
+    runners = build_models(shape, setup["dtype"], frameworks)
+    progress = Progress(len(runners) * (len(batches) + (1 if ON_GPU else 0)), "generate")
+    rows, tokens = [], {}
+    for name, runner in runners.items():
+        for batch in batches:
+            progress.step(f"{name}, batch {batch}")
+            row, tokens[name, batch] = measure(runner, batch, prompt_length(batch, quick), new_tokens,
+                                               setup["repeats"], np.random.default_rng(batch))
+            rows.append(row)
+        if ON_GPU:
+            runner.release()
+            progress.step(f"{name}, kernel bars")
+            rows += kernel_bars({name: runner}, new_tokens, rng)
+    progress.finish()
+    return rows, tokens
+
+
+def run_apart(argv: list, frameworks) -> tuple[list, dict]:
+    """Each framework in its own process (``--frameworks NAME``), so neither
+    allocator holds memory the other needs (batch 256 of the 2.7B shape has
+    41 GiB of states); the rows and tokens come back through a JSON file."""
+    import subprocess
+    import tempfile
+
+    rows, tokens = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in frameworks:
+            part = Path(folder) / f"{name}.json"
+            subprocess.run([sys.executable, "-m", "experiments.generate", *argv, "--frameworks", name,
+                            "--part", str(part)], check=True)
+            record = json.loads(part.read_text())
+            rows += record["rows"]
+            tokens.update({(name, int(batch)): np.asarray(t) for batch, t in record["tokens"].items()})
+    return rows, tokens
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -210,33 +261,28 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--layers", type=int, help="override the model's layer count")
     parser.add_argument("--output", help="the JSON file; .md and .png go next to it")
+    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS),
+                        help="on a GPU, more than one runs each in its own process")
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # a framework's rows for run_apart
     args = parser.parse_args(argv)
     setup = settings(args.quick)
     shape = dict(setup["shape"], **({"num_layers": args.layers} if args.layers else {}))
     batches, new_tokens = args.batches or setup["batches"], args.new_tokens or setup["new_tokens"]
+    if ON_GPU and len(args.frameworks) > 1:
+        passed = [a for a in argv if a not in ("--frameworks", *FRAMEWORKS)]
+        rows, tokens = run_apart(passed, args.frameworks)
+    else:
+        rows, tokens = run_frameworks(shape, setup, batches, new_tokens, args.frameworks, args.quick)
+    if args.part:
+        Path(args.part).write_text(json.dumps(dict(rows=rows, tokens={
+            str(b): np.asarray(t).tolist() for (_, b), t in tokens.items()})))
+        return None
     env = environment()
-    rng = np.random.default_rng(0)
-    runners = build_models(shape, setup["dtype"])
-    progress = Progress(2 * len(batches) + (1 if ON_GPU else 0), "generate")
-    rows, tokens = [], {}
-    for name, runner in runners.items():
-        for batch in batches:
-            progress.step(f"{name}, batch {batch}")
-            row, tokens[name, batch] = measure(runner, batch, prompt_length(batch, args.quick), new_tokens,
-                                               setup["repeats"], np.random.default_rng(batch))
-            rows.append(row)
-        if ON_GPU:
-            if name == "torch":
-                progress.step("kernel bars")
-            runner.release()
-    if ON_GPU:
-        rows += kernel_bars(runners, new_tokens, rng)
-    progress.finish()
     by = {(r["implementation"], r["batch"]): r for r in rows if r["op"] == "generate"}
     ratios = [dict(batch=b, decode_torch_over_jax=by["torch", b]["decode_ms"] / by["jax", b]["decode_ms"],
                    prefill_torch_over_jax=by["torch", b]["prefill_ms"] / by["jax", b]["prefill_ms"],
                    greedy_tokens_agree=float(np.mean(tokens["torch", b] == tokens["jax", b])))
-              for b in batches]
+              for b in batches if ("torch", b) in by and ("jax", b) in by]
 
     output = Path(args.output) if args.output else default_output("generate", env, ".json", args.quick)
     stem = output.with_suffix("")
@@ -251,7 +297,9 @@ def main(argv=None):
     record = dict(environment=env, command=" ".join(["python -m experiments.generate", *argv]),
                   model=shape, dtype=setup["dtype"], rows=rows, torch_vs_jax=ratios, plots=[plot.name],
                   timing="wall clock around each call, synchronised (torch.cuda.synchronize / "
-                         f"block_until_ready), median of {setup['repeats']} after a warm-up call")
+                         f"block_until_ready), median of {setup['repeats']} after a warm-up call"
+                         + ("; each framework in its own process" if ON_GPU and len(args.frameworks) > 1
+                            else ""))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=1))
     text = markdown(record)

@@ -275,6 +275,7 @@ def test_tuner_says_why_it_cannot_time(side, monkeypatch):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
         assert gpu.blocked() is None
     else:
+        monkeypatch.setattr(autotune, "on_gpu", lambda: False)
         assert autotune.tuner(False) is None  # nothing to time: no tuning, no warning
         monkeypatch.setattr(autotune, "on_gpu", lambda: True)
         assert autotune.tuner(False).blocked() is None

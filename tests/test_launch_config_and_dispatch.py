@@ -135,3 +135,35 @@ def test_dispatched_backends_match_the_reference(side, which, rng):
     assert_close(got_out, want_out, "float32", "out")
     assert_close(got_state, want_state, "float32", "state")
     assert np.isfinite(got_out).all()
+
+
+def test_direct_launch_matches_tritons_path_and_skips_its_binding(monkeypatch):
+    """torch_impl.platform.launch: the first call of a signature goes through
+    Triton's own launch path, later ones call the compiled launcher directly,
+    with the same results as Triton's path, for fresh data each call."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("the direct launch is the compiled path (a CUDA GPU)")
+    from triton.runtime.jit import JITFunction
+
+    import torch_impl
+    from frameworks import TorchSide
+
+    side, rng = TorchSide(), np.random.default_rng(0)
+    case = SsuCase(batch=5, nheads=4, dim=32, dstate=32)
+    bound = []
+    triton_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: bound.append(1) or triton_run(self, *a, **k))
+    outputs = {}
+    for direct in (False, True, True):
+        monkeypatch.setattr(torch_impl.platform, "_DIRECT", direct)
+        arrays, dtypes, options = make_inputs(case, rng)
+        inputs = side.native(arrays, dtypes)
+        got_direct = side.run_kernel(inputs, **options)
+        monkeypatch.setattr(torch_impl.platform, "_DIRECT", False)
+        outputs[direct] = (got_direct, side.run_kernel(inputs, **options))
+        for got, want in zip(*outputs[direct]):
+            np.testing.assert_array_equal(got, want)
+        assert_close(got_direct[0], side.run_reference(inputs, **options)[0], "float32", "out")
+    # Triton's path: the four calls with _DIRECT off and the first direct call (which plans).
+    assert len(bound) == 5

@@ -102,6 +102,7 @@ _PLANS: dict = {}
 _I32 = range(-2**31, 2**31)
 # The launcher layout ``launch`` calls (``CompiledKernel.run`` with packed metadata) is Triton 3.6's.
 _DIRECT = not INTERPRET and triton.__version__.startswith("3.6.")
+_HOOKS = triton.knobs.runtime  # launch hooks (profilers) are chains, empty unless one is added
 
 
 def _arg_class(value):
@@ -136,11 +137,11 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
     classes = tuple([_arg_class(a) for a in args])
     key = (kernel, device, classes, tuple(meta.items()))
     plan = _PLANS.get(key)
-    if plan is None or triton.knobs.runtime.launch_enter_hook is not None:
+    if plan is None or _HOOKS.launch_enter_hook.calls or _HOOKS.launch_exit_hook.calls:
         compiled = kernel[grid](*args, **meta)
         if hasattr(compiled, "result"):  # an asynchronous compile
             compiled = compiled.result()
-        if None not in classes:
+        if plan is None and None not in classes:
             _PLANS[key] = _plan(kernel, compiled, args, meta)
         return
     compiled, tail = plan

@@ -332,7 +332,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
                                             for a in arrays])
     except AttributeError:  # not tensors: check_ssu_args names the argument
         key = None
-    known = _CALLS.get(key)
+    known = None if key is None else _CALLS.get(key)
     if known is None:
         layout = check_ssu_args(
             *arrays, null_block_id=null_block_id, enable_stochastic_rounding=enable_stochastic_rounding,

@@ -288,9 +288,11 @@ def mamba_chunk_scan_combined_varlen(
                    initial_states=initial_states, cu_seqlens=cu_seqlens,
                    cu_chunk_seqlens=cu_chunk_seqlens, last_chunk_indices=last_chunk_indices,
                    seq_idx=seq_idx)
+    compiling = torch.compiler.is_compiling()
     layout = ssd_contract.check_ssd_args(
         **tensors, chunk_size=chunk_size, dt_limit=dt_limit,
-        state_dtype=None if state_dtype is None else str(state_dtype).removeprefix("torch."))
+        state_dtype=None if state_dtype is None else str(state_dtype).removeprefix("torch."),
+        remember=not compiling)
     differentiable = _requires_grad(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if differentiable and out is not None:
         checks.fail(ssd_contract.OP, "out", "is written in place, which autograd cannot record, "
@@ -312,7 +314,7 @@ def mamba_chunk_scan_combined_varlen(
         out, states, *_ = _FWD(**options)
         return out, states
     # Eagerly the registered op's dispatch would only add cost; torch.compile needs the op.
-    run = _OP if torch.compiler.is_compiling() else _chunk_scan_op
+    run = _OP if compiling else _chunk_scan_op
     if out is None:
         out = torch.empty_like(x)
         return out, run(**options, out=out)

@@ -93,18 +93,17 @@ REQUIRED_ARGS = ("x", "dt", "A", "B", "C") + INDEX_ARGS
 
 def check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, last_chunk_indices,
                    out=None, D=None, z=None, dt_bias=None, initial_states=None, chunk_size,
-                   dt_limit=(0.0, float("inf")), state_dtype: Optional[str] = None) -> SsdLayout:
+                   dt_limit=(0.0, float("inf")), state_dtype: Optional[str] = None,
+                   remember: bool = True) -> SsdLayout:
     """Check every shape and dtype (read from the arrays; None for an absent
     one) and the options; return the call's sizes. ``state_dtype`` is a
     dtype name. Raises ValueError naming the argument. A signature (shapes,
-    dtypes, options) that passed is remembered: a loop pays the checks once."""
-    try:
-        key = (tuple([None if a is None else (tuple(a.shape), a.dtype) for a in (
-            x, dt, A, B, C, D, dt_bias, z, out, initial_states, cu_seqlens, cu_chunk_seqlens, seq_idx,
-            last_chunk_indices)]), chunk_size, type(chunk_size), tuple(dt_limit), state_dtype)
-        layout = _CHECKED.get(key)
-    except (AttributeError, TypeError):  # not arrays, or options unhashable: checked below
-        key = layout = None
+    dtypes, options) that passed is remembered (unless ``remember`` is
+    False, as while torch.compile traces): a loop pays the checks once."""
+    arrays = (x, dt, A, B, C, D, dt_bias, z, out, initial_states, cu_seqlens, cu_chunk_seqlens, seq_idx,
+              last_chunk_indices)
+    key = _signature(arrays, chunk_size, dt_limit, state_dtype) if remember else None
+    layout = None if key is None else _CHECKED.get(key)
     if layout is None:
         layout = _check_ssd_args(
             x=x, dt=dt, A=A, B=B, C=C, cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens,
@@ -119,6 +118,18 @@ def check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, las
 
 _CHECKED: dict = {}
 MAX_CHECKED = 1024
+
+
+def _signature(arrays, chunk_size, dt_limit, state_dtype) -> Optional[tuple]:
+    """What the checks depend on, hashable; None for what is not (not arrays,
+    an unhashable option), which is then checked every time."""
+    try:
+        key = (tuple([None if a is None else (tuple(a.shape), a.dtype) for a in arrays]),
+               chunk_size, type(chunk_size), tuple(dt_limit), state_dtype)
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
 
 
 def _check_ssd_args(*, x, dt, A, B, C, cu_seqlens, cu_chunk_seqlens, seq_idx, last_chunk_indices,
