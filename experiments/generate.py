@@ -202,7 +202,11 @@ def markdown(record: dict) -> str:
         lines += ["Decode time per step, torch over JAX (bar at batch 1: within 1.2x either way):", "",
                   markdown_table(ratios, [("batch", "batch", None), ("decode_torch_over_jax", "torch / JAX", ".2f"),
                                           ("prefill_torch_over_jax", "prefill torch / JAX", ".2f")]), ""]
-    bars = [r for r in record["rows"] if r["op"] != "generate"]
+    failed = [r for r in record["rows"] if r["op"] == "failed"]
+    if failed:
+        lines += ["Runs that failed:", "", *(f"- {r['implementation']}, batch {r['batch']}: {r['error']}"
+                                            for r in failed), ""]
+    bars = [r for r in record["rows"] if r["op"] not in ("generate", "failed")]
     if bars:
         lines += ["Device span against its kernels' device times (CUPTI):", "",
                   markdown_table(bars, [("op", "what", None), ("implementation", "framework", None),
@@ -223,8 +227,15 @@ def run_frameworks(shape: dict, setup: dict, batches, new_tokens: int, framework
     for name, runner in runners.items():
         for batch in batches:
             progress.step(f"{name}, batch {batch}")
-            row, tokens[name, batch] = measure(runner, batch, prompt_length(batch, quick), new_tokens,
-                                               setup["repeats"], np.random.default_rng(batch))
+            try:
+                row, tokens[name, batch] = measure(runner, batch, prompt_length(batch, quick), new_tokens,
+                                                   setup["repeats"], np.random.default_rng(batch))
+            except (RuntimeError, MemoryError) as error:  # JaxRuntimeError is a RuntimeError
+                if "out of memory" not in str(error).lower():
+                    raise
+                row = dict(op="failed", implementation=name, batch=batch,
+                           error=str(error).splitlines()[0][:300])
+                runner.release()
             rows.append(row)
         if ON_GPU:
             runner.release()
