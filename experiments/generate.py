@@ -154,6 +154,14 @@ def _kernel_time(events: list[dict], names=None) -> float:
     return sum(e["dur"] for e in events if names is None or any(k in e["name"].lower() for k in names))
 
 
+def _top_kernels(events: list[dict], calls: int, count: int = 8) -> list:
+    """[(kernel name, us per call)] of the ``count`` costliest kernels: where the time goes."""
+    totals: dict = {}
+    for e in events:
+        totals[e["name"][:80]] = totals.get(e["name"][:80], 0.0) + e["dur"] / calls
+    return sorted(totals.items(), key=lambda item: -item[1])[:count]
+
+
 def kernel_bars(runner: Runner, batch_one: dict, new_tokens: int, rng) -> list[dict]:
     """The batch-1 rows' wall times (``batch_one``: the 4k prefill and the
     time per decode step) against their kernels' device times (CUPTI), GPU
@@ -162,24 +170,27 @@ def kernel_bars(runner: Runner, batch_one: dict, new_tokens: int, rng) -> list[d
     from experiments.kernel_timeline import device_events
 
     ids = rng.integers(0, runner.model.config.vocab_size, (1, PREFILL_TOKENS))
-    prefill_us = _kernel_time(device_events(lambda: runner.prefill(ids).logits, 1), MATMUL_KERNELS + SCAN_KERNELS)
+    prefill_events = device_events(lambda: runner.prefill(ids).logits, 1)
+    prefill_us = _kernel_time(prefill_events, MATMUL_KERNELS + SCAN_KERNELS)
     if runner.name == "torch":  # a graph replay is one step
         model = runner.model
         prefilled = model.prefill(runner.ids(ids[:, :16]))
         step = model._decode_step(prefilled.cache, 1)
         step.bind(prefilled.slots)
         token = torch.zeros(1, dtype=torch.long, device=runner.device)
-        step_us = _kernel_time(device_events(lambda: step.run(token), 4)) / 4
+        step_events = device_events(lambda: step.run(token), 4)
+        step_us, step_top = _kernel_time(step_events) / 4, _top_kernels(step_events, 4)
     else:  # the while loop's steps: a generation of n tokens less one of 1 token (no step)
-        generation = {n: _kernel_time(device_events(lambda n=n: runner.decode(runner.prefill(ids[:, :16]), n), 1))
-                      for n in (new_tokens, 1)}
-        step_us = (generation[new_tokens] - generation[1]) / (new_tokens - 1)
+        events = {n: device_events(lambda n=n: runner.decode(runner.prefill(ids[:, :16]), n), 1)
+                  for n in (new_tokens, 1)}
+        step_us = (_kernel_time(events[new_tokens]) - _kernel_time(events[1])) / (new_tokens - 1)
+        step_top = _top_kernels(events[new_tokens], new_tokens)  # the prefill's kernels included
     prefill_wall, step_wall = 1e3 * batch_one["prefill_ms"], 1e3 * batch_one["decode_ms_per_token"]
     return [dict(op="prefill_4k_kernels", implementation=runner.name, wall_us=prefill_wall,
                  kernels_us=prefill_us, kernels="matmuls and chunked-scan stages",
-                 ratio=prefill_wall / prefill_us, bar=1.3),
+                 ratio=prefill_wall / max(prefill_us, 1e-9), bar=1.3, top_kernels=_top_kernels(prefill_events, 1)),
             dict(op="decode_step_kernels", implementation=runner.name, wall_us=step_wall,
-                 kernels_us=step_us, kernels="all", ratio=step_wall / step_us, bar=1.5)]
+                 kernels_us=step_us, kernels="all", ratio=step_wall / max(step_us, 1e-9), bar=1.5, top_kernels=step_top)]
 
 
 def markdown(record: dict) -> str:
@@ -213,6 +224,9 @@ def markdown(record: dict) -> str:
                                         ("wall_us", "wall (us)", ".1f"), ("kernels", "kernels", None),
                                         ("kernels_us", "kernels (us)", ".1f"),
                                         ("ratio", "ratio", ".2f"), ("bar", "bar", None)]), ""]
+        for bar in bars:
+            lines += [f"Costliest kernels, {bar['op']}, {bar['implementation']} (us per call):", "",
+                      *(f"- {us:.1f} `{name}`" for name, us in bar["top_kernels"]), ""]
     lines += [f"![generation]({name})" for name in record["plots"]]
     return "\n".join(lines)
 
