@@ -5,14 +5,16 @@ both frameworks share the process's CUDA context). It separates what a wall
 clock cannot: kernel time from launch gaps, and one framework's kernels from
 the other's.
 
-    python -m experiments.kernel_timeline [--op state_update|chunked_scan]
+    python -m experiments.kernel_timeline [--op state_update|chunked_scan|chunked_scan_backward]
         [--batch 64] [--tokens 4096] [--calls 4]
 
 GPU only. For each of Triton and Pallas: the kernels of ``--calls`` calls
 (after warm-up), and the device time per call (first kernel's start to last
 kernel's end, over the calls). The state update rotates through disjoint
 cache-slot sets as ``experiments.compare`` does (one call = one step per set);
-the chunked scan runs ``--tokens`` tokens as one sequence.
+the chunked scan runs ``--tokens`` tokens as one sequence; its backward
+(forward + backward, with mamba_ssm's when carried) prints the device time
+per kernel name instead of the timeline.
 """
 
 from __future__ import annotations
@@ -85,15 +87,38 @@ def chunked_scan_calls(tokens: int) -> dict:
     return bench_ssd.scan_calls(arrays, index, shape["chunk_size"], "bfloat16")
 
 
+def chunked_scan_backward_calls(tokens: int) -> dict:
+    """Forward + backward (``bench_ssd.backward_calls``: Triton, Pallas, and
+    mamba_ssm's when its files are carried), bf16, one sequence."""
+    shape = MAMBA2_2P7B_SSD
+    arrays, index = bench_ssd.make_inputs([tokens], **shape)
+    return bench_ssd.backward_calls(arrays, index, shape["chunk_size"], "bfloat16")
+
+
+def print_kernel_totals(name: str, events: list[dict], calls: int, count: int = 12) -> None:
+    """Per kernel name: device time per call, the costliest first."""
+    totals: dict = {}
+    for e in events:
+        totals[e["name"][:70]] = totals.get(e["name"][:70], 0.0) + e["dur"] / calls
+    print(f"{name}: kernels {sum(totals.values()):.1f} us per call; the costliest:")
+    for kernel, us in sorted(totals.items(), key=lambda item: -item[1])[:count]:
+        print(f"{us:12.1f}  {kernel}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", choices=["state_update", "chunked_scan"], default="state_update")
+    parser.add_argument("--op", choices=["state_update", "chunked_scan", "chunked_scan_backward"],
+                        default="state_update")
     parser.add_argument("--batch", type=int, default=64, help="state update: sequences per step")
     parser.add_argument("--tokens", type=int, default=4096, help="chunked scan: tokens")
     parser.add_argument("--calls", type=int, default=4)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernel_timeline: needs a CUDA GPU (CUPTI)")
+    if args.op == "chunked_scan_backward":  # many kernels: totals per kernel rather than the timeline
+        for name, call in chunked_scan_backward_calls(args.tokens).items():
+            print_kernel_totals(f"{args.op} {name}", device_events(call, args.calls), args.calls)
+        return
     calls = state_update_calls(args.batch) if args.op == "state_update" else chunked_scan_calls(args.tokens)
     for name, call in calls.items():
         print_timeline(f"{args.op} {name}", device_events(call, args.calls), args.calls)
