@@ -4,7 +4,11 @@
 # job's rows. Records go to experiments/results/ (and a copy of the logs to
 # $OUT when set, as on the device machine).
 #
-#   bash experiments/gpu_check.sh [tests|sanitize|bench|all] [compare args...]
+#   bash experiments/gpu_check.sh [tests|sanitize|bench|bars|all] [compare args...]
+#
+# bars: the open issues' speed bars and profiles in about four minutes (host
+# path, mixer decode in float32 and bf16, generation at 16 layers, the chunked
+# scan backward's kernels); not part of all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
@@ -31,4 +35,15 @@ if [[ $what == sanitize || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
     python -m experiments.compare "$@" 2>&1 | tee "$logs/compare.log" | tail -n 60
+fi
+if [[ $what == bars ]]; then
+    python -m experiments.bench_host 2>&1 | tee "$logs/bench_host.log"
+    for dtype in float32 bfloat16; do
+        python -m experiments.bench_mixer --modes decode --dtype "$dtype" 2>&1 | grep -E "^(torch|flax)" \
+            | tee "$logs/mixer_decode_$dtype.log"
+    done
+    python -m experiments.generate --batches 1 --layers 16 --new-tokens 16 \
+        --output "$logs/generate-b1-L16.json" 2>&1 | tail -n 40
+    python -m experiments.kernel_timeline --op chunked_scan_backward --tokens 16384 2>&1 \
+        | tee "$logs/backward_kernels.log"
 fi
