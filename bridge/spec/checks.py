@@ -74,3 +74,10 @@ def dtype_name(array) -> Optional[str]:
 
 
 _TORCH_DTYPE_NAMES: dict = {}
+
+
+def array_signature(arrays) -> tuple:
+    """``((shape, dtype name) or None, ...)`` of torch / jax / numpy arrays
+    (None absent): what the array checks depend on, hashable, so a contract
+    checks a signature once. AttributeError for something not an array."""
+    return tuple([None if a is None else (tuple(a.shape), dtype_name(a)) for a in arrays])

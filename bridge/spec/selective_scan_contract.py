@@ -162,9 +162,7 @@ def check_selective_scan_args(*, u, ssm_states, delta, A, B, C, D=None, z=None, 
         checks.as_int(OP, "block_size", block_size, minimum=1)
     if not isinstance(delta_softplus, (bool, np.bool_)):
         _fail("delta_softplus", f"must be a bool, got {delta_softplus!r}")
-    signature = tuple((checks.shape_of(a), checks.dtype_name(a)) if a is not None else None
-                      for a in arrays.values())
-    return _check_arrays(signature)
+    return _check_arrays(checks.array_signature(arrays.values()))
 
 
 @functools.lru_cache(maxsize=1024)

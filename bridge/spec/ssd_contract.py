@@ -124,8 +124,7 @@ def _signature(arrays, chunk_size, dt_limit, state_dtype) -> Optional[tuple]:
     """What the checks depend on, hashable; None for what is not (not arrays,
     an unhashable option), which is then checked every time."""
     try:
-        key = (tuple([None if a is None else (tuple(a.shape), a.dtype) for a in arrays]),
-               chunk_size, type(chunk_size), tuple(dt_limit), state_dtype)
+        key = (checks.array_signature(arrays), chunk_size, type(chunk_size), tuple(dt_limit), state_dtype)
         hash(key)
     except (AttributeError, TypeError):
         return None

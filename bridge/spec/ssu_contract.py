@@ -97,7 +97,7 @@ def check_ssu_args(state, x, dt, A, B, C, D=None, dt_bias=None, z=None, out=None
     arrays = (state, x, dt, A, B, C, D, dt_bias, z, out, state_batch_indices,
               dst_state_batch_indices, num_accepted_tokens, cu_seqlens)
     try:
-        signature = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in arrays)
+        signature = checks.array_signature(arrays)
     except AttributeError:
         arg, array = next((n, a) for n, a in zip(ARGS, arrays) if a is not None and not hasattr(a, "dtype"))
         _fail(arg, f"must be an array of the op's framework, got {type(array).__name__}")
@@ -124,8 +124,7 @@ def _check_arrays(signature, float_dtypes) -> SsuLayout:
     shapes = {arg: None if s is None else s[0] for arg, s in zip(ARGS, signature)}
     for arg, entry in zip(ARGS, signature):
         if entry is not None:
-            checks.expect_dtype(OP, arg, str(entry[1]).removeprefix("torch."),
-                                float_dtypes if arg in FLOAT_ARGS else INDEX_DTYPES)
+            checks.expect_dtype(OP, arg, entry[1], float_dtypes if arg in FLOAT_ARGS else INDEX_DTYPES)
     state, x, B, C = shapes["state"], shapes["x"], shapes["B"], shapes["C"]
     if len(state) == 4:
         num_slots, nheads, dim, dstate = state
