@@ -199,11 +199,35 @@ def stage_calls(framework, seqlens, nheads, headdim, dstate, ngroups, chunk_size
                                                 a["end_states"], a["cu_chunk_seqlens"], a["seq_idx"],
                                                 num_seqs, D=a["D"]),
     }
+    if framework == "triton":  # the backward's stage 4 (tuning): two kernels, two configs
+        calls["chunk_scan_bwd"] = lambda a: scan.chunk_scan_bwd(
+            a["x"], a["B"], a["C"], a["dout"], None, None, a["D"], a["dt_out"], a["dA_cumsum"],
+            a["dend_states"], a["cu_chunk_seqlens"])
+        calls["chunk_scan_bwd_dC"] = lambda a: scan.chunk_scan_bwd_dC(
+            a["x"], a["B"], a["C"], a["dout"], None, a["dt_out"], a["dA_cumsum"], a["end_states"],
+            None, a["cu_chunk_seqlens"], a["seq_idx"], num_seqs)
+    else:  # one function, both kernels; each stage's call returns what its kernel makes first
+        stage4 = lambda a: scan.chunk_scan_bwd(  # noqa: E731
+            a["x"], a["dout"], a["dt_out"], a["dA_cumsum"], a["B"], a["C"], a["dend_states"],
+            a["end_states"], a["cu_chunk_seqlens"], a["seq_idx"], num_seqs, D=a["D"])
+        calls["chunk_scan_bwd"] = stage4
+        calls["chunk_scan_bwd_dC"] = lambda a: stage4(a)[::-1]  # dC first
     a["dA_cumsum"], a["dt_out"] = calls["chunk_cumsum"](a)
     a["chunk_states"] = calls["chunk_state"](a)
     a["end_states"], _ = calls["state_passing"](a)
     a["CB"] = calls["bmm_chunk"](a)
+    rng = np.random.default_rng(2)  # the backward's cotangents: dout and G_c
+    a["dout"] = _as(a["x"], rng.standard_normal(a["x"].shape).astype(np.float32))
+    a["dend_states"] = _as(a["x"], rng.standard_normal(a["end_states"].shape).astype(np.float32), True)
     return calls, a
+
+
+def _as(like, values, float32=False):
+    """numpy ``values`` as an array of ``like``'s framework and device (its
+    dtype, or float32)."""
+    if isinstance(like, torch.Tensor):
+        return torch.from_numpy(values).to(like.device, torch.float32 if float32 else like.dtype)
+    return jnp.asarray(values, jnp.float32 if float32 else like.dtype)
 
 
 def time_stage(framework, call, arrays, repeats) -> float:

@@ -96,11 +96,17 @@ def chunked_scan_backward_calls(tokens: int) -> dict:
 
 
 def print_kernel_totals(name: str, events: list[dict], calls: int, count: int = 12) -> None:
-    """Per kernel name: device time per call, the costliest first."""
+    """Per kernel name: device time per call, the costliest first; and the
+    span per call (first start to last end: kernel time plus the gaps)."""
+    if not events:
+        print(f"{name}: no device events")
+        return
     totals: dict = {}
     for e in events:
         totals[e["name"][:70]] = totals.get(e["name"][:70], 0.0) + e["dur"] / calls
-    print(f"{name}: kernels {sum(totals.values()):.1f} us per call; the costliest:")
+    span = (events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]) / calls
+    print(f"{name}: kernels {sum(totals.values()):.1f} us per call in a span of {span:.1f} us; "
+          f"the costliest:")
     for kernel, us in sorted(totals.items(), key=lambda item: -item[1])[:count]:
         print(f"{us:12.1f}  {kernel}")
 

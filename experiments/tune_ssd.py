@@ -41,6 +41,10 @@ CANDIDATES = {
                            num_stages=[1]),
     "chunk_scan": _grid("chunk_scan", BLOCK_SIZE_M=[32, 64, 128], BLOCK_SIZE_N=[64], BLOCK_SIZE_K=[32, 64],
                         num_warps=[2, 4, 8], num_stages=[2, 3, 4, 5]),
+    # The backward's stage 4 (two kernels, a config each; Triton's and Pallas's alike).
+    **{stage: _grid(stage, BLOCK_SIZE_M=[64, 128], BLOCK_SIZE_K=[32, 64], num_warps=[4, 8],
+                    num_stages=[1, 2, 3])
+       for stage in ("chunk_scan_bwd", "chunk_scan_bwd_dC")},
 }
 QUICK_CANDIDATES = {"chunk_scan": _grid("chunk_scan", BLOCK_SIZE_M=[16], BLOCK_SIZE_N=[16], BLOCK_SIZE_K=[16],
                                         num_warps=[4], num_stages=[1, 2])}
