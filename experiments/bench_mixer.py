@@ -14,8 +14,10 @@ torch: the metadata moved to the device once (``torch_impl.metadata_to_device``)
 a decode step captured in a CUDA graph (``torch_impl.CapturedDecodeStep``,
 as vLLM captures one per batch-size bucket) and timed replayed, a prefill
 timed eagerly (``mixer(hidden, cache, metadata)``, no host sync). JAX: the
-functional ``mixer(hidden, conv_state, ssm_state, metadata)`` jitted with the
-states donated and the metadata (device arrays) as an argument. Each row
+module's jitted step (``mixer(hidden, conv_state, ssm_state, metadata)``
+with the weights, hidden states and metadata as arguments, the states
+donated; before 2026-12-01 the weights and hidden states were closed over,
+compile-time constants that XLA may lay out at will). Each row
 gives the largest difference between the two frameworks' outputs (relative
 to the largest |output|; the mixers are tied to float64 by
 tests/test_mamba_mixer2.py); torch rows give ``torch_vs_flax``, their time
@@ -35,9 +37,11 @@ import torch_impl  # noqa: E402  (before triton: interpreter mode on CPU)
 import torch  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import bridge  # noqa: E402
 import jax_impl  # noqa: E402
+from jax_impl import mamba_mixer2 as jax_mixer_module  # noqa: E402
 from experiments.shapes import (CPU_MIXER, MAMBA2_2P7B_MIXER, MIXER_DECODE_BATCHES,  # noqa: E402
                                 PREFILL_TOKENS)
 from experiments.timing import rel_error, time_jax, time_torch  # noqa: E402
@@ -80,10 +84,15 @@ def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repea
             seconds_torch = time_torch(lambda: torch_mixer(hidden, cache, on_device), repeats, graph=False)
     hidden_j = jnp.asarray(hidden.float().cpu().numpy()).astype(str(dtype).removeprefix("torch."))
     metadata_j = metadata.map_arrays(jnp.asarray)
-    step_j = jax.jit(lambda conv, ssm, meta: jax_mixer(hidden_j, conv, ssm, meta), donate_argnums=(0, 1))
-    jax_out, conv, ssm = step_j(conv0, ssm0, metadata_j)
+    # The module's own jitted step: weights and hidden states are arguments
+    # (closed over, XLA would compile them in as constants and could fold
+    # or re-lay-out the projections at compile time).
+    graphdef, params = nnx.split(jax_mixer)
+    step_j = jax_mixer_module._jitted_step(graphdef)
+    jax_out, conv, ssm = step_j(conv0, ssm0, hidden_j, params, metadata_j)
     jax_out = np.asarray(jax_out.astype(jnp.float32))
-    seconds_jax = time_jax(lambda carry: step_j(*carry, metadata_j)[1:], (conv, ssm), repeats)
+    seconds_jax = time_jax(lambda carry: step_j(*carry, hidden_j, params, metadata_j)[1:], (conv, ssm),
+                           repeats)
     common = dict(op="mamba_mixer2", mode=mode, batch=num_requests, tokens=tokens,
                   weights_dtype=str(dtype).removeprefix("torch."),
                   max_rel_diff_torch_vs_flax=rel_error(jax_out, torch_out))
