@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from bridge.spec.conv_contract import (
     INDEX_ARGS, NULL_BLOCK_ID, ConvLayout, ConvTiles, check_conv_fn_args, check_conv_fn_grad,
-    check_conv_index_values, check_conv_update_args, conv_bwd_block_w, conv_bwd_splits,
+    check_conv_index_values, check_conv_update_args, conv_bwd_block_w,
     conv_tiles, stateless_states_shape)
 from jax_impl import platform
 
@@ -34,10 +34,12 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
                           has_init_ref, accepted_ref, read_col_ref, write_col_ref, first_block_ref,
                           num_computed_ref, out_ref, state_out_ref, *, layout: ConvLayout,
                           tiles: ConvTiles, pad_slot_id: int, block_size: int):
-    """Grid (num_seqs, cdiv(dim, block_d)): one program runs one sequence's
-    tokens for a block of channels, then writes that block of its state
-    (and, given ``first_block_ref``, of the states at the block boundaries it
-    crossed). A sequence whose indices break the contract is skipped, its
+    """Grid (num_seqs, cdiv(dim, block_d), tiles.splits): a program runs
+    every splits-th token tile of one sequence for a block of channels; the
+    first (the only one reading the history: block_t >= W - 1 when split)
+    then writes that block of the sequence's state (and, given
+    ``first_block_ref``, of the states at the block boundaries it crossed).
+    A sequence whose indices break the contract is skipped, its
     outputs NaN. Tiles are addressed by index arrays (masked lanes clamped to
     row 0), so no slice starts before a sequence's first token. Index
     arithmetic is int32 throughout (x64 mode included)."""
@@ -45,7 +47,7 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     i32 = jnp.int32
     zero = jnp.zeros((), i32)  # not a Python 0: see `run_len`
     num_tokens, num_slots, width = layout.num_tokens, layout.num_slots, layout.width
-    seq = pl.program_id(0)
+    seq, split = pl.program_id(0), pl.program_id(2)
     offs_d = pl.program_id(1) * tiles.block_d + jnp.arange(tiles.block_d, dtype=i32)
     mask_d = offs_d < layout.dim
     cols = offs_d[None, :]
@@ -113,7 +115,7 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
         bias = plgpu.load(bias_ref.at[offs_d], mask=mask_d, other=0.0).astype(jnp.float32)
 
     def token_block(i, carry):
-        offs_t = i * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
+        offs_t = (split + i * tiles.splits) * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
         acc = jnp.zeros((tiles.block_t, tiles.block_d), jnp.float32)
         if bias_ref is not None:
             acc = acc + bias[None, :]
@@ -136,7 +138,9 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     # into a bool -> int cast that the Triton lowering leaves as i1.
     run_len = jnp.where(padding, zero, seqlen)
     # (Not pl.cdiv: its lax.div sees an int64 divisor in x64 mode.)
-    jax.lax.fori_loop(0, (run_len + tiles.block_t - 1) // tiles.block_t, token_block, 0)
+    num_tiles = (run_len + tiles.block_t - 1) // tiles.block_t
+    jax.lax.fori_loop(0, jnp.maximum(num_tiles - split + tiles.splits - 1, zero) // tiles.splits,
+                      token_block, 0)
 
     # The new state: the newest inputs at the end, older history shifted in
     # front. Loaded before any state is written (it may read the slot).
@@ -144,7 +148,7 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     in_state = offs_r < layout.write_len
     pos = offs_r - (layout.write_len - seqlen)
     new = load_window(pos, offs_r + shift, in_state & (pos >= 0), in_state & (pos < 0) & has_history)
-    keep = active & (seqlen > 0)
+    keep = active & (seqlen > 0) & (split == 0)
     if first_block_ref is not None:
         # The last W-1 inputs before each block boundary crossed, into that
         # block's slot. Only the first boundary can reach into the history.
@@ -193,7 +197,7 @@ def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, q
         kernel,
         out_shape=(jax.ShapeDtypeStruct(x.shape, out_dtype),
                    jax.ShapeDtypeStruct(state.shape, state.dtype)),
-        grid=(layout.num_seqs, pl.cdiv(layout.dim, tiles.block_d)),
+        grid=(layout.num_seqs, pl.cdiv(layout.dim, tiles.block_d), tiles.splits),
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=platform.INTERPRET,
@@ -207,19 +211,19 @@ def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, q
 def _conv_fn_bwd_kernel(dx_in_ref, dstate_in_ref, x_ref, weight_ref, bias_ref, state_ref, qsl_ref,
                         indices_ref, has_init_ref, dout_ref, dnew_ref, dx_ref, dw_ref, db_ref,
                         dstate_ref, *, layout: ConvLayout, tiles: ConvTiles, pad_slot_id: int,
-                        block_w: int, splits: int):
+                        block_w: int):
     """The training form's backward (no prefix caching); the mirror of
     ``torch_impl.causal_conv1d._causal_conv1d_fn_bwd_kernel`` (see there),
     except that the 2W - 1 window rows around a tile are loaded once and
     shared by the W recomputed pre-activations (traced Python lists; the
     Triton kernel reloads them, from cache).
-    Grid (num_seqs, cdiv(dim, block_d), splits); dx starts zeroed, dstate as
+    Grid (num_seqs, cdiv(dim, block_d), tiles.splits); dx starts zeroed, dstate as
     d(new states); dw (num_seqs * splits, block_w, D) and db (num_seqs *
     splits, D) float32 partials."""
     del dx_in_ref, dstate_in_ref  # the same buffers as dx_ref, dstate_ref
     i32, f32 = jnp.int32, jnp.float32
     zero = jnp.zeros((), i32)
-    width = layout.width
+    width, splits = layout.width, tiles.splits
     seq, split = pl.program_id(0), pl.program_id(2)
     offs_d = pl.program_id(1) * tiles.block_d + jnp.arange(tiles.block_d, dtype=i32)
     mask_d = offs_d < layout.dim
@@ -335,12 +339,12 @@ def _conv_fn_bwd(layout: ConvLayout, tiles: ConvTiles, pad_slot_id: int, *, x, w
     """x, dout (T, D); state, dnew (S, L, D). Returns (dx, dweight, dbias, dstate)."""
     dx, dstate = jnp.zeros(x.shape, x.dtype), dnew.astype(state.dtype)
     block_w = conv_bwd_block_w(layout.width)
-    splits = conv_bwd_splits(layout.num_tokens, layout.num_seqs, tiles.block_t)
+    splits = tiles.splits
     if layout.num_seqs == 0 or layout.dim == 0 or layout.num_tokens == 0:
         return dx, jnp.zeros(weight.shape, weight.dtype), bias if bias is None else \
             jnp.zeros(bias.shape, bias.dtype), dstate
     kernel = functools.partial(_conv_fn_bwd_kernel, layout=layout, tiles=tiles,
-                               pad_slot_id=pad_slot_id, block_w=block_w, splits=splits)
+                               pad_slot_id=pad_slot_id, block_w=block_w)
     dx, dw, db, dstate = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(dx.shape, dx.dtype),

@@ -1,7 +1,7 @@
 """Causal depthwise conv1d in each framework: prefill (packed sequences,
 with and without initial states, shorter than width - 1, padding) and
 decode (plain, speculative, prefix-cache columns) vs the float64
-references; prefill then decode equals one longer prefill; Triton vs Pallas
+references; long sequences split over programs; prefill then decode equals one longer prefill; Triton vs Pallas
 on the same memory; in-place update under donation (JAX); bad input (the
 checked path's errors, the unchecked path's skipped work and untouched
 guard regions, slot collisions); x64 mode; no tokens; torch.compile tracing."""
@@ -9,6 +9,7 @@ guard regions, slot collisions); x64 mode; no tokens; torch.compile tracing."""
 import numpy as np
 import pytest
 
+from bridge.spec.conv_contract import PREFILL_BLOCK_T, conv_token_splits
 from frameworks import JaxSide, TorchSide, assert_close
 
 PAD = 0  # the null block: padding entries point at it
@@ -66,6 +67,20 @@ def test_prefill_matches_reference(side, case, rng):
     got_out, got_state = side.run_conv("causal_conv1d_fn", inputs, **options)
     assert_close(got_out, want_out, case["dtype"], f"{side.name} prefill out")
     assert_close(got_state, want_state, case["dtype"], f"{side.name} prefill conv state")
+    assert np.isnan(got_state[PAD]).all(), "the padding slot was written"
+
+
+def test_prefill_splits_long_sequences_over_programs(side, rng):
+    """Sequences of several token tiles, spread over programs (every
+    ``splits``-th tile each): outputs, states read and rewritten in place,
+    the padding slot untouched."""
+    seqlens = (100, 70, 2)  # the 70-token sequence resumes its state; the third is padding
+    assert conv_token_splits(sum(seqlens), len(seqlens), PREFILL_BLOCK_T) == 2
+    inputs = _fn_inputs(side, rng, seqlens=seqlens, width=4, dtype="float32", bias=True, layout="SD")
+    want_out, want_state = side.conv_reference("causal_conv1d_fn", inputs, activation="silu")
+    got_out, got_state = side.run_conv("causal_conv1d_fn", inputs, activation="silu")
+    assert_close(got_out, want_out, "float32", f"{side.name} split prefill out")
+    assert_close(got_state, want_state, "float32", f"{side.name} split prefill conv state")
     assert np.isnan(got_state[PAD]).all(), "the padding slot was written"
 
 

@@ -148,7 +148,7 @@ def _conv_reference(side, index, silu):
 
 
 CONV_CASES = [dict(dtype="float32", silu=True, width=4, bias=True, seqlens=(3, 1, 0, 6, 2)),
-              # 2 programs per sequence in the backward (conv_bwd_splits), the long one's
+              # 2 programs per sequence in the backward (ConvTiles.splits), the long one's
               # tiles interleaved between them
               pytest.param(dict(dtype="float32", silu=True, width=4, bias=True, seqlens=(70, 2)),
                            marks=pytest.mark.slow),  # in CI: Triton vs Pallas below
@@ -163,8 +163,8 @@ CONV_CASES = [dict(dtype="float32", silu=True, width=4, bias=True, seqlens=(3, 1
 def test_conv_grads_match_float64_autodiff(side, case, rng):
     primals, index = _conv_case(rng, width=case["width"], bias=case["bias"], seqlens=case["seqlens"])
     if len(case["seqlens"]) == 2:
-        from bridge.spec.conv_contract import PREFILL_BLOCK_T, conv_bwd_splits
-        assert conv_bwd_splits(sum(case["seqlens"]), 2, PREFILL_BLOCK_T) == 2
+        from bridge.spec.conv_contract import PREFILL_BLOCK_T, conv_token_splits
+        assert conv_token_splits(sum(case["seqlens"]), 2, PREFILL_BLOCK_T) == 2
     cotangents = _conv_cotangents(rng, primals)
     dtype = case["dtype"]
     got, got_out = _vjp(side, _conv_kernel(side, index, case["silu"]), primals, cotangents, dtype,

@@ -14,7 +14,7 @@ import torch
 
 from bridge.spec.conv_contract import (
     INDEX_ARGS, NULL_BLOCK_ID, check_conv_fn_args, check_conv_fn_grad, check_conv_index_values,
-    check_conv_update_args, conv_bwd_block_w, conv_bwd_splits, conv_layout, conv_tiles,
+    check_conv_update_args, conv_bwd_block_w, conv_layout, conv_tiles,
     stateless_states_shape)
 from torch_impl import platform
 
@@ -55,17 +55,20 @@ def _causal_conv1d_kernel(
     stride_idx_seq, stride_idx_col,
     # statics
     WIDTH: tl.constexpr, SILU: tl.constexpr, ALWAYS_HISTORY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_INDICES: tl.constexpr,
     HAS_INIT_FLAGS: tl.constexpr, IS_SPEC: tl.constexpr, HAS_READ_COL: tl.constexpr,
     HAS_WRITE_COL: tl.constexpr, HAS_BOUNDARIES: tl.constexpr,
 ):
-    """Grid (num_seqs, cdiv(dim, BLOCK_D)): one program runs one sequence's
-    tokens for a block of channels, then writes that block of its state
-    (and, with HAS_BOUNDARIES, of the states at the block boundaries it crossed).
+    """Grid (num_seqs, cdiv(dim, BLOCK_D), SPLITS): a program runs every
+    SPLITS-th token tile of one sequence for a block of channels; the first
+    (the only one reading the history: BLOCK_T >= W - 1 when SPLITS > 1)
+    then writes that block of the sequence's state (and, with
+    HAS_BOUNDARIES, of the states at the block boundaries it crossed).
     A sequence whose indices break the contract is skipped, its outputs NaN."""
     seq = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
     mask_d = offs_d < dim
     if IS_VARLEN:
         bos = tl.load(qsl_ptr + seq).to(tl.int64)
@@ -124,7 +127,7 @@ def _causal_conv1d_kernel(
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
-    for t0 in range(0, tl.where(padding, 0, seqlen), BLOCK_T):
+    for t0 in range(split * BLOCK_T, tl.where(padding, 0, seqlen), SPLITS * BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
         if HAS_BIAS:
@@ -151,7 +154,7 @@ def _causal_conv1d_kernel(
     new = _load_window(x_base, read_base, pos, offs_r + shift, in_state & (pos >= 0),
                        in_state & (pos < 0) & has_history, mask_d, state_len,
                        stride_x_tok, stride_s_pos)
-    keep = active & (seqlen > 0)
+    keep = active & (seqlen > 0) & (split == 0)
     if HAS_BOUNDARIES:
         # The last W-1 inputs before each block boundary crossed, into that
         # block's slot. Only the first boundary can reach into the history.
@@ -244,7 +247,7 @@ def _causal_conv1d_fn_bwd_kernel(
 ):
     """The training form's backward (no prefix caching). Grid (num_seqs,
     cdiv(dim, BLOCK_D), SPLITS): a program takes every SPLITS-th token tile of
-    one sequence for a block of channels (``conv_bwd_splits``): their dx, and
+    one sequence for a block of channels (``ConvTiles.splits``): their dx, and
     its dweight (num_seqs * SPLITS, W, dim) and dbias (num_seqs * SPLITS, dim)
     partials (zero for padding; NaN, with NaN dx, for a sequence whose indices
     break the contract); split 0 also the history gradient. dx starts zeroed and dstate
@@ -340,7 +343,7 @@ def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, si
         return
     tiles = conv_tiles(layout, varlen=query_start_loc is not None, max_query_len=max_query_len)
     indices2 = indices.reshape(indices.shape[0], -1) if indices is not None else None
-    grid = (layout.num_seqs, platform.cdiv(layout.dim, tiles.block_d))
+    grid = (layout.num_seqs, platform.cdiv(layout.dim, tiles.block_d), tiles.splits)
     with platform.on_device(x_tok.device):
         platform.launch(_causal_conv1d_kernel, grid,
             x_tok, weight, bias, state, out_tok,
@@ -352,7 +355,8 @@ def _launch(*, x_tok, out_tok, weight, bias, state, query_start_loc, indices, si
             *x_tok.stride(), *weight.stride(), *platform.strides(bias, 1), *state.stride(),
             *out_tok.stride(), *platform.strides(indices2, 2),
             WIDTH=layout.width, SILU=silu, ALWAYS_HISTORY=decode,
-            BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_R=tiles.block_r, num_warps=4)
+            BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_R=tiles.block_r,
+            SPLITS=tiles.splits, num_warps=4)
 
 
 def _conv_fn_op(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
@@ -433,20 +437,21 @@ def _conv_fn_functional(x, weight, bias, conv_states, query_start_loc, cache_ind
 
 
 def _bwd_plan(x, weight, conv_states, query_start_loc, cache_indices, silu):
-    """The backward's layout, tiles and programs per sequence."""
+    """The backward's layout and tiles (``tiles.splits`` programs per sequence)."""
     layout = conv_layout(x.shape[1], weight, conv_states, query_start_loc, cache_indices,
                          silu=silu, decode=False)
     tiles = conv_tiles(layout)
-    return layout, tiles, conv_bwd_splits(layout.num_tokens, layout.num_seqs, tiles.block_t)
+    return layout, tiles
 
 
 def _conv_fn_backward(x, weight, bias, conv_states, query_start_loc, cache_indices,
                       has_initial_state, dout, dnew_states, dx, dweight, dbias, dstates, silu,
                       pad_slot_id):
     """dx (dim, T) zeroed, dweight (num_seqs * splits, W, dim) / dbias
-    (num_seqs * splits, dim) float32 partials (``conv_bwd_splits``), dstates
+    (num_seqs * splits, dim) float32 partials (``ConvTiles.splits``), dstates
     holding d(new states) (zeros when None)."""
-    layout, tiles, splits = _bwd_plan(x, weight, conv_states, query_start_loc, cache_indices, silu)
+    layout, tiles = _bwd_plan(x, weight, conv_states, query_start_loc, cache_indices, silu)
+    splits = tiles.splits
     if layout.num_seqs == 0 or layout.dim == 0:
         return
     x_tok, dout_tok, dx_tok = x.t(), dout.t(), dx.t()
@@ -486,8 +491,8 @@ def _conv_fn_setup_context(ctx, inputs, output):
 
 def _conv_fn_autograd_backward(ctx, dout, dnew_states):
     x, weight, bias, conv_states, qsl, indices, has_init = ctx.saved_tensors
-    layout, _, splits = _bwd_plan(x, weight, conv_states, qsl, indices, ctx.silu)
-    parts = layout.num_seqs * splits
+    layout, tiles = _bwd_plan(x, weight, conv_states, qsl, indices, ctx.silu)
+    parts = layout.num_seqs * tiles.splits
     dout = torch.zeros_like(x) if dout is None else dout
     dx = torch.zeros_like(x)
     dweight = weight.new_zeros((parts, weight.shape[1], weight.shape[0]), dtype=torch.float32)

@@ -110,6 +110,7 @@ class ConvTiles:
     block_t: int  # tokens
     block_d: int  # channels
     block_r: int  # state columns written (a power of two >= write_len)
+    splits: int  # programs per sequence and block of channels (``conv_token_splits``)
 
 
 def conv_layout(num_tokens: int, weight, state, query_start_loc, indices, *, silu: bool,
@@ -134,7 +135,11 @@ def conv_tiles(layout: ConvLayout, *, varlen: bool = True, max_query_len: int = 
     block_r = 2
     while block_r < layout.write_len:
         block_r *= 2
-    return ConvTiles(block_t, clip_block(layout.dim, BLOCK_D), block_r)
+    # Split a sequence's token tiles over programs only where no tile but the
+    # first reaches into the history (the first also writes the states).
+    splits = (1 if layout.decode or block_t < layout.width - 1
+              else conv_token_splits(layout.num_tokens, layout.num_seqs, block_t))
+    return ConvTiles(block_t, clip_block(layout.dim, BLOCK_D), block_r, splits)
 
 
 def _check_arrays(function: str, arrays: Mapping, activation) -> None:
@@ -373,18 +378,18 @@ def check_conv_fn_grad(*, out, **prefix_caching) -> None:
                                 "conv_states, query_start_loc, cache_indices, has_initial_state)")
 
 
-MAX_BWD_SPLITS = 32
+MAX_TOKEN_SPLITS = 32
 
 
-def conv_bwd_splits(num_tokens: int, num_seqs: int, block_t: int) -> int:
-    """Programs per sequence (and block of channels) in the backward: each
-    takes every ``splits``-th token tile of its sequence (tiles are
-    independent: the pre-activations a tile needs are recomputed), so a few
+def conv_token_splits(num_tokens: int, num_seqs: int, block_t: int) -> int:
+    """Programs per sequence (and block of channels) of a prefill, forward
+    and backward: each takes every ``splits``-th token tile of its sequence
+    (tiles are independent: a tile recomputes the window it needs), so a few
     long sequences still fill the GPU. A power of two, from the mean length
     (the grid is sized from shapes alone, no host sync)."""
     tiles = -(-num_tokens // max(1, num_seqs * block_t))
     splits = 1
-    while splits < min(tiles, MAX_BWD_SPLITS):
+    while splits < min(tiles, MAX_TOKEN_SPLITS):
         splits *= 2
     return splits
 
