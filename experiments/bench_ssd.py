@@ -336,9 +336,11 @@ def backward_calls(arrays, index, chunk_size, input_dtype, with_pallas=True) -> 
             def f(primals):
                 return jax_impl.mamba_chunk_scan_combined_varlen(
                     **primals, **options, **ji, state_dtype=jnp.float32)
-            return jax.vjp(f, primals)[1](cotangents)[0]
+            outputs, vjp = jax.vjp(f, primals)
+            # The outputs returned too: unused, XLA would drop the forward's output kernel.
+            return vjp(cotangents)[0], outputs
 
-        calls["pallas"] = lambda: pallas_grads(primals, ji, j_cot)
+        calls["pallas"] = lambda: pallas_grads(primals, ji, j_cot)[0]
     return calls
 
 
