@@ -201,14 +201,14 @@ def stage_calls(framework, seqlens, nheads, headdim, dstate, ngroups, chunk_size
     }
     if framework == "triton":  # the backward's stage 4 (tuning): two kernels, two configs
         calls["chunk_scan_bwd"] = lambda a: scan.chunk_scan_bwd(
-            a["x"], a["B"], a["C"], a["CB"], a["dout"], None, None, a["D"], a["dt_out"], a["dA_cumsum"],
+            a["x"], a["B"], a["C"], a["dout"], None, None, a["D"], a["dt_out"], a["dA_cumsum"],
             a["dend_states"], a["cu_chunk_seqlens"])
         calls["chunk_scan_bwd_dC"] = lambda a: scan.chunk_scan_bwd_dC(
             a["x"], a["B"], a["C"], a["dout"], None, a["dt_out"], a["dA_cumsum"], a["end_states"],
             None, a["cu_chunk_seqlens"], a["seq_idx"], num_seqs)
     else:  # one function, both kernels; each stage's call returns what its kernel makes first
         stage4 = lambda a: scan.chunk_scan_bwd(  # noqa: E731
-            a["x"], a["dout"], a["dt_out"], a["dA_cumsum"], a["B"], a["C"], a["CB"], a["dend_states"],
+            a["x"], a["dout"], a["dt_out"], a["dA_cumsum"], a["B"], a["C"], a["dend_states"],
             a["end_states"], a["cu_chunk_seqlens"], a["seq_idx"], num_seqs, D=a["D"])
         calls["chunk_scan_bwd"] = stage4
         calls["chunk_scan_bwd_dC"] = lambda a: stage4(a)[::-1]  # dC first

@@ -156,8 +156,8 @@ def _bwd_block(cu_chunk_ref, num_tokens, heads_per_group, heads_per_program, hea
             pl.ds(start + m0, block_size_m), pl.ds(m0, block_size_m))
 
 
-def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C_ref, CB_ref,
-                              dend_ref, end_states_ref, initial_states_ref, cu_chunk_ref, seq_idx_ref, D_ref,
+def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C_ref, dend_ref,
+                              end_states_ref, initial_states_ref, cu_chunk_ref, seq_idx_ref, D_ref,
                               dx_ref, ddt_ref, da_ref, da_last_ref, dB_ref, *, num_tokens,
                               num_seqs, heads_per_group, heads_per_program, headdim, dstate,
                               chunk_size, D_per_head, block_size_m, block_size_k, block_size_p,
@@ -165,7 +165,7 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
     """Grid (K, G * splits, cdiv(L, BM)): the tokens j of one (BM,) tile of a
     chunk, for ``heads_per_program`` heads of one group (their dB summed in
     registers): dx, ddt, dB and the decay gradients indexed by j, the chunk's
-    later tokens i >= j walked in (BK,) tiles (C_i B_j^T from stage 4's ``CB``)."""
+    later tokens i >= j walked in (BK,) tiles with C_i B_j^T recomputed."""
     (chunk, pid_h, group, first_head, start, length, offs_j, mask_j, mask_p, mask_d, rows,
      positions) = _bwd_block(cu_chunk_ref, num_tokens, heads_per_group, heads_per_program, headdim,
                              dstate, chunk_size, block_size_m, block_size_p, block_size_dstate)
@@ -188,10 +188,9 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
             dy = load_rows(dy_ref, tokens, head, p_cols, mask_i, mask_p)  # (BK, P)
             a_i = dA_cumsum_ref[head, chunk, pl.ds(i0, block_size_k)]
             causal = (offs_i[:, None] >= offs_j[None, :]) & mask_i[:, None] & mask_j[None, :]
-            # where, not a 0/1 product: above the diagonal the exponent may
-            # overflow and CB may be unset.
+            # where, not a 0/1 product: above the diagonal the exponent may overflow.
             decay = jnp.where(causal, jnp.exp(a_i[:, None] - a_j[None, :]), 0.0)  # (BK, BM)
-            CB = jnp.where(causal, CB_ref[chunk, group, pl.ds(i0, block_size_k), positions], 0.0)
+            CB = tile_dot(C, B.T)
             dyx = tile_dot(dy, x.T)  # dy_i . x_j
             weight = CB * decay
             dxB = decay * dt_j[None, :] * dyx
@@ -244,7 +243,7 @@ def _chunk_scan_bwd_dx_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
     plgpu.store(dB_ref.at[rows, pid_h, d_cols], dB, mask=mask_j[:, None] & mask_d[None, :])
 
 
-def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C_ref, CB_ref,
+def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C_ref,
                               end_states_ref, initial_states_ref, cu_chunk_ref, seq_idx_ref,
                               da_ref, dC_ref, *, num_tokens, num_seqs, heads_per_group,
                               heads_per_program, headdim, dstate, chunk_size, block_size_m,
@@ -252,7 +251,7 @@ def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
     """Grid (K, G * splits, cdiv(L, BM)): the tokens i of one (BM,) tile of a
     chunk, for ``heads_per_program`` heads of one group (their dC summed in
     registers): dC and the decay gradient indexed by i, the chunk's earlier
-    tokens j <= i walked in (BK,) tiles (C_i B_j^T from stage 4's ``CB``)."""
+    tokens j <= i walked in (BK,) tiles with C_i B_j^T recomputed."""
     (chunk, pid_h, group, first_head, start, length, offs_i, mask_i, mask_p, mask_d, rows,
      positions) = _bwd_block(cu_chunk_ref, num_tokens, heads_per_group, heads_per_program, headdim,
                              dstate, chunk_size, block_size_m, block_size_p, block_size_dstate)
@@ -275,7 +274,7 @@ def _chunk_scan_bwd_dc_kernel(x_ref, dy_ref, dt_out_ref, dA_cumsum_ref, B_ref, C
             dt_j = dt_out_ref[head, chunk, pl.ds(j0, block_size_k)]
             causal = (offs_j[None, :] <= offs_i[:, None]) & mask_i[:, None] & mask_j[None, :]
             decay = jnp.where(causal, jnp.exp(a_i[:, None] - a_j[None, :]), 0.0)  # (BM, BK)
-            CB = jnp.where(causal, CB_ref[chunk, group, positions, pl.ds(j0, block_size_k)], 0.0)
+            CB = tile_dot(C, B.T)
             dxB = decay * dt_j[None, :] * tile_dot(dy, x.T)
             dC_acc = dC_acc + tile_dot(dxB.astype(B.dtype), B)
             rowsum = rowsum + jnp.sum(CB * dxB, axis=1)
@@ -314,11 +313,11 @@ def heads_per_program(num_chunks: int, nheads: int, ngroups: int, num_tiles: int
     return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= want)
 
 
-def chunk_scan_bwd(x, dy, dt_out, dA_cumsum, B, C, CB, dend_states, end_states, cu_chunk_seqlens,
+def chunk_scan_bwd(x, dy, dt_out, dA_cumsum, B, C, dend_states, end_states, cu_chunk_seqlens,
                    seq_idx, num_seqs: int, D=None, initial_states=None):
     """The gradients of the chunk-local part of the scan. x, dy (T, H, P)
     (dy before the z gate, x's dtype), dt_out / dA_cumsum (H, K, L), B, C
-    (T, G, N), CB (K, G, L, L) (``bmm_chunk``), dend_states (K, H, P, N) float32 (G_c, from
+    (T, G, N), dend_states (K, H, P, N) float32 (G_c, from
     state_passing_bwd), end_states (K, H, P, N) and initial_states (the
     forward's start states) -> ``(dx (T, H, P) x's dtype, ddt (H, K, L),
     da (H, K, L), da_last (H, K, L), dB (T, G, N), dC (T, G, N))``, float32
@@ -360,12 +359,12 @@ def chunk_scan_bwd(x, dy, dt_out, dA_cumsum, B, C, CB, dend_states, end_states, 
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), per_position, per_position,
                    per_position, partial(splits_b)),
         grid=grid, name="ssd_chunk_scan_bwd_dx",
-    )(x, dy, dt_out, dA_cumsum, B, C, CB, dend_states, end_states, initial_states, cu_chunk_seqlens,
+    )(x, dy, dt_out, dA_cumsum, B, C, dend_states, end_states, initial_states, cu_chunk_seqlens,
       seq_idx, D)
     config, statics, grid, splits_c = launch("chunk_scan_bwd_dC")
     da_i, dC = pallas_call(
         functools.partial(_chunk_scan_bwd_dc_kernel, **statics), config,
         out_shape=(per_position, partial(splits_c)),
         grid=grid, name="ssd_chunk_scan_bwd_dc",
-    )(x, dy, dt_out, dA_cumsum, B, C, CB, end_states, initial_states, cu_chunk_seqlens, seq_idx)
+    )(x, dy, dt_out, dA_cumsum, B, C, end_states, initial_states, cu_chunk_seqlens, seq_idx)
     return dx, ddt, da_j + da_i, da_last, reduce(dB, splits_b), reduce(dC, splits_c)

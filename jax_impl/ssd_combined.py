@@ -86,9 +86,8 @@ def _scan_bwd(statics, saved, cotangents):
     dend, dinit = state_passing_bwd(dstart, dA_cumsum, seq_idx, num_seqs, dstates=dstates,
                                     return_intermediate_states=intermediate,
                                     has_initial_states=initial_states is not None)
-    CB = bmm_chunk(C, B, cu_chunk_seqlens, dA_cumsum.shape[2])  # recomputed: one small pass
     dx, ddt_out, da, da_last, dB, dC = chunk_scan_bwd(
-        x, dy, dt_out, dA_cumsum, B, C, CB, dend, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
+        x, dy, dt_out, dA_cumsum, B, C, dend, end_states, cu_chunk_seqlens, seq_idx, num_seqs,
         D=D, initial_states=initial_states)
     ddt, dA, ddt_bias = chunk_cumsum_bwd(dt, A, cu_chunk_seqlens, dt_out, ddt_out, da, da_last,
                                          dt_bias=dt_bias, dt_softplus=dt_softplus,

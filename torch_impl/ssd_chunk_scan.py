@@ -202,12 +202,11 @@ def _rows(ptr, tok, index, offs, stride_tok, stride_index, stride_col):
 @triton.heuristics(platform.given_flags(HAS_D="D_ptr", HAS_Z="z_ptr"))
 @triton.jit
 def _chunk_scan_bwd_kernel(
-    x_ptr, B_ptr, C_ptr, CB_ptr, dout_ptr, z_ptr, y_ptr, D_ptr, dt_out_ptr, dA_cumsum_ptr,
-    dstates_ptr, cu_chunk_ptr, dx_ptr, dz_ptr, ddt_ptr, ddA_ptr, dlast_ptr, dB_ptr, dD_ptr,
+    x_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, y_ptr, D_ptr, dt_out_ptr, dA_cumsum_ptr, dstates_ptr,
+    cu_chunk_ptr, dx_ptr, dz_ptr, ddt_ptr, ddA_ptr, dlast_ptr, dB_ptr, dD_ptr,
     num_tokens, headdim, dstate, heads_per_group, heads_per_program, num_splits,
     stride_x_tok, stride_x_head, stride_x_dim,
     stride_B_tok, stride_B_group, stride_B_dstate, stride_C_tok, stride_C_group, stride_C_dstate,
-    stride_CB_chunk, stride_CB_group, stride_CB_row, stride_CB_col,
     stride_dout_tok, stride_dout_head, stride_dout_dim, stride_z_tok, stride_z_head, stride_z_dim,
     stride_y_tok, stride_y_head, stride_y_dim,
     stride_D_head, stride_D_dim,
@@ -223,7 +222,7 @@ def _chunk_scan_bwd_kernel(
 ):
     """Grid (cdiv(L, M), num_chunks, ngroups * num_splits): tokens j of a
     block of M of one chunk, for heads_per_program heads of one group; the
-    later tokens i >= j walked K at a time (C B^T from stage 4's ``CB``).
+    later tokens i >= j walked K at a time, C B^T recomputed per tile.
 
         U_j   = sum_{i>=j} CB_ij M_ij dy_i + exp(a_last - a_j) G_c B_j          (P)
         dx_j  = dt_j U_j + D dy_j,       ddt_j (from x) = x_j . U_j
@@ -243,7 +242,6 @@ def _chunk_scan_bwd_kernel(
         B_j = tl.load(_rows(B_ptr, tok_j, group, offs_n[None, :], stride_B_tok, stride_B_group,
                             stride_B_dstate), mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         dB_acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-        CB_base = CB_ptr + chunk * stride_CB_chunk + group * stride_CB_group
         for head in range(head_first, head_end):
             dA_ptr = dA_cumsum_ptr + head * stride_dA_head + chunk * stride_dA_chunk
             a_j = tl.load(dA_ptr + offs_j * stride_dA_pos, mask=mask_j, other=0.0)
@@ -273,10 +271,8 @@ def _chunk_scan_bwd_kernel(
                                   stride_z_head, stride_z_dim, mask_i[:, None] & mask_p[None, :], HAS_Z)
                 causal = (offs_i[None, :] >= offs_j[:, None]) & mask_i[None, :] & mask_j[:, None]
                 decay = tl.where(causal, tl.exp(a_i[None, :] - a_j[:, None]), 0.0)        # (M, K)
-                # C_i . B_j (M, K); where, not a product: CB tiles above the diagonal are unset.
-                CB_t = tl.load(CB_base + offs_i[None, :] * stride_CB_row + offs_j[:, None] * stride_CB_col)
-                U += tile_dot(tl.where(causal, CB_t * decay, 0.0).to(x_j.dtype), dy_i.to(x_j.dtype),
-                              DOT_PRECISION)
+                CB_t = tile_dot(B_j, C_t.to(B_j.dtype), DOT_PRECISION)                   # B_j . C_i
+                U += tile_dot((CB_t * decay).to(x_j.dtype), dy_i.to(x_j.dtype), DOT_PRECISION)
                 dyx = tile_dot(x_j, tl.trans(dy_i).to(x_j.dtype), DOT_PRECISION)          # x_j . dy_i
                 dB_h += tile_dot((dyx * decay * dt_j[:, None]).to(C_t.dtype), tl.trans(C_t),
                                  DOT_PRECISION)
@@ -436,9 +432,9 @@ def _scan_bwd_launch(stage, kernel, x, B, dA_cumsum, splits, *args, **meta):
            BLOCK_SIZE_P=clip_block(x.shape[2]), BLOCK_SIZE_N=clip_block(B.shape[2]), **meta)
 
 
-def chunk_scan_bwd(x, B, C, CB, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_seqlens):
+def chunk_scan_bwd(x, B, C, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_chunk_seqlens):
     """Stage 4, the later-token side (see the kernel). x, dout, z, y (T, H,
-    P), B, C (T, G, N), CB (K, G, L, L) (``bmm_chunk``), D (H,) or (H, P), dt_out / dA_cumsum (H, K, L),
+    P), B, C (T, G, N), D (H,) or (H, P), dt_out / dA_cumsum (H, K, L),
     dstates = G (K, H, P, N) -> (dx like x, dz like z or None, ddt_x, ddA,
     dlast (H, K, L) float32, dB (T, G, N) float32, dD like D (float32) or None).
     Positions past a chunk's end in the (H, K, L) results are unset."""
@@ -457,10 +453,10 @@ def chunk_scan_bwd(x, B, C, CB, dout, z, y, D, dt_out, dA_cumsum, dstates, cu_ch
                                             device=x.device, dtype=torch.float32)
     _scan_bwd_launch(
         "chunk_scan_bwd", _chunk_scan_bwd_kernel, x, B, dA_cumsum, splits,
-        x, B, C, CB, dout, z, y if z is not None else None, D2, dt_out, dA_cumsum, dstates,
+        x, B, C, dout, z, y if z is not None else None, D2, dt_out, dA_cumsum, dstates,
         cu_chunk_seqlens, dx, dz, ddt_x, ddA, dlast, dB, dD,
         num_tokens, headdim, B.shape[2], nheads // B.shape[1], per_program, splits,
-        *x.stride(), *B.stride(), *C.stride(), *CB.stride(), *dout.stride(), *platform.strides(z, 3),
+        *x.stride(), *B.stride(), *C.stride(), *dout.stride(), *platform.strides(z, 3),
         *platform.strides(y if z is not None else None, 3), *platform.strides(D2, 2),
         *dA_cumsum.stride(), *dstates.stride(), *dx.stride(), *platform.strides(dz, 3), *dB.stride(),
         *(platform.strides(dD, 3)[:2]))

@@ -92,9 +92,8 @@ _OP = platform.define_op(
 # --- The training form: a functional forward that returns what the backward
 # needs, a backward op, and their autograd registration. --------------------------
 #
-# The backward (five Triton stages; every product on the tensor cores; C B^T
-# recomputed once by stage 4's bmm_chunk, as in the forward: (K, G, L, L)
-# float32, the only (L, L) tensor, per group, not per head). Per chunk c of l
+# The backward (five Triton stages; every product on the tensor cores, C B^T
+# recomputed tile by tile, no (L, L) tensor in memory). Per chunk c of l
 # tokens, head h, with a_i = dA_cumsum, dt_j the processed dt, S_prev the
 # state the chunk starts from and M_ij = exp(a_i - a_j) [j <= i < l]:
 #
@@ -179,10 +178,9 @@ def _chunk_scan_bwd_op(dout, dstates, x, dt, A, B, C, cu_chunk_seqlens, seq_idx,
         G, dinit, dlast_state = state_passing_bwd(
             dS, dstates, dA_cumsum, end_states, seq_idx, num_seqs, initial_states=initial_states,
             return_intermediate_states=return_intermediate_states)
-        CB = bmm_chunk(C, B, cu_chunk_seqlens, dA_cumsum.shape[2])  # recomputed: one small pass
         dx, dz, ddt_x, ddA_j, dlast, dB, dD = chunk_scan_bwd(
-            x, B, C, CB, dout, z, y, D, dt_out, dA_cumsum, G, cu_chunk_seqlens)
-        del G, dS, CB
+            x, B, C, dout, z, y, D, dt_out, dA_cumsum, G, cu_chunk_seqlens)
+        del G, dS
         dC, ddA_i = chunk_scan_bwd_dC(x, B, C, dout, z, dt_out, dA_cumsum, end_states,
                                       initial_states, cu_chunk_seqlens, seq_idx, num_seqs)
         ddt, dA, ddt_bias = chunk_cumsum_bwd(dt, A, dt_bias, cu_chunk_seqlens, dt_out, ddt_x, ddA_j,

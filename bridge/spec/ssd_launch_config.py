@@ -12,7 +12,7 @@ The stages, numbered and named the same in both packages (files
 and the backward's (reverse order): chunk_scan_bwd_dstates (d start state of
 every chunk from the outputs; tensor cores), state_passing_bwd (carry the state
 gradient back across chunks), chunk_scan_bwd (dx, ddt, dB, dC and the decay
-gradient; C B^T from a bmm_chunk pass, tensor cores), chunk_cumsum_bwd (decay
+gradient; C B^T recomputed per tile, tensor cores), chunk_cumsum_bwd (decay
 gradient -> ddt, dA, d dt_bias), each beside its forward stage's file.
 
 A tuned file for one GPU, ``<folder>/mamba_chunk_scan_combined/device_name=<dev>.json``
@@ -79,7 +79,7 @@ class TileConfig:
 class ChunkScanBwdConfig:
     """The backward's chunk_scan_bwd: a program owns BLOCK_SIZE_M tokens of a
     chunk (all of headdim and dstate) and walks the chunk's other tokens in
-    tiles of BLOCK_SIZE_K (reading their C B^T tiles from bmm_chunk's output)."""
+    tiles of BLOCK_SIZE_K, recomputing C B^T tile by tile."""
     BLOCK_SIZE_M: int = 64
     BLOCK_SIZE_K: int = 64
     num_warps: int = 8
