@@ -37,7 +37,6 @@ import torch_impl  # noqa: E402  (before triton: interpreter mode on CPU)
 import torch  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import bridge  # noqa: E402
 import jax_impl  # noqa: E402
@@ -87,11 +86,10 @@ def bench_case(torch_mixer, jax_mixer, config, mode, query_lens, computed, repea
     # The module's own jitted step: weights and hidden states are arguments
     # (closed over, XLA would compile them in as constants and could fold
     # or re-lay-out the projections at compile time).
-    graphdef, params = nnx.split(jax_mixer)
-    step_j = jax_mixer_module._jitted_step(graphdef)
-    jax_out, conv, ssm = step_j(conv0, ssm0, hidden_j, params, metadata_j)
+    step_j = jax_mixer_module._jitted_step
+    jax_out, conv, ssm = step_j(conv0, ssm0, hidden_j, jax_mixer, metadata_j)
     jax_out = np.asarray(jax_out.astype(jnp.float32))
-    seconds_jax = time_jax(lambda carry: step_j(*carry, hidden_j, params, metadata_j)[1:], (conv, ssm),
+    seconds_jax = time_jax(lambda carry: step_j(*carry, hidden_j, jax_mixer, metadata_j)[1:], (conv, ssm),
                            repeats)
     common = dict(op="mamba_mixer2", mode=mode, batch=num_requests, tokens=tokens,
                   weights_dtype=str(dtype).removeprefix("torch."),

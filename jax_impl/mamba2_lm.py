@@ -173,13 +173,12 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
         block 0 is the null block): conv, ssm of every layer in turn (sharded:
         laid out by the mixers' ``state_shardings()``)."""
         mixer = self.layers[0].mixer
-        blocks, shapes = batch_size + 1, mixer.get_state_shape()
+        blocks, layers = batch_size + 1, self.config.num_layers
         if self.mesh is None:
-            return tuple(jnp.zeros((blocks, *shape), state_dtype)
-                         for _ in range(self.config.num_layers) for shape in shapes)
-        return tuple(jnp.zeros((blocks, *shape), state_dtype, device=sharding)
-                     for _ in range(self.config.num_layers)
-                     for shape, sharding in zip(mixer.global_state_shape(), mixer.state_shardings()))
+            shapes, shardings = mixer.get_state_shape(), None
+        else:
+            shapes, shardings = mixer.global_state_shape(), tuple(mixer.state_shardings()) * layers
+        return _zeros(tuple((blocks, *shape) for shape in shapes) * layers, state_dtype, shardings)()
 
     def new_cache(self, batch_size: int, state_dtype: str = "float32", owner: str = "torch",
                   device: str = "cpu"):
@@ -227,8 +226,7 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
         lm_config.check_slots_fit(slots, num_blocks, f"{OP}.prefill")
         tokens = np.concatenate([ids[r, s:s + n] for r, (s, n) in enumerate(zip(starts, lengths))])
         metadata = lm_config.prefill_metadata(lengths, slots, self.config.chunk_size)
-        graphdef, params = nnx.split(self)
-        logits, cache = self._run(_jitted_prefill(graphdef), cache, params, jnp.asarray(tokens, jnp.int32),
+        logits, cache = self._run(_jitted_prefill, cache, self, jnp.asarray(tokens, jnp.int32),
                                   metadata, jnp.asarray(np.cumsum(lengths) - 1, jnp.int32))
         return Prefilled(cache=cache, slots=slots, logits=logits)
 
@@ -268,8 +266,7 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
             logits = to_jax(logits, copy_ok=True, name="prefilled.logits")
         metadata = lm_config.decode_metadata(prefilled.slots, lm_config.batch_bucket(batch),
                                              self.config.chunk_size)
-        graphdef, state = nnx.split(self)
-        tokens, prefilled.cache = self._run(_jitted_decode(graphdef, params, callback), prefilled.cache, state,
+        tokens, prefilled.cache = self._run(_jitted_decode(params, callback), prefilled.cache, self,
                                             logits, metadata, jax.random.key(params.seed))
         return tokens
 
@@ -292,21 +289,28 @@ def _sample(logits, params: SamplingParams, key):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# The jitted functions take the model itself (an nnx module is a pytree: its
+# arrays are leaves, its structure and settings static), so a call does no
+# nnx.split, whose graph walk costs milliseconds per call in Python.
+
+@functools.lru_cache(maxsize=16)
+def _zeros(shapes: tuple, dtype, shardings):
+    """One jitted call making zero arrays of ``shapes`` (placed by ``shardings``
+    when given): one dispatch, not one per array."""
+    return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for shape in shapes), out_shardings=shardings)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _jitted_prefill(states, model, tokens, metadata, last_rows):
+    """The prefill of every layer, the states donated: ``(states, model,
+    tokens (T,), metadata, last_rows (batch,))`` -> ``(logits, *states)``."""
+    hidden, states = model._serve(tokens, states, metadata)
+    return (model._logits(hidden[last_rows]), *states)
+
+
 @functools.lru_cache(maxsize=64)
-def _jitted_prefill(graphdef):
-    """The prefill of every layer, jitted with the states donated: ``(states,
-    params, tokens (T,), metadata, last_rows (batch,))`` -> ``(logits, *states)``."""
-    def prefill(states, params, tokens, metadata, last_rows):
-        model = nnx.merge(graphdef, params)
-        hidden, states = model._serve(tokens, states, metadata)
-        return (model._logits(hidden[last_rows]), *states)
-
-    return jax.jit(prefill, donate_argnums=0)
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_decode(graphdef, sampling: SamplingParams, callback):
-    """The whole decode loop, jitted with the states donated: ``(states, params,
+def _jitted_decode(sampling: SamplingParams, callback):
+    """The whole decode loop, jitted with the states donated: ``(states, model,
     logits (batch, vocab), metadata, key)`` -> ``(tokens (batch, n), *states)``."""
     n, eos = sampling.max_new_tokens, sampling.eos_token_id
 
@@ -321,8 +325,7 @@ def _jitted_decode(graphdef, sampling: SamplingParams, callback):
             jax.debug.callback(lambda i, t: callback(int(i), np.asarray(t)), step, token, ordered=True)
         return token, key, done
 
-    def decode(states, params, logits, metadata, key):
-        model = nnx.merge(graphdef, params)
+    def decode(states, model, logits, metadata, key):
         batch = logits.shape[0]
         token, key, done = pick(logits, key, jnp.zeros(batch, bool), 0)
         out = jnp.full((batch, n), 0 if eos is None else eos, jnp.int32).at[:, 0].set(token)

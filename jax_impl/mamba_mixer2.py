@@ -428,18 +428,15 @@ class MambaMixer2(MixerLayout, nnx.Module):
                  "takes states laid out by state_shardings() in __call__")
         self._check_batch(metadata, hidden_states.shape[0], cache.num_blocks,
                           platform.host_index_values(self.validate_indices, **metadata.arrays()))
-        graphdef, params = nnx.split(self)
-        result = cache.run_jax_inplace(_jitted_step(graphdef), hidden_states, params, metadata,
+        result = cache.run_jax_inplace(_jitted_step, hidden_states, self, metadata,
                                        layer=layer, states=("conv", "ssm"), state_outputs=(1, 2),
                                        allow_writeback=allow_writeback)
         return result.outputs[0]
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_step(graphdef):
-    """One jitted mixer step per module structure (jit itself keys on the
-    metadata's counts and shapes)."""
-    def step(conv_state, ssm_state, hidden_states, params, metadata):
-        return nnx.merge(graphdef, params)(hidden_states, conv_state, ssm_state, metadata)
-
-    return jax.jit(step, donate_argnums=(0, 1))
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _jitted_step(conv_state, ssm_state, hidden_states, mixer, metadata):
+    """The mixer step, jitted with the states donated. The module is an
+    argument (an nnx module is a pytree: no nnx.split per call); jit keys on
+    its structure and on the metadata's counts and shapes."""
+    return mixer(hidden_states, conv_state, ssm_state, metadata)

@@ -238,7 +238,7 @@ def _lm_worker(framework: str, seed: int):
         models[1].load_weights(models[0].checkpoint_weights())
         logits = [np.asarray(m(ids)) for m in models]
         tokens = [np.asarray(m.generate(ids, max_new_tokens=6)) for m in models]
-    _compare(logits[1], logits[0], f"{framework}: logits")
+    _compare(logits[1], logits[0], f"{framework}: logits", "cpu")  # the workers hide the GPUs
     np.testing.assert_array_equal(tokens[1], tokens[0], err_msg=f"{framework}: greedy tokens")
 
 
