@@ -38,6 +38,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import torch_impl  # noqa: E402  (the CUDA-graph capture mode)
+
 ON_GPU = torch.cuda.is_available()
 SAMPLE_SECONDS = 1e-3  # a GPU sample spans at least this long
 JAX_RUN_SECONDS = 4e-3  # the shorter of a JAX sample's two runs spans about this long
@@ -93,7 +95,7 @@ def time_torch(fn, repeats: int, graph: bool = True) -> float:
 
     if graph:
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
+        with torch_impl.platform.cuda_graph(cuda_graph):
             run_calls()
         run = cuda_graph.replay
         run()  # the first replay uploads the graph

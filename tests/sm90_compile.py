@@ -7,8 +7,10 @@ catches that class of bug before a GPU run.
 ``compile_launches(call)`` must run in a process that imported ``torch_impl``
 with ``TRITON_INTERPRET=0`` (``run_in_subprocess`` starts one): the call runs
 its launcher on CPU tensors as given, and each kernel launch is compiled
-instead of run (the signature from the arguments' types, no alignment
-assumptions). Returns the names of the kernels compiled.
+instead of run, specialized as a launch on the GPU would be (Triton's
+binder). Returns the names of the kernels compiled; ``keep`` (a dict), when
+given, receives each compiled binary by kernel name (its ``asm`` holds the
+PTX and the cubin).
 """
 
 from __future__ import annotations
@@ -19,48 +21,34 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-POINTER_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
-                 "int32": "i32", "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 
-def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
-    import torch
-    bound = dict(zip(kernel.arg_names, args), **kwargs)
-    signature, constexprs = {}, {}
-    for param in kernel.params:
-        value = bound[param.name] if param.name in bound else param.default
-        if param.is_constexpr or value is None:
-            signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + POINTER_TYPES[str(value.dtype).removeprefix("torch.")]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        else:
-            signature[param.name] = "fp32"
-    return signature, constexprs
-
-
-def compile_launches(call) -> list[str]:
+def compile_launches(call, keep: dict | None = None) -> list[str]:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     import torch_impl
 
     assert not torch_impl.platform.INTERPRET, "import torch_impl with TRITON_INTERPRET=0"
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
     compiled = []
 
     def compile_instead(kernel, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-        signature, constexprs = _signature(kernel, args, kwargs)
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                       target=GPUTarget("cuda", 90, 32), options=options)
+        # Triton's own binder: the signature and the specializations (ints
+        # equal to 1, 16-divisible ints and aligned pointers) of a real launch.
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
+                                                                  specialization, options)
+        binary = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
         compiled.append(kernel.__name__)
+        if keep is not None:
+            keep[kernel.__name__] = binary
 
     JITFunction.run = compile_instead
     torch_impl.platform.check_kernel_device = lambda tensors: torch.device("cpu")

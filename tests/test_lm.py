@@ -280,6 +280,44 @@ def test_greedy_generation_of_prompts_of_different_lengths(side, rng):
         assert got[row, :safe].tolist() == until_eos(want, eos)[:safe], f"{side.name} row {row}"
 
 
+def test_torch_generation_captures_while_jax_works_in_another_thread(rng):
+    """The torch decode step is captured in a CUDA graph (once per generation:
+    each has its own cache) while another thread of the process keeps JAX
+    busy on the same GPU, as in a process using both frameworks: every
+    capture succeeds and the tokens are those of a quiet process. (JAX's
+    calls from other threads failed a capture in CUDA's default "global"
+    mode.) On a CPU the step runs eagerly and this checks the tokens only."""
+    import threading
+
+    side = TorchSide()
+    jnp = pytest.importorskip("jax.numpy")
+    weights = random_lm_weights(rng, TIED)
+    model = new_model(side, TIED, weights)
+    ids = rng.integers(0, TIED.vocab_size, (2, 5))
+    quiet = generate(side, model, ids, 3)
+    stop, failures = threading.Event(), []
+
+    def keep_jax_busy():
+        x = jnp.ones((256, 256), jnp.float32)
+        try:
+            while not stop.is_set():
+                x = (x @ x) * (1 / 256)
+                x.block_until_ready()
+        except Exception as error:  # noqa: BLE001  (reported by the test)
+            failures.append(error)
+
+    worker = threading.Thread(target=keep_jax_busy)
+    worker.start()
+    try:
+        busy = [generate(side, model, ids, 3) for _ in range(2 if side.device.type == "cpu" else 6)]
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures, failures
+    for tokens in busy:
+        np.testing.assert_array_equal(tokens, quiet)
+
+
 @pytest.mark.slow  # seven generations: about 30 s in the interpreters
 def test_sampling_is_seeded_and_eos_stops_rows(side, rng):
     model = new_model(side, CONFIG, random_lm_weights(rng, CONFIG))

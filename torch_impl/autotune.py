@@ -50,7 +50,7 @@ def scratch_timer(shape: lc.SsuShape, device: torch.device) -> Callable[[], floa
                 rotate()
                 return (time.perf_counter() - start) / sets
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with platform.cuda_graph(graph):
                 rotate()
             graph.replay()  # the first replay uploads the graph
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

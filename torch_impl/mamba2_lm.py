@@ -36,6 +36,7 @@ from torch import nn
 from bridge.spec import lm_config
 from bridge.spec.checks import fail
 from bridge.spec.lm_config import LMLayout, Mamba2Config, Prefilled, SamplingParams
+from torch_impl import platform
 from torch_impl.gated_rms_norm import rms_norm_gated
 from torch_impl.mamba_mixer2 import MambaMixer2, metadata_to_device
 
@@ -323,7 +324,7 @@ class CapturedLMStep:
                 self._step()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with platform.cuda_graph(self.graph):
             self.logits = self._step()
 
     def _step(self) -> torch.Tensor:

@@ -405,7 +405,7 @@ class CapturedDecodeStep:
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with platform.cuda_graph(self.graph):
             self.out = self._step()
 
     def _step(self) -> torch.Tensor:

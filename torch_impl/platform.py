@@ -90,6 +90,16 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
+def cuda_graph(graph: "torch.cuda.CUDAGraph"):
+    """``torch.cuda.graph(graph)`` capturing in "thread_local" mode. The
+    default "global" mode fails a capture when any other thread of the
+    process makes a capture-unsafe CUDA call meanwhile, and a process using
+    both frameworks has JAX's runtime threads doing so at any time: captures
+    then failed now and then (``cudaErrorStreamCaptureInvalidated``). The
+    capturing thread's own unsafe calls still fail the capture."""
+    return torch.cuda.graph(graph, capture_error_mode="thread_local")
+
+
 # Triton's launch path binds and specializes every argument on every call
 # (tens of microseconds for a kernel of 50 arguments, more than the decode
 # kernel runs). ``launch`` keeps, per kernel, device and argument classes
