@@ -48,6 +48,22 @@ from jax_impl import platform
 LOG2_E = 1.4426950408889634
 
 
+def _pick(tile, at):
+    """The row of ``tile`` that the one-hot mask ``at`` selects, over axis 0,
+    which each thread holds whole: a sum of the values' integer bits (x + 0
+    folds away; a float sum kept one add per value, the conversion's cost
+    again)."""
+    int_type = jnp.int16 if tile.dtype.itemsize == 2 else jnp.int32
+    bits = jax.lax.bitcast_convert_type(tile, int_type)
+    picked = jnp.sum(jnp.where(at, bits, 0), axis=0).astype(int_type)
+    return jax.lax.bitcast_convert_type(picked, tile.dtype)
+
+
+def _load(ref, mask):
+    """``plgpu.load`` with 0 where ``mask`` is False; unmasked when None."""
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
+
+
 def _selective_scan_kernel(
         u_ref, delta_ref, A_ref, B_ref, C_ref, D_ref, z_ref, delta_bias_ref, qsl_ref, cache_ref,
         has_init_ref, first_col_ref, last_col_ref, init_col_ref, cu_chunk_ref, last_chunk_ref,
@@ -153,18 +169,23 @@ def _selective_scan_kernel(
     def scan_tile(start, h, *, edge: int):
         """One tile of block_t tokens from ``start``: the state ``h`` carried
         through them, the outputs stored; returns ``h``. ``edge`` 0: the tile
-        lies inside the sequence (no masks over tokens); 1: it may cross an
-        end of the sequence (masked); 2: also a prefix-caching block boundary
-        may lie in it (states written there)."""
+        lies inside the sequence (no masks over tokens, and none at all when
+        ``tiles.even``); 1: it may cross an end of the sequence (masked); 2:
+        also a prefix-caching block boundary may lie in it (states written
+        there)."""
         toks = start + offs_t
         if edge:
             valid = (toks >= first_tok) & (toks < end_tok)
         else:
             valid = offs_t < tiles.block_t
-        mask_td = valid[:, None] & mask_d[None, :]
-        mask_tdn = mask_td[:, :, None] & mask_n[None, None, :]
-        channels = lambda ref: plgpu.load(ref.at[b, chans, toks[:, None]], mask=mask_td,  # noqa: E731
-                                          other=0.0).astype(jnp.float32)
+        if edge == 0 and tiles.even:  # no masks: unpredicated vector loads
+            mask_td = mask_tdn = None
+        else:
+            mask_td = valid[:, None] & mask_d[None, :]
+            mask_tdn = mask_td[:, :, None] & mask_n[None, None, :]
+
+        def channels(ref):  # a (block_t, block_d) tile, float32
+            return _load(ref.at[b, chans, toks[:, None]], mask_td).astype(jnp.float32)
         u, dt = channels(u_ref), channels(delta_ref)
         if delta_bias is not None:
             dt = dt + delta_bias[None, :]
@@ -175,19 +196,16 @@ def _selective_scan_kernel(
         du = dt * u
         # (block_t, block_d, block_n), the same values for every channel: each
         # thread reads the whole tile (broadcast loads), laid out like the state.
-        tile_bc = lambda ref: plgpu.load(  # noqa: E731
-            ref.at[b, group + over_d, offs_n[None, None, :], toks[:, None, None]], mask=mask_tdn,
-            other=0.0).astype(jnp.float32)
+        tile_bc = lambda ref: _load(  # noqa: E731
+            ref.at[b, group + over_d, offs_n[None, None, :], toks[:, None, None]], mask_tdn)
         B, C = tile_bc(B_ref), tile_bc(C_ref)
-        # Token j is picked out of a tile by a one-hot sum over an axis each
-        # thread holds whole (-0.0 elsewhere: exact).
         y = jnp.zeros((tiles.block_t, tiles.block_d), jnp.float32)
         for j in range(tiles.block_t):
             at_j = offs_t == j
-            dt_j = jnp.sum(jnp.where(at_j[:, None], dt, -0.0), axis=0)
-            du_j = jnp.sum(jnp.where(at_j[:, None], du, -0.0), axis=0)
-            B_j = jnp.sum(jnp.where(at_j[:, None, None], B, -0.0), axis=0)
-            C_j = jnp.sum(jnp.where(at_j[:, None, None], C, -0.0), axis=0)
+            dt_j = _pick(dt, at_j[:, None])
+            du_j = _pick(du, at_j[:, None])
+            B_j = _pick(B, at_j[:, None, None]).astype(jnp.float32)
+            C_j = _pick(C, at_j[:, None, None]).astype(jnp.float32)
             h = jnp.exp2(dt_j[:, None] * A2) * h + du_j[:, None] * B_j
             y = jnp.where(at_j[:, None], jnp.sum(C_j * h, axis=1)[None, :], y)
             if edge == 2:

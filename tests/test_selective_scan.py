@@ -127,17 +127,21 @@ def run(side, inputs, **options):
     return tuple(map(side.numpy, selective_scan_fn(**inputs, **options)))
 
 
-@pytest.mark.parametrize("variant", ["full", "plain", "groups", "batched"])
+@pytest.mark.parametrize("variant", ["full", "plain", "groups", "batched", "even"])
 def test_matches_float64(side, rng, variant):
     """Varlen with a padding entry and an empty sequence, initial-state mixes;
     z, D, delta_bias, softplus on ("full") and off ("plain"); 2 groups (with
-    and without B's group axis); the batched (batch, dim, seqlen) form."""
+    and without B's group axis); the batched (batch, dim, seqlen) form; dim
+    a multiple of the channel tile and dstate a power of two ("even": the
+    unmasked tiles inside a sequence)."""
     options = dict(delta_softplus=variant != "plain")
     kwargs = dict(with_z=variant != "plain", with_D=variant != "plain", with_bias=variant != "plain")
     if variant == "groups":
         kwargs.update(ngroups=2, dim=8)
     if variant == "batched":
         kwargs.update(batched=True, seqlens=(4, 4, 4))
+    if variant == "even":
+        kwargs.update(dim=16, dstate=8, seqlens=(3, 0, 13, 6))
     inputs = random_inputs(rng, **kwargs)
     Q = len(inputs["u"]) if variant == "batched" else len(inputs["query_start_loc"]) - 1
     slots = 1 + rng.permutation(inputs["ssm_states"].shape[0] - 1)[:Q]

@@ -19,14 +19,38 @@ MAX_GRID_Y = 2**16 - 1  # sequences are the grid's y axis
 
 
 @triton.jit
+def _pick(tile, at):
+    """The row of ``tile`` that the one-hot mask ``at`` selects, over axis 0,
+    which each thread holds whole: a sum of the values' integer bits (x + 0
+    folds away; a float sum kept one add per value, the conversion's cost
+    again)."""
+    if tile.dtype.primitive_bitwidth == 16:
+        bits = tile.to(tl.int16, bitcast=True)
+    else:
+        bits = tile.to(tl.int32, bitcast=True)
+    return tl.sum(tl.where(at, bits, 0), axis=0).to(bits.dtype).to(tile.dtype, bitcast=True)
+
+
+@triton.jit
+def _load(pointers, mask):
+    """``tl.load`` with 0 where ``mask`` is False; unmasked when None."""
+    if mask is None:
+        values = tl.load(pointers)
+    else:
+        values = tl.load(pointers, mask=mask, other=0.0)
+    return values
+
+
+@triton.jit
 def _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row, first_col,
                null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
                stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok, stride_C_tok,
                stride_cache_col, states_ptr, stride_states_slot, state_tile, state_mask, mask_d, mask_n,
-               DELTA_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, EDGE: tl.constexpr):
+               DELTA_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, EDGE: tl.constexpr, EVEN: tl.constexpr):
     """One tile of BLOCK_T tokens from ``start``: the (BLOCK_D, BLOCK_N)
     state ``h`` carried through them, the outputs stored; returns ``h``.
-    ``EDGE`` 0: the tile lies inside the sequence (no masks over tokens);
+    ``EDGE`` 0: the tile lies inside the sequence (no masks over tokens, and
+    none at all when ``EVEN``);
     1: it may cross an end of the sequence (masked); 2: also a prefix-caching
     block boundary may lie in it (states written there)."""
     offs_t = tl.arange(0, BLOCK_T)
@@ -35,10 +59,14 @@ def _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row,
         valid = (toks >= first_tok) & (toks < end_tok)
     else:
         valid = offs_t < BLOCK_T
-    mask_td = valid[:, None] & mask_d[None, :]
-    mask_tdn = mask_td[:, :, None] & mask_n[None, None, :]
-    u = tl.load(u_cols + toks[:, None] * stride_u_tok, mask=mask_td, other=0.0).to(tl.float32)
-    dt = tl.load(delta_cols + toks[:, None] * stride_delta_tok, mask=mask_td, other=0.0).to(tl.float32)
+    if EDGE == 0 and EVEN:  # no masks: unpredicated vector loads
+        mask_td = None
+        mask_tdn = None
+    else:
+        mask_td = valid[:, None] & mask_d[None, :]
+        mask_tdn = mask_td[:, :, None] & mask_n[None, None, :]
+    u = _load(u_cols + toks[:, None] * stride_u_tok, mask_td).to(tl.float32)
+    dt = _load(delta_cols + toks[:, None] * stride_delta_tok, mask_td).to(tl.float32)
     if delta_bias is not None:
         dt += delta_bias[None, :]
     if DELTA_SOFTPLUS:
@@ -49,17 +77,15 @@ def _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row,
     # B, C loaded as (BLOCK_T, BLOCK_D, BLOCK_N) with a 0 stride over
     # channels: each thread reads the whole tile (broadcast vector loads),
     # laid out like the state.
-    B = tl.load(B_cols + toks[:, None, None] * stride_B_tok, mask=mask_tdn, other=0.0)
-    C = tl.load(C_cols + toks[:, None, None] * stride_C_tok, mask=mask_tdn, other=0.0)
-    # Token j is picked out of a tile by a one-hot sum over an axis each
-    # thread holds whole (-0.0 elsewhere: exact, and folded away).
+    B = _load(B_cols + toks[:, None, None] * stride_B_tok, mask_tdn)
+    C = _load(C_cols + toks[:, None, None] * stride_C_tok, mask_tdn)
     y = tl.zeros((BLOCK_T, h.shape[0]), tl.float32)
     for j in tl.static_range(BLOCK_T):
         at_j = offs_t == j
-        dt_j = tl.sum(tl.where(at_j[:, None], dt, -0.0), axis=0)
-        du_j = tl.sum(tl.where(at_j[:, None], du, -0.0), axis=0)
-        B_j = tl.sum(tl.where(at_j[:, None, None], B.to(tl.float32), -0.0), axis=0)
-        C_j = tl.sum(tl.where(at_j[:, None, None], C.to(tl.float32), -0.0), axis=0)
+        dt_j = _pick(dt, at_j[:, None])
+        du_j = _pick(du, at_j[:, None])
+        B_j = _pick(B, at_j[:, None, None]).to(tl.float32)
+        C_j = _pick(C, at_j[:, None, None]).to(tl.float32)
         h = tl.exp2(dt_j[:, None] * A2) * h + du_j[:, None] * B_j
         y = tl.where(at_j[:, None], tl.sum(C_j * h, axis=1)[None, :], y)
         if EDGE == 2:
@@ -73,7 +99,7 @@ def _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row,
     if D is not None:
         y += D[None, :] * u
     if z_cols is not None:
-        z = tl.load(z_cols + toks[:, None] * stride_z_tok, mask=mask_td, other=0.0).to(tl.float32)
+        z = _load(z_cols + toks[:, None] * stride_z_tok, mask_td).to(tl.float32)
         y *= z * tl.sigmoid(z)
     y = tl.where(ok, y, float("nan"))
     tl.store(out_cols + toks[:, None] * stride_out_tok, y.to(out_cols.dtype.element_ty), mask=mask_td)
@@ -110,7 +136,7 @@ def _selective_scan_kernel(
     DELTA_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_CACHE_INDICES: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
-    IS_APC: tl.constexpr, HAS_CHUNKS: tl.constexpr,
+    IS_APC: tl.constexpr, HAS_CHUNKS: tl.constexpr, EVEN: tl.constexpr,
 ):
     """Grid (cdiv(dim, BLOCK_D), num_seqs): one program holds a (BLOCK_D,
     dstate) float32 state of one sequence in registers while it walks the
@@ -229,14 +255,15 @@ def _selective_scan_kernel(
                            null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
                            stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok,
                            stride_C_tok, stride_cache_col, states_ptr, stride_states_slot, state_tile,
-                           state_mask, mask_d, mask_n, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T, EDGE=0)
+                           state_mask, mask_d, mask_n, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T, EDGE=0,
+                           EVEN=EVEN)
         else:
             h = _scan_tile(h, A2, D, delta_bias, start, first_tok, end_tok, ok, offset, row, first_col,
                            null_block_id, block_size, u_cols, delta_cols, z_cols, out_cols, B_cols, C_cols,
                            stride_u_tok, stride_delta_tok, stride_z_tok, stride_out_tok, stride_B_tok,
                            stride_C_tok, stride_cache_col, states_ptr, stride_states_slot, state_tile,
                            state_mask, mask_d, mask_n, DELTA_SOFTPLUS=DELTA_SOFTPLUS, BLOCK_T=BLOCK_T,
-                           EDGE=IS_APC + 1)
+                           EDGE=IS_APC + 1, EVEN=EVEN)
 
     keep = ok & ~padding & (seqlen > 0)
     if HAS_CACHE_INDICES:
@@ -291,7 +318,7 @@ def _launch(ssm_states, delta, z, u, A, B, C, D, delta_bias, query_start_loc, ca
             *A.stride(), *platform.strides(D, 1), *platform.strides(delta_bias, 1),
             *states.stride(), *cache_strides,
             DELTA_SOFTPLUS=delta_softplus, BLOCK_D=tiles.block_d, BLOCK_N=tiles.block_n,
-            BLOCK_T=tiles.block_t, num_warps=tiles.num_warps)
+            BLOCK_T=tiles.block_t, EVEN=tiles.even, num_warps=tiles.num_warps)
 
 
 _OP = platform.define_op(

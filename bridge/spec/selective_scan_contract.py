@@ -94,6 +94,7 @@ class ScanTiles:
     block_n: int  # dstate, padded to a power of two
     block_t: int  # tokens per tile (aligned to multiples of block_t)
     num_warps: int
+    even: bool  # dim a multiple of block_d and dstate == block_n: tiles inside a sequence load unmasked
 
 
 # One thread per channel (block_d = 32 * num_warps): the state's dstate row
@@ -125,8 +126,9 @@ def scan_tiles(layout: ScanLayout) -> ScanTiles:
     if layout.ngroups > 1:
         per_group = layout.channels_per_group
         block_d = min(block_d, per_group & -per_group)
-    return ScanTiles(block_d=block_d, block_n=_power_of_two_at_least(layout.dstate), block_t=BLOCK_T,
-                     num_warps=max(1, block_d // WARP))
+    block_n = _power_of_two_at_least(layout.dstate)
+    return ScanTiles(block_d=block_d, block_n=block_n, block_t=BLOCK_T, num_warps=max(1, block_d // WARP),
+                     even=layout.dim % block_d == 0 and layout.dstate == block_n)
 
 
 def _fail(arg: str, message: str):
