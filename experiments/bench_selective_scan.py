@@ -75,12 +75,15 @@ def bench_case(arrays: dict, shape: dict, batch: int, seqlen: int, repeats: int,
     # calls, each writing its output into z (values drift; times do not).
     torch_out = scan_torch(**dict(t_args, z=t_args["z"].clone(), ssm_states=t_args["ssm_states"].clone()),
                            **options).float().cpu().numpy()
-    step = jax.jit(lambda z, states: scan_jax(**dict(j_args, z=z, ssm_states=states), **options),
+    # The other arrays are arguments too: closed over, they would be
+    # compile-time constants of the step.
+    rest = {k: v for k, v in j_args.items() if k not in ("z", "ssm_states")}
+    step = jax.jit(lambda z, states, rest: scan_jax(**rest, z=z, ssm_states=states, **options),
                    donate_argnums=(0, 1))
     scratch = lambda: (jnp.array(j_args["z"]), jnp.array(j_args["ssm_states"]))  # noqa: E731  (donated)
-    jax_out = np.asarray(step(*scratch())[0].astype(jnp.float32))
+    jax_out = np.asarray(step(*scratch(), rest)[0].astype(jnp.float32))
     seconds_torch = time_torch(lambda: scan_torch(**t_args, **options), repeats)
-    seconds_jax = time_jax(lambda carry: step(*carry), scratch(), repeats)
+    seconds_jax = time_jax(lambda carry: step(*carry, rest), scratch(), repeats)
     num_bytes = moved_bytes(shape["dim"], shape["dstate"], batch, seqlen)
     common = dict(op="selective_scan_fn", batch=batch, seqlen=seqlen, **shape, input_dtype="bfloat16",
                   state_dtype="float32", bytes=num_bytes, copy_GBps=copy_GBps,

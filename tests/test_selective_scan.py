@@ -308,43 +308,50 @@ def test_list_indices_refused_by_name(side, rng):
         run(side, inputs)
 
 
-def _malformed(rng):
-    """Varlen case (T = 12, 8 slots) whose sequences break the contract in
-    different ways: 0 a negative slot, 1 a slot past the cache, 2 valid,
-    3 padding, 4 tokens past T."""
-    inputs = random_inputs(rng, seqlens=(2, 3, 2, 3, 2), slots=8)
-    inputs.update(cache_indices=np.array([-1, 8, 2, NULL, 4], np.int32),
-                  query_start_loc=np.array([0, 2, 5, 7, 10, 15], np.int32),
+def _malformed(rng, dim=6, dstate=5, seqlens=(2, 3, 2, 3, 2)):
+    """Varlen case (8 slots) whose sequences break the contract in different
+    ways: 0 a negative slot, 1 a slot past the cache, 2 valid, 3 padding,
+    4 tokens past T (3 of them)."""
+    inputs = random_inputs(rng, dim=dim, dstate=dstate, seqlens=seqlens, slots=8)
+    query_start_loc = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+    query_start_loc[-1] += 3
+    inputs.update(cache_indices=np.array([-1, 8, 2, NULL, 4], np.int32), query_start_loc=query_start_loc,
                   has_initial_state=np.ones(5, bool))
     return inputs
 
 
-def test_unchecked_malformed_indices_touch_nothing_outside(side, rng):
+@pytest.mark.parametrize("shape", ["odd", "even"])
+def test_unchecked_malformed_indices_touch_nothing_outside(side, rng, shape):
     """Unchecked path: bad sequences write no state and NaN outputs (inside
     [0, T)); the padding sequence's columns keep their values; every slot but
     the valid sequence's bitwise unchanged. torch: guard regions around the
-    state and output buffers bitwise unchanged; JAX: under jit."""
-    inputs = _malformed(rng)
+    state and output buffers bitwise unchanged; JAX: under jit. "even": dim
+    a multiple of the channel tile, dstate a power of two, and the valid
+    sequence long enough for unmasked tiles."""
+    dim, dstate, seqlens = (6, 5, (2, 3, 2, 3, 2)) if shape == "odd" else (16, 8, (2, 3, 9, 3, 2))
+    inputs = _malformed(rng, dim, dstate, seqlens)
     T = inputs["u"].shape[1]
+    qsl = inputs["query_start_loc"]
     valid = dict(inputs, cache_indices=np.array([1, 5, 2, NULL, 4], np.int32),
-                 query_start_loc=np.array([0, 2, 5, 7, 10, T], np.int32))
+                 query_start_loc=np.concatenate([qsl[:-1], [T]]).astype(np.int32))
     want_out, ref_states = scan_ref(**valid, delta_softplus=True)
-    want_out[:, 0:5] = want_out[:, 10:T] = np.nan
+    want_out[:, 0:qsl[2]] = want_out[:, qsl[4]:T] = np.nan
     want_states = inputs["ssm_states"].astype(np.float64)
     want_states[2] = ref_states[2]
     args = native(side, inputs)
     if side.name == "torch":
         torch = side.torch
         sentinel = -12345.0
-        guard_states = torch.full((12, 6, 5), sentinel, device=side.device)
+        guard_states = torch.full((12, dim, dstate), sentinel, device=side.device)
         guard_states[2:10] = args["ssm_states"]
-        guard_z = torch.full((10, T + 8), sentinel, device=side.device)
-        guard_z[2:8, 4:T + 4] = args["z"]
-        args.update(ssm_states=guard_states[2:10], z=guard_z[2:8, 4:T + 4])
+        guard_z = torch.full((dim + 4, T + 8), sentinel, device=side.device)
+        guard_z[2:dim + 2, 4:T + 4] = args["z"]
+        args.update(ssm_states=guard_states[2:10], z=guard_z[2:dim + 2, 4:T + 4])
         from torch_impl.selective_scan import selective_scan_fn
         selective_scan_fn(**args, delta_softplus=True, validate_indices=False)
         got_out, got_states = side.numpy(args["z"]), side.numpy(args["ssm_states"])
-        for buffer, inner in ((guard_states, (slice(2, 10),)), (guard_z, (slice(2, 8), slice(4, T + 4)))):
+        inner_z = (slice(2, dim + 2), slice(4, T + 4))
+        for buffer, inner in ((guard_states, (slice(2, 10),)), (guard_z, inner_z)):
             outside = torch.ones(buffer.shape, dtype=torch.bool, device=side.device)
             outside[inner] = False
             assert (buffer[outside] == sentinel).all(), "a write outside the given tensors"
