@@ -284,9 +284,8 @@ def test_torch_generation_captures_while_jax_works_in_another_thread(rng):
     """The torch decode step is captured in a CUDA graph (once per generation:
     each has its own cache) while another thread of the process keeps JAX
     busy on the same GPU, as in a process using both frameworks: every
-    capture succeeds and the tokens are those of a quiet process. (JAX's
-    calls from other threads failed a capture in CUDA's default "global"
-    mode.) On a CPU the step runs eagerly and this checks the tokens only."""
+    capture succeeds and the tokens are those of a quiet process. On a CPU
+    the step runs eagerly and this checks the tokens only."""
     import threading
 
     side = TorchSide()

@@ -93,10 +93,11 @@ def on_device(device: torch.device):
 def cuda_graph(graph: "torch.cuda.CUDAGraph"):
     """``torch.cuda.graph(graph)`` capturing in "thread_local" mode. The
     default "global" mode fails a capture when any other thread of the
-    process makes a capture-unsafe CUDA call meanwhile, and a process using
-    both frameworks has JAX's runtime threads doing so at any time: captures
-    then failed now and then (``cudaErrorStreamCaptureInvalidated``). The
-    capturing thread's own unsafe calls still fail the capture."""
+    process makes a capture-unsafe CUDA call meanwhile, which a process using
+    both frameworks cannot rule out (JAX's runtime threads). The capturing
+    thread's own unsafe calls still fail the capture. (A decode capture
+    failed once on an H200 with ``cudaErrorStreamCaptureInvalidated``, cause
+    not found; see experiments/results/gpu-2026-12-01c-NVIDIA_H200.md.)"""
     return torch.cuda.graph(graph, capture_error_mode="thread_local")
 
 
