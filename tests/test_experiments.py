@@ -75,3 +75,20 @@ def test_tune_ssd_quick_writes_configs_the_lookup_reads(tmp_path, monkeypatch):
         default_us, best_us, config = stages["chunk_scan"]
         assert best_us <= default_us
         assert looked_up[backend] == config
+
+
+@pytest.mark.slow  # two compiles for sm_90: about 30 s
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_sass_stats_prints_the_token_loop(framework):
+    """The instruction-mix tool compiles the selective scan for sm_90 on this
+    host and prints the registers and the token loop's blocks, whose
+    exponentials (MUFU) the recurrence needs."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "experiments.sass_stats", "--framework", framework,
+                           "--batch", "4", "--seqlen", "16", "--dim", "256"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "REG:" in lines[0]
+    assert any("MUFU" in line for line in lines[1:])
