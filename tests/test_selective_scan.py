@@ -127,22 +127,28 @@ def run(side, inputs, **options):
     return tuple(map(side.numpy, selective_scan_fn(**inputs, **options)))
 
 
-@pytest.mark.parametrize("variant", ["full", "plain", "groups", "batched", "even"])
+@pytest.mark.parametrize("variant", ["full", "plain", "groups", "batched", "even", "even-bf16"])
 def test_matches_float64(side, rng, variant):
     """Varlen with a padding entry and an empty sequence, initial-state mixes;
     z, D, delta_bias, softplus on ("full") and off ("plain"); 2 groups (with
     and without B's group axis); the batched (batch, dim, seqlen) form; dim
     a multiple of the channel tile and dstate a power of two ("even": the
-    unmasked tiles inside a sequence)."""
+    unmasked tiles inside a sequence), also with bf16 inputs (the reference
+    on the same rounded values; float32 states)."""
     options = dict(delta_softplus=variant != "plain")
     kwargs = dict(with_z=variant != "plain", with_D=variant != "plain", with_bias=variant != "plain")
     if variant == "groups":
         kwargs.update(ngroups=2, dim=8)
     if variant == "batched":
         kwargs.update(batched=True, seqlens=(4, 4, 4))
-    if variant == "even":
+    if variant.startswith("even"):
         kwargs.update(dim=16, dstate=8, seqlens=(3, 0, 13, 6))
     inputs = random_inputs(rng, **kwargs)
+    dtype = "bfloat16" if variant.endswith("bf16") else "float32"
+    if dtype == "bfloat16":
+        import ml_dtypes
+        inputs.update({k: inputs[k].astype(ml_dtypes.bfloat16).astype(np.float32)
+                       for k in FLOAT_ARGS if k != "ssm_states" and inputs.get(k) is not None})
     Q = len(inputs["u"]) if variant == "batched" else len(inputs["query_start_loc"]) - 1
     slots = 1 + rng.permutation(inputs["ssm_states"].shape[0] - 1)[:Q]
     slots[1] = NULL  # a padding entry
@@ -150,8 +156,8 @@ def test_matches_float64(side, rng, variant):
     inputs["has_initial_state"] = rng.random(Q) < 0.5
     inputs["has_initial_state"][0] = True
     want_out, want_states = scan_ref(**inputs, **options)
-    got_out, got_states = run(side, native(side, inputs), **options)
-    assert_close(got_out, want_out, "float32", "out")
+    got_out, got_states = run(side, native(side, inputs, dtype=dtype), **options)
+    assert_close(got_out, want_out, dtype, "out")
     assert_close(got_states, want_states, "float32", "ssm_states")
     untouched = np.setdiff1d(np.arange(len(want_states)), slots[slots != NULL])
     np.testing.assert_array_equal(got_states[untouched], inputs["ssm_states"][untouched])
