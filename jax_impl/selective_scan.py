@@ -248,6 +248,11 @@ def _selective_scan_kernel(
     store_state(write_slot, keep, h)
 
 
+def _refuse_grad():
+    raise ValueError("selective_scan_fn is an inference-only (prefill) op: it has no gradient; call it "
+                     "outside jax.grad / jax.vjp")
+
+
 def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=None,
                       delta_softplus=False, query_start_loc=None, cache_indices=None,
                       has_initial_state=None, null_block_id=NULL_BLOCK_ID, block_size=1024,
@@ -264,6 +269,8 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
     static. Concrete index values are checked (``validate_indices=False``:
     not); traced ones follow the unchecked contract of
     ``bridge.spec.selective_scan_contract`` (skipped, NaN outputs).
+    Inference only: refused (ValueError naming the op) under ``jax.grad`` /
+    ``jax.vjp``.
     """
     index_args = dict(query_start_loc=query_start_loc, cache_indices=cache_indices,
                       has_initial_state=has_initial_state,
@@ -315,5 +322,6 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
         interpret=platform.INTERPRET,
         name="selective_scan",
     )
-    out, new_states = platform.eager_interpreted(launch, operands)(*operands)
+    out, new_states = platform.inference_only(  # jax.grad through it: a clear error
+        _refuse_grad, platform.eager_interpreted(launch, operands), *operands)
     return out.reshape(target.shape), new_states.reshape(ssm_states.shape)

@@ -467,3 +467,34 @@ def test_torch_compile_fullgraph(rng):
     out = compiled(**args)
     np.testing.assert_array_equal(side.numpy(out), eager[0])
     np.testing.assert_array_equal(side.numpy(args["ssm_states"]), eager[1])
+
+
+def test_refuses_grad(side, rng):
+    """selective_scan_fn is inference-only: torch refuses inputs that require
+    grad in grad mode (states and output left as they were), JAX names the
+    op under jax.grad; the plain calls still run."""
+    inputs = native(side, random_inputs(rng))
+    options = dict(delta_softplus=True)
+    if side.name == "torch":
+        torch = side.torch
+        from torch_impl.selective_scan import selective_scan_fn
+        states, z = inputs["ssm_states"].clone(), inputs["z"].clone()
+        for name in ("u", "A"):
+            leaf = inputs[name].clone().requires_grad_()
+            with pytest.raises(RuntimeError, match="selective_scan_fn is an inference-only"):
+                selective_scan_fn(**dict(inputs, **{name: leaf}), **options)
+            assert torch.equal(inputs["ssm_states"], states) and torch.equal(inputs["z"], z), \
+                "a refused call wrote its buffers"
+        with torch.no_grad():
+            selective_scan_fn(**dict(inputs, u=inputs["u"].clone().requires_grad_()), **options)
+        assert not torch.equal(inputs["ssm_states"], states)
+        return
+    import jax
+    from jax_impl.selective_scan import selective_scan_fn
+
+    def loss(u):
+        return selective_scan_fn(**dict(inputs, u=u), **options)[0].sum()
+
+    with pytest.raises(ValueError, match="selective_scan_fn is an inference-only"):
+        jax.grad(loss)(inputs["u"])
+    assert np.isfinite(float(loss(inputs["u"])))

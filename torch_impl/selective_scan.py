@@ -348,7 +348,14 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
     tensors): ``bridge.spec.selective_scan_contract``. ``validate_indices``
     (default ``$MAMBA_TWIN_CHECK_INDICES``, off) checks index values on the
     host (a device sync; skipped under CUDA-graph capture / torch.compile).
+    Inference only: refused (RuntimeError) when an input requires grad with
+    grad mode on.
     """
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
+                                       for t in (u, ssm_states, delta, A, B, C, D, z, delta_bias)):
+        raise RuntimeError("selective_scan_fn is an inference-only (prefill) op: it has no gradient and "
+                           "writes `ssm_states` and its output in place; call it under torch.no_grad() "
+                           "or torch.inference_mode() (to train a Mamba-2 model: mamba_chunk_scan_combined)")
     index_args = dict(query_start_loc=query_start_loc, cache_indices=cache_indices,
                       has_initial_state=has_initial_state,
                       block_idx_first_scheduled_token=block_idx_first_scheduled_token,
