@@ -317,6 +317,40 @@ def test_torch_generation_captures_while_jax_works_in_another_thread(rng):
         np.testing.assert_array_equal(tokens, quiet)
 
 
+def test_repeated_prefill_layout_replays_a_graph_with_eager_results(rng):
+    """A prompt layout's second torch prefill is captured in a CUDA graph and
+    later ones replay it: logits and written states equal the eager
+    prefill's for new tokens of that layout, a replay leaves an earlier
+    prefill's logits alone, and another layout runs eagerly. On a CPU every
+    prefill is eager and this checks the results only."""
+    side = TorchSide()
+    torch = side.torch
+    model = new_model(side, TIED, random_lm_weights(rng, TIED))
+    mask = (np.arange(21)[None, :] < np.array([[21], [6]])).astype(np.int32)
+    prompts = [rng.integers(0, TIED.vocab_size, (2, 21)) for _ in range(3)]
+
+    def prefill(ids, layout_mask=mask):
+        result = model.prefill(torch.from_numpy(ids).to(side.device), torch.from_numpy(layout_mask).to(side.device))
+        states = [side.numpy(result.cache.torch(name, layer)[torch.from_numpy(result.slots).long()])
+                  for layer in range(TIED.num_layers) for name in ("conv", "ssm")]
+        return result.logits, states
+
+    model.prefill_graphs = 0
+    eager = [prefill(ids) for ids in prompts]
+    model.prefill_graphs = 2
+    replayed = [prefill(ids) for ids in prompts]  # eager, captured, replayed
+    first_logits = side.numpy(replayed[1][0])
+    prefill(prompts[0], np.ones((2, 21), np.int32))  # another layout
+    same = dict(rtol=1e-5, atol=1e-6)  # the same kernels; cuBLAS may pick another algorithm in a capture
+    for (want_logits, want_states), (got_logits, got_states) in zip(eager, replayed):
+        np.testing.assert_allclose(side.numpy(got_logits), side.numpy(want_logits), **same)
+        for got, want in zip(got_states, want_states):
+            np.testing.assert_allclose(got, want, **same)
+    np.testing.assert_array_equal(side.numpy(replayed[1][0]), first_logits)
+    graphs = [p.graph is not None for p in model._prefills.values()]
+    assert graphs == ([True, False] if side.device.type == "cuda" else [])
+
+
 @pytest.mark.slow  # seven generations: about 30 s in the interpreters
 def test_sampling_is_seeded_and_eos_stops_rows(side, rng):
     model = new_model(side, CONFIG, random_lm_weights(rng, CONFIG))

@@ -79,7 +79,15 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
 
     Tensor parallelism (``tp_size`` / ``process_group``, as ``MambaMixer2``
     takes them): the mixers are sharded, the rest replicated; every rank
-    runs the same calls on the same inputs and gets the same results."""
+    runs the same calls on the same inputs and gets the same results.
+
+    ``prefill_graphs``: how many prompt layouts (the prompts' lengths) keep
+    a captured prefill (CUDA, no tensor parallelism): a layout's second
+    prefill is captured in a CUDA graph and later ones replay it, without
+    the host's per-layer work; each graph holds one prefill's activations.
+    0: every prefill runs eagerly."""
+
+    prefill_graphs: int = 2
 
     def __init__(self, config: Mamba2Config, dtype=torch.float32, device=None, *, tp_size=None,
                  process_group=None):
@@ -93,9 +101,11 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
         bound = 1.0 / math.sqrt(config.hidden_size)
         self.lm_head = None if config.tie_embeddings else nn.Parameter(
             torch.empty(shape, **factory).uniform_(-bound, bound))
-        # Generation: the model's own cache per batch bucket, and captured decode steps.
+        # Generation: the model's own cache per batch bucket, captured decode
+        # steps and the prefills of the last prompt layouts (see _prefill_layout).
         self._caches: dict = {}
         self._steps: collections.OrderedDict = collections.OrderedDict()
+        self._prefills: collections.OrderedDict = collections.OrderedDict()
 
     # --- weights ---------------------------------------------------------------
 
@@ -199,11 +209,8 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
         columns = torch.from_numpy(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]))
         rows = torch.from_numpy(np.repeat(np.arange(batch), lengths))
         tokens = input_ids[rows.to(input_ids.device), columns.to(input_ids.device)].to(self.device)
-        metadata = metadata_to_device(lm_config.prefill_metadata(lengths, slots, self.config.chunk_size),
-                                      self.device)
-        hidden = self._serve(tokens, cache, metadata)
-        last = torch.from_numpy(np.cumsum(lengths) - 1).to(self.device)
-        return Prefilled(cache=cache, slots=slots, logits=self._logits(hidden[last]))
+        prefill = self._prefill_layout(cache, lengths, slots)
+        return Prefilled(cache=cache, slots=slots, logits=prefill.run(tokens))
 
     @torch.no_grad()
     def generate(self, input_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 20,
@@ -268,6 +275,23 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
             logits = step.run(token)
         return out
 
+    def _prefill_layout(self, cache, lengths: np.ndarray, slots: np.ndarray) -> "LMPrefill":
+        """The prefill of prompts of ``lengths`` into ``slots`` of ``cache``:
+        eager the first time a layout is seen, captured in a CUDA graph the
+        second time (on CUDA, without tensor parallelism, while
+        ``prefill_graphs > 0``) and replayed after that; the last
+        ``prefill_graphs`` layouts kept."""
+        if not (self.prefill_graphs > 0 and self.device.type == "cuda" and self.layers[0].mixer.process_group is None):
+            return LMPrefill(self, cache, lengths, slots, capture=False)
+        key = (tuple(lengths.tolist()), tuple(slots.tolist()), id(cache), self.embedding.data_ptr(), self.dtype)
+        prefill = self._prefills.pop(key, None)
+        if prefill is None or prefill.graph is None:
+            prefill = LMPrefill(self, cache, lengths, slots, capture=prefill is not None)
+        self._prefills[key] = prefill
+        while len(self._prefills) > self.prefill_graphs:
+            self._prefills.popitem(last=False)
+        return prefill
+
     def _decode_step(self, cache, bucket: int) -> "CapturedLMStep":
         """The decode step for ``bucket`` requests on ``cache`` (captured once per
         bucket, cache and weights' storage; the last ``MAX_CAPTURED_STEPS`` kept)."""
@@ -296,6 +320,42 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Te
         drop = probs.cumsum(-1) - probs >= params.top_p  # the tokens past the first reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class LMPrefill:
+    """The prefill of one prompt layout (``lengths`` into ``slots`` of
+    ``cache``) on static metadata: eager, or with ``capture`` (CUDA)
+    captured in a CUDA graph, so that a repeated layout costs no host time
+    per layer. ``run(tokens (T,))`` -> logits ``(batch, vocab)`` of each
+    prompt's last token (a new tensor: a later replay does not overwrite it)."""
+
+    def __init__(self, model: Mamba2LMHeadModel, cache, lengths: np.ndarray, slots: np.ndarray,
+                 capture: bool):
+        self.model, self.cache = model, cache
+        device = model.device
+        self.metadata = metadata_to_device(lm_config.prefill_metadata(lengths, slots, model.config.chunk_size),
+                                           device)
+        self.last = torch.from_numpy(np.cumsum(lengths) - 1).to(device)
+        self.tokens, self.graph = None, None
+        if capture:  # the layout ran eagerly once already: its kernels are compiled
+            self.tokens = torch.zeros(int(lengths.sum()), dtype=torch.long, device=device)
+            self.graph = torch.cuda.CUDAGraph()
+            with platform.cuda_graph(self.graph):
+                self.logits = self._prefill(self.tokens)
+
+    def _prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model._logits(self.model._serve(tokens, self.cache, self.metadata)[self.last])
+
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._prefill(tokens)
+        self.tokens.copy_(tokens)
+        for layer in range(self.model.config.num_layers):  # orders torch after JAX steps on the cache
+            self.cache.torch("conv", layer)
+            self.cache.torch("ssm", layer)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 class CapturedLMStep:
