@@ -1,8 +1,10 @@
 """Gated RMSNorm of a Mamba-2 layer (norm(x * silu(z)) per group of
 channels, scaled by ``weight``) as a Pallas kernel (Triton backend on GPU)
 with its wrapper, differentiable through a ``jax.custom_vjp`` whose backward is
-a second Pallas kernel. The math and the argument rules: ``bridge.spec.norm_contract``.
-Mirror: ``torch_impl/gated_rms_norm.py``.
+a second Pallas kernel. The same kernel's residual form (inference) adds a
+layer's residual first and returns the sum too: the add, the cast and the
+norm of a layer in one pass. The math and the argument rules:
+``bridge.spec.norm_contract``. Mirror: ``torch_impl/gated_rms_norm.py``.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from bridge.spec.norm_contract import (
 from jax_impl import platform
 
 
-def _rms_norm_gated_kernel(out_in_ref, x_ref, z_ref, weight_ref, out_ref, *, group_size, eps,
-                           norm_before_gate, block):
-    """Grid (num_tokens, num_groups): one group of one token per program."""
+def _rms_norm_gated_kernel(out_in_ref, x_ref, z_ref, residual_ref, weight_ref, out_ref,
+                           residual_out_ref=None, *, group_size, eps, norm_before_gate, block):
+    """Grid (num_tokens, num_groups): one group of one token per program.
+    With a residual (no gate), x + residual is normalised and stored to
+    ``residual_out_ref``."""
     del out_in_ref  # the same buffer as out_ref
     token, group = pl.program_id(0), pl.program_id(1)
     mask = jnp.arange(block, dtype=jnp.int32) < group_size
     cols = pl.ds(group * group_size, block)
     x = plgpu.load(x_ref.at[token, cols], mask=mask, other=0.0).astype(jnp.float32)
+    if residual_ref is not None:
+        x = x + plgpu.load(residual_ref.at[token, cols], mask=mask, other=0.0).astype(jnp.float32)
+        plgpu.store(residual_out_ref.at[token, cols], x.astype(residual_out_ref.dtype), mask=mask)
     if z_ref is not None:
         z = plgpu.load(z_ref.at[token, cols], mask=mask, other=0.0).astype(jnp.float32)
         if not norm_before_gate:
@@ -79,19 +86,23 @@ def _rms_norm_gated_bwd_kernel(dy_ref, x_ref, z_ref, weight_ref, dx_ref, dz_ref,
         plgpu.store(dw_ref.at[pl.program_id(0), cols], dw, mask=mask)
 
 
-def _forward(x, weight, z, out, *, eps, group_size, norm_before_gate, out_dtype):
+def _forward(x, weight, z, residual, out, *, eps, group_size, norm_before_gate, out_dtype):
+    """out, or ``(out, residual_out)`` with a residual."""
     block = pl.next_power_of_2(group_size)
     kernel = functools.partial(_rms_norm_gated_kernel, group_size=group_size, eps=eps,
                                norm_before_gate=norm_before_gate, block=block)
+    out_shape = jax.ShapeDtypeStruct(x.shape, out_dtype)
+    if residual is not None:
+        out_shape = (out_shape, jax.ShapeDtypeStruct(residual.shape, residual.dtype))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
+        out_shape=out_shape,
         grid=(x.shape[0], x.shape[1] // group_size),
         input_output_aliases={} if out is None else {0: 0},  # out, when given, is operand 0
         compiler_params=plgpu.CompilerParams(num_warps=norm_num_warps(block), num_stages=1),
         interpret=platform.INTERPRET,
         name="rms_norm_gated",
-    )(out, x, z, weight)
+    )(out, x, z, residual, weight)
 
 
 def _backward(dy, x, weight, z, *, eps, group_size, norm_before_gate):
@@ -127,7 +138,7 @@ def _with_none(refs, shapes):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _differentiable(x, weight, z, eps, group_size, norm_before_gate):
-    return _forward(x, weight, z, None, eps=eps, group_size=group_size,
+    return _forward(x, weight, z, None, None, eps=eps, group_size=group_size,
                     norm_before_gate=norm_before_gate, out_dtype=x.dtype)
 
 
@@ -145,28 +156,36 @@ _differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
 
 
 def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False, *,
-                   out=None):
+                   out=None, residual=None):
     """``x, z (T, hidden)``, ``weight (hidden,)`` or None -> ``out (T,
     hidden)`` in ``out``'s dtype (x's when not given; a given ``out`` is
     aliased, so under jit with it donated the result is written in place).
     Jittable with ``eps``, ``group_size`` and ``norm_before_gate`` static.
     Differentiable in x, weight and z (``jax.custom_vjp``, a Pallas backward)
-    without ``out``; with ``out``, differentiation is refused by name."""
+    without ``out``; with ``out``, differentiation is refused by name.
+
+    With ``residual (T, hidden)`` (z None): normalises ``s = x + residual``
+    (float32) and returns ``(out, residual_out)``, ``residual_out (T,
+    hidden)`` being s in residual's dtype. Inference only: differentiation is
+    refused by name."""
     num_tokens, hidden, group_size = check_norm_args(x=x, z=z, weight=weight, out=out,
-                                                     group_size=group_size, eps=eps)
+                                                     residual=residual, group_size=group_size,
+                                                     eps=eps)
     out_dtype = x.dtype if out is None else out.dtype
     if num_tokens == 0:
-        return jnp.zeros(x.shape, out_dtype) if out is None else out
+        out = jnp.zeros(x.shape, out_dtype) if out is None else out
+        return out if residual is None else (out, residual)
     options = dict(eps=float(eps), group_size=group_size, norm_before_gate=bool(norm_before_gate))
-    if out is None:
+    if out is None and residual is None:
         return _differentiable(x, weight, z, *options.values())
 
-    in_place = jax.custom_jvp(lambda out, x, weight, z: _forward(x, weight, z, out, **options,
-                                                                 out_dtype=out_dtype))
+    # Inference only (``out`` aliased, or the residual form): differentiated, the contract's error.
+    inference = jax.custom_jvp(lambda out, x, weight, z, residual: _forward(
+        x, weight, z, residual, out, **options, out_dtype=out_dtype))
 
-    @in_place.defjvp
+    @inference.defjvp
     def _refuse(primals, tangents):
-        check_norm_grad(out=out)
+        check_norm_grad(out=out, residual=residual)
         raise AssertionError("unreachable: check_norm_grad raises")
 
-    return in_place(out, x, weight, z)
+    return inference(out, x, weight, z, residual)

@@ -221,10 +221,15 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, conv
     return out, states
 
 
-def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False):
+def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False,
+                   residual=None):
     """``x (..., hidden)`` gated by ``silu(z)`` before (or after) an RMS norm
     over groups of ``group_size`` channels, times ``weight``
-    (``bridge.spec.norm_contract``)."""
+    (``bridge.spec.norm_contract``). With ``residual`` (no gate): ``(the
+    norm of s, s)`` for ``s = x + residual``."""
+    if residual is not None:
+        s = x + residual
+        return rms_norm_gated(s, weight, eps=eps, group_size=group_size), s
     group_size = group_size or x.shape[-1]
     if z is not None and not norm_before_gate:
         x = x * _silu(z)
