@@ -55,6 +55,11 @@ class RMSNorm(nnx.Module):
         flat = x.reshape(-1, x.shape[-1])
         return rms_norm_gated(flat, self.weight[...], eps=self.eps).reshape(x.shape)
 
+    def add_and_norm(self, x, residual):
+        """Inference, ``x, residual (T, hidden)``: ``(norm(x + residual) in x's
+        dtype, x + residual)``; one kernel."""
+        return rms_norm_gated(x, self.weight[...], eps=self.eps, residual=residual)
+
 
 class Mamba2Block(nnx.Module):
     """``norm`` then ``mixer``; the model adds the residual."""
@@ -159,12 +164,13 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
         ssm of every layer in turn) -> (final normed hidden ``(T, hidden)``,
         new states)."""
         residual, new_states = self._embed(token_ids), []
-        for i, block in enumerate(self.layers):
-            out, conv, ssm = block.mixer(block.norm(residual.astype(self.dtype)), states[2 * i],
-                                         states[2 * i + 1], metadata)
-            residual = residual + out
+        hidden = self.layers[0].norm(residual.astype(self.dtype))  # the embedding: exact in the weights' dtype
+        next_norms = [block.norm for block in self.layers[1:]] + [self.norm_f]
+        for i, (block, norm) in enumerate(zip(self.layers, next_norms)):
+            out, conv, ssm = block.mixer(hidden, states[2 * i], states[2 * i + 1], metadata)
+            hidden, residual = norm.add_and_norm(out, residual)
             new_states += [conv, ssm]
-        return self.norm_f(residual.astype(self.dtype)), tuple(new_states)
+        return hidden, tuple(new_states)
 
     # --- generation ------------------------------------------------------------
 

@@ -56,6 +56,11 @@ class RMSNorm(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         return rms_norm_gated(flat, self.weight, eps=self.eps).reshape(x.shape)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference, ``x, residual (T, hidden)``: ``(norm(x + residual) in x's
+        dtype, x + residual)``, the sum written into ``residual``; one kernel."""
+        return rms_norm_gated(x, self.weight, eps=self.eps, residual=residual, residual_out=residual)
+
 
 class Mamba2Block(nn.Module):
     """``norm`` then ``mixer``; the model adds the residual."""
@@ -173,9 +178,11 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
         """The serving forward: packed ``token_ids (T,)`` -> final normed hidden ``(T, hidden)``,
         the states of ``cache`` updated at the metadata's slots."""
         residual = self._embed(token_ids)
-        for i, block in enumerate(self.layers):
-            residual = residual + block.mixer(block.norm(residual.to(self.dtype)), cache, metadata, i)
-        return self.norm_f(residual.to(self.dtype))
+        hidden = self.layers[0].norm(residual.to(self.dtype))  # the embedding: exact in the weights' dtype
+        next_norms = [block.norm for block in self.layers[1:]] + [self.norm_f]
+        for i, (block, norm) in enumerate(zip(self.layers, next_norms)):
+            hidden, residual = norm.add_and_norm(block.mixer(hidden, cache, metadata, i), residual)
+        return hidden
 
     # --- generation ------------------------------------------------------------
 
