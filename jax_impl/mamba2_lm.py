@@ -231,9 +231,10 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
         num_blocks = cache[0].shape[0] if isinstance(cache, tuple) else cache.num_blocks
         lm_config.check_slots_fit(slots, num_blocks, f"{OP}.prefill")
         tokens = np.concatenate([ids[r, s:s + n] for r, (s, n) in enumerate(zip(starts, lengths))])
-        metadata = lm_config.prefill_metadata(lengths, slots, self.config.chunk_size)
-        logits, cache = self._run(_jitted_prefill, cache, self, jnp.asarray(tokens, jnp.int32),
-                                  metadata, jnp.asarray(np.cumsum(lengths) - 1, jnp.int32))
+        metadata, last_rows = _prefill_inputs(tuple(lengths.tolist()), tuple(slots.tolist()),
+                                              self.config.chunk_size)
+        logits, cache = self._run(_jitted_prefill, cache, self, jnp.asarray(tokens, jnp.int32), metadata,
+                                  last_rows)
         return Prefilled(cache=cache, slots=slots, logits=logits)
 
     def generate(self, input_ids=None, max_new_tokens: int = 20, attention_mask=None, *,
@@ -304,6 +305,16 @@ def _zeros(shapes: tuple, dtype, shardings):
     """One jitted call making zero arrays of ``shapes`` (placed by ``shardings``
     when given): one dispatch, not one per array."""
     return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for shape in shapes), out_shardings=shardings)
+
+
+@functools.lru_cache(maxsize=8)
+def _prefill_inputs(lengths: tuple, slots: tuple, chunk_size: int):
+    """The prefill metadata of prompts of ``lengths`` into ``slots`` and each
+    prompt's last row ``(batch,)``, on the device: built and copied once
+    per prompt layout, not per prefill."""
+    lengths = np.asarray(lengths)
+    metadata = lm_config.prefill_metadata(lengths, np.asarray(slots, np.int32), chunk_size)
+    return metadata.map_arrays(jnp.asarray), jnp.asarray(np.cumsum(lengths) - 1, jnp.int32)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
