@@ -96,13 +96,17 @@ def _selective_state_update_kernel(
     (block_size_m, dstate) tile of one sequence's state for one head across
     that sequence's tokens; heads vary before sequences so that programs
     running together stream through one cache slot. Absent operands are
-    None refs; ``out_in_ref`` is ``out_ref``'s aliased input (unused).
+    None refs; ``out_in_ref`` is ``out_ref``'s aliased input (unused), absent
+    when no ``out`` was given: then a padding sequence's rows are written as
+    zeros here (one token per sequence, so every row has its program),
+    instead of XLA filling a zero buffer first.
 
     Every access is bounded by the real extents: a sequence with tokens
     outside [0, num_tokens), an accepted count outside [1, index_columns] or
     a slot outside [0, num_slots) writes no state and NaN outputs (only for
     its tokens inside [0, num_tokens)). Index values are compared in their
     own dtype (int64 under x64) before the int32 cast that indexing needs."""
+    zero_padding = out_in_ref is None
     del out_in_ref
     pid_m, head, seq = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = head // heads_per_group
@@ -154,6 +158,12 @@ def _selective_state_update_kernel(
             state = _round_to_f16_stochastic(state, bits)
         plgpu.store(state_out_ref.at[as_index(jnp.where(keep, slot, 0)), head, rows, cols],
                     state.astype(state_out_ref.dtype), mask=tile_mask & keep)
+
+    if zero_padding:
+        @pl.when(~active)
+        def _():
+            plgpu.store(out_ref.at[first_token, head, rows], jnp.zeros((block_size_m,), out_ref.dtype),
+                        mask=mask_m)
 
     @pl.when(active)
     def _():
@@ -248,10 +258,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     if enable_stochastic_rounding and rounding_seed is None:
         raise ValueError("selective_state_update: `rounding_seed` is required with "
                          "enable_stochastic_rounding (JAX has no global RNG)")
-    if out is None:
+    # Without out and with one token per sequence the kernel writes every
+    # row (zeros for padding); else out starts from the given or zero buffer.
+    zero_padding = out is None and cu_seqlens is None
+    if out is None and not zero_padding:
         out = jnp.zeros_like(x)
     if layout.num_seqs == 0 or layout.num_tokens == 0:
-        return out, state
+        return (jnp.zeros_like(x) if out is None else out), state
+    out_shape = x.shape if out is None else out.shape
+    out_dtype = x.dtype if out is None else out.dtype
 
     # Everything as 4-D (token, head, dim[, dstate]); per-head dt, A, dt_bias
     # stay per-head only when all three are (the tied fast path).
@@ -284,22 +299,22 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
         heads_per_group=layout.heads_per_group, dt_softplus=bool(dt_softplus), tie_hdim=tie_hdim,
         rounds=philox_rounds(cache_philox_rounds),
         block_size_m=block_size_m, block_size_dstate=pl.next_power_of_2(N))
-    state4, out4 = as_4d(state, 1), as_4d(out, 1)
+    state4, out4, x4 = as_4d(state, 1), as_4d(out, 1), as_4d(x, 1)
     call = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(out4.shape, out.dtype),
+        out_shape=(jax.ShapeDtypeStruct(x4.shape, out_dtype),
                    jax.ShapeDtypeStruct(state4.shape, state.dtype)),
         grid=(pl.cdiv(P, block_size_m), H, layout.num_seqs),
-        # state and out are the first two operands (never None, so never
-        # dropped from the flattened inputs).
-        input_output_aliases={0: 1, 1: 0},
+        # state and out are the first two operands (state never None; out,
+        # when given, second in the flattened inputs).
+        input_output_aliases={0: 1} if out is None else {0: 1, 1: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=platform.INTERPRET,
         name="selective_state_update",
     )
     out4, state4 = platform.inference_only(  # jax.grad through it: a clear error
         "selective_state_update", call,
-        state4, out4, as_4d(x, 1), as_4d(dt, 1, (T, H, P), tie_hdim), as_4d(A, 0, (H, P, N), tie_hdim),
+        state4, out4, x4, as_4d(dt, 1, (T, H, P), tie_hdim), as_4d(A, 0, (H, P, N), tie_hdim),
         as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P)), as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
         src, dst, num_accepted_tokens, cu_seqlens, seed)
-    return out4.reshape(out.shape), state4.reshape(state.shape)
+    return out4.reshape(out_shape), state4.reshape(state.shape)

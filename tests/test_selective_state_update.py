@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from frameworks import assert_close
-from ssu_cases import CASES, make_inputs
+from ssu_cases import CASES, SsuCase, make_inputs
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -53,3 +53,23 @@ def test_reference_matches_closed_form_single_step(side, rng):
     np.testing.assert_allclose(out, y, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(state[:T], h, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(state[T:], a["state"][T:])
+
+
+@pytest.mark.parametrize("case", [SsuCase(), SsuCase(null_block_id=-1, state_dtype="bfloat16",
+                                                     input_dtype="bfloat16", four_d=False, ngroups=1,
+                                                     per_head=False)], ids=str)
+def test_without_out_padding_rows_are_zeros(side, case, rng):
+    """``out`` not given: a padding sequence's rows are zeros (the JAX kernel
+    writes them itself, no zero buffer is filled first), the other rows
+    what a given ``out`` gets."""
+    arrays, dtypes, options = make_inputs(case, rng)
+    inputs = side.native(arrays, dtypes)
+    want_out, want_state = side.run_kernel(inputs, **options)  # out given, NaN-poisoned
+    given = {k: (v.clone() if side.name == "torch" else v) for k, v in inputs.items() if k != "out"}
+    result = side.impl.selective_state_update(**given, **options)
+    got_out, got_state = (result, given["state"]) if side.name == "torch" else result
+    padding = np.isnan(want_out)
+    assert padding.any() and (~padding).any(), "the case has padding and real rows"
+    np.testing.assert_array_equal(side.numpy(got_out)[padding], 0)
+    np.testing.assert_array_equal(side.numpy(got_out)[~padding], want_out[~padding])
+    np.testing.assert_array_equal(side.numpy(got_state), want_state)
