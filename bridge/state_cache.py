@@ -163,7 +163,16 @@ class MambaStateCache:
         """The torch tensor ``(num_blocks, *shape)`` of state ``name``, with
         torch's current stream ordered after the JAX steps that wrote it.
         Ends the JAX steps' chain on it (see the class docstring)."""
-        key = self._key(name, layer)
+        return self._claim(self._key(name, layer))
+
+    def claim_for_torch(self) -> None:
+        """``torch(name, layer)`` for every state at once, for a caller that
+        writes them all through addresses it captured (a CUDA graph)."""
+        for key in self._tensors:
+            self._claim(key)
+
+    def _claim(self, key):
+        layer, name = key
         view, _ = self._step_views.pop(key, (None, None))
         if key in self._unordered:
             if view is not None and not view.is_deleted():

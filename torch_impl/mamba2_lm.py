@@ -213,11 +213,8 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
             cache = self._caches.get(bucket) or self._caches.setdefault(bucket, self.new_cache(bucket))
         slots = lm_config.allocate_slots(batch)
         lm_config.check_slots_fit(slots, cache.num_blocks, f"{OP}.prefill")
-        columns = torch.from_numpy(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]))
-        rows = torch.from_numpy(np.repeat(np.arange(batch), lengths))
-        tokens = input_ids[rows.to(input_ids.device), columns.to(input_ids.device)].to(self.device)
-        prefill = self._prefill_layout(cache, lengths, slots)
-        return Prefilled(cache=cache, slots=slots, logits=prefill.run(tokens))
+        prefill = self._prefill_layout(cache, tuple(input_ids.shape), starts, lengths, slots)
+        return Prefilled(cache=cache, slots=slots, logits=prefill.run(input_ids))
 
     @torch.no_grad()
     def generate(self, input_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 20,
@@ -282,18 +279,21 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
             logits = step.run(token)
         return out
 
-    def _prefill_layout(self, cache, lengths: np.ndarray, slots: np.ndarray) -> "LMPrefill":
-        """The prefill of prompts of ``lengths`` into ``slots`` of ``cache``:
+    def _prefill_layout(self, cache, shape: tuple, starts: np.ndarray, lengths: np.ndarray,
+                        slots: np.ndarray) -> "LMPrefill":
+        """The prefill of the prompts at ``starts`` with ``lengths`` in input
+        ids of ``shape``, into ``slots`` of ``cache``:
         eager the first time a layout is seen, captured in a CUDA graph the
         second time (on CUDA, without tensor parallelism, while
         ``prefill_graphs > 0``) and replayed after that; the last
         ``prefill_graphs`` layouts kept."""
         if not (self.prefill_graphs > 0 and self.device.type == "cuda" and self.layers[0].mixer.process_group is None):
-            return LMPrefill(self, cache, lengths, slots, capture=False)
-        key = (tuple(lengths.tolist()), tuple(slots.tolist()), id(cache), self.embedding.data_ptr(), self.dtype)
+            return LMPrefill(self, cache, shape, starts, lengths, slots, capture=False)
+        key = (shape, tuple(starts.tolist()), tuple(lengths.tolist()), tuple(slots.tolist()), id(cache),
+               self.embedding.data_ptr(), self.dtype)
         prefill = self._prefills.pop(key, None)
         if prefill is None or prefill.graph is None:
-            prefill = LMPrefill(self, cache, lengths, slots, capture=prefill is not None)
+            prefill = LMPrefill(self, cache, shape, starts, lengths, slots, capture=prefill is not None)
         self._prefills[key] = prefill
         while len(self._prefills) > self.prefill_graphs:
             self._prefills.popitem(last=False)
@@ -330,37 +330,40 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Te
 
 
 class LMPrefill:
-    """The prefill of one prompt layout (``lengths`` into ``slots`` of
-    ``cache``) on static metadata: eager, or with ``capture`` (CUDA)
-    captured in a CUDA graph, so that a repeated layout costs no host time
-    per layer. ``run(tokens (T,))`` -> logits ``(batch, vocab)`` of each
-    prompt's last token (a new tensor: a later replay does not overwrite it)."""
+    """The prefill of one prompt layout (input ids of ``shape``, the prompts
+    at ``starts`` with ``lengths``, into ``slots`` of ``cache``) on static
+    metadata: eager, or with ``capture`` (CUDA) captured in a CUDA graph with
+    the gather of the prompts' tokens, so that a repeated layout costs no
+    host time per layer. ``run(input_ids)`` -> logits ``(batch, vocab)`` of
+    each prompt's last token (a new tensor: a later replay does not overwrite it)."""
 
-    def __init__(self, model: Mamba2LMHeadModel, cache, lengths: np.ndarray, slots: np.ndarray,
-                 capture: bool):
+    def __init__(self, model: Mamba2LMHeadModel, cache, shape: tuple, starts: np.ndarray,
+                 lengths: np.ndarray, slots: np.ndarray, capture: bool):
         self.model, self.cache = model, cache
         device = model.device
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        columns = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+        self.tokens_at = (torch.from_numpy(rows).to(device), torch.from_numpy(columns).to(device))
         self.metadata = metadata_to_device(lm_config.prefill_metadata(lengths, slots, model.config.chunk_size),
                                            device)
         self.last = torch.from_numpy(np.cumsum(lengths) - 1).to(device)
-        self.tokens, self.graph = None, None
+        self.input_ids, self.graph = None, None
         if capture:  # the layout ran eagerly once already: its kernels are compiled
-            self.tokens = torch.zeros(int(lengths.sum()), dtype=torch.long, device=device)
+            self.input_ids = torch.zeros(shape, dtype=torch.long, device=device)
             self.graph = torch.cuda.CUDAGraph()
             with platform.cuda_graph(self.graph):
-                self.logits = self._prefill(self.tokens)
+                self.logits = self._prefill(self.input_ids)
 
-    def _prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
+            tokens = input_ids[self.tokens_at]
             return self.model._logits(self.model._serve(tokens, self.cache, self.metadata)[self.last])
 
-    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
-            return self._prefill(tokens)
-        self.tokens.copy_(tokens)
-        for layer in range(self.model.config.num_layers):  # orders torch after JAX steps on the cache
-            self.cache.torch("conv", layer)
-            self.cache.torch("ssm", layer)
+            return self._prefill(input_ids.to(self.model.device))
+        self.input_ids.copy_(input_ids)
+        self.cache.claim_for_torch()  # orders torch after JAX steps on the cache
         self.graph.replay()
         return self.logits.clone()
 
@@ -402,9 +405,7 @@ class CapturedLMStep:
         padded = lm_config.decode_metadata(slots, self.bucket, self.model.config.chunk_size)
         self.metadata.state_indices_tensor_d.copy_(torch.from_numpy(padded.state_indices_tensor_d))
         self.batch = len(slots)
-        for layer in range(self.model.config.num_layers):  # orders torch after JAX steps on the cache
-            self.cache.torch("conv", layer)
-            self.cache.torch("ssm", layer)
+        self.cache.claim_for_torch()  # orders torch after JAX steps on the cache
 
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens[:self.batch].copy_(tokens)
