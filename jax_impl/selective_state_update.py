@@ -176,8 +176,9 @@ def _selective_state_update_kernel(
         if dt_bias_ref is not None:
             dt_bias = (dt_bias_ref[head] if tie_hdim else
                        plgpu.load(dt_bias_ref.at[head, rows], mask=mask_m, other=0.0)).astype(jnp.float32)
-        if D_ref is not None:
-            D = plgpu.load(D_ref.at[head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
+        if D_ref is not None:  # per head (H,) or per channel (H, P)
+            D = (D_ref[head] if len(D_ref.shape) == 1 else
+                 plgpu.load(D_ref.at[head, rows], mask=mask_m, other=0.0)).astype(jnp.float32)
 
         def token_step(token, state):
             x = plgpu.load(x_ref.at[token, head, rows], mask=mask_m, other=0.0).astype(jnp.float32)
@@ -315,6 +316,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     out4, state4 = platform.inference_only(  # jax.grad through it: a clear error
         "selective_state_update", call,
         state4, out4, x4, as_4d(dt, 1, (T, H, P), tie_hdim), as_4d(A, 0, (H, P, N), tie_hdim),
-        as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P)), as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
+        as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P), four_d and D is not None and D.ndim == 1), as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
         src, dst, num_accepted_tokens, cu_seqlens, seed)
     return out4.reshape(out_shape), state4.reshape(state.shape)

@@ -19,6 +19,7 @@ class SsuCase:
     per_head: bool = True    # tied dt / A / dt_bias (Mamba-2 layout)
     has_z: bool = True
     has_D: bool = True
+    D_per_head: bool = False  # D (H,) as the Mamba-2 mixer passes it, else (H, P)
     has_dt_bias: bool = True
     softplus: bool = True
     indices: str = "padding"  # none | plain | padding | dst
@@ -54,6 +55,7 @@ CASES = [
     SsuCase(state_dtype="float16", input_dtype="float16", indices="dst"),
     SsuCase(state_dtype="bfloat16", spec=True, indices="dst"),
     SsuCase(state_dtype="float16", four_d=False, ngroups=1, per_head=False),
+    SsuCase(D_per_head=True, state_dtype="bfloat16", input_dtype="bfloat16"),
 ]
 
 # A representative subset (3-D, no optional operands, full params, spec
@@ -101,7 +103,7 @@ def make_inputs(case: SsuCase, rng: np.random.Generator):
         "C": r(T, G, N),
     }
     if case.has_D:
-        arrays["D"] = r(H, P)
+        arrays["D"] = r(H) if case.D_per_head else r(H, P)
     if case.has_dt_bias:
         arrays["dt_bias"] = r(*((H,) if case.per_head else (H, P)), scale=0.5)
     if case.has_z:
