@@ -185,7 +185,8 @@ def kernel_bars(runner: Runner, batch_one: dict, new_tokens: int, rng) -> list[d
     if runner.name == "torch":  # a layout's first prefill runs eagerly (later ones replay a graph)
         graphs, runner.model.prefill_graphs = runner.model.prefill_graphs, 0
         runner.prefill(ids)  # before the profiler: CUPTI slows every launch after it starts
-        eager["eager_wall_us"] = 1e6 * statistics.median(runner.timed(runner.prefill, ids)[0] for _ in range(5))
+        seconds = [runner.timed(runner.prefill, ids)[0] for _ in range(5)]
+        eager["eager_wall_us"] = 1e6 * statistics.median(seconds)
         runner.model.prefill_graphs = graphs
     prefill_events = device_events(lambda: runner.prefill(ids).logits, 1)
     prefill_us = _kernel_time(prefill_events, MATMUL_KERNELS + SCAN_KERNELS)

@@ -164,7 +164,7 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
         ssm of every layer in turn) -> (final normed hidden ``(T, hidden)``,
         new states)."""
         residual, new_states = self._embed(token_ids), []
-        hidden = self.layers[0].norm(residual.astype(self.dtype))  # the embedding: exact in the weights' dtype
+        hidden = self.layers[0].norm(residual.astype(self.dtype))  # the embedding: exact in that dtype
         next_norms = [block.norm for block in self.layers[1:]] + [self.norm_f]
         for i, (block, norm) in enumerate(zip(self.layers, next_norms)):
             out, conv, ssm = block.mixer(hidden, states[2 * i], states[2 * i + 1], metadata)

@@ -316,6 +316,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     out4, state4 = platform.inference_only(  # jax.grad through it: a clear error
         "selective_state_update", call,
         state4, out4, x4, as_4d(dt, 1, (T, H, P), tie_hdim), as_4d(A, 0, (H, P, N), tie_hdim),
-        as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P), four_d and D is not None and D.ndim == 1), as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
+        as_4d(B, 1), as_4d(C, 1), as_4d(D, 0, (H, P), four_d and D is not None and D.ndim == 1),
+        as_4d(dt_bias, 0, (H, P), tie_hdim), as_4d(z, 1),
         src, dst, num_accepted_tokens, cu_seqlens, seed)
     return out4.reshape(out_shape), state4.reshape(state.shape)

@@ -330,7 +330,8 @@ def test_repeated_prefill_layout_replays_a_graph_with_eager_results(rng):
     prompts = [rng.integers(0, TIED.vocab_size, (2, 21)) for _ in range(3)]
 
     def prefill(ids, layout_mask=mask):
-        result = model.prefill(torch.from_numpy(ids).to(side.device), torch.from_numpy(layout_mask).to(side.device))
+        as_device = lambda a: torch.from_numpy(a).to(side.device)  # noqa: E731
+        result = model.prefill(as_device(ids), as_device(layout_mask))
         states = [side.numpy(result.cache.torch(name, layer)[torch.from_numpy(result.slots).long()])
                   for layer in range(TIED.num_layers) for name in ("conv", "ssm")]
         return result.logits, states

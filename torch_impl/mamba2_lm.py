@@ -178,7 +178,7 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
         """The serving forward: packed ``token_ids (T,)`` -> final normed hidden ``(T, hidden)``,
         the states of ``cache`` updated at the metadata's slots."""
         residual = self._embed(token_ids)
-        hidden = self.layers[0].norm(residual.to(self.dtype))  # the embedding: exact in the weights' dtype
+        hidden = self.layers[0].norm(residual.to(self.dtype))  # the embedding: exact in that dtype
         next_norms = [block.norm for block in self.layers[1:]] + [self.norm_f]
         for i, (block, norm) in enumerate(zip(self.layers, next_norms)):
             hidden, residual = norm.add_and_norm(block.mixer(hidden, cache, metadata, i), residual)
@@ -287,7 +287,8 @@ class Mamba2LMHeadModel(LMLayout, nn.Module):
         second time (on CUDA, without tensor parallelism, while
         ``prefill_graphs > 0``) and replayed after that; the last
         ``prefill_graphs`` layouts kept."""
-        if not (self.prefill_graphs > 0 and self.device.type == "cuda" and self.layers[0].mixer.process_group is None):
+        capturable = self.device.type == "cuda" and self.layers[0].mixer.process_group is None
+        if not (self.prefill_graphs > 0 and capturable):
             return LMPrefill(self, cache, shape, starts, lengths, slots, capture=False)
         key = (shape, tuple(starts.tolist()), tuple(lengths.tolist()), tuple(slots.tolist()), id(cache),
                self.embedding.data_ptr(), self.dtype)
@@ -344,8 +345,8 @@ class LMPrefill:
         rows = np.repeat(np.arange(len(lengths)), lengths)
         columns = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
         self.tokens_at = (torch.from_numpy(rows).to(device), torch.from_numpy(columns).to(device))
-        self.metadata = metadata_to_device(lm_config.prefill_metadata(lengths, slots, model.config.chunk_size),
-                                           device)
+        metadata = lm_config.prefill_metadata(lengths, slots, model.config.chunk_size)
+        self.metadata = metadata_to_device(metadata, device)
         self.last = torch.from_numpy(np.cumsum(lengths) - 1).to(device)
         self.input_ids, self.graph = None, None
         if capture:  # the layout ran eagerly once already: its kernels are compiled
