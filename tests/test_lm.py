@@ -317,6 +317,7 @@ def test_torch_generation_captures_while_jax_works_in_another_thread(rng):
         np.testing.assert_array_equal(tokens, quiet)
 
 
+@pytest.mark.slow  # the graph needs CUDA; on a CPU every prefill is eager (about 15 s)
 def test_repeated_prefill_layout_replays_a_graph_with_eager_results(rng):
     """A prompt layout's second torch prefill is captured in a CUDA graph and
     later ones replay it: logits and written states equal the eager

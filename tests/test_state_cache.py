@@ -144,7 +144,7 @@ def test_a_resized_cache_tensor_is_refused(rng):
     cache.jax("ssm")
     tensor = cache.torch("ssm")
     tensor.resize_(2 * tensor.numel())
-    for call in (lambda: cache.jax("ssm"), lambda: cache.torch("ssm"),
+    for call in (lambda: cache.jax("ssm"), lambda: cache.torch("ssm"), cache.claim_for_torch,
                  lambda: cache.write("ssm", torch.zeros(1, HEADS, HEAD_DIM, DSTATE), [0]),
                  lambda: cache.run_jax_inplace(lambda s: (None, s))):
         with pytest.raises(RuntimeError, match="'ssm' of layer 0 was resized"):
@@ -233,6 +233,9 @@ def test_jax_steps_chain_without_imports_until_torch_takes_the_cache(rng, monkey
     assert step() == 0 and seen[-1] is seen[-2]  # the next one takes the previous new state
     tensor = cache.torch("ssm")
     assert step() == 1  # torch() ended the chain
+    assert step() == 0
+    cache.claim_for_torch()
+    assert step() == 1  # so did claim_for_torch() (every state at once)
     assert step() == 0
     tensor.add_(1.0)  # a torch in-place op through a kept reference
     assert step() == 1
