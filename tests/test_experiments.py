@@ -10,6 +10,7 @@ from experiments import compare, tune_ssu
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # interpreter / DLPack notices
 
 
+@pytest.mark.slow  # about a minute in the interpreters: the GPU suite runs it
 def test_compare_quick_writes_record_table_and_plots(tmp_path):
     output = tmp_path / "compare.json"
     compare.main(["--quick", "--output", output])
