@@ -114,19 +114,32 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     if bias_ref is not None:
         bias = plgpu.load(bias_ref.at[offs_d], mask=mask_d, other=0.0).astype(jnp.float32)
 
-    def token_block(i, carry):
-        offs_t = (split + i * tiles.splits) * tiles.block_t + jnp.arange(tiles.block_t, dtype=i32)
+    def window_sum(offs_t, load):
+        """(block_t, block_d) float32: bias + sum over taps of weight * ``load(window positions)``."""
         acc = jnp.zeros((tiles.block_t, tiles.block_d), jnp.float32)
         if bias_ref is not None:
             acc = acc + bias[None, :]
         for k in range(width):
-            pos = offs_t + (k - (width - 1))  # window position; < 0 is history
-            value = load_window(pos, offset + (width - 1) + pos, (pos >= 0) & (pos < seqlen),
-                                (pos < 0) & has_history)
             weight = plgpu.load(weight_ref.at[offs_d, k], mask=mask_d, other=0.0)
-            acc = acc + value * weight.astype(jnp.float32)[None, :]
-        if layout.silu:
-            acc = acc * jax.nn.sigmoid(acc)
+            acc = acc + load(offs_t + (k - (width - 1))) * weight.astype(jnp.float32)[None, :]
+        return acc
+
+    def from_x(pos):
+        return plgpu.load(x_ref.at[bos + pos[:, None], cols], mask=(pos < seqlen)[:, None] & mask_d[None, :],
+                          other=0.0).astype(jnp.float32)
+
+    def with_history(pos):  # window position < 0: the read slot's state
+        return load_window(pos, offset + (width - 1) + pos, (pos >= 0) & (pos < seqlen),
+                           (pos < 0) & has_history)
+
+    def token_block(i, carry):
+        start = (split + i * tiles.splits) * tiles.block_t
+        offs_t = start + jnp.arange(tiles.block_t, dtype=i32)
+        # Every tile but a sequence's first: the window lies in x (no history loads and selects).
+        acc = jax.lax.cond(start >= width - 1, lambda: window_sum(offs_t, from_x),
+                           lambda: window_sum(offs_t, with_history))
+        if layout.silu:  # x sigmoid(x) with exp2 and a plain division, as the Triton kernel
+            acc = acc / (1.0 + jnp.exp2(acc * -1.4426950408889634))
         acc = jnp.where(poison, jnp.nan, acc)
         # Masked lanes past T not clamped: the interpreter's masked store
         # rewrites what it reads, and a clamped lane would race a real one.
