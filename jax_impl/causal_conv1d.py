@@ -32,8 +32,9 @@ from jax_impl import platform
 
 def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qsl_ref, indices_ref,
                           has_init_ref, accepted_ref, read_col_ref, write_col_ref, first_block_ref,
-                          num_computed_ref, out_ref, state_out_ref, *, layout: ConvLayout,
-                          tiles: ConvTiles, pad_slot_id: int, block_size: int):
+                          num_computed_ref, *out_refs, layout: ConvLayout, tiles: ConvTiles,
+                          pad_slot_id: int, block_size: int, x_origin: tuple = (0, 0),
+                          out_columns: tuple = ()):
     """Grid (num_seqs, cdiv(dim, block_d), tiles.splits): a program runs
     every splits-th token tile of one sequence for a block of channels; the
     first (the only one reading the history: block_t >= W - 1 when split)
@@ -42,8 +43,16 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     A sequence whose indices break the contract is skipped, its
     outputs NaN. Tiles are addressed by index arrays (masked lanes clamped to
     row 0), so no slice starts before a sequence's first token. Index
-    arithmetic is int32 throughout (x64 mode included)."""
-    del out_in_ref  # the same buffer as out_ref
+    arithmetic is int32 throughout (x64 mode included).
+
+    ``x_origin``: x's first row and column in ``x_ref`` (a wider array, read
+    in place). ``out_columns``: the output split over several refs, the
+    ``(first, end)`` channels of each (one ref of every channel when empty)."""
+    # Without a given output (``out_in_ref`` None) padding sequences' rows are written as 0.
+    zero_padding = out_in_ref is None
+    del out_in_ref  # the same buffer as the (single) output
+    *out_refs, state_out_ref = out_refs
+    out_columns = out_columns or ((0, layout.dim),)
     i32 = jnp.int32
     zero = jnp.zeros((), i32)  # not a Python 0: see `run_len`
     num_tokens, num_slots, width = layout.num_tokens, layout.num_slots, layout.width
@@ -51,6 +60,7 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
     offs_d = pl.program_id(1) * tiles.block_d + jnp.arange(tiles.block_d, dtype=i32)
     mask_d = offs_d < layout.dim
     cols = offs_d[None, :]
+    x_row0, x_cols = x_origin[0], x_origin[1] + cols
     if qsl_ref is not None:
         bos, eos = qsl_ref[seq], qsl_ref[seq + 1]
         ok = (bos >= 0) & (bos <= eos) & (eos <= num_tokens)
@@ -105,7 +115,7 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
         """(len(rows), block_d) float32: x at ``rows`` where ``from_x``, the read
         slot's state at ``columns`` where ``from_state`` (and inside the state), else 0."""
         from_state = from_state & (columns >= 0) & (columns < layout.state_len)
-        x = plgpu.load(x_ref.at[bos + jnp.where(from_x, rows, zero)[:, None], cols],
+        x = plgpu.load(x_ref.at[x_row0 + bos + jnp.where(from_x, rows, zero)[:, None], x_cols],
                        mask=from_x[:, None] & mask_d[None, :], other=0.0)
         old = plgpu.load(state_ref.at[read_slot, jnp.where(from_state, columns, zero)[:, None], cols],
                          mask=from_state[:, None] & mask_d[None, :], other=0.0)
@@ -125,8 +135,8 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
         return acc
 
     def from_x(pos):
-        return plgpu.load(x_ref.at[bos + pos[:, None], cols], mask=(pos < seqlen)[:, None] & mask_d[None, :],
-                          other=0.0).astype(jnp.float32)
+        return plgpu.load(x_ref.at[x_row0 + bos + pos[:, None], x_cols],
+                          mask=(pos < seqlen)[:, None] & mask_d[None, :], other=0.0).astype(jnp.float32)
 
     def with_history(pos):  # window position < 0: the read slot's state
         return load_window(pos, offset + (width - 1) + pos, (pos >= 0) & (pos < seqlen),
@@ -141,15 +151,21 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
         if layout.silu:  # x sigmoid(x) with exp2 and a plain division, as the Triton kernel
             acc = acc / (1.0 + jnp.exp2(acc * -1.4426950408889634))
         acc = jnp.where(poison, jnp.nan, acc)
+        if zero_padding:
+            acc = jnp.where(padding, 0.0, acc)
         # Masked lanes past T not clamped: the interpreter's masked store
         # rewrites what it reads, and a clamped lane would race a real one.
-        plgpu.store(out_ref.at[(bos + offs_t)[:, None], cols], acc.astype(out_ref.dtype),
-                    mask=(offs_t < seqlen)[:, None] & mask_d[None, :])
+        rows = (bos + offs_t)[:, None]
+        for out_ref, (first, end) in zip(out_refs, out_columns):
+            # Lanes of other refs sent past the end (dropped), never to a negative column.
+            inside = (cols >= first) & (cols < end)
+            plgpu.store(out_ref.at[rows, jnp.where(inside, cols - first, end - first)],
+                        acc.astype(out_ref.dtype), mask=(offs_t < seqlen)[:, None] & inside)
         return carry
 
     # An int32 operand on both sides: with a Python int, JAX folds the select
     # into a bool -> int cast that the Triton lowering leaves as i1.
-    run_len = jnp.where(padding, zero, seqlen)
+    run_len = seqlen if zero_padding else jnp.where(padding, zero, seqlen)
     # (Not pl.cdiv: its lax.div sees an int64 divisor in x64 mode.)
     num_tiles = (run_len + tiles.block_t - 1) // tiles.block_t
     jax.lax.fori_loop(0, jnp.maximum(num_tiles - split + tiles.splits - 1, zero) // tiles.splits,
@@ -194,21 +210,29 @@ def _barrier():
 def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, query_start_loc,
          indices, pad_slot_id, has_initial_state=None, num_accepted_tokens=None,
          initial_state_idx=None, block_idx_last_scheduled_token=None,
-         block_idx_first_scheduled_token=None, num_computed_tokens=None, block_size_to_align=0):
+         block_idx_first_scheduled_token=None, num_computed_tokens=None, block_size_to_align=0,
+         x_origin=(0, 0), out_columns=()):
     """x, out (T, D) (out None: a new array); state (S, L, D). Returns
-    (out (T, D), new state (S, L, D))."""
+    (out (T, D), new state (S, L, D)). ``x_origin`` / ``out_columns``: see
+    the kernel (x then holds more rows and columns; the output is one
+    ``(T, end - first)`` array per ``out_columns`` entry, returned as a tuple
+    in place of ``out``)."""
     out_dtype = x.dtype if out is None else out.dtype
+    shapes = [(layout.num_tokens, end - first) for first, end in out_columns] or [(layout.num_tokens,
+                                                                                    layout.dim)]
     if layout.num_seqs == 0 or layout.dim == 0 or layout.num_tokens == 0:
-        return (jnp.zeros(x.shape, out_dtype) if out is None else out), state
+        outs = tuple(jnp.zeros(shape, out_dtype) for shape in shapes)
+        return (outs if out_columns else (outs[0] if out is None else out)), state
     if indices is not None:
         indices = indices.reshape(indices.shape[0], -1)
     kernel = functools.partial(_causal_conv1d_kernel, layout=layout, tiles=tiles,
-                               pad_slot_id=pad_slot_id, block_size=block_size_to_align)
+                               pad_slot_id=pad_slot_id, block_size=block_size_to_align,
+                               x_origin=x_origin, out_columns=out_columns)
     # Flat operand numbers: the state first, then out when given.
-    aliases = {0: 1} if out is None else {0: 1, 1: 0}
-    return pl.pallas_call(
+    aliases = {0: len(shapes)} if out is None else {0: 1, 1: 0}
+    *outs, new_state = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(x.shape, out_dtype),
+        out_shape=(*(jax.ShapeDtypeStruct(shape, out_dtype) for shape in shapes),
                    jax.ShapeDtypeStruct(state.shape, state.dtype)),
         grid=(layout.num_seqs, pl.cdiv(layout.dim, tiles.block_d), tiles.splits),
         input_output_aliases=aliases,
@@ -218,7 +242,7 @@ def _run(layout: ConvLayout, tiles: ConvTiles, *, x, state, out, weight, bias, q
     )(state, out, x, weight, bias, *map(platform.int32_indices, (
         query_start_loc, indices, has_initial_state, num_accepted_tokens, initial_state_idx,
         block_idx_last_scheduled_token, block_idx_first_scheduled_token, num_computed_tokens)))
-
+    return (tuple(outs) if out_columns else outs[0]), new_state
 
 
 def _conv_fn_bwd_kernel(dx_in_ref, dstate_in_ref, x_ref, weight_ref, bias_ref, state_ref, qsl_ref,
@@ -470,6 +494,54 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
         lambda: check_conv_fn_grad(out=out, **prefix), run, x.T, weight, bias, state,
         None if out is None else out.T, index_arrays)
     return new_out.T, jnp.swapaxes(new_state, 1, 2)
+
+
+def causal_conv1d_fn_columns(source, rows, columns, splits, weight, bias=None, conv_states=None,
+                             query_start_loc=None, cache_indices=None, has_initial_state=None,
+                             activation="silu", pad_slot_id=NULL_BLOCK_ID,
+                             block_idx_first_scheduled_token=None, block_idx_last_scheduled_token=None,
+                             initial_state_idx=None, num_computed_tokens=None, block_size_to_align=0,
+                             *, validate_indices=None):
+    """``causal_conv1d_fn`` of ``x = source[rows[0]:rows[1],
+    columns[0]:columns[1]].T`` read in place, its output split at the
+    channels ``splits``: returns ``((T, width) per part..., new_conv_states)``.
+    JAX only: a Pallas call takes whole arrays, so a sliced ``x`` (a mixer's
+    columns of its projection) and slices of the output (x, B and C) would be
+    copies. Inference only (refused under differentiation); the other
+    arguments as in ``causal_conv1d_fn`` (``conv_states`` required)."""
+    (first_row, end_row), (first_col, end_col) = rows, columns
+    if source.ndim != 2 or not (0 <= first_row <= end_row <= source.shape[0]
+                                and 0 <= first_col <= end_col <= source.shape[1]):
+        raise ValueError(f"causal_conv1d_fn_columns: rows {rows} and columns {columns} must lie in "
+                         f"`source` of shape {source.shape}")
+    edges = (0, *splits, end_col - first_col)
+    if list(edges) != sorted(edges):
+        raise ValueError(f"causal_conv1d_fn_columns: `splits` {splits} must rise within "
+                         f"[0, {end_col - first_col}]")
+    prefix = dict(initial_state_idx=initial_state_idx,
+                  block_idx_last_scheduled_token=block_idx_last_scheduled_token,
+                  block_idx_first_scheduled_token=block_idx_first_scheduled_token,
+                  num_computed_tokens=num_computed_tokens)
+    x = jax.ShapeDtypeStruct((end_col - first_col, end_row - first_row), source.dtype)
+    arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
+                  has_initial_state=has_initial_state, **prefix)
+    layout = check_conv_fn_args(**arrays, conv_states=conv_states, cache_indices=cache_indices,
+                                out=None, activation=activation, pad_slot_id=pad_slot_id,
+                                block_size_to_align=block_size_to_align)
+    _check_values("causal_conv1d_fn", layout, dict(arrays, cache_indices=cache_indices),
+                  validate_indices, pad_slot_id)
+
+    def run(source, weight, bias, state, index_arrays):
+        return _run(layout, conv_tiles(layout), x=source, weight=weight, bias=bias, state=state, out=None,
+                    pad_slot_id=int(pad_slot_id), block_size_to_align=int(block_size_to_align),
+                    x_origin=(first_row, first_col), out_columns=tuple(zip(edges[:-1], edges[1:])),
+                    **index_arrays)
+
+    index_arrays = dict(query_start_loc=query_start_loc, indices=cache_indices,
+                        has_initial_state=has_initial_state, **prefix)
+    outs, new_state = platform.inference_only("causal_conv1d_fn_columns", run, source, weight, bias,
+                                              jnp.swapaxes(conv_states, 1, 2), index_arrays)
+    return (*outs, jnp.swapaxes(new_state, 1, 2))
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,

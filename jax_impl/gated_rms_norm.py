@@ -22,10 +22,12 @@ from jax_impl import platform
 
 
 def _rms_norm_gated_kernel(out_in_ref, x_ref, z_ref, residual_ref, weight_ref, out_ref,
-                           residual_out_ref=None, *, group_size, eps, norm_before_gate, block):
+                           residual_out_ref=None, *, group_size, eps, norm_before_gate, block,
+                           z_column=0):
     """Grid (num_tokens, num_groups): one group of one token per program.
     With a residual (no gate), x + residual is normalised and stored to
-    ``residual_out_ref``."""
+    ``residual_out_ref``. z's channels start at column ``z_column`` of
+    ``z_ref`` (a wider array, read in place)."""
     del out_in_ref  # the same buffer as out_ref
     token, group = pl.program_id(0), pl.program_id(1)
     mask = jnp.arange(block, dtype=jnp.int32) < group_size
@@ -35,7 +37,8 @@ def _rms_norm_gated_kernel(out_in_ref, x_ref, z_ref, residual_ref, weight_ref, o
         x = x + plgpu.load(residual_ref.at[token, cols], mask=mask, other=0.0).astype(jnp.float32)
         plgpu.store(residual_out_ref.at[token, cols], x.astype(residual_out_ref.dtype), mask=mask)
     if z_ref is not None:
-        z = plgpu.load(z_ref.at[token, cols], mask=mask, other=0.0).astype(jnp.float32)
+        z = plgpu.load(z_ref.at[token, pl.ds(z_column + group * group_size, block)], mask=mask,
+                       other=0.0).astype(jnp.float32)
         if not norm_before_gate:
             x = x * z * jax.nn.sigmoid(z)
     y = x * jax.lax.rsqrt(jnp.sum(x * x) / group_size + eps)
@@ -86,11 +89,12 @@ def _rms_norm_gated_bwd_kernel(dy_ref, x_ref, z_ref, weight_ref, dx_ref, dz_ref,
         plgpu.store(dw_ref.at[pl.program_id(0), cols], dw, mask=mask)
 
 
-def _forward(x, weight, z, residual, out, *, eps, group_size, norm_before_gate, out_dtype):
+def _forward(x, weight, z, residual, out, *, eps, group_size, norm_before_gate, out_dtype,
+             z_column=0):
     """out, or ``(out, residual_out)`` with a residual."""
     block = pl.next_power_of_2(group_size)
     kernel = functools.partial(_rms_norm_gated_kernel, group_size=group_size, eps=eps,
-                               norm_before_gate=norm_before_gate, block=block)
+                               norm_before_gate=norm_before_gate, block=block, z_column=z_column)
     out_shape = jax.ShapeDtypeStruct(x.shape, out_dtype)
     if residual is not None:
         out_shape = (out_shape, jax.ShapeDtypeStruct(residual.shape, residual.dtype))
@@ -189,3 +193,25 @@ def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gat
         raise AssertionError("unreachable: check_norm_grad raises")
 
     return inference(out, x, weight, z, residual)
+
+
+def rms_norm_gated_columns(x, weight, z_source, z_column, eps=1e-6, group_size=None,
+                           norm_before_gate=False):
+    """``rms_norm_gated`` with ``z = z_source[:, z_column:z_column + hidden]``
+    read in place. JAX only: a Pallas call takes whole arrays, so a sliced
+    ``z`` (a mixer's gate, columns of its projection) would be a copy.
+    Inference only (refused by name under differentiation)."""
+    num_tokens, hidden = x.shape
+    if z_source.ndim != 2 or z_source.shape[0] != num_tokens or not (
+            0 <= z_column <= z_source.shape[1] - hidden):
+        raise ValueError(f"rms_norm_gated_columns: `z_source` of shape {z_source.shape} must hold "
+                         f"{num_tokens} rows and columns [{z_column}, {z_column + hidden})")
+    z = jax.ShapeDtypeStruct(x.shape, z_source.dtype)
+    _, _, group_size = check_norm_args(x=x, z=z, weight=weight, out=None, residual=None,
+                                       group_size=group_size, eps=eps)
+    if num_tokens == 0:
+        return jnp.zeros(x.shape, x.dtype)
+    return platform.inference_only("rms_norm_gated_columns", lambda x, weight, z_source: _forward(
+        x, weight, z_source, None, None, eps=float(eps), group_size=group_size,
+        norm_before_gate=bool(norm_before_gate), out_dtype=x.dtype, z_column=int(z_column)),
+        x, weight, z_source)

@@ -6,7 +6,8 @@ this package's kernels:
 Training: ``mixer(hidden_states)`` on ``(batch, seqlen, hidden)``, no cache
 (every sequence from zero state), differentiable end to end. Serving:
 decode requests come first in a batch (``causal_conv1d_update`` +
-``selective_state_update``), prefills after them (``causal_conv1d_fn`` +
+``selective_state_update``), prefills after them (``causal_conv1d_fn``, as
+``causal_conv1d_fn_columns`` reading the projection in place, +
 ``mamba_chunk_scan_combined_varlen``). JAX is functional: ``__call__``
 returns the new conv and SSM states; ``forward_on_cache`` runs it on a
 ``bridge.MambaStateCache`` (jitted, the states donated: in place where XLA
@@ -37,8 +38,8 @@ from bridge.spec.ssd_contract import ChunkMetadata
 from bridge.spec.ssu_contract import NULL_BLOCK_ID
 from bridge.spec.state_shapes import is_conv_state_dim_first
 from jax_impl import platform, tp
-from jax_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from jax_impl.gated_rms_norm import rms_norm_gated
+from jax_impl.causal_conv1d import causal_conv1d_fn, causal_conv1d_fn_columns, causal_conv1d_update
+from jax_impl.gated_rms_norm import rms_norm_gated, rms_norm_gated_columns
 from jax_impl.selective_state_update import selective_state_update
 from jax_impl.ssd_combined import mamba_chunk_scan_combined_varlen
 
@@ -286,8 +287,8 @@ class MambaMixer2(MixerLayout, nnx.Module):
         P, N = self.head_dim, self.ssm_state_size
         (I, _, H), G = self.projection_sizes, self.local_groups
         split = lambda v, sizes: jnp.split(v, np.cumsum(sizes)[:-1].tolist(), axis=-1)  # noqa: E731
-        gate, xBC, dt = split(_linear(hidden_states, self.in_proj_weight, self.in_proj_bias),
-                              self.projection_sizes)
+        projection = _linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
+        gate, xBC, dt = split(projection, self.projection_sizes)
         dim_first = is_conv_state_dim_first()
         conv = conv_state if dim_first else conv_state.swapaxes(1, 2)  # (S, conv_dim, L)
         nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
@@ -327,11 +328,12 @@ class MambaMixer2(MixerLayout, nnx.Module):
         if meta.num_prefills:
             table_p = meta.state_indices_tensor_p
             prefix = self._prefix_caching_conv_args(meta, read_col_p, write_col_p) if cache_all else {}
-            conv_p, conv = causal_conv1d_fn(
-                x=xBC[nd:nd + npf].T, weight=weight, bias=bias, conv_states=conv,
-                query_start_loc=meta.query_start_loc_p, cache_indices=table_p,
+            # xBC's columns of the projection read in place, x, B and C written apart: no copies.
+            x_p, B_p, C_p, conv = causal_conv1d_fn_columns(
+                projection, rows=(nd, nd + npf), columns=(I, I + self.projection_sizes[1]),
+                splits=tuple(np.cumsum(self.xbc_sizes)[:-1].tolist()), weight=weight, bias=bias,
+                conv_states=conv, query_start_loc=meta.query_start_loc_p, cache_indices=table_p,
                 has_initial_state=meta.has_initial_states_p, activation=self.activation, **prefix)
-            x_p, B_p, C_p = split(conv_p.T, self.xbc_sizes)
             initial_states = None
             if meta.prep_initial_states:
                 initial_states = _gather_states(ssm_state, _pick(table_p, read_col_p) if cache_all
@@ -355,13 +357,19 @@ class MambaMixer2(MixerLayout, nnx.Module):
         # Rows of padding tokens stay 0.
         parts.append(jnp.zeros((hidden_states.shape[0] - nd - npf, I), hidden_states.dtype))
         ssm_out = jnp.concatenate([p.astype(hidden_states.dtype) for p in parts])
-        out = self._gated_out(ssm_out, gate)
+        out = self._gated_out(ssm_out, gate, projection)
         return out, (conv if dim_first else conv.swapaxes(1, 2)), ssm_state
 
-    def _gated_out(self, ssm_out, gate):
-        """The gated norm and the (row-parallel) ``out_proj``, reduced over the ranks."""
+    def _gated_out(self, ssm_out, gate, projection=None):
+        """The gated norm and the (row-parallel) ``out_proj``, reduced over the
+        ranks. Given the ``projection`` that ``gate`` leads (inference), the
+        norm reads the gate from it in place."""
         axis = self._reduce_axis
-        if self.use_rms_norm and self.dims.norm_is_local:
+        if self.use_rms_norm and self.dims.norm_is_local and projection is not None:
+            gated = rms_norm_gated_columns(x=ssm_out, weight=self.norm_weight[...], z_source=projection,
+                                           z_column=0, eps=self.rms_norm_eps,
+                                           group_size=self.dims.norm_group_size)
+        elif self.use_rms_norm and self.dims.norm_is_local:
             gated = rms_norm_gated(x=ssm_out, weight=self.norm_weight[...], z=gate, eps=self.rms_norm_eps,
                                    group_size=self.dims.norm_group_size)
         elif self.use_rms_norm:  # one group over every rank's channels: its sum of squares reduced

@@ -454,6 +454,54 @@ def test_debug_mode_from_the_environment(side, rng, monkeypatch):
     assert np.isnan(out[1]).all() and not np.isnan(out[[0, 3]]).any()
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["slots", "prefix-caching"])
+def test_jax_columns_form_reads_and_splits_in_place(prefix, rng):
+    """``causal_conv1d_fn_columns`` (the JAX mixer's form): x read as a block
+    of rows and columns of a wider array, the output split over arrays,
+    equals ``causal_conv1d_fn`` on the slice (bitwise: the same kernel) and
+    the float64 reference; refused under differentiation; bad rows,
+    columns or splits refused by name."""
+    side = JaxSide()
+    jax, jnp = side.jax, side.jnp
+    from jax_impl.causal_conv1d import causal_conv1d_fn_columns
+
+    inputs = _fn_inputs(side, rng, seqlens=(1, 2, 5, 3, 37), width=4, dtype="float32", bias=True,
+                        layout="SD")
+    del inputs["out"]
+    options = dict(activation="silu")
+    if prefix:  # one block per sequence (block size 64): its last state written to column 0
+        num = len(inputs["cache_indices"])
+        zero = jnp.zeros(num, jnp.int32)
+        inputs.update(cache_indices=inputs["cache_indices"][:, None], initial_state_idx=zero,
+                      block_idx_first_scheduled_token=zero, block_idx_last_scheduled_token=zero,
+                      num_computed_tokens=zero)
+        options["block_size_to_align"] = 64
+    x = inputs.pop("x")  # (dim, T)
+    dim, tokens = x.shape
+    source = jnp.asarray(rng.standard_normal((tokens + 5, dim + 11)), jnp.float32)
+    source = source.at[2:2 + tokens, 7:7 + dim].set(x.T)
+    want_out, want_state = side.run_conv("causal_conv1d_fn", dict(inputs, x=x), **options)
+    *parts, state = causal_conv1d_fn_columns(source, (2, 2 + tokens), (7, 7 + dim), (5, 16),
+                                                  **inputs, **options)
+    assert [p.shape for p in parts] == [(tokens, 5), (tokens, 11), (tokens, dim - 16)]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in parts], axis=1), want_out.T)
+    np.testing.assert_array_equal(np.asarray(state), want_state)
+    ref_out, _ = side.conv_reference("causal_conv1d_fn", dict(inputs, x=x), **options)
+    padding = np.isnan(ref_out).all(axis=0)  # the reference leaves the padding sequence's rows NaN
+    assert padding.sum() == 5 and (want_out[:, padding] == 0).all()
+    assert_close(want_out[:, ~padding], ref_out[:, ~padding], "float32", "columns form out")
+
+    loss = lambda s: causal_conv1d_fn_columns(s, (2, 2 + tokens), (7, 7 + dim), (5,),  # noqa: E731
+                                                   **inputs, **options)[0].sum()
+    with pytest.raises(ValueError, match="causal_conv1d_fn_columns.*inference-only"):
+        jax.grad(loss)(source)
+    for rows, columns, splits, message in [((0, tokens + 6), (7, 7 + dim), (5,), "rows"),
+                                           ((2, 2 + tokens), (7, 7 + dim + 5), (5,), "columns"),
+                                           ((2, 2 + tokens), (7, 7 + dim), (9, 5), "splits")]:
+        with pytest.raises(ValueError, match=message):
+            causal_conv1d_fn_columns(source, rows, columns, splits, **inputs, **options)
+
+
 def test_no_tokens_is_a_no_op(side, rng):
     dim, width = 8, 4
     state = side.array(rng.standard_normal((3, dim, width - 1)), "float32")

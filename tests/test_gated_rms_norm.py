@@ -57,6 +57,31 @@ def test_triton_matches_pallas(rng):
     assert_close(t, j, "float32", "Triton vs Pallas")
 
 
+@pytest.mark.parametrize("case", CASES[:2], ids=["plain", "grouped-norm-first"])
+def test_jax_columns_form_reads_the_gate_in_place(case, rng):
+    """``rms_norm_gated_columns`` (the JAX mixer's form): the gate read from
+    columns of a wider array equals ``rms_norm_gated`` on the slice
+    (bitwise: the same kernel) and the float64 reference; refused under
+    differentiation and for a ``z_source`` that does not hold the columns."""
+    side = JaxSide()
+    jax, jnp = side.jax, side.jnp
+    from jax_impl.gated_rms_norm import rms_norm_gated_columns
+
+    inputs = _inputs(side, rng, case)
+    del inputs["out"]
+    options = dict(eps=1e-5, group_size=case["group_size"], norm_before_gate=case["norm_before_gate"])
+    x, z = inputs["x"], inputs["z"]
+    source = jnp.concatenate([jnp.ones((x.shape[0], 3)), z, jnp.ones((x.shape[0], 6))], axis=1)
+    got = rms_norm_gated_columns(x, inputs["weight"], source, 3, **options)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(side.impl.rms_norm_gated(**inputs, **options)))
+    assert_close(side.numpy(got), _reference(inputs, **options), case["dtype"], "columns form")
+    with pytest.raises(ValueError, match="rms_norm_gated_columns.*inference-only"):
+        jax.grad(lambda s: rms_norm_gated_columns(x, inputs["weight"], s, 3, **options).sum())(source)
+    for bad_source, column in [(source, 10), (source[1:], 3)]:
+        with pytest.raises(ValueError, match="z_source"):
+            rms_norm_gated_columns(x, inputs["weight"], bad_source, column, **options)
+
+
 def test_bad_input_raises_naming_the_argument(side, rng):
     inputs = _inputs(side, rng, CASES[0])
     with pytest.raises(ValueError, match="`group_size`"):
