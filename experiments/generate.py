@@ -66,7 +66,7 @@ FRAMEWORKS = ("torch", "jax")
 
 def settings(quick: bool) -> dict:
     if ON_GPU and not quick:
-        return dict(shape=MAMBA2_2P7B_LM, batches=[1, 64, 256], new_tokens=32, repeats=3,
+        return dict(shape=MAMBA2_2P7B_LM, batches=[1, 64, 256], new_tokens=32, repeats=7,
                     dtype="bfloat16")
     return dict(shape=TINY_LM, batches=[1], new_tokens=3, repeats=1, dtype="bfloat16" if ON_GPU else "float32")
 

@@ -157,10 +157,14 @@ def _causal_conv1d_kernel(state_ref, out_in_ref, x_ref, weight_ref, bias_ref, qs
         # rewrites what it reads, and a clamped lane would race a real one.
         rows = (bos + offs_t)[:, None]
         for out_ref, (first, end) in zip(out_refs, out_columns):
-            # Lanes of other refs sent past the end (dropped), never to a negative column.
             inside = (cols >= first) & (cols < end)
-            plgpu.store(out_ref.at[rows, jnp.where(inside, cols - first, end - first)],
-                        acc.astype(out_ref.dtype), mask=(offs_t < seqlen)[:, None] & inside)
+            # Compiled, the columns stay affine (vector stores; masked lanes
+            # are never accessed). The interpreter reads every lane: those of
+            # other refs go past the end (dropped), not to a negative column
+            # that would wrap onto a real one.
+            out_cols = jnp.where(inside, cols - first, end - first) if platform.INTERPRET else cols - first
+            plgpu.store(out_ref.at[rows, out_cols], acc.astype(out_ref.dtype),
+                        mask=(offs_t < seqlen)[:, None] & inside)
         return carry
 
     # An int32 operand on both sides: with a Python int, JAX folds the select
