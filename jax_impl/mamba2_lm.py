@@ -24,7 +24,9 @@ Mirror: ``torch_impl/mamba2_lm.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import weakref
 from typing import Callable, Optional
 
 import jax
@@ -44,7 +46,7 @@ from jax_impl.tp import put as tp_put
 OP = lm_config.OP
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(platform.CountsAssignments, nnx.Module):
     """``x (..., hidden)`` -> ``x / sqrt(mean(x^2) + eps) * weight``, on the gated-norm kernel without gate."""
 
     def __init__(self, hidden_size: int, eps: float, dtype=jnp.float32):
@@ -61,7 +63,7 @@ class RMSNorm(nnx.Module):
         return rms_norm_gated(x, self.weight[...], eps=self.eps, residual=residual)
 
 
-class Mamba2Block(nnx.Module):
+class Mamba2Block(platform.CountsAssignments, nnx.Module):
     """``norm`` then ``mixer``; the model adds the residual."""
 
     def __init__(self, config: Mamba2Config, dtype, rngs: nnx.Rngs, tp: dict):
@@ -74,7 +76,7 @@ def _load_bin(file: str):
                      "torch_impl.Mamba2LMHeadModel, or convert it to model.safetensors")
 
 
-class Mamba2LMHeadModel(LMLayout, nnx.Module):
+class Mamba2LMHeadModel(platform.CountsAssignments, LMLayout, nnx.Module):
     """A Mamba-2 language model (``bridge.spec.lm_config.Mamba2Config``).
     Parameters: ``embedding (vocab, hidden)``, ``layers[i].norm.weight``,
     ``layers[i].mixer.*`` (``MambaMixer2``'s), ``norm_f.weight``, ``lm_head
@@ -195,12 +197,14 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
         return bridge.MambaStateCache(self.layers[0].mixer.get_state_shape(), state_dtype, batch_size + 1,
                                       num_layers=self.config.num_layers, owner=owner, device=device)
 
-    def _run(self, jitted, cache, *args):
-        """``jitted(states, *args)`` -> ``(result, *new_states)`` on ``cache``:
-        the model's own states (a tuple), or a ``bridge.MambaStateCache``
-        updated in place through the bridge. Returns (result, new cache)."""
+    def _run(self, body, cache, *args):
+        """``body(states, model, *args)`` -> ``(result, *new_states)``, jitted
+        with the states donated, on ``cache``: the model's own states (a
+        tuple), or a ``bridge.MambaStateCache`` updated in place through the
+        bridge. Returns (result, new cache)."""
+        jitted, model = self._jitted_on_leaves(body)
         if isinstance(cache, tuple):
-            result, *states = jitted(cache, *args)
+            result, *states = jitted(cache, model, *args)
             return result, tuple(states)
         import bridge
 
@@ -208,9 +212,20 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
             fail(OP, "cache", f"must be a bridge.MambaStateCache or the model's states, got {type(cache).__name__}")
         tensors = [cache.torch(name, layer) for layer in range(self.config.num_layers) for name in ("conv", "ssm")]
         count = len(tensors)
-        step = bridge.jax_step_into(tensors, lambda *a: jitted(a[:count], *a[count:]), *args,
+        step = bridge.jax_step_into(tensors, lambda *a: jitted(a[:count], *a[count:]), model, *args,
                                     state_outputs=tuple(range(1, count + 1)))
         return step.outputs[0], cache
+
+    def _jitted_on_leaves(self, body):
+        """``(jitted body, model argument)``: the body on the model's leaves
+        (``_Flat``), or, where they cannot be cached, on the model itself."""
+        flat = _FLAT.get(self)
+        if flat is None or not flat.valid_for(self):
+            flat = _FLAT[self] = _Flat.of(self)
+        if flat.variables is None:
+            return _jitted(body, None), self
+        # The raw values: what jax.tree.flatten gives (get_value's hooks cost 10 us per variable).
+        return _jitted(body, flat.treedef), [v.get_raw_value() for v in flat.variables]
 
     def prefill(self, input_ids, attention_mask=None, cache=None) -> Prefilled:
         """Run the prompts (``input_ids (batch, seqlen)``, ``attention_mask`` as
@@ -226,15 +241,18 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
             fail(f"{OP}.prefill", "attention_mask", f"leaves rows {np.flatnonzero(lengths == 0).tolist()} "
                                                     "without tokens; every prompt needs one")
         batch = len(lengths)
-        cache = self.new_states(lm_config.batch_bucket(batch)) if cache is None else cache
+        body, bucket = _prefill, lm_config.batch_bucket(batch)
+        if cache is None and self.mesh is None:  # zero states made inside the jitted prefill
+            body, cache, num_blocks = _prefill_on_zero_states(bucket + 1), (), bucket + 1
+        else:
+            cache = self.new_states(bucket) if cache is None else cache
+            num_blocks = cache[0].shape[0] if isinstance(cache, tuple) else cache.num_blocks
         slots = lm_config.allocate_slots(batch)
-        num_blocks = cache[0].shape[0] if isinstance(cache, tuple) else cache.num_blocks
         lm_config.check_slots_fit(slots, num_blocks, f"{OP}.prefill")
         tokens = np.concatenate([ids[r, s:s + n] for r, (s, n) in enumerate(zip(starts, lengths))])
         metadata, last_rows = _prefill_inputs(tuple(lengths.tolist()), tuple(slots.tolist()),
                                               self.config.chunk_size)
-        logits, cache = self._run(_jitted_prefill, cache, self, jnp.asarray(tokens, jnp.int32), metadata,
-                                  last_rows)
+        logits, cache = self._run(body, cache, jnp.asarray(tokens, jnp.int32), metadata, last_rows)
         return Prefilled(cache=cache, slots=slots, logits=logits)
 
     def generate(self, input_ids=None, max_new_tokens: int = 20, attention_mask=None, *,
@@ -273,8 +291,8 @@ class Mamba2LMHeadModel(LMLayout, nnx.Module):
             logits = to_jax(logits, copy_ok=True, name="prefilled.logits")
         metadata = lm_config.decode_metadata(prefilled.slots, lm_config.batch_bucket(batch),
                                              self.config.chunk_size)
-        tokens, prefilled.cache = self._run(_jitted_decode(params, callback), prefilled.cache, self,
-                                            logits, metadata, jax.random.key(params.seed))
+        tokens, prefilled.cache = self._run(_decode(params, callback), prefilled.cache, logits, metadata,
+                                            jax.random.key(params.seed))
         return tokens
 
 
@@ -296,9 +314,52 @@ def _sample(logits, params: SamplingParams, key):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-# The jitted functions take the model itself (an nnx module is a pytree: its
-# arrays are leaves, its structure and settings static), so a call does no
-# nnx.split, whose graph walk costs milliseconds per call in Python.
+# The jitted functions take the model's leaves, not the model: jit's own
+# flattening of an nnx module runs in Python (about 1 ms per call for a
+# 2.7B-shaped model of 16 layers, most of a prefill's host time). A model's
+# flattening is cached while it provably stands (``_Flat.valid_for``); the
+# leaves themselves are read from its variables on every call.
+
+_FLAT = weakref.WeakKeyDictionary()  # model -> _Flat
+
+
+@dataclasses.dataclass
+class _Flat:
+    """``jax.tree.flatten(model)``'s treedef and the variable behind each
+    leaf (``variables`` None: a leaf without its own variable; not cached)."""
+
+    assignments: int  # platform.assignments() when flattened
+    layers: tuple  # the layer modules (held: an id could be reused)
+    treedef: object
+    variables: Optional[list]
+
+    @classmethod
+    def of(cls, model) -> "_Flat":
+        leaves, treedef = jax.tree.flatten(model)
+        owners = {id(v.get_raw_value()): v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+        variables = [owners.get(id(leaf)) for leaf in leaves]
+        unique = len({id(v) for v in variables}) == len(variables)
+        return cls(platform.assignments(), tuple(model.layers), treedef,
+                   variables if unique and None not in variables else None)
+
+    def valid_for(self, model) -> bool:
+        """No attribute of this package's modules assigned since, the same
+        layers: the same structure (a variable's new value is read anyway)."""
+        layers = tuple(model.layers)
+        return (self.assignments == platform.assignments() and len(layers) == len(self.layers)
+                and all(a is b for a, b in zip(layers, self.layers)))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(body, treedef):
+    """``body(states, model, *args)`` jitted with the states donated, taking
+    the model's leaves of ``treedef`` in place of the model (the model
+    itself when ``treedef`` is None)."""
+    if treedef is None:
+        return jax.jit(body, donate_argnums=0)
+    return jax.jit(lambda states, leaves, *args: body(states, jax.tree.unflatten(treedef, leaves), *args),
+                   donate_argnums=0)
+
 
 @functools.lru_cache(maxsize=16)
 def _zeros(shapes: tuple, dtype, shardings):
@@ -317,18 +378,29 @@ def _prefill_inputs(lengths: tuple, slots: tuple, chunk_size: int):
     return metadata.map_arrays(jnp.asarray), jnp.asarray(np.cumsum(lengths) - 1, jnp.int32)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _jitted_prefill(states, model, tokens, metadata, last_rows):
-    """The prefill of every layer, the states donated: ``(states, model,
-    tokens (T,), metadata, last_rows (batch,))`` -> ``(logits, *states)``."""
+def _prefill(states, model, tokens, metadata, last_rows):
+    """The prefill of every layer: ``(states, model, tokens (T,), metadata,
+    last_rows (batch,))`` -> ``(logits, *states)``."""
     hidden, states = model._serve(tokens, states, metadata)
     return (model._logits(hidden[last_rows]), *states)
 
 
+@functools.lru_cache(maxsize=8)
+def _prefill_on_zero_states(blocks: int):
+    """``_prefill`` on float32 zero states of ``blocks`` blocks made inside
+    the jitted call (its ``states`` argument empty): no separate dispatch."""
+    def body(no_states, model, tokens, metadata, last_rows):
+        shapes = model.layers[0].mixer.get_state_shape()
+        zeros = tuple(jnp.zeros((blocks, *shape), jnp.float32) for shape in shapes) * model.config.num_layers
+        return _prefill(zeros, model, tokens, metadata, last_rows)
+
+    return body
+
+
 @functools.lru_cache(maxsize=64)
-def _jitted_decode(sampling: SamplingParams, callback):
-    """The whole decode loop, jitted with the states donated: ``(states, model,
-    logits (batch, vocab), metadata, key)`` -> ``(tokens (batch, n), *states)``."""
+def _decode(sampling: SamplingParams, callback):
+    """The whole decode loop: ``(states, model, logits (batch, vocab),
+    metadata, key)`` -> ``(tokens (batch, n), *states)``."""
     n, eos = sampling.max_new_tokens, sampling.eos_token_id
 
     def pick(logits, key, done, step):
@@ -361,4 +433,4 @@ def _jitted_decode(sampling: SamplingParams, callback):
         carry = jax.lax.while_loop(running, body, (1, token, done, out, states, key))
         return (carry[3], *carry[4])
 
-    return jax.jit(decode, donate_argnums=0)
+    return decode

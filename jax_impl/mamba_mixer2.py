@@ -92,7 +92,7 @@ def _pick(table, columns):
     return picked if columns.ndim == 2 else picked[:, 0]
 
 
-class MambaMixer2(MixerLayout, nnx.Module):
+class MambaMixer2(platform.CountsAssignments, MixerLayout, nnx.Module):
     """Arguments: ``bridge.spec.mixer_layout.MixerLayout``'s. Parameters (torch layout, as in the mirror):
     ``in_proj_weight (I + conv_dim + H, hidden)``, ``in_proj_bias``,
     ``conv_weight (conv_dim, W)``, ``conv_bias``, ``A_log (H,)`` (float32;

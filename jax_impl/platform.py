@@ -19,6 +19,24 @@ def device_name(device: jax.Device | None = None) -> str:
     return device.device_kind if device.platform == "gpu" else "cpu"
 
 
+class CountsAssignments:
+    """Mixin of this package's nnx modules: every attribute assignment on
+    one bumps ``assignments()``, so a cached flattening of a model (see
+    ``mamba2_lm``) knows its structure may have changed."""
+
+    def __setattr__(self, name, value):
+        _assignments[0] += 1
+        super().__setattr__(name, value)
+
+
+_assignments = [0]
+
+
+def assignments() -> int:
+    """Attribute assignments on this package's nnx modules so far."""
+    return _assignments[0]
+
+
 def is_concrete(array) -> bool:
     """A value known on the host (not traced under ``jax.jit``): index values
     can then be checked before a kernel runs."""

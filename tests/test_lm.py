@@ -280,6 +280,38 @@ def test_greedy_generation_of_prompts_of_different_lengths(side, rng):
         assert got[row, :safe].tolist() == until_eos(want, eos)[:safe], f"{side.name} row {row}"
 
 
+def test_jax_prefill_follows_weights_and_structure_changes(rng):
+    """The Flax model's cached flattening (the jitted prefill takes its
+    leaves): a new parameter value, a module assigned in place of another
+    and a layer replaced in the layer list all reach the next prefill's
+    logits (each against the float64 model of the weights it holds then)."""
+    side = JaxSide()
+    from jax_impl import mamba2_lm
+
+    weights, other = random_lm_weights(rng, CONFIG), random_lm_weights(rng, CONFIG)
+    model = new_model(side, CONFIG, weights)
+    donor = new_model(side, CONFIG, other)  # built first: the layer swap below is the only change
+    ids = rng.integers(0, CONFIG.vocab_size, (1, 9))
+
+    def check(label):
+        got = side.numpy(model.prefill(ids).logits)[0]
+        assert_close(got, lm_ref(weights, CONFIG, ids[0])[-1], "float32", label)
+
+    check("first prefill")
+    assert mamba2_lm._FLAT[model].variables is not None, "the model's flattening is not cached"
+    weights["backbone.norm_f.weight"] = 1 + 0.1 * rng.standard_normal(CONFIG.hidden_size)
+    model.norm_f.weight.set_value(side.jnp.asarray(weights["backbone.norm_f.weight"], side.jnp.float32))
+    check("a parameter's new value")
+    weights["backbone.norm_f.weight"] = 1 + 0.1 * rng.standard_normal(CONFIG.hidden_size)
+    norm = mamba2_lm.RMSNorm(CONFIG.hidden_size, CONFIG.norm_eps)
+    norm.weight.set_value(side.jnp.asarray(weights["backbone.norm_f.weight"], side.jnp.float32))
+    model.norm_f = norm
+    check("a module assigned in place of another")
+    model.layers[1] = donor.layers[1]
+    weights.update({k: v for k, v in other.items() if k.startswith("backbone.layers.1.")})
+    check("a layer replaced in the list")
+
+
 def test_torch_generation_captures_while_jax_works_in_another_thread(rng):
     """The torch decode step is captured in a CUDA graph (once per generation:
     each has its own cache) while another thread of the process keeps JAX
