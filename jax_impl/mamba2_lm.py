@@ -249,10 +249,12 @@ class Mamba2LMHeadModel(platform.CountsAssignments, LMLayout, nnx.Module):
             num_blocks = cache[0].shape[0] if isinstance(cache, tuple) else cache.num_blocks
         slots = lm_config.allocate_slots(batch)
         lm_config.check_slots_fit(slots, num_blocks, f"{OP}.prefill")
-        tokens = np.concatenate([ids[r, s:s + n] for r, (s, n) in enumerate(zip(starts, lengths))])
+        # int32 on the host: the jitted call copies it over (an eager jnp cast costs a dispatch).
+        tokens = np.concatenate([ids[r, s:s + n] for r, (s, n) in enumerate(zip(starts, lengths))]
+                                ).astype(np.int32)
         metadata, last_rows = _prefill_inputs(tuple(lengths.tolist()), tuple(slots.tolist()),
                                               self.config.chunk_size)
-        logits, cache = self._run(body, cache, jnp.asarray(tokens, jnp.int32), metadata, last_rows)
+        logits, cache = self._run(body, cache, tokens, metadata, last_rows)
         return Prefilled(cache=cache, slots=slots, logits=logits)
 
     def generate(self, input_ids=None, max_new_tokens: int = 20, attention_mask=None, *,
