@@ -557,8 +557,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
     (``x (batch, dim)`` or packed ``(T, dim)``, ``conv_state (S, dim, L)``;
     ``bridge.spec.conv_contract``), functional: returns ``(out,
     new_conv_state)``; ``max_query_len`` is static. ``validate_indices``: as
-    in ``causal_conv1d_fn``. Inference only: refused (ValueError naming the
-    op) under ``jax.grad`` / ``jax.vjp``.
+    in ``causal_conv1d_fn``. Without ``out``, padding entries' rows are 0 (a
+    given ``out`` keeps them). Inference only: refused (ValueError naming
+    the op) under ``jax.grad`` / ``jax.vjp``.
     """
     arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
                   num_accepted_tokens=num_accepted_tokens, initial_state_idx=initial_state_idx,

@@ -129,6 +129,24 @@ def test_decode_matches_reference(side, case, rng):
     assert_close(got_state, want_state, case["dtype"], f"{side.name} decode conv state")
 
 
+def test_jax_padding_rows_are_zero_without_out(rng):
+    """JAX without ``out`` (a fresh, uninitialised XLA buffer): the padding
+    entries' rows are written as 0, in decode and prefill; the others as
+    with a given ``out``."""
+    side = JaxSide()
+    for function, inputs, padding in [
+            ("causal_conv1d_update", _update_inputs(side, rng, dtype="float32", spec=False, columns=False),
+             np.arange(4) == 2),
+            ("causal_conv1d_fn", _fn_inputs(side, rng, seqlens=(1, 2, 5, 3), width=4, dtype="float32",
+                                            bias=True, layout="SD"), np.repeat(np.arange(4) == 2, (1, 2, 5, 3)))]:
+        as_rows = (lambda out: out) if function == "causal_conv1d_update" else (lambda out: out.T)  # noqa: E731
+        want = as_rows(side.run_conv(function, inputs, activation="silu")[0])
+        got = as_rows(side.run_conv(function, {k: v for k, v in inputs.items() if k != "out"},
+                                    activation="silu")[0])
+        assert (got[padding] == 0).all(), f"{function}: padding rows"
+        np.testing.assert_array_equal(got[~padding], want[~padding], err_msg=function)
+
+
 def test_prefill_then_decode_equals_longer_prefill(side, rng):
     """Prefill n < width - 1 tokens (the state keeps part of the zero
     history), then decode: plainly on a (W-1)-column state, and
