@@ -1,5 +1,6 @@
 """Where the Pallas kernels run (compiled, Triton lowering, on a GPU; else in
-Pallas' interpreter on the CPU) and the prologue every wrapper shares."""
+Pallas' interpreter on the CPU), the prologue every wrapper shares, and the
+count of attribute assignments on the package's modules."""
 
 import jax
 import jax.numpy as jnp
