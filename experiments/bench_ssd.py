@@ -1,7 +1,7 @@
 """Chunked-scan (SSD prefill) benchmark: Triton, Pallas and the plain-ops
 baselines (torch, XLA) on the same inputs, each checked against float64.
 
-    python -m experiments.bench_ssd [--quick] [--backward]
+    python -m experiments.bench_ssd [--quick] [--backward [--tokens N ...] [--sequences N ...]]
 
 On a GPU: Mamba-2 2.7B heads (nheads 80, headdim 64, dstate 128, ngroups 1,
 chunk 256), bf16 inputs, float32 states, 4k / 16k / 64k tokens as one
@@ -20,7 +20,8 @@ backward (one sequence only: its backward takes no ``cu_seqlens``) when its
 unmodified Triton files are importable from ``$MAMBA_SSM_ANCHOR`` (a folder
 holding ``mamba_ssm/``; never part of this repository). Peak memory: torch's
 ``max_memory_allocated`` over the call, less what was allocated before it
-(the inputs), for the two torch implementations.
+(the inputs), for the two torch implementations. ``--tokens`` /
+``--sequences`` keep only those totals and sequence counts (a short GPU run).
 """
 
 from __future__ import annotations
@@ -387,15 +388,17 @@ def backward_case(seqlens, layout, nheads, headdim, dstate, ngroups, chunk_size,
     return rows
 
 
-def backward_rows(quick: bool) -> list[dict]:
-    """Forward + backward rows (see the module docstring)."""
+def backward_rows(quick: bool, tokens=None, sequences=None) -> list[dict]:
+    """Forward + backward rows (see the module docstring); ``tokens`` /
+    ``sequences`` (GPU): only those totals / sequence counts."""
     rng = np.random.default_rng(0)
     if ON_GPU and not quick:
-        shape, totals, repeats = MAMBA2_2P7B_SSD, PREFILL_TOKENS, 10
+        shape, totals, repeats = MAMBA2_2P7B_SSD, tuple(tokens or PREFILL_TOKENS), 10
+        counts = tuple(sequences or (1, MIXED_SEQUENCES))
     else:  # the interpreters: one small case (seconds per call)
-        shape, totals, repeats = CPU_SSD, (32,), 1
+        shape, totals, repeats, counts = CPU_SSD, (32,), 1, (1,)
     # On a CPU the Pallas backward's tracing takes most of a minute: GPU only.
-    return [row for seqlens, layout in layouts(totals, (1, MIXED_SEQUENCES) if ON_GPU and not quick else (1,), rng)
+    return [row for seqlens, layout in layouts(totals, counts, rng)
             for row in backward_case(seqlens, layout, **shape, input_dtype="bfloat16", repeats=repeats,
                                      with_pallas=ON_GPU)]
 
@@ -414,9 +417,12 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stages", action="store_true", help="time each kernel stage instead")
     parser.add_argument("--backward", action="store_true", help="forward + backward rows instead")
+    parser.add_argument("--tokens", type=int, nargs="*", help="with --backward on a GPU: only these totals")
+    parser.add_argument("--sequences", type=int, nargs="*",
+                        help="with --backward on a GPU: only these sequence counts")
     args = parser.parse_args()
     if args.backward:
-        print_backward_table(backward_rows(args.quick))
+        print_backward_table(backward_rows(args.quick, args.tokens, args.sequences))
     elif args.stages:
         print_stage_times(args.quick)
     else:
