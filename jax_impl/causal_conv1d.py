@@ -441,6 +441,24 @@ def _check_values(function: str, layout: ConvLayout, arrays: dict, validate_indi
         check_conv_index_values(function, layout, values, pad_slot_id=pad_slot_id)
 
 
+def _checked_fn(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
+                prefix: dict, *, out, activation, pad_slot_id, block_size_to_align, validate_indices):
+    """``causal_conv1d_fn``'s checks (``x`` may be a ShapeDtypeStruct):
+    ``(layout, state (S, L, D))``, zero states when ``conv_states`` is None."""
+    if conv_states is None:
+        conv_states = jnp.zeros(stateless_states_shape(
+            x=x, weight=weight, query_start_loc=query_start_loc, cache_indices=cache_indices,
+            has_initial_state=has_initial_state, **prefix), x.dtype)
+    arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
+                  has_initial_state=has_initial_state, **prefix)
+    layout = check_conv_fn_args(**arrays, conv_states=conv_states, cache_indices=cache_indices,
+                                out=out, activation=activation, pad_slot_id=pad_slot_id,
+                                block_size_to_align=block_size_to_align)
+    _check_values("causal_conv1d_fn", layout, dict(arrays, cache_indices=cache_indices),
+                  validate_indices, pad_slot_id)
+    return layout, jnp.swapaxes(conv_states, 1, 2)
+
+
 def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=None,
                      cache_indices=None, has_initial_state=None, activation="silu",
                      pad_slot_id=NULL_BLOCK_ID, block_idx_first_scheduled_token=None,
@@ -468,18 +486,10 @@ def causal_conv1d_fn(x, weight, bias=None, conv_states=None, query_start_loc=Non
                   block_idx_last_scheduled_token=block_idx_last_scheduled_token,
                   block_idx_first_scheduled_token=block_idx_first_scheduled_token,
                   num_computed_tokens=num_computed_tokens)
-    if conv_states is None:
-        conv_states = jnp.zeros(stateless_states_shape(
-            x=x, weight=weight, query_start_loc=query_start_loc, cache_indices=cache_indices,
-            has_initial_state=has_initial_state, **prefix), x.dtype)
-    arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
-                  has_initial_state=has_initial_state, **prefix)
-    layout = check_conv_fn_args(**arrays, conv_states=conv_states, cache_indices=cache_indices,
-                                out=out, activation=activation, pad_slot_id=pad_slot_id,
-                                block_size_to_align=block_size_to_align)
-    _check_values("causal_conv1d_fn", layout, dict(arrays, cache_indices=cache_indices),
-                  validate_indices, pad_slot_id)
-    state = jnp.swapaxes(conv_states, 1, 2)
+    layout, state = _checked_fn(x, weight, bias, conv_states, query_start_loc, cache_indices,
+                                has_initial_state, prefix, out=out, activation=activation,
+                                pad_slot_id=pad_slot_id, block_size_to_align=block_size_to_align,
+                                validate_indices=validate_indices)
     tiles, pad_slot_id = conv_tiles(layout), int(pad_slot_id)
     if out is None and all(value is None for value in prefix.values()):
         new_out, new_state = _conv_fn_train(layout, tiles, pad_slot_id, x.T, weight, bias, state,
@@ -512,7 +522,7 @@ def causal_conv1d_fn_columns(source, rows, columns, splits, weight, bias=None, c
     JAX only: a Pallas call takes whole arrays, so a sliced ``x`` (a mixer's
     columns of its projection) and slices of the output (x, B and C) would be
     copies. Inference only (refused under differentiation); the other
-    arguments as in ``causal_conv1d_fn`` (``conv_states`` required)."""
+    arguments as in ``causal_conv1d_fn``."""
     (first_row, end_row), (first_col, end_col) = rows, columns
     if source.ndim != 2 or not (0 <= first_row <= end_row <= source.shape[0]
                                 and 0 <= first_col <= end_col <= source.shape[1]):
@@ -527,13 +537,10 @@ def causal_conv1d_fn_columns(source, rows, columns, splits, weight, bias=None, c
                   block_idx_first_scheduled_token=block_idx_first_scheduled_token,
                   num_computed_tokens=num_computed_tokens)
     x = jax.ShapeDtypeStruct((end_col - first_col, end_row - first_row), source.dtype)
-    arrays = dict(x=x, weight=weight, bias=bias, query_start_loc=query_start_loc,
-                  has_initial_state=has_initial_state, **prefix)
-    layout = check_conv_fn_args(**arrays, conv_states=conv_states, cache_indices=cache_indices,
-                                out=None, activation=activation, pad_slot_id=pad_slot_id,
-                                block_size_to_align=block_size_to_align)
-    _check_values("causal_conv1d_fn", layout, dict(arrays, cache_indices=cache_indices),
-                  validate_indices, pad_slot_id)
+    layout, state = _checked_fn(x, weight, bias, conv_states, query_start_loc, cache_indices,
+                                has_initial_state, prefix, out=None, activation=activation,
+                                pad_slot_id=pad_slot_id, block_size_to_align=block_size_to_align,
+                                validate_indices=validate_indices)
 
     def run(source, weight, bias, state, index_arrays):
         return _run(layout, conv_tiles(layout), x=source, weight=weight, bias=bias, state=state, out=None,
@@ -544,7 +551,7 @@ def causal_conv1d_fn_columns(source, rows, columns, splits, weight, bias=None, c
     index_arrays = dict(query_start_loc=query_start_loc, indices=cache_indices,
                         has_initial_state=has_initial_state, **prefix)
     outs, new_state = platform.inference_only("causal_conv1d_fn_columns", run, source, weight, bias,
-                                              jnp.swapaxes(conv_states, 1, 2), index_arrays)
+                                              state, index_arrays)
     return (*outs, jnp.swapaxes(new_state, 1, 2))
 
 
