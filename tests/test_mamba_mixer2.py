@@ -98,6 +98,10 @@ def test_mixer_matches_float64_reference(side, batch, rng, tmp_path):
     np.testing.assert_allclose(ssm_after, want_ssm, rtol=0, atol=2e-5 * np.nanmax(np.abs(want_ssm)),
                                err_msg="ssm states")  # NaN in the null block stays NaN
     assert np.isfinite(got[:sum(query_lens)][np.repeat(np.array(slots) != PAD, query_lens)]).all()
+    # Padding requests' and padding tokens' rows: the scan output 0, so out_proj's bias alone.
+    unused = np.concatenate([np.repeat(np.array(slots) == PAD, query_lens), np.ones(padding, bool)])
+    np.testing.assert_allclose(got[unused], np.broadcast_to(weights["out_proj.bias"], got[unused].shape),
+                               rtol=0, atol=1e-6, err_msg=f"{side.name} {batch}: padding rows")
 
 
 @pytest.mark.filterwarnings("ignore::bridge.dlpack.BridgeCopyWarning")

@@ -263,9 +263,13 @@ class MambaMixer2(MixerLayout, nn.Module):
         (I, conv_dim, H), G = self.projection_sizes, self.local_groups
         gate, xBC, dt = torch.split(F.linear(hidden_states, self.in_proj_weight, self.in_proj_bias),
                                     self.projection_sizes, dim=-1)
-        # Rows of padding tokens and padding requests stay 0.
-        ssm_out = torch.zeros(hidden_states.shape[0], I, dtype=hidden_states.dtype, device=device)
         nd, npf = meta.num_decode_tokens, meta.num_prefill_tokens
+        # Rows of padding tokens and padding requests stay 0. The chunked scan
+        # writes every prefill row, so only the others are zeroed (a 4k
+        # prefill's full fill cost 13 us per layer).
+        ssm_out = torch.empty(hidden_states.shape[0], I, dtype=hidden_states.dtype, device=device)
+        ssm_out[:nd].zero_()  # the state update leaves padding requests' rows untouched
+        ssm_out[nd + npf:].zero_()
         A = self.A
         kernel_args = dict(activation=self.activation, validate_indices=self.validate_indices)
 
