@@ -20,6 +20,11 @@ from bridge.spec.norm_contract import (
     NORM_BWD_ROWS, check_norm_args, check_norm_grad, norm_bwd_blocks, norm_num_warps)
 from jax_impl import platform
 
+# The forward's warps: at most 4. Pallas's lowering of the 5120-wide gated
+# norm of a 4k prefill took 36 us with 4 warps against 43 with 16 (H200);
+# the Triton kernel is fastest with 16.
+FORWARD_MAX_WARPS = 4
+
 
 def _rms_norm_gated_kernel(out_in_ref, x_ref, z_ref, residual_ref, weight_ref, out_ref,
                            residual_out_ref=None, *, group_size, eps, norm_before_gate, block,
@@ -103,7 +108,8 @@ def _forward(x, weight, z, residual, out, *, eps, group_size, norm_before_gate, 
         out_shape=out_shape,
         grid=(x.shape[0], x.shape[1] // group_size),
         input_output_aliases={} if out is None else {0: 0},  # out, when given, is operand 0
-        compiler_params=plgpu.CompilerParams(num_warps=norm_num_warps(block), num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=norm_num_warps(block, FORWARD_MAX_WARPS),
+                                             num_stages=1),
         interpret=platform.INTERPRET,
         name="rms_norm_gated",
     )(out, x, z, residual, weight)

@@ -74,9 +74,10 @@ def check_norm_args(*, x, z, weight, out, residual, group_size, eps,
     return num_tokens, hidden, group_size
 
 
-def norm_num_warps(block: int) -> int:
-    """Warps for a tile of ``block`` channels: about 256 elements per warp."""
-    return max(1, min(16, block // 256))
+def norm_num_warps(block: int, max_warps: int = 16) -> int:
+    """Warps for a tile of ``block`` channels: about 256 elements per warp,
+    at most ``max_warps``."""
+    return max(1, min(max_warps, block // 256))
 
 
 # Backward (training): dx, dz and dweight from dy, the forward recomputed per
