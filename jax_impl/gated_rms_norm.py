@@ -21,8 +21,8 @@ from bridge.spec.norm_contract import (
 from jax_impl import platform
 
 # The forward's warps: at most 4. Pallas's lowering of the 5120-wide gated
-# norm of a 4k prefill took 36 us with 4 warps against 43 with 16 (H200);
-# the Triton kernel is fastest with 16.
+# norm of a 4k prefill took 36 us with 4 warps against 43 with 16 (H200).
+# The Triton kernel keeps the shared cap of 16.
 FORWARD_MAX_WARPS = 4
 
 
